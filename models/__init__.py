@@ -1,0 +1,1 @@
+"""Flax models (Llama family) that run on the paged KV cache."""
