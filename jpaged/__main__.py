@@ -1,0 +1,3 @@
+from jpaged.cli import main
+
+main()

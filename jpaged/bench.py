@@ -1,0 +1,172 @@
+"""Throughput: the paged engine against a dense-cache engine at the same KV memory.
+
+The dense baseline is what a contiguous cache does: every sequence reserves
+``max_model_len`` slots (one page of that size) and a batch runs to completion before
+the next one starts (static batching). Both engines run the same model, the same jitted
+step and the same sampler, so the difference is memory management alone.
+Used by ``python -m jpaged bench`` and ``benchmarks/throughput.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+from jpaged.engine import LLM, load_model
+from jpaged.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    """Requests with lengths drawn from clipped log-normal laws (seeded).
+
+    Defaults are ShareGPT-like in shape (long tails, outputs as long as prompts), scaled
+    down so the embedded model runs them on a CPU in about a minute.
+    """
+
+    num_requests: int = 200
+    prompt_median: int = 96
+    output_median: int = 96
+    sigma: float = 0.8
+    max_len: int = 512
+    rate: float | None = None   # requests/s, Poisson arrivals; None: all at time 0
+    seed: int = 0
+
+    def sample(self, vocab_size: int) -> list[dict]:
+        rng = np.random.default_rng(self.seed)
+
+        def lengths(median):
+            return np.clip(rng.lognormal(np.log(median), self.sigma, self.num_requests),
+                           4, self.max_len // 2).astype(int)
+
+        prompts, outputs = lengths(self.prompt_median), lengths(self.output_median)
+        gaps = (rng.exponential(1 / self.rate, self.num_requests) if self.rate
+                else np.zeros(self.num_requests))
+        return [dict(arrival=float(t), output_len=int(o),
+                     prompt=rng.integers(0, vocab_size, p).tolist())
+                for t, p, o in zip(np.cumsum(gaps), prompts, outputs)]
+
+
+def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
+    """Replay ``requests`` through ``llm``'s engine in real time; returns the figures."""
+    engine = llm.engine
+    compiled_before = engine.num_compilations
+    pending = sorted(requests, key=lambda r: r["arrival"])
+    outputs, max_in_flight, next_request = [], 0, 0
+    start = time.perf_counter()
+    host_before, step_before = engine.host_time, engine.step_time
+    while next_request < len(pending) or engine.has_unfinished_requests():
+        now = time.perf_counter() - start
+        while next_request < len(pending) and pending[next_request]["arrival"] <= now:
+            r = pending[next_request]
+            engine.add_request(r["prompt"], SamplingParams(
+                max_tokens=r["output_len"], temperature=0.0, ignore_eos=True))
+            next_request += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, pending[next_request]["arrival"] - now))
+            continue
+        for output in engine.step():
+            if output.finished:
+                outputs.append(output)
+                if progress:
+                    _progress(len(outputs), len(pending))
+        max_in_flight = max(max_in_flight, len(engine.scheduler.running))
+    elapsed = time.perf_counter() - start
+    if progress:
+        sys.stderr.write("\n")
+    ttft = np.array([o.metrics.time_to_first_token for o in outputs])
+    tpot = np.array([o.metrics.time_per_output_token for o in outputs])
+    tokens = sum(len(o.token_ids) for o in outputs)
+    step_time = engine.step_time - step_before
+    return dict(
+        requests=len(outputs), seconds=elapsed, requests_per_s=len(outputs) / elapsed,
+        output_tokens_per_s=tokens / elapsed, max_in_flight=max_in_flight,
+        ttft_mean=float(ttft.mean()), ttft_p50=float(np.median(ttft)),
+        ttft_p99=float(np.percentile(ttft, 99)), tpot_mean=float(tpot.mean()),
+        tpot_p50=float(np.median(tpot)), tpot_p99=float(np.percentile(tpot, 99)),
+        compilations=engine.num_compilations - compiled_before,
+        host_share=(engine.host_time - host_before) / step_time if step_time else 0.0,
+        preemptions=engine.scheduler.num_preemptions)
+
+
+def _progress(done: int, total: int) -> None:
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests")
+    sys.stderr.flush()
+
+
+def engines(model, *, kv_tokens: int, max_model_len: int, page_size: int = 16,
+            max_num_seqs: int = 256, max_num_batched_tokens: int = 1024) -> dict[str, LLM]:
+    """A paged and a dense engine whose KV pools hold the same ``kv_tokens`` slots."""
+    dense_rows = kv_tokens // max_model_len
+    if dense_rows < 1:
+        raise ValueError(f"kv_tokens={kv_tokens} holds no sequence of max_model_len="
+                         f"{max_model_len}")
+    common = dict(max_model_len=max_model_len, max_num_batched_tokens=max_num_batched_tokens,
+                  enable_prefix_caching=False)
+    return {
+        # +1: page 0 is the null page in both pools.
+        "paged": LLM(model, page_size=page_size, num_pages=kv_tokens // page_size + 1,
+                     max_num_seqs=max_num_seqs, **common),
+        "dense": LLM(model, page_size=max_model_len, num_pages=dense_rows + 1,
+                     max_num_seqs=dense_rows, static_batching=True, **common),
+    }
+
+
+def compare(model="tiny", trace: Trace = Trace(), *, kv_tokens: int = 8192,
+            max_model_len: int = 512, page_size: int = 16, progress: bool = True,
+            warmup: bool = True) -> dict:
+    """Run ``trace`` through both engines; returns per-engine figures and the ratios."""
+    if isinstance(model, str):
+        model = load_model(model)
+    requests = trace.sample(model.config.vocab_size)
+    results = {}
+    for name, llm in engines(model, kv_tokens=kv_tokens, max_model_len=max_model_len,
+                             page_size=page_size).items():
+        if warmup:   # compile the common buckets outside the timed run
+            run_trace(llm, Trace(num_requests=8, max_len=max_model_len, seed=1).sample(
+                model.config.vocab_size))
+        if progress:
+            sys.stderr.write(f"{name}:\n")
+        results[name] = run_trace(llm, requests, progress)
+    paged, dense = results["paged"], results["dense"]
+    results["ratio"] = dict(
+        throughput=paged["output_tokens_per_s"] / dense["output_tokens_per_s"],
+        requests_per_s=paged["requests_per_s"] / dense["requests_per_s"],
+        max_in_flight=paged["max_in_flight"] / dense["max_in_flight"])
+    results["setup"] = dict(kv_tokens=kv_tokens, max_model_len=max_model_len,
+                            page_size=page_size, trace=dataclasses.asdict(trace))
+    return results
+
+
+ROWS = [("requests/s", "requests_per_s", "{:.2f}"),
+        ("output tokens/s", "output_tokens_per_s", "{:.1f}"),
+        ("max requests in flight", "max_in_flight", "{:d}"),
+        ("TTFT mean / p50 / p99 (s)", ("ttft_mean", "ttft_p50", "ttft_p99"), "{:.3f}"),
+        ("TPOT mean / p50 / p99 (ms)", ("tpot_mean", "tpot_p50", "tpot_p99"), "{:.1f}"),
+        ("compilations", "compilations", "{:d}"),
+        ("host share of step time", "host_share", "{:.1%}"),
+        ("preemptions", "preemptions", "{:d}")]
+
+
+def table(results: dict) -> str:
+    """A Markdown table of both engines side by side, plus the ratios."""
+    lines = ["| metric | paged | dense |", "|---|---|---|"]
+    for label, keys, fmt in ROWS:
+        cells = []
+        for name in ("paged", "dense"):
+            r = results[name]
+            if isinstance(keys, tuple):
+                scale = 1000 if "ms" in label else 1
+                cells.append(" / ".join(fmt.format(r[k] * scale) for k in keys))
+            else:
+                cells.append(fmt.format(r[keys]))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    ratio = results["ratio"]
+    lines.append(f"| **paged / dense throughput** | **{ratio['throughput']:.2f}x** | |")
+    lines.append(f"| **paged / dense max in flight** | **{ratio['max_in_flight']:.2f}x** | |")
+    return "\n".join(lines)

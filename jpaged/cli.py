@@ -1,0 +1,79 @@
+"""The ``jpaged`` command: ``jpaged generate`` and ``jpaged bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _generate(args) -> None:
+    from jpaged.engine import LLM
+    from jpaged.sampling import SamplingParams
+
+    llm = LLM(args.model, page_size=args.page_size, max_model_len=args.max_model_len)
+    prompt = args.prompt
+    if args.token_ids:
+        prompt = [int(t) for t in args.prompt.split(",")]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, n=args.n)
+    for output in llm.generate([prompt], params):
+        for completion in output.outputs:
+            shown = completion.text if completion.text is not None else completion.token_ids
+            print(f"[{completion.index}] ({completion.finish_reason}) {shown}")
+
+
+def _bench(args) -> None:
+    from jpaged.bench import Trace, compare, table
+
+    trace = Trace(num_requests=args.num_requests, rate=args.rate, max_len=args.max_model_len)
+    print(f"paged vs dense engine on {args.model!r}: {args.num_requests} requests, KV memory "
+          f"of {args.kv_tokens} tokens, max_model_len {args.max_model_len}", file=sys.stderr)
+    results = compare(args.model, trace, kv_tokens=args.kv_tokens,
+                      max_model_len=args.max_model_len, page_size=args.page_size)
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jpaged", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text or token ids")
+    gen.add_argument("--model", default="tiny",
+                     help="checkpoint directory, or 'tiny' for the embedded random model")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--token-ids", action="store_true",
+                     help="--prompt is comma-separated token ids (models without tokenizer)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("-n", type=int, default=1)
+    gen.add_argument("--page-size", type=int, default=16)
+    gen.add_argument("--max-model-len", type=int, default=None)
+    gen.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="paged vs dense engine throughput")
+    bench.add_argument("--model", default="tiny")
+    bench.add_argument("--num-requests", type=int, default=200)
+    bench.add_argument("--rate", type=float, default=None,
+                       help="Poisson arrival rate (requests/s); default: all at once")
+    bench.add_argument("--kv-tokens", type=int, default=8192)
+    bench.add_argument("--max-model-len", type=int, default=512)
+    bench.add_argument("--page-size", type=int, default=16)
+    bench.add_argument("--json", default=None, help="also write the figures here")
+    bench.set_defaults(run=_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:
+        parser.exit(2, f"jpaged: error: {error}\n")
+
+
+if __name__ == "__main__":
+    main()
