@@ -1,0 +1,322 @@
+"""Pallas GPU (Triton) paged decode attention: one query token per sequence.
+
+One program per (sequence, kv head, KV split). It loads the query heads that share the
+kv head together, walks the split's pages ``pages_per_block`` at a time (page ids read
+from the block table inside the kernel, K/V rows gathered by slot straight from the pool
+in global memory) with an online softmax in float32, and writes a float32 partial output
+plus its log-sum-exp. The splits are merged afterwards in plain jnp. Splitting the
+sequence lets a small batch with long contexts still occupy every SM.
+
+The pool may be one layer ``[Hkv, P, S, D]`` or the whole stack ``[L, Hkv, P, S, D]``
+with ``layer=`` (int or traced scalar): the layer is a kernel input used in the ref
+index, so no layer slice is copied.
+
+Matches ``pallas_kernels.reference.paged_decode_reference``; on CPU run with
+``interpret=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pltriton = None
+
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# tl.dot needs at least 16 rows and a contraction of at least 16.
+MIN_DOT_SIZE = 16
+# Groups this small use an elementwise multiply + reduce instead of padding to 16 rows.
+VECTOR_MAX_GROUP = 2
+# Default tokens per loop iteration. K and V tiles sit in shared memory (~227 KiB per SM):
+# up to PIPELINED_TILE_BYTES each they are double-buffered, up to MAX_TILE_BYTES (a whole
+# float32 page of 128 x 128) they are loaded without pipelining.
+TARGET_BLOCK_TOKENS = 64
+MAX_BLOCK_TOKENS = 256
+PIPELINED_TILE_BYTES = 32 * 1024
+MAX_TILE_BYTES = 64 * 1024
+MAX_HEAD_DIM = 256
+# Programs to aim for when choosing the split count: two per SM of an H100/H200 (132 SMs).
+TARGET_PROGRAMS = 2 * 132
+DEFAULT_NUM_WARPS = 4
+# Finite, so a fully masked block gives exp(0) corrections instead of inf - inf = NaN.
+MASK_VALUE = -1e30
+
+
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, numbers.Integral) and n > 0 and n & (n - 1) == 0
+
+
+def _tile_bytes(tokens, head_dim, dtype) -> int:
+    return tokens * head_dim * jnp.dtype(dtype).itemsize
+
+
+def default_pages_per_block(page_size: int, head_dim: int, dtype) -> int:
+    """Pages per loop iteration: about TARGET_BLOCK_TOKENS tokens, at least MIN_DOT_SIZE,
+    small enough to pipeline where a page allows."""
+    tokens = min(TARGET_BLOCK_TOKENS, PIPELINED_TILE_BYTES // _tile_bytes(1, head_dim, dtype))
+    return max(1, max(tokens, MIN_DOT_SIZE) // page_size)
+
+
+def default_num_stages(tokens: int, head_dim: int, dtype) -> int:
+    """Double-buffer the K/V loads when two stages of both tiles fit shared memory."""
+    return 2 if _tile_bytes(tokens, head_dim, dtype) <= PIPELINED_TILE_BYTES else 1
+
+
+def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
+                 pages_per_block=None) -> None:
+    """Raise ValueError naming the value if the Triton kernel cannot take this config.
+
+    Triton tensors must have power-of-two sizes and tl.dot needs 16+ along each side, so
+    head_dim and page_size must be powers of two and a block of pages must hold 16 to
+    MAX_BLOCK_TOKENS tokens; one K tile must also fit the shared-memory budget.
+    """
+    if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
+            and isinstance(num_q_heads, numbers.Integral) and num_q_heads > 0
+            and num_q_heads % num_kv_heads == 0):
+        raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    if not _is_power_of_two(head_dim) or not MIN_DOT_SIZE <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} must be a power of two in "
+                         f"[{MIN_DOT_SIZE}, {MAX_HEAD_DIM}] for the Triton kernel")
+    if not _is_power_of_two(page_size) or page_size > MAX_BLOCK_TOKENS:
+        raise ValueError(f"page_size={page_size} must be a power of two <= {MAX_BLOCK_TOKENS} "
+                         f"for the Triton kernel")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
+        raise ValueError(f"dtype={jnp.dtype(dtype)} must be float32, bfloat16 or float16")
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, head_dim, dtype)
+    if not _is_power_of_two(pages_per_block):
+        raise ValueError(f"pages_per_block={pages_per_block} must be a power of two")
+    tokens = pages_per_block * page_size
+    if not MIN_DOT_SIZE <= tokens <= MAX_BLOCK_TOKENS:
+        raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = {tokens} "
+                         f"tokens per block must be in [{MIN_DOT_SIZE}, {MAX_BLOCK_TOKENS}]")
+    tile_bytes = _tile_bytes(tokens, head_dim, dtype)
+    if tile_bytes > MAX_TILE_BYTES:
+        raise ValueError(f"pages_per_block={pages_per_block} gives a {tokens} x {head_dim} "
+                         f"{jnp.dtype(dtype)} K tile of {tile_bytes} bytes, over the "
+                         f"{MAX_TILE_BYTES}-byte shared-memory budget")
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
+    """Split each sequence so batch * kv heads * splits reaches TARGET_PROGRAMS, without
+    giving a split less than one block of the table (``num_blocks`` blocks wide)."""
+    wanted = -(-TARGET_PROGRAMS // (batch * num_kv_heads))
+    return max(1, min(wanted, num_blocks))
+
+
+def _scores(q, k, use_dot):
+    """q ``[G, D]`` x k ``[T, D]`` -> float32 ``[G, T]``."""
+    if use_dot:
+        return lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None, :, :],
+                   axis=2)
+
+
+def _weighted_values(p, v, use_dot):
+    """p float32 ``[G, T]`` x v ``[T, D]`` -> float32 ``[G, D]``."""
+    if use_dot:
+        # Probabilities go to the matrix unit in the cache dtype, as in flash attention.
+        return lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
+
+
+def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+                   sm_scale, soft_cap, sliding_window, page_size, pages_per_block,
+                   pages_per_split, use_dot):
+    """One (sequence, kv head, split) program.
+
+    layer_ref ``int32[1]``; lengths_ref ``int32[B]``; tables_ref ``int32[B, W']`` (W' a
+    multiple of pages_per_split); q_ref ``[G', D]``; k_ref, v_ref ``[L, Hkv, P * S, D]``
+    (whole pool, global memory); o_ref float32 ``[G', D]``; lse_ref float32 ``[G']``.
+    """
+    seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    layer = layer_ref[0]
+    length = lengths_ref[seq]
+    block_tokens = pages_per_block * page_size
+    # Visible keys of this split: positions [lo, hi).
+    split_start = split * (pages_per_split * page_size)
+    hi = jnp.minimum(length, split_start + pages_per_split * page_size)
+    lo = split_start
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, length - sliding_window)
+    # Whole blocks covering [lo, hi); they stay inside the split because splits are
+    # whole blocks, so table reads stay inside the padded table.
+    first_block = lax.div(lo, block_tokens)
+    last_block = jnp.where(hi > lo, lax.div(hi + block_tokens - 1, block_tokens), first_block)
+
+    q = q_ref[...]
+    offsets = jnp.arange(block_tokens, dtype=jnp.int32)
+
+    def body(block, carry):
+        acc, m, l = carry
+        positions = block * block_tokens + offsets
+        pages = tables_ref[seq, lax.div(positions, page_size)]
+        slots = pages * page_size + lax.rem(positions, page_size)
+        k = k_ref[layer, head, slots]  # [T, D]
+        v = v_ref[layer, head, slots]
+        visible = (positions >= lo) & (positions < hi)
+        logits = _scores(q, k, use_dot) * sm_scale
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        logits = jnp.where(visible[None, :], logits, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(visible[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
+        # Select, not multiply: 0 * NaN from a recycled page would still be NaN.
+        v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
+        acc = acc * correction[:, None] + _weighted_values(p, v, use_dot)
+        return acc, m_new, l * correction + jnp.sum(p, axis=1)
+
+    rows, head_dim = q.shape
+    carry = (jnp.zeros((rows, head_dim), jnp.float32),
+             jnp.full((rows,), MASK_VALUE, jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(first_block, last_block, body, carry)
+    seen = l > 0
+    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def merge_splits(o, lse):
+    """Combine split partials: o float32 ``[..., splits, G, D]``, lse ``[..., splits, G]``
+    -> float32 ``[..., G, D]``; rows no split saw become 0."""
+    top = jnp.max(lse, axis=-2, keepdims=True)
+    weights = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(weights, axis=-2)
+    merged = jnp.sum(weights[..., None] * o, axis=-3)
+    return merged / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None,
+                 soft_cap=None, sliding_window=None, pages_per_block=None, num_splits=None,
+                 interpret=False, num_warps=None, num_stages=None):
+    """Paged decode attention with the Pallas Triton kernel.
+
+    q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]``, or ``[L, Hkv, P, S, D]`` with
+    ``layer`` (int or traced int32 scalar); block_tables: ``int32[B, W]``; lengths:
+    ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype (q meets K in the cache dtype).
+    ``num_splits`` (default ``choose_num_splits``), ``pages_per_block``, ``num_warps``
+    and ``num_stages`` are tuning knobs; ``interpret=True`` runs the kernel on CPU.
+    Validation happens here, on the host; every array op is inside one jitted call, so
+    even an eager call never copies the pool.
+    """
+    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
+        raise ValueError(f"k_pages and v_pages must match, got {k_pages.shape} {k_pages.dtype} "
+                         f"and {v_pages.shape} {v_pages.dtype}")
+    if k_pages.ndim == 4:
+        if layer is not None:
+            raise ValueError(f"layer={layer!r} needs the stacked pool [L, Hkv, P, S, D], got "
+                             f"pages of shape {k_pages.shape}")
+        layer = 0
+    elif k_pages.ndim == 5:
+        if layer is None:
+            raise ValueError(f"stacked pages of shape {k_pages.shape} need layer=")
+        if isinstance(layer, numbers.Integral) and not 0 <= layer < k_pages.shape[0]:
+            raise ValueError(f"layer={layer} is outside [0, {k_pages.shape[0]})")
+    else:
+        raise ValueError(f"pages must be [Hkv, P, S, D] or [L, Hkv, P, S, D], got shape "
+                         f"{k_pages.shape}")
+    num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
+    if q.ndim != 3 or q.shape[2] != head_dim:
+        raise ValueError(f"q must be [B, Hq, D={head_dim}], got shape {q.shape}")
+    if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
+        raise ValueError(f"block_tables must be [B={q.shape[0]}, W], got shape "
+                         f"{block_tables.shape}")
+    if lengths.shape != (q.shape[0],):
+        raise ValueError(f"lengths must be [B={q.shape[0]}], got shape {lengths.shape}")
+    check_config(q.shape[1], num_kv_heads, head_dim, page_size, k_pages.dtype,
+                 pages_per_block)
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, head_dim, k_pages.dtype)
+    if num_splits is not None and not (isinstance(num_splits, numbers.Integral)
+                                       and num_splits > 0):
+        raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
+    if sliding_window is not None and not (isinstance(sliding_window, numbers.Integral)
+                                           and sliding_window > 0):
+        raise ValueError(f"sliding_window={sliding_window!r} must be a positive integer")
+    if soft_cap is not None and not soft_cap > 0:
+        raise ValueError(f"soft_cap={soft_cap!r} must be positive")
+    if pltriton is None and not interpret:
+        raise ValueError("this jax has no Pallas Triton lowering; use interpret=True or the "
+                         "XLA path")
+    return _paged_decode(
+        q, k_pages, v_pages, block_tables, lengths, layer,
+        sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        pages_per_block=pages_per_block,
+        num_splits=None if num_splits is None else int(num_splits), interpret=interpret,
+        num_warps=DEFAULT_NUM_WARPS if num_warps is None else num_warps,
+        num_stages=(default_num_stages(pages_per_block * page_size, head_dim, k_pages.dtype)
+                    if num_stages is None else num_stages))
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_splits", "interpret",
+    "num_warps", "num_stages"))
+def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale, soft_cap,
+                  sliding_window, pages_per_block, num_splits, interpret, num_warps,
+                  num_stages):
+    """Arguments as ``paged_decode``, already checked; layer a scalar (0 for 4-D pages)."""
+    batch, num_q_heads, head_dim = q.shape
+    if k_pages.ndim == 4:
+        k_pages, v_pages = k_pages[None], v_pages[None]
+    num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    use_dot = group > VECTOR_MAX_GROUP
+    rows = max(MIN_DOT_SIZE, pl.next_power_of_2(group)) if use_dot else pl.next_power_of_2(group)
+
+    num_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, num_kv_heads, num_blocks)
+    pages_per_split = pl.cdiv(num_blocks, num_splits) * pages_per_block
+    # Padded entries are the null page, so every block read stays inside the table.
+    block_tables = jnp.pad(block_tables.astype(jnp.int32),
+                           ((0, 0), (0, num_splits * pages_per_split - block_tables.shape[1])))
+    out_dtype = q.dtype
+    # tl.dot takes one element type; the cache dtype keeps K/V loads at their size.
+    q = q.astype(k_pages.dtype).reshape(batch, num_kv_heads, group, head_dim)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    # Merging (page, offset) into one slot axis is a free reshape; the kernel gathers slots.
+    pool_shape = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
+    k_pages, v_pages = k_pages.reshape(pool_shape), v_pages.reshape(pool_shape)
+
+    kernel = functools.partial(
+        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        page_size=page_size, pages_per_block=pages_per_block, pages_per_split=pages_per_split,
+        use_dot=use_dot)
+    whole = pl.BlockSpec()  # no blocking: the kernel indexes the array in global memory
+    compiler_params = (None if pltriton is None
+                       else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=[whole, whole, whole,
+                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
+                  whole, whole],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
+        ],
+        compiler_params=compiler_params,
+        interpret=interpret,
+        name="jpaged_paged_decode",
+    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), block_tables, q,
+      k_pages, v_pages)
+    out = merge_splits(o[..., :group, :], lse[..., :group])
+    return out.reshape(batch, num_q_heads, head_dim).astype(out_dtype)

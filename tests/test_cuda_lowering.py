@@ -1,0 +1,199 @@
+"""Lower the Pallas decode kernel for CUDA from the CPU, so a configuration Triton cannot
+take fails here and not on a user's GPU.
+
+``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering without a GPU.
+On jaxlib <= 0.10.2 the kernel travels as Triton IR inside the custom call; that IR is
+parsed back and run through the Triton dialect's verifier as well. What only the GPU's
+Triton compiler can see (tl.dot's 16-element minimum, shared-memory size) is covered by
+``check_config``'s limits.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax._src.interpreters import mlir
+from jax._src.lib.mlir import ir
+
+from pallas_kernels import paged_decode as pd
+
+try:  # private helper: an MLIR context with the Triton dialect, to verify the kernel IR
+    from jax._src.pallas.triton.lowering import _new_ir_context as triton_ir_context
+except ImportError:  # pragma: no cover - depends on the installed jax
+    triton_ir_context = None
+
+# The Triton custom call is named differently across jaxlib versions.
+TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
+DISABLED_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in TRITON_CALLS]
+
+# What the dispatcher may pick for the shapes users run.
+HEAD_DIMS = (64, 128)
+PAGE_SIZES = (8, 16, 32, 64, 128)
+GROUPS = (1, 2, 4, 8)
+DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+NUM_KV_HEADS = 2
+
+
+def valid_pages_per_block(head_dim, page_size, dtype):
+    """Every power of two check_config accepts for this shape."""
+    choices = []
+    for pages in (1, 2, 4, 8, 16, 32):
+        try:
+            pd.check_config(NUM_KV_HEADS, NUM_KV_HEADS, head_dim, page_size, dtype, pages)
+        except ValueError:
+            continue
+        choices.append(pages)
+    return choices
+
+
+def decode_args(head_dim, page_size, group, dtype, num_layers=None):
+    """Shape/dtype structs: q, k, v, block_tables, lengths (and a traced layer)."""
+    batch, num_pages, width = 3, 64, 8
+    pool = (NUM_KV_HEADS, num_pages, page_size, head_dim)
+    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype),
+            jax.ShapeDtypeStruct(pool if num_layers is None else (num_layers, *pool), dtype),
+            jax.ShapeDtypeStruct(pool if num_layers is None else (num_layers, *pool), dtype),
+            jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    if num_layers is not None:
+        args.append(jax.ShapeDtypeStruct((), jnp.int32))
+    return args
+
+
+@functools.cache
+def export_decode(head_dim, page_size, group, dtype, num_layers=None, **options):
+    """jax.export of paged_decode for CUDA; options go to the launcher."""
+    def decode(q, k, v, tables, lengths, layer=None):
+        return pd.paged_decode(q, k, v, tables, lengths, layer=layer, **options)
+
+    args = decode_args(head_dim, page_size, group, dtype, num_layers)
+    return jax.export.export(jax.jit(decode), platforms=["cuda"],
+                             disabled_checks=DISABLED_CHECKS)(*args)
+
+
+def custom_calls(exported):
+    """The custom_call ops of an exported module."""
+    with mlir.make_ir_context():
+        module = ir.Module.parse(exported.mlir_module())
+        calls = []
+
+        def walk(op):
+            for region in op.regions:
+                for block in region.blocks:
+                    for child in block.operations:
+                        if child.operation.name == "stablehlo.custom_call":
+                            calls.append(child.operation)
+                        walk(child.operation)
+
+        walk(module.operation)
+        return [(ir.StringAttr(call.attributes["call_target_name"]).value,
+                 _triton_ir(call)) for call in calls]
+
+
+def _triton_ir(call):
+    """The serialized Triton module of a jaxlib <= 0.10.2 Triton call, else None."""
+    if "mhlo.backend_config" not in call.attributes:
+        return None
+    config = call.attributes["mhlo.backend_config"]
+    return ir.StringAttr(config["ir"]).value_bytes if "ir" in config else None
+
+
+def assert_lowers(exported):
+    calls = custom_calls(exported)
+    assert [name for name, _ in calls if name in TRITON_CALLS], "no Triton kernel in the export"
+    for name, triton_ir in calls:
+        assert name in TRITON_CALLS, f"unexpected custom call {name}"
+        if triton_ir is not None and triton_ir_context is not None:
+            with triton_ir_context():
+                assert ir.Module.parse(triton_ir).operation.verify()
+
+
+def full_matrix():
+    """Default pages_per_block for every shape, every valid pages_per_block at group 4."""
+    configs = [dict(head_dim=d, page_size=s, group=g, dtype=t)
+               for d, s, g, t in itertools.product(HEAD_DIMS, PAGE_SIZES, GROUPS, DTYPES)]
+    configs += [dict(head_dim=d, page_size=s, group=4, dtype=t, pages_per_block=p)
+                for d, s, t in itertools.product(HEAD_DIMS, PAGE_SIZES, DTYPES)
+                for p in valid_pages_per_block(d, s, t)]
+    return configs
+
+
+def representative_matrix():
+    """Every (head_dim, page_size) pair once, cycling through groups and dtypes, plus the
+    extremes of pages_per_block, the options and a stacked pool with a traced layer."""
+    configs = [dict(head_dim=d, page_size=s, group=GROUPS[i % len(GROUPS)],
+                    dtype=DTYPES[i % len(DTYPES)])
+               for i, (d, s) in enumerate(itertools.product(HEAD_DIMS, PAGE_SIZES))]
+    configs += [
+        dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, pages_per_block=1),
+        dict(head_dim=64, page_size=8, group=1, dtype=jnp.float16, pages_per_block=32),
+        dict(head_dim=128, page_size=16, group=8, dtype=jnp.bfloat16, soft_cap=30.0,
+             sliding_window=100, num_splits=3),
+        dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, num_layers=4),
+        dict(head_dim=64, page_size=32, group=2, dtype=jnp.float32, num_layers=2,
+             sliding_window=7),
+    ]
+    return configs
+
+
+def config_id(config):
+    return "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in config.items())
+
+
+@pytest.mark.parametrize("config", representative_matrix(), ids=config_id)
+def test_exports_for_cuda(config):
+    assert_lowers(export_decode(**config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", full_matrix(), ids=config_id)
+def test_exports_for_cuda_full_matrix(config):
+    assert_lowers(export_decode(**config))
+
+
+def test_check_config_accepts_every_user_shape():
+    for d, s, g, t in itertools.product(HEAD_DIMS, PAGE_SIZES, GROUPS, DTYPES):
+        pd.check_config(NUM_KV_HEADS * g, NUM_KV_HEADS, d, s, t)
+        assert valid_pages_per_block(d, s, t)
+
+
+# Refused because the Triton lowering itself fails (non-power-of-two tensors).
+UNLOWERABLE = [  # head_dim, page_size, pages_per_block, message
+    (96, 16, None, "head_dim=96"),
+    (64, 12, None, "page_size=12"),
+    (64, 16, 3, "pages_per_block=3"),
+]
+
+
+@pytest.mark.parametrize("head_dim,page_size,pages_per_block,message", UNLOWERABLE)
+def test_check_config_refuses_what_does_not_lower(head_dim, page_size, pages_per_block,
+                                                  message):
+    with pytest.raises(ValueError, match=message):
+        pd.check_config(8, 2, head_dim, page_size, jnp.bfloat16, pages_per_block)
+    # The same configuration, past the check, really does fail to lower.
+    args = decode_args(head_dim, page_size, 4, jnp.bfloat16, num_layers=1)
+    traced = pd._paged_decode.trace(
+        *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
+        pages_per_block=pages_per_block or 1, num_splits=None, interpret=False, num_warps=4,
+        num_stages=2)
+    with pytest.raises(Exception, match="power of 2"):
+        traced.lower(lowering_platforms=("cuda",))
+
+
+# Refused for what only Triton's GPU compiler checks: tl.dot wants 16+ rows/columns and
+# the tiles must fit shared memory.
+@pytest.mark.parametrize("args,message", [
+    ((8, 2, 8, 16, jnp.bfloat16), "head_dim=8"),
+    ((8, 2, 512, 16, jnp.bfloat16), "head_dim=512"),
+    ((8, 2, 64, 512, jnp.bfloat16), "page_size=512"),
+    ((8, 2, 64, 8, jnp.bfloat16, 1), "pages_per_block=1"),
+    ((8, 2, 64, 128, jnp.bfloat16, 4), "pages_per_block=4"),
+    ((8, 2, 256, 128, jnp.float32), "pages_per_block=1"),
+    ((8, 2, 64, 16, jnp.int8), "dtype=int8"),
+    ((6, 4, 64, 16, jnp.bfloat16), "num_q_heads=6"),
+])
+def test_check_config_refuses_what_triton_cannot_compile(args, message):
+    with pytest.raises(ValueError, match=message):
+        pd.check_config(*args)
