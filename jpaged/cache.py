@@ -61,6 +61,8 @@ class KVCache:
     def pages_for_memory(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
                          page_size: int, dtype=jnp.float32) -> int:
         """How many pages (null page included) fit in ``memory_bytes`` of K plus V."""
+        _check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        page_size=page_size)
         dtype = _check_float_dtype(dtype)
         page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
         num_pages = int(memory_bytes) // page_bytes
