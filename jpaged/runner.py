@@ -19,8 +19,12 @@ from jpaged.sampling import SamplerOutput, SamplingTensors, sample
 from jpaged.scheduler import SchedulerOutput, bucket
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
+                   static_argnames=("num_top",))
 def _step(forward, config, params, cache, token_ids, meta, logits_indices, tensors, *,
           num_top):
+    """One engine step. Jitted once at module level, keyed on (forward, config) and the
+    shapes, so every engine running the same model shares the compiled programs."""
     logits, cache = forward(params, config, cache, token_ids, meta, logits_indices)
     return sample(logits, tensors, num_top), cache
 
@@ -64,16 +68,15 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.host = HostPool(cache, num_host_pages) if num_host_pages else None
-        self._step = jax.jit(functools.partial(_step, model.forward, model.config),
-                             donate_argnums=(1,), static_argnames=("num_top",))
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._put = jax.jit(_put_pages, donate_argnums=(0,))
         self._take = jax.jit(_take_pages)
 
     @property
     def num_compilations(self) -> int:
-        """Distinct programs the step has compiled (one per bucket shape and mode)."""
-        return self._step._cache_size()
+        """Distinct step programs compiled so far in this process (one per model, bucket
+        shape and mode; shared by engines running the same model): compare before/after."""
+        return _step._cache_size()
 
     def execute(self, out: SchedulerOutput, logits_indices: np.ndarray,
                 tensors: SamplingTensors, num_top: int) -> SamplerOutput:
@@ -85,8 +88,9 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=out.slot_mapping, q_seq=out.q_seq, positions=out.positions,
             page_table=PageTable(out.block_tables, out.context_lens), is_decode=out.is_decode)
-        result, self.cache = self._step(self.model.params, self.cache, out.token_ids, meta,
-                                        logits_indices, tensors, num_top=num_top)
+        result, self.cache = _step(self.model.forward, self.model.config, self.model.params,
+                                   self.cache, out.token_ids, meta, logits_indices, tensors,
+                                   num_top=num_top)
         return SamplerOutput(*jax.device_get(tuple(result)))
 
     def move_pages(self, out: SchedulerOutput) -> None:

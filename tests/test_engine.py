@@ -1,0 +1,230 @@
+"""The engine end to end: greedy outputs equal a no-cache recompute, whatever the engine
+does on the way (continuous batching, chunked prefill, preemption, prefix hits, swaps)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jpaged.engine import LLM, LLMEngine
+from jpaged.sampling import SamplingParams
+from models import Model, forward_no_cache, init_params, tiny_config
+
+CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
+REF_LEN = 64   # recompute inputs are right-padded to one shape: one compilation
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model(CONFIG, init_params(CONFIG, jax.random.key(0)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _last_logits(params, config, tokens, length):
+    return forward_no_cache(params, config, tokens)[0, length - 1]
+
+
+def recompute_greedy(model, prompt, num_tokens):
+    """Greedy continuation recomputing the whole sequence every token: no cache at all."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        padded = np.zeros((1, REF_LEN), np.int32)
+        padded[0, :len(tokens)] = tokens
+        tokens.append(int(jnp.argmax(_last_logits(model.params, model.config, padded,
+                                                  len(tokens)))))
+    return tokens[len(prompt):]
+
+
+def prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def references(model):
+    """Prompts sharing a 20-token prefix (prefix-cache hits) and their greedy outputs."""
+    shared = prompts(1, [20])[0]
+    batch = prompts(2, [3, 9, 17, 30, 41]) + [shared + p for p in prompts(3, [5, 13, 2])]
+    return batch, [recompute_greedy(model, p, GREEDY.max_tokens) for p in batch]
+
+
+def engine_outputs(llm, batch, params=GREEDY):
+    return [o.token_ids for o in llm.generate(batch, params)]
+
+
+@pytest.mark.parametrize("setup", [
+    dict(num_pages=64, max_num_batched_tokens=64),                  # chunked prefill
+    dict(num_pages=16, max_num_batched_tokens=32),                  # preemption (recompute)
+    dict(num_pages=16, max_num_batched_tokens=32, preemption_mode="swap", num_host_pages=64),
+    dict(num_pages=64, max_num_batched_tokens=256, enable_prefix_caching=False),
+], ids=["chunked", "preempt-recompute", "preempt-swap", "no-prefix-cache"])
+def test_greedy_equals_recompute(model, references, setup):
+    batch, expected = references
+    llm = LLM(model, page_size=4, max_num_seqs=4, max_model_len=128, **setup)
+    assert engine_outputs(llm, batch) == expected
+    scheduler = llm.engine.scheduler
+    if setup["num_pages"] == 16:
+        assert scheduler.num_preemptions > 0
+    assert not scheduler.seqs and not scheduler.running
+
+
+def test_prefix_cache_hits_and_reports_them(model, references):
+    batch, expected = references
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=2, max_model_len=128)
+    outputs = llm.generate(batch, GREEDY)
+    assert [o.token_ids for o in outputs] == expected
+    cached = [o.metrics.num_cached_tokens for o in outputs]
+    assert max(cached[-3:]) >= 16   # the shared 20-token prefix: 4 full pages
+    assert all(c % 4 == 0 for c in cached)
+
+
+def test_recycled_pages_never_leak(model, references):
+    """NaN in every free page (cached prefix pages excepted: they hold live K/V) before
+    every step: outputs unchanged."""
+    batch, expected = references
+    llm = LLM(model, page_size=4, num_pages=20, max_num_seqs=4, max_model_len=128,
+              max_num_batched_tokens=32)
+    engine = llm.engine
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    results = {}
+    while engine.has_unfinished_requests():
+        bm = engine.scheduler.block_manager
+        engine.runner.poison_free_pages(set(bm.free_queue) - set(bm.page_keys))
+        for output in engine.step():
+            if output.finished:
+                results[output.request_id] = output.token_ids
+    assert [results[i] for i in ids] == expected
+
+
+def test_dense_baseline_matches(model, references):
+    batch, expected = references
+    llm = LLM(model, page_size=64, num_pages=4, max_num_seqs=3, max_model_len=64,
+              static_batching=True, enable_prefix_caching=False)
+    assert engine_outputs(llm, batch) == expected
+
+
+def test_compilations_are_bounded(model):
+    llm = LLM(model, page_size=4, num_pages=128, max_num_seqs=8, max_model_len=128,
+              max_num_batched_tokens=64)
+    before = llm.engine.num_compilations
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 60, 40)
+    outs = rng.integers(1, 30, 40)
+    llm.generate(prompts(6, lengths), [SamplingParams(max_tokens=int(n), temperature=0.0)
+                                       for n in outs])
+    # token buckets 16/32/64 for prefill and 8 rows for decode, a few table widths.
+    assert llm.engine.num_compilations - before <= 12
+
+
+def test_seeds_repeat_and_n_samples_differ(model):
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    prompt = prompts(7, [10])[0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=42, n=3, ignore_eos=True)
+    first = llm.generate([prompt], params)[0]
+    again = llm.generate([prompt], params)[0]
+    assert [c.token_ids for c in first.outputs] == [c.token_ids for c in again.outputs]
+    assert len(first.outputs) == 3
+    assert len({tuple(c.token_ids) for c in first.outputs}) > 1
+    # The n samples share the prompt's pages: no leak once they are done.
+    bm = llm.engine.scheduler.block_manager
+    assert all(count == 0 for count in bm.ref_counts)
+
+
+def test_beam_search_finds_a_higher_likelihood(model):
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    prompt = prompts(8, [6])[0]
+    greedy = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                   ignore_eos=True, logprobs=1))[0]
+    beam = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, n=2,
+                                                 use_beam_search=True, best_of=4,
+                                                 ignore_eos=True, length_penalty=0.0))[0]
+    assert len(beam.outputs) == 2
+    assert beam.outputs[0].cumulative_logprob >= greedy.outputs[0].cumulative_logprob - 1e-4
+    # The best beam's score is the sum of its tokens' logprobs under a no-cache recompute.
+    tokens = prompt + beam.outputs[0].token_ids
+    padded = np.zeros((1, REF_LEN), np.int32)
+    padded[0, :len(tokens)] = tokens
+    logprobs = jax.nn.log_softmax(forward_no_cache(model.params, CONFIG, padded)[0], -1)
+    expected = sum(float(logprobs[len(prompt) + i - 1, t])
+                   for i, t in enumerate(beam.outputs[0].token_ids))
+    assert beam.outputs[0].cumulative_logprob == pytest.approx(expected, abs=1e-3)
+    assert all(count == 0 for count in llm.engine.scheduler.block_manager.ref_counts)
+
+
+def test_stop_token_and_streaming(model, references):
+    batch, expected = references
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    stop = expected[0][3]
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop])
+    streamed = [o for o in llm.stream([batch[0]], params)]
+    assert streamed[-1].finished and streamed[-1].finish_reason == "stop"
+    final = streamed[-1].token_ids
+    assert final == expected[0][:expected[0].index(stop) + 1]
+    lengths = [len(o.token_ids) for o in streamed]
+    assert lengths == sorted(lengths) and len(streamed) > 1
+
+
+def test_logprobs_match_recompute(model):
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    prompt = prompts(9, [7])[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, logprobs=2,
+                                                ignore_eos=True))[0].outputs[0]
+    tokens = prompt + out.token_ids
+    padded = np.zeros((1, REF_LEN), np.int32)
+    padded[0, :len(tokens)] = tokens
+    ref = jax.nn.log_softmax(forward_no_cache(model.params, CONFIG, padded)[0], -1)
+    for i, (token, top) in enumerate(zip(out.token_ids, out.logprobs)):
+        row = np.asarray(ref[len(prompt) + i - 1])
+        assert top[token] == pytest.approx(float(row[token]), abs=1e-4)
+        assert len(top) <= 3 and set(np.argsort(-row)[:2]) <= set(top)
+
+
+def test_abort_frees_everything(model):
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    engine = llm.engine
+    keep = engine.add_request(prompts(10, [12])[0], GREEDY)
+    drop = engine.add_request(prompts(11, [30])[0], GREEDY)
+    engine.step()
+    engine.abort(drop)
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+    assert finished == [keep]
+    assert all(count == 0 for count in engine.scheduler.block_manager.ref_counts)
+    with pytest.raises(ValueError, match="unknown request id 'nope'"):
+        engine.abort("nope")
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    (list(range(200)), {}, "longer than max_model_len=128"),
+    ([], {}, "empty prompt"),
+    ([1, 2, 3], dict(n=0), "n must be >= 1, got 0"),
+    ([1, 2, 3], dict(temperature=-1.0), "temperature must be >= 0, got -1.0"),
+    ([1, 2, 3], dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    ([1, 2, 3], dict(stop=5), "unknown stop type"),
+    ([1, 99999], {}, "token id 99999 is outside the vocabulary"),
+    ("text", {}, "needs a tokenizer"),
+])
+def test_bad_requests_leave_others_running(model, references, prompt, params, message):
+    batch, expected = references
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    engine = llm.engine
+    good = engine.add_request(batch[1], GREEDY)
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, SamplingParams(**{"temperature": 0.0, **params}))
+    result = None
+    while engine.has_unfinished_requests():
+        result = next((o for o in engine.step() if o.finished), result)
+    assert result.request_id == good and result.token_ids == expected[1]
+
+
+def test_generate_is_all_or_nothing(model):
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    with pytest.raises(ValueError, match="empty prompt"):
+        llm.generate([[1, 2, 3], []], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+    assert not llm.engine.scheduler.seqs
