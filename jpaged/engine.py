@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged import parallel
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache
 from jpaged.runner import ModelRunner
 from jpaged.sampling import SamplingParams, SamplingTensors, beam_candidates, beam_score
 from jpaged.scheduler import Scheduler, SchedulerOutput, bucket
-from jpaged.sequence import Sequence
+from jpaged.sequence import Sequence, SequenceStatus
+
+RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
 
 
@@ -285,7 +288,7 @@ class LLMEngine:
         beam_plans = self._plan_beams(out, sampled, tokens)
         now = time.perf_counter()
         appended = [(row, seq) for row, seq in enumerate(out.seqs)
-                    if out.sample[row] and seq.status.name == "RUNNING"]
+                    if out.sample[row] and seq.status is RUNNING]
         for row, seq in appended:
             self._record(seq, int(tokens[row]), sampled, row)
         stopped_by_length = set(id(s) for s in self.scheduler.update(out, tokens))
@@ -327,7 +330,7 @@ class LLMEngine:
         request = self.requests[parent.request_id]
         child_id = f"{parent.request_id}#{index}"
         request.streams[child_id] = Stream(index, request.seeds[index])
-        if parent.status.name == "RUNNING":
+        if parent.status is RUNNING:
             child = self.scheduler.fork(parent, child_id, token)
         else:   # the parent stopped at once (max_tokens=1): the child is done too
             child = Sequence(child_id, parent.token_ids[:-1] + [token], parent.max_tokens,
@@ -340,7 +343,7 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence) -> None:
         """EOS, stop token ids and stop strings; finishes the sequence with reason "stop"."""
-        if seq.status.name == "FINISHED":
+        if seq.status is FINISHED:
             return
         request = self.requests[seq.request_id]
         params = request.params
@@ -401,48 +404,52 @@ class LLMEngine:
         return plans
 
     def _advance_beams(self, request: Request, plan) -> list[Sequence]:
-        beams, chosen, finished, first = plan
+        """Carry out a beam step: chosen candidates continue their parent beam (the first
+        in place, the others as forks sharing its pages); a candidate ending on a stop
+        token, or reaching the length limit, becomes a finished hypothesis; beams left
+        without a candidate are dropped."""
+        beams, chosen, finished, _ = plan
         for parent, token, score in finished:
-            beam = beams[parent]
-            done = Sequence(f"{beam.seq_id}/eos{len(request.hypotheses)}",
-                            beam.token_ids[:-1] + [token],
-                            beam.max_tokens, request_id=request.request_id)
-            done.num_prompt_tokens = beam.num_prompt_tokens
-            done.finish_reason = "stop"
-            request.hypotheses.append((score, done))
-        children = []
-        used = set()
+            self._hypothesis(request, beams[parent], token, score, "stop")
+        children, continued = [], set()
         for parent, token, score in chosen:
             beam = beams[parent]
-            if parent not in used:
-                used.add(parent)
+            if beam.status is FINISHED:   # update() stopped it on length
+                self._hypothesis(request, beam, token, score, "length")
+            elif parent not in continued:        # update() appended this token already
+                continued.add(parent)
                 request.streams[beam.seq_id].cumulative_logprob = score
-                if beam.status.name == "FINISHED":   # hit max_tokens: a final hypothesis
-                    request.hypotheses.append((score, beam))
-                continue
-            if beam.status.name != "RUNNING":
-                continue
-            child_id = f"{request.request_id}#{next(self._ids)}"
-            child = self.scheduler.fork(beam, child_id, token)
-            request.seqs[child_id] = child
-            request.streams[child_id] = Stream(0, request.seeds[0], score)
-            children.append(child)
+            else:
+                child_id = f"{request.request_id}#{next(self._ids)}"
+                child = self.scheduler.fork(beam, child_id, token)
+                request.seqs[child_id] = child
+                request.streams[child_id] = Stream(0, request.seeds[0], score)
+                children.append(child)
+        done = len(request.hypotheses) >= request.beam_width
         for parent, beam in enumerate(beams):
-            if parent not in used and beam.status.name != "FINISHED":
+            if beam.status is not FINISHED and parent not in continued:
                 self.scheduler.finish(beam, "pruned")
         for seq_id, seq in list(request.seqs.items()):
-            if seq.status.name == "FINISHED" and seq.finish_reason == "pruned":
+            if done and seq.status is not FINISHED:
+                self.scheduler.finish(seq, "pruned")
+            if seq.status is FINISHED:   # what it produced lives on in the hypotheses
                 del request.seqs[seq_id], request.streams[seq_id]
-        if len(request.hypotheses) >= request.beam_width:
-            for seq in list(request.seqs.values()):
-                if seq.status.name != "FINISHED":
-                    self.scheduler.finish(seq, "pruned")
-        return children
+        return [child for child in children if child.status is not FINISHED]
+
+    def _hypothesis(self, request: Request, beam: Sequence, token: int, score: float,
+                    reason: str) -> None:
+        """A finished beam: ``beam``'s tokens before this step's, then ``token``."""
+        done = Sequence(f"{beam.seq_id}/{len(request.hypotheses)}",
+                        beam.token_ids[:-1] + [token], beam.max_tokens,
+                        request_id=request.request_id)
+        done.num_prompt_tokens = beam.num_prompt_tokens
+        done.status, done.finish_reason = FINISHED, reason
+        request.hypotheses.append((score, done))
 
     # -- outputs ---------------------------------------------------------------------
 
     def _maybe_finish(self, request: Request, now: float) -> None:
-        if any(s.status.name != "FINISHED" for s in request.seqs.values()):
+        if any(s.status is not FINISHED for s in request.seqs.values()):
             return
         request.finished = True
         request.metrics.finished_time = now
@@ -472,17 +479,29 @@ class LLM:
     model: ``"tiny"``, a checkpoint directory, or a model bundle (``config``, ``params``,
     ``forward``, optional ``tokenizer`` and ``eos_token_ids``). The KV pool holds
     ``num_pages`` pages of ``page_size`` tokens, or as many as fit in ``kv_cache_bytes``.
-    ``static_batching`` admits new prompts only when the batch is empty (the dense-cache
-    baseline sets it, with one page of ``max_model_len`` tokens per sequence).
+    ``static_batching`` admits new prompts only while the batch is still filling, then runs
+    it to completion (the dense-cache baseline sets it, with one page of ``max_model_len``
+    tokens per sequence).
+
+    Several devices (``jpaged.parallel``): ``tensor_parallel=N`` splits heads, the MLP and
+    the KV pool over N devices; ``data_parallel=R`` runs R such replicas, each with its own
+    pool and scheduler, requests going to the least loaded (to the one holding their
+    prefix with ``prefix_routing``); or ``mesh=`` a ``jax.sharding.Mesh`` with axes
+    ``"data"`` and/or ``"model"``. ``kv_cache_bytes`` is then per device.
     """
 
     def __init__(self, model="tiny", *, page_size: int = 16, num_pages: int | None = None,
                  kv_cache_bytes: int | None = None, dtype=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
-                 num_host_pages: int = 0, static_batching: bool = False, seed: int = 0):
-        if isinstance(model, str):
+                 num_host_pages: int = 0, static_batching: bool = False, seed: int = 0,
+                 mesh=None, tensor_parallel: int | None = None,
+                 data_parallel: int | None = None, prefix_routing: bool = False):
+        layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
+        if isinstance(model, str) and layout is None:
             model = load_model(model, dtype)
+        replicas = [(model, None)] if layout is None else layout.load(model, dtype)
+        model = replicas[0][0]
         config = model.config
         max_model_len = max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:
@@ -491,17 +510,20 @@ class LLM:
         dtype = jnp.dtype(dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
         if num_pages is None:
-            budget = kv_cache_bytes or 64 * 2**20
+            budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
-        cache = KVCache.create(*geometry, num_pages, dtype)
-        block_manager = BlockManager(num_pages, page_size, num_host_pages=num_host_pages,
-                                     enable_prefix_caching=enable_prefix_caching)
-        scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
-                              max_num_batched_tokens=max_num_batched_tokens,
-                              max_model_len=max_model_len, preemption_mode=preemption_mode,
-                              static_batching=static_batching)
-        self.engine = LLMEngine(model, cache, scheduler, seed=seed,
-                                num_host_pages=num_host_pages)
+        engines = []
+        for replica, sharding in replicas:
+            cache = KVCache.create(*geometry, num_pages, dtype, sharding)
+            block_manager = BlockManager(num_pages, page_size, num_host_pages=num_host_pages,
+                                         enable_prefix_caching=enable_prefix_caching)
+            scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
+                                  max_num_batched_tokens=max_num_batched_tokens,
+                                  max_model_len=max_model_len, preemption_mode=preemption_mode,
+                                  static_batching=static_batching)
+            engines.append(LLMEngine(replica, cache, scheduler, seed=seed + len(engines),
+                                     num_host_pages=num_host_pages))
+        self.engine = engines[0] if layout is None else layout.engine(engines, prefix_routing)
 
     def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:

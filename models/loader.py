@@ -158,13 +158,14 @@ class Model:
     eos_token_ids: tuple[int, ...] = ()
 
 
-def load_model(spec: str, dtype=None, seed: int = 0) -> Model:
-    """``"tiny"`` (the embedded random model, from ``seed``) or a HF checkpoint directory."""
+def load_model(spec: str, dtype=None, seed: int = 0, place=None) -> Model:
+    """``"tiny"`` (the embedded random model, from ``seed``) or a HF checkpoint directory
+    (``place``: see ``load_hf``)."""
     if spec == "tiny":
         config = tiny_config()
         dtype = default_dtype() if dtype is None else dtype
         return Model(config, init_params(config, jax.random.key(seed), dtype))
-    config, params = load_hf(spec, dtype)
+    config, params = load_hf(spec, dtype, place)
     return Model(config, params, tokenizer=load_tokenizer(spec),
                  eos_token_ids=_eos_token_ids(spec))
 
