@@ -127,8 +127,8 @@ def _decode(step, num_steps, greedy, params, cache, page_table, first_tokens, eo
                                  page_table=PageTable(tables, grown), is_decode=True)
         logits, cache = step(params, cache, last, meta)
         # Output token i + 1: the step index the engine would give it.
-        token, logprob = _pick(logits, dataclasses.replace(
-            tensors, step=jnp.full_like(rows, i + 1)), greedy)
+        token, logprob = sample(logits, dataclasses.replace(
+            tensors, step=jnp.full_like(rows, i + 1)), greedy_only=greedy)[:2]
         token = jnp.where(done, PAD_TOKEN, token)
         tokens = lax.dynamic_update_index_in_dim(tokens, token, i, axis=1)
         logprobs = lax.dynamic_update_index_in_dim(logprobs, jnp.where(done, 0.0, logprob),
@@ -168,7 +168,7 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
     cache, last_logits = _prefill(model.forward, config, params, cache, page_table, prompts,
                                   chunk_size)
     tensors = sampling_tensors(sampling, len(prompts), seed)
-    first, _ = _first_token(last_logits, tensors, _all_greedy(tensors))
+    first = _first_token(last_logits, tensors, greedy_only=_all_greedy(tensors)).tokens
     return cache, page_table, first
 
 
@@ -251,20 +251,8 @@ def _prefill_chunk(forward, config, params, cache, token_ids, meta, logits_indic
     return cache, jnp.where(here[:, None], logits, last_logits)
 
 
-def _pick(logits, tensors: SamplingTensors, greedy: bool):
-    """Tokens ``int32[B]`` and their logprobs ``float32[B]`` from logits ``[B, V]``: what
-    ``sample`` returns. With ``greedy`` (static: every row is greedy) only its argmax
-    branch is built, sparing the compile of the filters (seconds on a CPU, per program)
-    that such a batch never runs."""
-    if not greedy:
-        return tuple(sample(logits, tensors)[:2])
-    logits = logits.astype(jnp.float32)
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
-
-
-_first_token = jax.jit(_pick, static_argnames=("greedy",))
+# Static greedy_only: a batch known to be all greedy compiles only the argmax (see sample).
+_first_token = jax.jit(sample, static_argnames=("num_top_logprobs", "greedy_only"))
 
 
 def _all_greedy(tensors: SamplingTensors) -> bool:

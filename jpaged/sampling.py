@@ -304,17 +304,20 @@ def _cutoff(top: jax.Array, log_total: jax.Array, top_k: jax.Array,
     """
     num = top.shape[-1]
     in_top_k = jnp.arange(num) < top_k[:, None]
+    # `top` is sorted, so its first logit is the largest: no logsumexp, and the kept set
+    # is a prefix whose smallest logit is the cutoff (a min, not a gather). Few ops: this
+    # is traced twice per sampler and its compile time adds up on a CPU.
+    largest = top[:, :1]
+    weights = jnp.where(in_top_k, jnp.exp(top - largest), 0.0)
     # top-p renormalizes over the top k tokens: all of them are in `top` when k <= C.
-    log_mass = jnp.where(top_k <= num,
-                         jax.nn.logsumexp(jnp.where(in_top_k, top, -jnp.inf), axis=-1),
-                         log_total)
-    probs = jnp.where(in_top_k, jnp.exp(top - log_mass[:, None]), 0.0)
+    total = jnp.where(top_k[:, None] <= num, jnp.sum(weights, axis=-1, keepdims=True),
+                      jnp.exp(log_total[:, None] - largest))
+    probs = weights / total
     cumulative = jnp.cumsum(probs, axis=-1)
     # vLLM's rule: a token stays while the larger ones hold less than top_p, so the
     # largest always stays and top_p = 1 drops nothing (even with rounding).
     keep = in_top_k & ((cumulative - probs < top_p[:, None]) | (top_p[:, None] >= 1))
-    count = jnp.sum(keep, axis=-1)
-    return jnp.take_along_axis(top, count[:, None] - 1, axis=-1)[:, 0], cumulative[:, -1]
+    return jnp.min(jnp.where(keep, top, jnp.inf), axis=-1), cumulative[:, -1]
 
 
 def apply_filters(logits: jax.Array, tensors: SamplingTensors,
@@ -371,9 +374,10 @@ class SamplerOutput(NamedTuple):
     top_logprobs: jax.Array  # f32[B, N]
 
 
-def sample(logits: jax.Array, tensors: SamplingTensors,
-           num_top_logprobs: int = 0) -> SamplerOutput:
-    """Next tokens for a batch: jittable, with ``num_top_logprobs`` static.
+def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 0, *,
+           greedy_only: bool = False) -> SamplerOutput:
+    """Next tokens for a batch: jittable, with ``num_top_logprobs`` and ``greedy_only``
+    static.
 
     logits: ``[B, V]`` (any float dtype; computed in float32). Returns tokens ``i32[B]``,
     the sampled token's logprob ``f32[B]`` and the top ``num_top_logprobs`` ids and
@@ -381,17 +385,30 @@ def sample(logits: jax.Array, tensors: SamplingTensors,
     before temperature, top-k, top-p and min-p (vLLM v1 reports the raw distribution, v0
     the fully processed one): they do not depend on how a token was picked, and greedy
     rows and beam search get the same scores as sampled rows.
+
+    greedy_only: the caller knows every row is greedy (temperature below
+    ``GREEDY_TEMPERATURE``; checked when the temperatures are concrete), so only the
+    argmax is built. The filters and the draw cost seconds of compile on a CPU per
+    program; without the flag they are compiled but skipped at run time when the batch
+    is all greedy.
     """
     vocab = logits.shape[-1]
     if not 0 <= num_top_logprobs <= vocab:
         raise ValueError(f"num_top_logprobs must be in [0, vocab={vocab}], got "
                          f"{num_top_logprobs}")
-    logits = apply_penalties(logits.astype(jnp.float32), tensors)
     greedy = tensors.temperature < GREEDY_TEMPERATURE
+    if greedy_only and not isinstance(greedy, jax.core.Tracer) and not np.all(greedy):
+        row = int(np.argmin(np.asarray(greedy)))
+        raise ValueError(f"greedy_only=True but row {row} has temperature "
+                         f"{float(tensors.temperature[row]):g}")
+    logits = apply_penalties(logits.astype(jnp.float32), tensors)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    tokens = lax.cond(
-        jnp.all(greedy), lambda: best,
-        lambda: jnp.where(greedy, best, _draw(apply_filters(logits, tensors), tensors)))
+    if greedy_only:
+        tokens = best
+    else:
+        tokens = lax.cond(
+            jnp.all(greedy), lambda: best,
+            lambda: jnp.where(greedy, best, _draw(apply_filters(logits, tensors), tensors)))
     # logprob = logit - logsumexp: no [B, V] log_softmax is materialized.
     log_total = jax.nn.logsumexp(logits, axis=-1)
     top_logits, top_ids = lax.top_k(logits, num_top_logprobs)

@@ -83,13 +83,12 @@ def _paged_attend(q, k_pages, v_pages, rows, q_pos, kv_len, layer, pages_per_blo
     if width % pages_per_block:
         # Pad with the null page so every block is whole; those keys are masked.
         rows = jnp.pad(rows, ((0, 0), (0, num_blocks * pages_per_block - width)))
-    k_rows, v_rows, base = _flat_pool(k_pages, v_pages, layer)
 
     def load_block(i):
         pages = lax.dynamic_slice_in_dim(rows, i * pages_per_block, pages_per_block, axis=1)
-        index = base[None, :, None] + pages[:, None, :]  # [N, Hkv, pages_per_block]
+        index = _page_index(pages, k_pages, layer)
         key_pos = i * pages_per_block * page_size + jnp.arange(pages_per_block * page_size)
-        return _gather_pages(k_rows, index), _gather_pages(v_rows, index), key_pos
+        return _gather_pages(k_pages, index), _gather_pages(v_pages, index), key_pos
 
     return _attend_blocks(q, load_block, num_kv_heads, num_blocks, pages_per_block * page_size,
                           q_pos, kv_len, **options)
@@ -119,27 +118,32 @@ def dense_decode(q, k, v, lengths, *, sm_scale=None, soft_cap=None, sliding_wind
                           sliding_window=sliding_window)
 
 
-def _flat_pool(k_pages, v_pages, layer):
-    """View the pools as rows of one page of one head, ``[rows, S, D]`` (a free reshape),
-    and return the row of page 0 of each kv head of the layer: ``int32[Hkv]``."""
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape[-4:]
-    layer = 0 if layer is None else layer
-    base = (layer * num_kv_heads + jnp.arange(num_kv_heads, dtype=jnp.int32)) * num_pages
-    rows_shape = (-1, page_size, head_dim)
-    return k_pages.reshape(rows_shape), v_pages.reshape(rows_shape), base
+def _page_index(pages, pool, layer):
+    """Pool coordinates of pages ``int32[N, n]`` for each kv head: ``int32[N, Hkv, n, 2]``
+    (head, page) in one layer's pages, ``[N, Hkv, n, 3]`` (layer, head, page) in a stack."""
+    shape = (pages.shape[0], pool.shape[-4], pages.shape[1])
+    coords = [lax.broadcasted_iota(jnp.int32, shape, 1), jnp.broadcast_to(pages[:, None], shape)]
+    if pool.ndim == 5:
+        coords.insert(0, jnp.full(shape, 0 if layer is None else layer, jnp.int32))
+    return jnp.stack(coords, axis=-1)
 
 
-def _gather_pages(rows, index):
-    """rows ``[R, S, D]``, index ``int32[N, H, n]`` -> ``[N, H, n * S, D]``.
+def _gather_pages(pool, index):
+    """pool ``[(L,) Hkv, P, S, D]``, index ``int32[N, H, n, pool.ndim - 2]`` (see
+    ``_page_index``) -> ``[N, H, n * S, D]``.
 
-    The index is in bounds by construction (validated page ids), so no clamping.
+    Gathered from the pool as it is, not from a reshape: at one token per step the write
+    into the pool (the scan carry) is a dynamic-update-slice, which XLA then also fuses
+    into the reshape, and two in-place updates of one buffer cost copies of the whole
+    pool. The index is in bounds by construction (validated page ids).
     """
-    _, page_size, head_dim = rows.shape
-    dims = lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=(0,),
-                                      start_index_map=(0,))
-    pages = lax.gather(rows, index[..., None], dims, (1, page_size, head_dim),
+    lead = tuple(range(pool.ndim - 2))
+    page_size, head_dim = pool.shape[-2:]
+    dims = lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=lead,
+                                      start_index_map=lead)
+    pages = lax.gather(pool, index, dims, (1,) * len(lead) + (page_size, head_dim),
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-    n, h, count = index.shape
+    n, h, count, _ = index.shape
     return pages.reshape(n, h, count * page_size, head_dim)
 
 

@@ -1,18 +1,24 @@
 """The jitted decode loop: same tokens as the engine, the dense layout and a recompute;
 EOS, the cache it leaves, one compilation, donation, jit/vmap, and bad inputs."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import models
+from jpaged.attention import AttentionMetadata
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable
-from jpaged.decode_loop import PAD_TOKEN, _decode, _prefill_chunk, decode_loop, prepare, reserve
+from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, _prefill_chunk,
+                                decode_loop, prepare, reserve, sampling_tensors)
 from jpaged.engine import LLMEngine
+from jpaged.runner import ModelRunner
 from jpaged.sampling import SamplingParams
 from jpaged.scheduler import Scheduler
+from pallas_kernels.xla_attention import MAX_BLOCK_TOKENS
 
 CONFIG = models.tiny_config(num_layers=2)
 LENGTHS = (5, 17, 9)
@@ -212,6 +218,63 @@ def test_sampled_rows_match_the_engine(model, prompts, greedy, engine):
     np.testing.assert_array_equal(tokens[0, 1:], out.tokens[0])
     np.testing.assert_allclose(sampled.logprobs[0], out.logprobs[0], atol=1e-5)
     assert (tokens[1:, 1:] != out.tokens[1:]).any()
+
+
+# -- the pool is written in place whatever the batch -----------------------------------
+
+
+def pool_sized_results(hlo: str, size: int) -> list[str]:
+    """The opcode of each instruction of a compiled program (fusion bodies aside) whose
+    result has ``size`` elements; a fusion is named by its root: "fusion:scatter"."""
+    roots, computation = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.-]+) \(", line)
+        computation = header.group(1) if header else computation
+        root = re.match(r"\s+ROOT %\S+ = \S+ ([\w-]+)\(", line)
+        if root:
+            roots[computation] = root.group(1)
+    fused = set(re.findall(r"calls=%([\w.-]+)", hlo))
+    results = []
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.-]+) \(", line)
+        computation = header.group(1) if header else computation
+        op = re.match(r"\s+(?:ROOT )?%\S+ = \w+\[([\d,]+)\]\S* ([\w-]+)\(", line)
+        if (op and computation not in fused
+                and np.prod([int(d) for d in op.group(1).split(",")]) == size):
+            name = op.group(2)
+            if name == "fusion":
+                name += ":" + roots[re.search(r"calls=%([\w.-]+)", line).group(1)]
+            results.append(name)
+    return results
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_the_loop_and_the_engine_step_write_the_pool_in_place(model, batch):
+    """Compiled for one and for several tokens per step, neither the decode loop nor the
+    engine's step makes a pool-sized array other than the in-place writes: no copy. (At
+    one token the write becomes a dynamic-update-slice; XLA once fused it a second time
+    into a reshape of the pool for the attention's gather, which cost 8 copies of the pool
+    per layer per step.) The context spans several attention blocks, so the attention is
+    a loop, as at real lengths."""
+    context = MAX_BLOCK_TOKENS + 100
+    cache, table = reserve(CONFIG, [context] * batch, num_steps=STEPS, page_size=PAGE_SIZE)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+    tokens, tensors = jnp.zeros(batch, jnp.int32), sampling_tensors(None, batch)
+    page = table.block_tables[rows, context // PAGE_SIZE]
+    meta = AttentionMetadata(slot_mapping=page * PAGE_SIZE + context % PAGE_SIZE, q_seq=rows,
+                             positions=table.lengths,
+                             page_table=PageTable(table.block_tables, table.lengths + 1),
+                             is_decode=True)
+    programs = {
+        "loop": _decode.lower(_model_step(model), STEPS, True, model.params, cache, table,
+                              tokens, jnp.asarray(NO_EOS, jnp.int32), tensors),
+        "engine step": ModelRunner(model, cache)._step.lower(
+            model.params, cache, tokens, meta, rows, tensors, num_top=0)}
+    for name, program in programs.items():
+        results = pool_sized_results(program.compile().as_text(), cache.k.size)
+        made = [op for op in results if op not in ("parameter", "get-tuple-element", "bitcast")]
+        assert made and all(op.removeprefix("fusion:") in ("scatter", "dynamic-update-slice")
+                            for op in made), (name, results)
 
 
 # -- bad inputs: each a ValueError before anything is traced --------------------------

@@ -215,6 +215,24 @@ def test_logprobs_and_top_logprobs():
     assert sample_jit(logits, tensors, 0).top_ids.shape == (8, 0)
 
 
+def test_greedy_only_builds_only_the_argmax_and_matches_the_full_sampler():
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=(8, VOCAB)).astype(np.float32)
+    greedy = tensors_for([SamplingParams(temperature=0.0, top_k=3)] * 2, batch=8)
+    greedy_jit = jax.jit(functools.partial(sample, greedy_only=True), static_argnums=2)
+    fast, full = greedy_jit(logits, greedy, 4), sample_jit(logits, greedy, 4)
+    for got, expected in zip(fast, full):
+        np.testing.assert_array_equal(got, expected)
+    # No cond, no filter (sort, cumsum) and no random bits: a few dozen ops.
+    program = greedy_jit.lower(logits, greedy, 4).as_text()
+    for op in ("stablehlo.case", "stablehlo.while", "reduce_window", "shift_right_logical"):
+        assert op not in program, op
+    with pytest.raises(ValueError, match="greedy_only=True but row 1 has temperature 0.7"):
+        sample(logits, tensors_for([SamplingParams(temperature=0.0),
+                                    SamplingParams(temperature=0.7)], batch=8),
+               greedy_only=True)
+
+
 def test_compiles_once_per_bucket():
     logits = np.zeros((8, VOCAB), np.float32)
     first = tensors_for([SamplingParams(temperature=0.0, presence_penalty=1.0)],
