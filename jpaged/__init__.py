@@ -1,17 +1,40 @@
-"""jpaged: PagedAttention for JAX."""
+"""jpaged: PagedAttention for JAX.
+
+The paged KV cache and attention (``KVCache``, ``PageTable``, ``write``,
+``paged_attention``, ``cached_attention``), the host side (``BlockManager``,
+``Scheduler``), the engine (``LLM``, ``LLMEngine``, ``SamplingParams``) and the jitted
+decoding loop (``decode_loop``, ``prepare``). Models live in the separate ``models``
+package, which ``LLM("tiny")`` or ``LLM(checkpoint_dir)`` loads lazily.
+"""
 
 from jpaged.attention import (AttentionMetadata, cached_attention, dense_attention,
                               paged_attention, paged_prefill_attention)
+from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable, copy_pages, write
+from jpaged.decode_loop import DecodeOutput, decode_loop, prepare, reserve
+from jpaged.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
+from jpaged.sampling import SamplingParams
+from jpaged.scheduler import Scheduler
 
 __all__ = [
+    "LLM",
     "AttentionMetadata",
+    "BlockManager",
+    "CompletionOutput",
+    "DecodeOutput",
     "KVCache",
+    "LLMEngine",
     "PageTable",
+    "RequestOutput",
+    "SamplingParams",
+    "Scheduler",
     "cached_attention",
     "copy_pages",
+    "decode_loop",
     "dense_attention",
     "paged_attention",
     "paged_prefill_attention",
+    "prepare",
+    "reserve",
     "write",
 ]

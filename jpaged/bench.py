@@ -75,8 +75,6 @@ def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
                     _progress(len(outputs), len(pending))
         max_in_flight = max(max_in_flight, len(engine.scheduler.running))
     elapsed = time.perf_counter() - start
-    if progress:
-        sys.stderr.write("\n")
     ttft = np.array([o.metrics.time_to_first_token for o in outputs])
     tpot = np.array([o.metrics.time_per_output_token for o in outputs])
     tokens = sum(len(o.token_ids) for o in outputs)
@@ -93,9 +91,13 @@ def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
 
 
 def _progress(done: int, total: int) -> None:
-    width = 30
-    filled = width * done // total
-    sys.stderr.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests")
+    """A bar redrawn in place on a terminal; a line every tenth of the run elsewhere."""
+    filled = 30 * done // total
+    line = f"  [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} requests"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + line + ("\n" if done == total else ""))
+    elif done == total or done % max(total // 10, 1) == 0:
+        sys.stderr.write(line + "\n")
     sys.stderr.flush()
 
 
@@ -127,12 +129,17 @@ def compare(model="tiny", trace: Trace = Trace(), *, kv_tokens: int = 8192,
     results = {}
     for name, llm in engines(model, kv_tokens=kv_tokens, max_model_len=max_model_len,
                              page_size=page_size).items():
-        if warmup:   # compile the common buckets outside the timed run
-            run_trace(llm, Trace(num_requests=8, max_len=max_model_len, seed=1).sample(
-                model.config.vocab_size))
+        compiled = 0
+        if warmup:
+            # A first pass compiles every bucket the trace reaches (a few seconds each on a
+            # CPU, which would swamp a short run); the timed pass then measures steady state.
+            if progress:
+                sys.stderr.write(f"{name}, warm-up pass (compiles):\n")
+            compiled = run_trace(llm, requests, progress)["compilations"]
         if progress:
-            sys.stderr.write(f"{name}:\n")
+            sys.stderr.write(f"{name}, timed pass:\n")
         results[name] = run_trace(llm, requests, progress)
+        results[name]["compilations"] += compiled
     paged, dense = results["paged"], results["dense"]
     results["ratio"] = dict(
         throughput=paged["output_tokens_per_s"] / dense["output_tokens_per_s"],
@@ -148,7 +155,7 @@ ROWS = [("requests/s", "requests_per_s", "{:.2f}"),
         ("max requests in flight", "max_in_flight", "{:d}"),
         ("TTFT mean / p50 / p99 (s)", ("ttft_mean", "ttft_p50", "ttft_p99"), "{:.3f}"),
         ("TPOT mean / p50 / p99 (ms)", ("tpot_mean", "tpot_p50", "tpot_p99"), "{:.1f}"),
-        ("compilations", "compilations", "{:d}"),
+        ("compilations (whole run)", "compilations", "{:d}"),
         ("host share of step time", "host_share", "{:.1%}"),
         ("preemptions", "preemptions", "{:d}")]
 

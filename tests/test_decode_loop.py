@@ -15,7 +15,7 @@ from jpaged.cache import KVCache, PageTable
 from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, _prefill_chunk,
                                 decode_loop, prepare, reserve, sampling_tensors)
 from jpaged.engine import LLMEngine
-from jpaged.runner import ModelRunner
+from jpaged.runner import _step as runner_step
 from jpaged.sampling import SamplingParams
 from jpaged.scheduler import Scheduler
 from pallas_kernels.xla_attention import MAX_BLOCK_TOKENS
@@ -268,8 +268,8 @@ def test_the_loop_and_the_engine_step_write_the_pool_in_place(model, batch):
     programs = {
         "loop": _decode.lower(_model_step(model), STEPS, True, model.params, cache, table,
                               tokens, jnp.asarray(NO_EOS, jnp.int32), tensors),
-        "engine step": ModelRunner(model, cache)._step.lower(
-            model.params, cache, tokens, meta, rows, tensors, num_top=0)}
+        "engine step": runner_step.lower(model.forward, model.config, model.params, cache,
+                                         tokens, meta, rows, tensors, num_top=0)}
     for name, program in programs.items():
         results = pool_sized_results(program.compile().as_text(), cache.k.size)
         made = [op for op in results if op not in ("parameter", "get-tuple-element", "bitcast")]
