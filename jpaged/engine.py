@@ -113,7 +113,6 @@ class Request:
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
         self.finished = False
-        self.reported = 0   # tokens already streamed, per completion index, see LLMEngine
 
     @property
     def beam_width(self) -> int:
@@ -191,7 +190,7 @@ class LLMEngine:
         request_id = str(request_id)
         if request_id not in self.requests:
             raise ValueError(f"unknown request id {request_id!r}")
-        request = self.requests.pop(request_id)
+        self.requests.pop(request_id)
         if request_id in self.scheduler.requests:
             self.scheduler.abort(request_id)
 
@@ -291,7 +290,7 @@ class LLMEngine:
                     if out.sample[row] and seq.status is RUNNING]
         for row, seq in appended:
             self._record(seq, int(tokens[row]), sampled, row)
-        stopped_by_length = set(id(s) for s in self.scheduler.update(out, tokens))
+        self.scheduler.update(out, tokens)
         touched = {id(self.requests[s.request_id]): self.requests[s.request_id]
                    for _, s in appended}
         children = []
@@ -301,10 +300,7 @@ class LLMEngine:
                                        sampled, len(out.sample) + i))
         for request, plan in beam_plans:
             children += self._advance_beams(request, plan)
-        for row, seq in appended:
-            if id(seq) not in stopped_by_length:
-                self._check_stop(seq)
-        for seq in children:
+        for seq in [seq for _, seq in appended] + children:
             self._check_stop(seq)
         for request in touched.values():
             if request.metrics.first_token_time is None:
@@ -315,6 +311,8 @@ class LLMEngine:
     def _record(self, seq: Sequence, token: int, sampled, row: int) -> None:
         """Logprob bookkeeping of a token about to be appended to ``seq``."""
         request = self.requests[seq.request_id]
+        if request.beam_width:   # a beam's score comes from its chosen candidate
+            return
         stream = request.streams[seq.seq_id]
         stream.cumulative_logprob += float(sampled.logprobs[row])
         if request.params.logprobs is not None:
@@ -342,10 +340,13 @@ class LLMEngine:
         return child
 
     def _check_stop(self, seq: Sequence) -> None:
-        """EOS, stop token ids and stop strings; finishes the sequence with reason "stop"."""
-        if seq.status is FINISHED:
-            return
+        """Detokenize, then apply EOS, stop token ids and stop strings (the text is cut
+        before the stop string): the sequence finishes with reason "stop", also when the
+        length limit stopped it in the same step. Beams stop through their candidates and
+        are detokenized when they finish."""
         request = self.requests[seq.request_id]
+        if request.beam_width:
+            return
         params = request.params
         stream = request.streams[seq.seq_id]
         token = seq.token_ids[-1]
@@ -358,7 +359,11 @@ class LLMEngine:
                 if at >= 0:
                     stream.text, stop = stream.text[:at], True
                     break
-        if stop and not request.beam_width:
+        if not stop:
+            return
+        if seq.status is FINISHED:
+            seq.finish_reason = "stop"
+        else:
             self.scheduler.finish(seq, "stop")
 
     # -- beam search -----------------------------------------------------------------

@@ -228,3 +228,33 @@ def test_generate_is_all_or_nothing(model):
         llm.generate([[1, 2, 3], []], GREEDY)
     assert not llm.engine.has_unfinished_requests()
     assert not llm.engine.scheduler.seqs
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: token i is the word ``w{i}``."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers, decoders
+
+    vocab = {f"w{i}": i for i in range(CONFIG.vocab_size)}
+    tokenizer = Tokenizer(tok_models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")   # joins words with spaces
+    return tokenizer
+
+
+def test_text_prompts_and_stop_strings(model, word_tokenizer):
+    with_text = Model(CONFIG, model.params, tokenizer=word_tokenizer)
+    llm = LLM(with_text, page_size=4, num_pages=64, max_num_seqs=8, max_model_len=128)
+    prompt = "w5 w17 w300 w2 w9"
+    ids = word_tokenizer.encode(prompt).ids
+    expected = recompute_greedy(model, ids, 8)
+    full = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert full.prompt == prompt and full.prompt_token_ids == ids
+    assert full.token_ids == expected and full.finish_reason == "length"
+    assert full.text == " ".join(f"w{t}" for t in expected)
+    stop = f"w{expected[4]}"
+    first = full.text.find(stop)
+    cut = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0,
+                                                stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[:first]
+    assert cut.token_ids == expected[:len(cut.token_ids)] and len(cut.token_ids) <= 5
