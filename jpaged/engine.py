@@ -484,6 +484,8 @@ class LLM:
     model: ``"tiny"``, a checkpoint directory, or a model bundle (``config``, ``params``,
     ``forward``, optional ``tokenizer`` and ``eos_token_ids``). The KV pool holds
     ``num_pages`` pages of ``page_size`` tokens, or as many as fit in ``kv_cache_bytes``.
+    ``watermark``: the fraction of the pool that admitting new prompts leaves free for the
+    running sequences to grow into; higher means fewer preemptions and a smaller batch.
     ``static_batching`` admits new prompts only while the batch is still filling, then runs
     it to completion (the dense-cache baseline sets it, with one page of ``max_model_len``
     tokens per sequence).
@@ -499,7 +501,8 @@ class LLM:
                  kv_cache_bytes: int | None = None, dtype=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
-                 num_host_pages: int = 0, static_batching: bool = False, seed: int = 0,
+                 num_host_pages: int = 0, watermark: float = 0.01,
+                 static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
                  data_parallel: int | None = None, prefix_routing: bool = False):
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
@@ -521,6 +524,7 @@ class LLM:
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, dtype, sharding)
             block_manager = BlockManager(num_pages, page_size, num_host_pages=num_host_pages,
+                                         watermark=watermark,
                                          enable_prefix_caching=enable_prefix_caching)
             scheduler = Scheduler(block_manager, max_num_seqs=max_num_seqs,
                                   max_num_batched_tokens=max_num_batched_tokens,
