@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jpaged.scheduler import bucket  # host-only module: no import cycle
+
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 # Top-k / top-p first look at this many largest logits per row (a cheap partial sort).
@@ -168,18 +170,14 @@ class SamplingParams:
                     .generate_state(1)[0]) for i in range(self.num_sequences)]
 
 
-def _bucket(size: int) -> int:
-    """The next power of two >= size (at least 16), so history widths compile rarely."""
-    return max(16, 1 << max(size - 1, 0).bit_length())
-
-
 def _pad_histories(histories, rows: int, batch: int, width: int | None,
                    name: str) -> np.ndarray:
     if histories is None or len(histories) != rows:
         raise ValueError(f"{name} must hold one token list per sequence ({rows}), got "
                          f"{None if histories is None else len(histories)}")
     longest = max([len(h) for h in histories] + [0])
-    width = _bucket(longest) if width is None else width
+    # Power-of-two widths (at least 16), so history shapes compile rarely.
+    width = bucket(longest, 16, 1 << 30) if width is None else width
     if longest > width:
         raise ValueError(f"{name} has a history of {longest} tokens, more than "
                          f"width={width}")
