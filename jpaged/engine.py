@@ -349,9 +349,7 @@ class LLMEngine:
             return
         params = request.params
         stream = request.streams[seq.seq_id]
-        token = seq.token_ids[-1]
-        stop = token in params.stop_token_ids or (not params.ignore_eos
-                                                  and token in self.eos_token_ids)
+        stop = self._is_stop_token(params, seq.token_ids[-1])
         if self.tokenizer is not None:
             stream.text = self._decode(seq.output_token_ids)
             for s in params.stop:
@@ -365,6 +363,10 @@ class LLMEngine:
             seq.finish_reason = "stop"
         else:
             self.scheduler.finish(seq, "stop")
+
+    def _is_stop_token(self, params: SamplingParams, token: int) -> bool:
+        return token in params.stop_token_ids or (not params.ignore_eos
+                                                  and token in self.eos_token_ids)
 
     # -- beam search -----------------------------------------------------------------
 
@@ -395,17 +397,12 @@ class LLMEngine:
                                             np.asarray(new_scores)):
                 if len(chosen) == width:
                     break
-                if (int(token) in self.eos_token_ids and not request.params.ignore_eos) or \
-                        int(token) in request.params.stop_token_ids:
-                    finished.append((int(parent), int(token), float(score)))
-                else:
-                    chosen.append((int(parent), int(token), float(score)))
-            first = {}
-            for parent, token, score in chosen:
-                if parent not in first:
-                    first[parent] = (token, score)
-                    tokens[rows[parent]] = token
-            plans.append((request, (beams, chosen, finished, first)))
+                candidate = (int(parent), int(token), float(score))
+                stops = self._is_stop_token(request.params, int(token))
+                (finished if stops else chosen).append(candidate)
+            for parent, token, _ in reversed(chosen):   # the best one per parent wins
+                tokens[rows[parent]] = token
+            plans.append((request, (beams, chosen, finished)))
         return plans
 
     def _advance_beams(self, request: Request, plan) -> list[Sequence]:
@@ -413,7 +410,7 @@ class LLMEngine:
         in place, the others as forks sharing its pages); a candidate ending on a stop
         token, or reaching the length limit, becomes a finished hypothesis; beams left
         without a candidate are dropped."""
-        beams, chosen, finished, _ = plan
+        beams, chosen, finished = plan
         for parent, token, score in finished:
             self._hypothesis(request, beams[parent], token, score, "stop")
         children, continued = [], set()
