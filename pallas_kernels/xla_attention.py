@@ -29,6 +29,9 @@ BLOCK_TOKENS = 128
 MAX_BLOCK_TOKENS = 512
 MIN_GATHER_BYTES = 2 * 2**20
 MAX_GATHER_BYTES = 16 * 2**20
+# Decode on a CPU walks one sequence at a time: keys per step sized so the gathered K
+# block (all kv heads, float32) is about this big, which stays in cache.
+SEQUENCE_BLOCK_BYTES = 512 * 2**10
 # Dense K/V need no gather, so one big step is fastest there.
 DENSE_BLOCK_TOKENS = 2048
 OPTIONS = ("sm_scale", "soft_cap", "sliding_window")
@@ -52,9 +55,24 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
     ``layer``; block_tables: ``int32[B, W]``; lengths: ``int32[B]``. Returns ``[B, Hq, D]``
     in q's dtype (zeros for length 0).
     """
-    return _paged_attend(q, k_pages, v_pages, block_tables, lengths - 1, lengths, layer,
-                         pages_per_block, sm_scale=sm_scale, soft_cap=soft_cap,
-                         sliding_window=sliding_window)
+    options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    if jax.default_backend() != "cpu":
+        return _paged_attend(q, k_pages, v_pages, block_tables, lengths - 1, lengths, layer,
+                             pages_per_block, **options)
+    # On a CPU, one sequence at a time: its gathered block stays in cache (a block of every
+    # sequence at once does not), and each sequence visits only its own blocks. Measured
+    # at batch 16, context 2048, Llama-3-8B heads: 0.63x dense, against 1.2x for the
+    # batched loop. A GPU wants the whole batch in flight, so it keeps the batched loop.
+    num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
+    pages_per_block = pages_per_block or max(
+        1, SEQUENCE_BLOCK_BYTES // (num_kv_heads * head_dim * 4) // page_size)
+
+    def one_sequence(args):
+        q_row, table_row, length = args
+        return _paged_attend(q_row[None], k_pages, v_pages, table_row[None], length[None] - 1,
+                             length[None], layer, pages_per_block, **options)[0]
+
+    return lax.map(one_sequence, (q, block_tables, lengths))
 
 
 @functools.partial(jax.jit, static_argnames=OPTIONS + ("pages_per_block",))
