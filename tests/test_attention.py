@@ -61,6 +61,10 @@ DECODE_CONFIGS = [
            soft_cap=5.0, sliding_window=40, sm_scale=0.3),
     config(8, 3, num_kv_heads=1, group=8, head_dim=128, dtype=jnp.bfloat16, stacked=True,
            pages_per_block=2),
+    # Keys of >= 2 KiB: on a CPU the decode walks one sequence at a time (lax.map).
+    config(8, 4, num_kv_heads=4, group=2, head_dim=128, dtype=jnp.float32, stacked=True,
+           soft_cap=5.0, sliding_window=13),
+    config(16, 3, num_kv_heads=8, group=1, head_dim=64, dtype=jnp.bfloat16, pages_per_block=1),
 ]
 PREFILL_CONFIGS = [
     config(8, 3, num_kv_heads=2, group=1, head_dim=64, dtype=jnp.float32),
