@@ -46,6 +46,7 @@ from jpaged.attention import AttentionMetadata
 from jpaged.block_manager import BlockManager, cdiv
 from jpaged.cache import KVCache, PageTable
 from jpaged.sampling import GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, sample
+from jpaged.scheduler import flat_layout
 from jpaged.sequence import Sequence
 
 # Output token of a row after it stopped (its logprob is 0).
@@ -220,14 +221,11 @@ def _prefill(forward, config, params, cache, page_table, prompts, chunk_size):
     total = int(lengths.sum())
     size = cdiv(total, chunk_size) * chunk_size
     # Padding tokens write into the null page as row 0, position 0; their logits are unused.
-    tokens, rows, positions = (np.zeros(size, np.int32) for _ in range(3))
+    tokens, rows, positions, slots = (np.zeros(size, np.int32) for _ in range(4))
     tokens[:total] = np.concatenate(prompts)
-    rows[:total] = np.repeat(np.arange(len(prompts)), lengths)
+    rows[:total], positions[:total], slots[:total] = flat_layout(
+        np.zeros_like(lengths), lengths, tables, page_size)
     starts = np.cumsum(lengths) - lengths   # flat index of each row's first token
-    positions[:total] = np.arange(total) - starts[rows[:total]]
-    slots = np.zeros(size, np.int32)
-    slots[:total] = (tables[rows[:total], positions[:total] // page_size] * page_size
-                     + positions[:total] % page_size)
     last = starts + lengths - 1
     last_logits = jnp.zeros((len(prompts), config.vocab_size), jnp.float32)
     for begin in range(0, size, chunk_size):

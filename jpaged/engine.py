@@ -140,6 +140,16 @@ class Request:
                 for i, (score, seq) in enumerate(ranked[:self.params.n])]
 
 
+def _finished_variant(seq: Sequence, seq_id: str, token: int, reason: str) -> Sequence:
+    """A finished copy of ``seq`` (which has just appended a token) ending on ``token``
+    instead: a completed sample or beam hypothesis that holds no pages."""
+    done = Sequence(seq_id, seq.token_ids[:-1] + [token], seq.max_tokens,
+                    request_id=seq.request_id)
+    done.num_prompt_tokens = seq.num_prompt_tokens
+    done.status, done.finish_reason = FINISHED, reason
+    return done
+
+
 class LLMEngine:
     """Continuous batching over a paged KV cache: ``add_request``, ``abort``, ``step``.
 
@@ -331,10 +341,7 @@ class LLMEngine:
         if parent.status is RUNNING:
             child = self.scheduler.fork(parent, child_id, token)
         else:   # the parent stopped at once (max_tokens=1): the child is done too
-            child = Sequence(child_id, parent.token_ids[:-1] + [token], parent.max_tokens,
-                             request_id=parent.request_id)
-            child.num_prompt_tokens = parent.num_prompt_tokens
-            child.status, child.finish_reason = parent.status, parent.finish_reason
+            child = _finished_variant(parent, child_id, token, parent.finish_reason)
         request.seqs[child_id] = child
         self._record(child, token, sampled, row)
         return child
@@ -441,12 +448,8 @@ class LLMEngine:
     def _hypothesis(self, request: Request, beam: Sequence, token: int, score: float,
                     reason: str) -> None:
         """A finished beam: ``beam``'s tokens before this step's, then ``token``."""
-        done = Sequence(f"{beam.seq_id}/{len(request.hypotheses)}",
-                        beam.token_ids[:-1] + [token], beam.max_tokens,
-                        request_id=request.request_id)
-        done.num_prompt_tokens = beam.num_prompt_tokens
-        done.status, done.finish_reason = FINISHED, reason
-        request.hypotheses.append((score, done))
+        request.hypotheses.append((score, _finished_variant(
+            beam, f"{beam.seq_id}/{len(request.hypotheses)}", token, reason)))
 
     # -- outputs ---------------------------------------------------------------------
 

@@ -59,6 +59,19 @@ class TableRows:
             self.free_rows.append(entry[0])
 
 
+def flat_layout(starts, counts, block_tables: np.ndarray, page_size: int):
+    """Ragged chunks laid end to end, one per table row: chunk i is tokens ``starts[i] ..
+    starts[i] + counts[i] - 1`` of row i. Returns the row, position and cache slot of every
+    token, each ``int32[sum(counts)]``."""
+    counts = np.asarray(counts, np.int32)
+    first = np.cumsum(counts) - counts   # flat index of each chunk's first token
+    rows = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    positions = (np.asarray(starts, np.int32)[rows]
+                 + np.arange(int(counts.sum()), dtype=np.int32) - first[rows])
+    slots = block_tables[rows, positions // page_size] * page_size + positions % page_size
+    return rows, positions, slots.astype(np.int32)
+
+
 @dataclasses.dataclass
 class SchedulerOutput:
     """One step, as the engine reads it.
@@ -380,9 +393,7 @@ class Scheduler:
                        self.min_page_bucket, self.max_pages_per_seq)
         out.block_tables = self._tables.array[
             table_rows + [self._tables.padding] * (rows - num_rows), :width]
-        first = np.cumsum(counts) - counts   # flat index of each row's first token
-        row = np.repeat(np.arange(num_rows, dtype=np.int32), counts)
-        pos = starts[row] + np.arange(num_tokens, dtype=np.int32) - first[row]
+        row, pos, slots = flat_layout(starts, counts, out.block_tables, ps)
 
         out.token_ids = np.zeros(tokens, np.int32)
         out.token_ids[:num_tokens] = (   # one token per row is the common step: no slicing
@@ -394,10 +405,10 @@ class Scheduler:
         out.q_seq = np.zeros(tokens, np.int32)
         out.q_seq[:num_tokens] = row
         out.slot_mapping = np.zeros(tokens, np.int32)
-        out.slot_mapping[:num_tokens] = out.block_tables[row, pos // ps] * ps + pos % ps
+        out.slot_mapping[:num_tokens] = slots
         out.context_lens = np.zeros(rows, np.int32)
         out.context_lens[:num_rows] = starts + counts
         out.logits_indices = np.zeros(rows, np.int32)
-        out.logits_indices[:num_rows] = first + counts - 1
+        out.logits_indices[:num_rows] = np.cumsum(counts) - 1
         out.sample = np.zeros(rows, bool)
         out.sample[:num_rows] = out.context_lens[:num_rows] == [len(s.token_ids) for s in seqs]
