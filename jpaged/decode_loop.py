@@ -45,6 +45,7 @@ from jax import lax
 from jpaged.attention import AttentionMetadata
 from jpaged.block_manager import BlockManager, cdiv
 from jpaged.cache import KVCache, PageTable
+from jpaged.interfaces import Model
 from jpaged.sampling import GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, sample
 from jpaged.scheduler import flat_layout
 from jpaged.sequence import Sequence
@@ -258,14 +259,17 @@ def _all_greedy(tensors: SamplingTensors) -> bool:
     return bool(np.all(np.asarray(tensors.temperature) < GREEDY_TEMPERATURE))
 
 
-def _model_step(model) -> Callable:
-    """The decode step function of a model bundle, or ``model`` itself if it is one."""
-    if hasattr(model, "forward") and hasattr(model, "config"):
-        return ModelStep(model.forward, model.config)
+def _model_step(model: Model | Callable) -> Callable:
+    """The decode step function of a model bundle (a ``jpaged.interfaces.Model``), or
+    ``model`` itself if it is a step function (a bundle is data, never callable)."""
     if callable(model):
         return model
-    raise ValueError(f"model must have config and forward (like models.Model) or be a step "
-                     f"function, got {type(model).__name__}")
+    try:
+        return ModelStep(model.forward, model.config)
+    except AttributeError as error:
+        raise ValueError(f"model must be a model bundle (jpaged.interfaces.Model: config, "
+                         f"forward, ...) or a step function, got {type(model).__name__}"
+                         ) from error
 
 
 def sampling_tensors(sampling, batch: int, seed: int = 0) -> SamplingTensors:
