@@ -15,10 +15,9 @@ soon as every row has produced an end-of-sequence id::
 ``max(prompt) + num_steps`` tokens per sequence, row b owning page b + 1), so the same
 model and the same loop run paged and dense on identical inputs.
 
-A model is what the engine drives: an object with ``config`` (hashable, with
-``num_layers``, ``num_kv_heads``, ``head_dim``, ``vocab_size``) and ``forward(params,
-config, cache, token_ids, meta, logits_indices) -> (logits, cache)`` (``models.Model``, or
-your own: see examples/custom_model.py). ``decode_loop`` also takes a bare step function
+A model is what the engine drives, a ``jpaged.interfaces.Model`` (``models.Model``, or
+your own: see examples/custom_model.py); the loop uses its ``config`` and ``forward``.
+``decode_loop`` also takes a bare step function
 ``step(params, cache, token_ids int32[B], meta) -> (logits [B, V], cache)``.
 
 Transformations: ``decode_loop`` has no Python side effects once its inputs are checked,

@@ -27,7 +27,6 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jpaged.interfaces import MODEL_AXIS as MODEL
 
