@@ -20,6 +20,10 @@ if TYPE_CHECKING:   # annotations only: host-side users (replicas) stay free of 
 # The mesh axis tensor parallelism splits over; ``jpaged.layers.RowParallelDense`` reduces
 # over it and ``jpaged.parallel`` builds meshes with it.
 MODEL_AXIS = "model"
+# Logical axes a model's params declare (``Model.param_axes``): the model width
+# (replicated), query heads, kv heads (replicated when fewer than devices) and MLP hidden
+# units. ``jpaged.parallel.RULES`` maps them to mesh axes.
+EMBED, HEADS, KV_HEADS, MLP = "embed", "heads", "kv_heads", "mlp"
 
 
 class ModelConfig(Protocol):

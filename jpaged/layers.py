@@ -28,9 +28,10 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 
-from jpaged.interfaces import MODEL_AXIS as MODEL
+from jpaged.interfaces import EMBED, HEADS, KV_HEADS, MLP, MODEL_AXIS as MODEL
 
-EMBED, HEADS, KV_HEADS, MLP = "embed", "heads", "kv_heads", "mlp"
+__all__ = ["EMBED", "HEADS", "KV_HEADS", "MLP", "ColumnParallelDense", "RowParallelDense",
+           "logical_axes", "model_axis_size"]
 
 
 def model_axis_size() -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-
 from collections.abc import Mapping
 
 import jax
@@ -37,15 +36,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpaged import distributed, model_loading
-from jpaged.interfaces import MODEL_AXIS, Model, ModelConfig
+from jpaged.interfaces import HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig
 from jpaged.replicas import Replicas
 
 DATA, MODEL = "data", MODEL_AXIS
 AXES = (DATA, MODEL)
 # Logical axis (declared by the model's layers, see jpaged.layers) -> mesh axis; a logical
 # axis not listed is replicated. The one place that decides what tensor parallelism splits.
-RULES = {"heads": MODEL, "kv_heads": MODEL, "mlp": MODEL}
-KV_HEADS = "kv_heads"   # the logical axis whose heads are replicated when too few
+RULES = {HEADS: MODEL, KV_HEADS: MODEL, MLP: MODEL}
 CACHE_SPEC = P(None, MODEL)   # KVCache k, v: [L, Hkv, P, S, D], split over kv heads
 
 
