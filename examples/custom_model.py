@@ -124,10 +124,12 @@ def init_model(config: Config, seed: int = 0) -> Model:
     meta = AttentionMetadata(slot_mapping=one + 1, q_seq=one, positions=one,
                              page_table=PageTable.from_lists([[1]], [1]), is_decode=True)
     boxed = Decoder(config).init(jax.random.key(seed), one, cache, meta, one)["params"]
-    # Random biases, so that a bias added once per device would show.
+    # Random biases (init makes them zero), so that a bias added once per device would show.
+    params = nn.unbox(boxed)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.1 * jax.random.normal(jax.random.key(len(path)), x.shape)
-        if path[-1].key == "bias" else x, nn.unbox(boxed))
+        lambda path, x: x + 0.1 * jax.random.normal(next(keys), x.shape)
+        if path[-1].key == "bias" else x, params)
     return Model(config, params, logical_axes(boxed))
 
 
