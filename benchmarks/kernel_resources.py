@@ -186,6 +186,17 @@ def measure(compile_fn, ptxas, log=print) -> list[dict]:
     return rows
 
 
+def occupancy_error(rows) -> str | None:
+    """The split count assumes pd.PROGRAMS_PER_SM programs of the default bf16
+    configuration (head_dim 128, page 16) per SM: say so if the compile disagrees."""
+    fits = {r["programs_per_sm"] for r in rows
+            if (r["head_dim"], r["page_size"], r["dtype"]) == (128, 16, "bfloat16")}
+    if fits != {pd.PROGRAMS_PER_SM}:
+        return (f"pd.PROGRAMS_PER_SM={pd.PROGRAMS_PER_SM} but the default bf16 "
+                f"configuration fits {sorted(fits)} programs per SM")
+    return None
+
+
 def markdown(rows, title) -> str:
     lines = [f"# {title}", "",
              f"Triton decode kernel compiled for {PTXAS_ARCH} from the CPU (jax "
@@ -228,6 +239,10 @@ def main(argv=None) -> int:
     bad = [r for r in rows if not r["ok"]]
     for r in bad:
         print(f"kernel_resources: FAIL {r}")
+    occupancy = occupancy_error(rows)
+    if occupancy:
+        print(f"kernel_resources: FAIL {occupancy}")
+        bad.append(occupancy)
     print(f"kernel_resources: {len(rows) - len(bad)}/{len(rows)} configurations ok")
     return 1 if bad and args.check else 0
 

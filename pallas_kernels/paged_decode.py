@@ -75,7 +75,11 @@ def default_pages_per_block(page_size: int, head_dim: int, dtype) -> int:
 
 
 def default_num_stages(tokens: int, head_dim: int, dtype) -> int:
-    """Double-buffer the K/V loads when two stages of both tiles fit shared memory."""
+    """Double-buffer the K/V loads when two stages of both tiles fit shared memory; not for
+    float32, whose TF32x3 dots need the registers (one stage halves its shared memory and
+    doubles the programs per SM, see the resource table)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return 1
     return 2 if _tile_bytes(tokens, head_dim, dtype) <= PIPELINED_TILE_BYTES else 1
 
 
@@ -108,6 +112,11 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not MIN_DOT_SIZE <= tokens <= MAX_BLOCK_TOKENS:
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = {tokens} "
                          f"tokens per block must be in [{MIN_DOT_SIZE}, {MAX_BLOCK_TOKENS}]")
+    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128 and tokens > 32:
+        raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
+                         f"{tokens} tokens of float32 head_dim={head_dim}: over 32 tokens this "
+                         f"tile spills registers on sm_90 (benchmarks/results/"
+                         f"kernel_resources.md); use a 16-bit cache or the XLA path")
     tile_bytes = _tile_bytes(tokens, head_dim, dtype)
     if tile_bytes > MAX_TILE_BYTES:
         raise ValueError(f"pages_per_block={pages_per_block} gives a {tokens} x {head_dim} "
@@ -232,16 +241,24 @@ def merge_splits(o, lse):
 
 
 def default_num_warps(tokens: int, head_dim: int, dtype) -> int:
-    """Warps per program: 4, or 8 for tiles too big to double-buffer (spreads the float32
-    128 x 128 page tile over more registers; see the resource table)."""
-    return DEFAULT_NUM_WARPS if _tile_bytes(tokens, head_dim, dtype) <= PIPELINED_TILE_BYTES \
-        else 2 * DEFAULT_NUM_WARPS
+    """Warps per program: 4, or 8 where the resource table shows 4 spilling: tiles too
+    big to double-buffer, and float32 heads over 128 (TF32x3 dots hold more registers)."""
+    if (_tile_bytes(tokens, head_dim, dtype) > PIPELINED_TILE_BYTES
+            or (jnp.dtype(dtype) == jnp.float32 and head_dim > 128)):
+        return 2 * DEFAULT_NUM_WARPS
+    return DEFAULT_NUM_WARPS
 
 
-def dot_precision(dtype):
-    """float32 caches get IEEE float32 dots (Triton's default for float32 is TF32, about
-    1e-3 relative error); 16-bit caches take the matrix unit's native precision."""
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+def dot_precision(dtype, interpret: bool):
+    """The dots' precision for a cache dtype. 16-bit caches: the matrix unit's native
+    input. float32 caches: never plain TF32 (Triton's float32 default, about 1e-3 relative
+    error): on the GPU three TF32 passes (TF32x3, float32-level error, bounded at 1e-5 by
+    the GPU suite) since IEEE float32 dots run on FMA units and spill at 64+ token tiles
+    (benchmarks/results/kernel_resources.md); in interpret mode plain IEEE float32, as the
+    CPU has no TF32."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return None
+    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
 def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None,
@@ -344,7 +361,7 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         page_size=page_size, pages_per_block=pages_per_block, split_tokens=split_tokens,
-        precision=dot_precision(k_pages.dtype))
+        precision=dot_precision(k_pages.dtype, interpret))
     whole = pl.BlockSpec()  # no blocking: the kernel indexes the array in global memory
     # One split writes the final output; several write float32 partials and their LSE.
     if num_splits == 1:

@@ -12,6 +12,7 @@ Triton compiler can see (tl.dot's 16-element minimum, shared-memory size) is cov
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -95,16 +96,17 @@ def dot_lines(dtype):
 
 
 @pytest.mark.skipif(triton_ir_context is None, reason="this jax has no Triton IR context")
-def test_float32_dots_lower_to_ieee(monkeypatch):
+def test_float32_dots_lower_to_tf32x3(monkeypatch):
     """Triton's float32 default is TF32 (about 1e-3 relative error): float32 caches must
-    ask for IEEE dots (Triton's default input precision, so not printed)."""
-    assert not [line for line in dot_lines(jnp.float32) if "tf32" in line]
-    # Without the explicit precision the same kernel does lower to TF32.
-    monkeypatch.setattr(pd, "dot_precision", lambda dtype: None)
+    ask for three TF32 passes (float32-level error). (16-bit operands ignore the field.)"""
+    assert all("inputPrecision = tf32x3" in line for line in dot_lines(jnp.float32))
+    # Without the explicit precision the same kernel does lower to plain TF32.
+    monkeypatch.setattr(pd, "dot_precision", lambda dtype, interpret: None)
     export_decode.cache_clear()
     jax.clear_caches()
     try:
-        assert all("inputPrecision = tf32" in line for line in dot_lines(jnp.float32))
+        assert all(re.search(r"inputPrecision = tf32\b(?!x3)", line)
+                   for line in dot_lines(jnp.float32))
     finally:
         export_decode.cache_clear()
         jax.clear_caches()
@@ -174,11 +176,11 @@ def test_check_config_refuses_what_does_not_lower(head_dim, page_size, pages_per
         pd.check_config(8, 2, head_dim, page_size, jnp.bfloat16, pages_per_block)
     # The same configuration, past the check, really does fail to lower.
     args = decode_args(head_dim, page_size, 4, jnp.bfloat16, num_layers=1)
-    traced = pd._paged_decode.trace(
-        *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
-        pages_per_block=pages_per_block or 1, num_splits=2, split_tokens=4 * page_size,
-        interpret=False, num_warps=4, num_stages=2)
     with lowering.cuda_device_context(), lowering.triton_deprecation_silenced():
+        traced = pd._paged_decode.trace(
+            *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
+            pages_per_block=pages_per_block or 1, num_splits=2, split_tokens=4 * page_size,
+            interpret=False, num_warps=4, num_stages=2)
         with pytest.raises(Exception, match="power of 2"):
             traced.lower(lowering_platforms=("cuda",))
 

@@ -212,9 +212,11 @@ def test_splits_follow_concrete_lengths():
     assert pd.split_plan(10, 6) == (2, 5)
 
 
-def test_float32_dots_are_ieee():
-    assert pd.dot_precision(jnp.float32) == jax.lax.Precision.HIGHEST
-    assert pd.dot_precision(jnp.bfloat16) is None
+def test_float32_dots_are_never_plain_tf32():
+    assert pd.dot_precision(jnp.float32, interpret=True) == jax.lax.Precision.HIGHEST
+    assert pd.dot_precision(jnp.float32, interpret=False) == \
+        jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    assert pd.dot_precision(jnp.bfloat16, interpret=False) is None
 
 
 @pytest.mark.parametrize("num_splits", [1, 5])
