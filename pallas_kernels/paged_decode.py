@@ -71,6 +71,8 @@ def default_pages_per_block(page_size: int, head_dim: int, dtype) -> int:
     """Pages per loop iteration: about TARGET_BLOCK_TOKENS tokens, at least MIN_DOT_SIZE,
     small enough to pipeline where a page allows."""
     tokens = min(TARGET_BLOCK_TOKENS, PIPELINED_TILE_BYTES // _tile_bytes(1, head_dim, dtype))
+    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128:
+        tokens = MIN_DOT_SIZE  # larger float32 tiles of these heads spill (check_config)
     return max(1, max(tokens, MIN_DOT_SIZE) // page_size)
 
 
@@ -112,9 +114,10 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not MIN_DOT_SIZE <= tokens <= MAX_BLOCK_TOKENS:
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = {tokens} "
                          f"tokens per block must be in [{MIN_DOT_SIZE}, {MAX_BLOCK_TOKENS}]")
-    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128 and tokens > 32:
+    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128 and tokens > MIN_DOT_SIZE:
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
-                         f"{tokens} tokens of float32 head_dim={head_dim}: over 32 tokens this "
+                         f"{tokens} tokens of float32 head_dim={head_dim}: over "
+                         f"{MIN_DOT_SIZE} tokens this "
                          f"tile spills registers on sm_90 (benchmarks/results/"
                          f"kernel_resources.md); use a 16-bit cache or the XLA path")
     tile_bytes = _tile_bytes(tokens, head_dim, dtype)
