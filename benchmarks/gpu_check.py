@@ -1,25 +1,34 @@
-"""GPU check and benchmark of the Pallas paged decode kernel (run by gpu_suite.sh).
+"""GPU verdict for the Pallas paged decode kernel: correctness first, then speed.
 
-On Llama-3-8B attention shapes (32 query heads, 8 kv heads, head_dim 128, page 16, bf16):
-  1. checks the kernel against the float32 reference (random lengths, NaN-poisoned
-     unused slots and null page, a few rows per shape so the reference stays small);
-  2. times it (warm-up, then the median of several timed loops) and reports the KV bytes
-     read per second as a fraction of a measured device-to-device copy bandwidth;
-  3. times JAX's own ``jax.experimental.pallas.ops.gpu.paged_attention`` and jpaged's XLA
-     path on the same inputs, where they run;
-  4. sweeps pages_per_block x num_warps (then num_stages, and num_splits at batch 1) on a
-     couple of shapes and reports the best.
-Every configuration runs in its own try/except and results are rewritten after each one,
-so a failure or the suite's timeout loses nothing already measured. Results go to $OUT
-(else benchmarks/results/) as gpu_check.json and gpu_check.md.
+Run by ``benchmarks/gpu_suite.sh`` on a GPU machine with ``python3``, jax, numpy and this
+repository only (``PYTHONPATH=.``; nothing here imports Flax or the ``jpaged`` package).
 
-CPU smoke test of the same code paths: ``python benchmarks/gpu_check.py --interpret --tiny``.
+Checks (each a fresh random draw; the verdict is their conjunction):
+  * relative error ``|out - ref| / |ref|`` (Frobenius, per checked row) against a float64
+    numpy reference on the same rounded inputs, with a bound per cache dtype: float32 must
+    be IEEE-accurate (TF32 would miss it), 16-bit within its rounding;
+  * every sequence ends on a partial last page whose tail, and every later table entry's
+    page, is NaN: at every batch size, so a masking bug shows as NaN, not as noise;
+  * peaky logits (scaled queries) where a wrong split weighting cannot hide;
+  * forced odd split counts and the automatic split count, a float32 cache;
+  * the pool above 4 GiB (int64 offsets) first, before anything the time limit can cut.
+Timing: N steps inside one jit, each step on another of R input sets (R sized so the sets
+overflow the L2), the median of several such calls; bandwidth is the K/V bytes read over
+a measured read-only bandwidth (a jitted reduction, same method). Peers on the same
+inputs: jpaged's XLA path, JAX's ``pallas.ops.gpu.paged_attention``, and cuDNN dense
+attention (``jax.nn.dot_product_attention``) over contiguous K/V as the dense baseline.
+Shapes run under a time budget in a fixed order; each result is written as it finishes.
+
+CPU dry run of the same code (kernels in interpret mode, tiny shapes, seconds):
+``python benchmarks/gpu_check.py --interpret --tiny``. Writes ``$OUT/gpu_check.{json,md}``
+(``benchmarks/results/`` when OUT is unset); exits 1 unless every check passed.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -32,34 +41,92 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from pallas_kernels import lowering
 from pallas_kernels import paged_decode as pd
-from pallas_kernels.reference import paged_decode_reference
+from pallas_kernels import xla_attention
 
-NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
-DTYPE = jnp.bfloat16
-TOLERANCE = 3e-2
-CHECK_ROWS = 4  # rows compared with the reference (it gathers everything in float32)
-# (batch, context): small batches with long contexts (split-K matters), big batches.
-SHAPES = [(1, 1024), (1, 8192), (1, 32768), (4, 16384), (16, 4096), (16, 32768),
-          (32, 32768), (64, 2048), (64, 8192), (128, 4096), (256, 1024), (256, 8192)]
+# Bounds on |out - ref| / |ref| per cache dtype (reference: float64 on the same rounded
+# inputs). float32: IEEE dots land near 1e-7, TF32 near 3e-4. 16-bit: the probabilities
+# meet V in the cache dtype and the output is rounded to it.
+ERROR_BOUNDS = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
+L2_BYTES = 50 * 2**20  # H100/H200; input sets rotate through several times this
+CHECK_ROWS = 4  # rows of a batch compared with the float64 reference
+# One lax.switch branch per input set: 32 sets of batch 1 x 1k context (4 MiB each) still
+# overflow the L2 2.5x.
+MAX_INPUT_SETS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+
+
+LLAMA3_8B = Model(32, 8, 128, 16)
+TINY = Model(8, 2, 64, 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One checked configuration: batch x context (the table's capacity) in ``dtype``;
+    ``num_splits`` None is the kernel's own choice; ``q_scale`` > 1 makes logits peaky."""
+
+    name: str
+    batch: int
+    context: int
+    dtype: str = "bfloat16"
+    num_splits: int | None = None
+    q_scale: float = 1.0
+
+
+# GPU: the >4 GiB pool first (72 x 32k bf16 Llama-3-8B: 4.5 GiB each for K and V).
+CHECKS = [
+    Case("pool>4GiB", 72, 32768, q_scale=2.0),
+    Case("odd-splits-3", 4, 8192, num_splits=3, q_scale=4.0),
+    Case("odd-splits-7", 1, 16384, num_splits=7, q_scale=4.0),
+    Case("float32", 2, 4096, dtype="float32", q_scale=2.0),
+    Case("float32-splits-5", 3, 2048, dtype="float32", num_splits=5),
+    Case("float16-peaky", 8, 2048, dtype="float16", q_scale=4.0),
+]
+# (batch, context) timed, each also checked: small batches with long contexts (split-K
+# matters) to big batches. Every K/V read is at least 8x the L2 or rotated to be.
+SHAPES = [(1, 32768), (4, 16384), (16, 4096), (16, 32768), (32, 32768), (64, 2048),
+          (64, 8192), (128, 4096), (256, 1024), (256, 8192), (1, 8192), (1, 1024)]
+TINY_CHECKS = [
+    Case("first", 2, 96, q_scale=2.0),
+    Case("odd-splits", 3, 320, num_splits=3, q_scale=4.0),  # 5 blocks: 2 + 2 + 1
+    Case("float32", 1, 80, dtype="float32", num_splits=5, q_scale=2.0),
+    Case("auto-splits", 1, 256, q_scale=4.0),
+]
+TINY_SHAPES = [(2, 64)]
 TUNE_SHAPES = [(1, 32768), (64, 4096)]
-TINY_SHAPES = [(1, 64), (3, 128)]
 
 
 @dataclasses.dataclass
 class Settings:
     interpret: bool
     tiny: bool
-    deadline: float  # time.monotonic() after which optional work is skipped
+    deadline: float  # time.monotonic() after which no new shape or tuning point starts
+    timing: bool = True
+    only: str | None = None  # run just this check case
+
+    @property
+    def model(self) -> Model:
+        return TINY if self.tiny else LLAMA3_8B
+
+    @property
+    def checks(self) -> list[Case]:
+        cases = TINY_CHECKS if self.tiny else CHECKS
+        return [c for c in cases if self.only in (None, c.name)]
 
     @property
     def shapes(self):
-        return TINY_SHAPES if self.tiny else SHAPES
-
-    @property
-    def tune_shapes(self):
-        return TINY_SHAPES[:1] if self.tiny else TUNE_SHAPES
+        """(batch, context) checked at random lengths, then timed at full lengths."""
+        return [] if self.only else TINY_SHAPES if self.tiny else SHAPES
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -69,109 +136,234 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def median_seconds(fn, *args, samples=7, min_sample_s=0.02) -> float:
-    """Median seconds per call: warm-up, then timed loops long enough to hide dispatch."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    once = max(time.perf_counter() - start, 1e-6)
-    reps = int(min(100, max(1, math.ceil(min_sample_s / once))))
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(reps):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) / reps)
-    return statistics.median(times)
-
-
-def copy_bandwidth(settings: Settings) -> dict:
-    """Bytes/s of a device-to-device copy (read + write) and of a read-only reduction."""
-    size = (64 if settings.tiny else 2048) * 2**20 // 2  # bf16 elements
-    x = jnp.ones((size,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.bfloat16(1))  # one read and one write per element
-    read = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
-    nbytes = x.size * x.dtype.itemsize
-    return dict(copy_bytes_per_s=2 * nbytes / median_seconds(copy, x),
-                read_bytes_per_s=nbytes / median_seconds(read, x))
+# ---------------------------------------------------------------- inputs
 
 
 @dataclasses.dataclass
-class Inputs:
+class Paged:
+    """R input sets over one pool: q ``[R, B, Hq, D]``, k, v ``[Hkv, P, S, D]``, tables
+    ``int32[R, B, W]`` (disjoint pages per set), lengths ``int32[B]``."""
+
     q: jax.Array
-    k: jax.Array  # [Hkv, P, S, D]
+    k: jax.Array
     v: jax.Array
-    tables: jax.Array  # int32[B, W]
-    full_lengths: jax.Array  # every sequence at the full context
-    kv_bytes: int  # K and V bytes read at full lengths
+    tables: jax.Array
+    lengths: jax.Array
+
+    @property
+    def sets(self) -> int:
+        return self.q.shape[0]
 
 
-def make_inputs(batch: int, context: int, seed: int = 0) -> Inputs:
-    """Random bf16 pool; each sequence owns ``context / page_size`` permuted pages."""
-    width = context // PAGE_SIZE
-    num_pages = batch * width + 1
+def make_paged(model: Model, batch: int, context: int, dtype, *, sets=1, q_scale=1.0,
+               lengths=None, seed=0) -> Paged:
+    """A random pool holding ``sets`` disjoint copies of a batch's pages (page 0, the null
+    page, is NaN). Set 0's first row takes the pool's last pages, so a check reaches the
+    highest offsets. With ``lengths``, every slot past a length is NaN and table entries
+    past the last used page point at the null page."""
+    page_size = model.page_size
+    width = context // page_size
+    used_pages = sets * batch * width
+    num_pages = used_pages + 1
     rng = np.random.default_rng(seed)
-    tables = (rng.permutation(num_pages - 1)[:batch * width] + 1).reshape(batch, width)
+    order = rng.permutation(np.arange(1, num_pages))
+    order = np.concatenate([order[order > num_pages - 1 - width][::-1],
+                            order[order <= num_pages - 1 - width]])
+    tables = order.reshape(sets, batch, width).astype(np.int32)
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    shape = (NUM_KV_HEADS, num_pages, PAGE_SIZE, HEAD_DIM)
-    # The null page holds NaN: only a masking bug can read it.
-    poison = jax.jit(lambda a: a.at[:, 0].set(jnp.nan))
-    k = poison(jax.random.normal(kk, shape, DTYPE))
-    v = poison(jax.random.normal(kv, shape, DTYPE))
-    q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), DTYPE)
-    full = jnp.full((batch,), context, jnp.int32)
-    kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * jnp.dtype(DTYPE).itemsize
-    return Inputs(q, k, v, jnp.asarray(tables, jnp.int32), full, kv_bytes)
+    shape = (model.num_kv_heads, num_pages, page_size, model.head_dim)
+
+    @functools.partial(jax.jit, static_argnums=(1,))
+    def pool(key, dtype):
+        x = jax.random.normal(key, shape, jnp.float32).astype(dtype)
+        return x.at[:, 0].set(jnp.nan)
+
+    k, v = pool(kk, dtype), pool(kv, dtype)
+    if lengths is None:
+        lengths = np.full((batch,), context, np.int32)
+    else:
+        lengths = np.asarray(lengths, np.int32)
+        k, v, tables = _poison_tails(k, v, tables, lengths, page_size)
+    q = q_scale * jax.random.normal(kq, (sets, batch, model.num_q_heads, model.head_dim),
+                                    jnp.float32)
+    return Paged(q.astype(dtype), k, v, jnp.asarray(tables), jnp.asarray(lengths))
 
 
-def poison_past_lengths(inputs: Inputs, lengths: np.ndarray):
-    """K, V with NaN in every slot past each length (tail of the last page, later pages
-    replaced by the null page in the returned table)."""
-    tables = np.asarray(inputs.tables).copy()
-    width = tables.shape[1]
-    used = -(-lengths // PAGE_SIZE)
-    tail_rows, tail_pos = np.nonzero(
-        (np.arange(width * PAGE_SIZE)[None, :] >= lengths[:, None])
-        & (np.arange(width * PAGE_SIZE)[None, :] < used[:, None] * PAGE_SIZE))
-    pages = jnp.asarray(tables[tail_rows, tail_pos // PAGE_SIZE])
-    offsets = jnp.asarray(tail_pos % PAGE_SIZE)
-    tables[np.arange(width)[None, :] >= used[:, None]] = 0
-    poison = jax.jit(lambda a: a.at[:, pages, offsets].set(jnp.nan))
-    return poison(inputs.k), poison(inputs.v), jnp.asarray(tables)
+def _poison_tails(k, v, tables, lengths, page_size):
+    """NaN in every slot past each length on its last page; later entries -> null page."""
+    sets, batch, width = tables.shape
+    used = -(-lengths // page_size)
+    positions = np.arange(width * page_size)[None, :]
+    rows, pos = np.nonzero((positions >= lengths[:, None])
+                           & (positions < used[:, None] * page_size))
+    pages = np.concatenate([tables[s, rows, pos // page_size] for s in range(sets)])
+    offsets = np.tile(pos % page_size, sets)
+    tables = tables.copy()
+    tables[:, np.arange(width)[None, :] >= used[:, None]] = 0
+    if len(pages):
+        poison = jax.jit(lambda a, p, o: a.at[:, p, o].set(jnp.nan), donate_argnums=0)
+        k = poison(k, jnp.asarray(pages), jnp.asarray(offsets))
+        v = poison(v, jnp.asarray(pages), jnp.asarray(offsets))
+    return k, v, tables
 
 
-def check(inputs: Inputs, settings: Settings, seed: int = 1) -> dict:
-    """Max |kernel - reference| over the first CHECK_ROWS rows, at random lengths."""
-    batch, width = inputs.tables.shape
+def check_lengths(batch: int, context: int, page_size: int, rng) -> np.ndarray:
+    """Random lengths, each ending inside a page (a partial last page at every batch
+    size); row 0 one slot short of capacity, row 1 one past a page, row 2 a single token."""
+    lengths = rng.integers(1, context, size=batch)
+    lengths[lengths % page_size == 0] -= 1
+    lengths = np.maximum(lengths, 1)
+    specials = [context - 1, page_size + 1, 1][:batch]
+    lengths[:len(specials)] = specials
+    return lengths.astype(np.int32)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def reference_rows(inputs: Paged, rows, model: Model) -> np.ndarray:
+    """float64 attention of set 0's ``rows`` on the host: ``[len(rows), Hq, D]``."""
+    group = model.num_q_heads // model.num_kv_heads
+    out = []
+    for row in rows:
+        length = int(inputs.lengths[row])
+        pages = inputs.tables[0, row, :-(-length // model.page_size)]
+        k = np.asarray(inputs.k[:, pages].astype(jnp.float32), np.float64)
+        v = np.asarray(inputs.v[:, pages].astype(jnp.float32), np.float64)
+        k = k.reshape(model.num_kv_heads, -1, model.head_dim)[:, :length]
+        v = v.reshape(model.num_kv_heads, -1, model.head_dim)[:, :length]
+        q = np.asarray(inputs.q[0, row].astype(jnp.float32), np.float64)
+        q = q.reshape(model.num_kv_heads, group, model.head_dim)
+        logits = np.einsum("hgd,hld->hgl", q, k) * model.head_dim ** -0.5
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        o = np.einsum("hgl,hld->hgd", p, v) / p.sum(axis=-1, keepdims=True)
+        out.append(o.reshape(model.num_q_heads, model.head_dim))
+    return np.stack(out)
+
+
+def run_check(case: Case, settings: Settings, seed: int) -> dict:
+    """The kernel on one case against the float64 reference."""
+    model = settings.model
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(1, width * PAGE_SIZE + 1, size=batch).astype(np.int32)
-    lengths[0] = width * PAGE_SIZE  # full capacity
-    if batch > 1:
-        lengths[1] = PAGE_SIZE + 1  # one past a page
-    k, v, tables = poison_past_lengths(inputs, lengths)
-    lengths = jnp.asarray(lengths)
-    out = pd.paged_decode(inputs.q, k, v, tables, lengths, interpret=settings.interpret)
-    rows = min(CHECK_ROWS, batch)
-    # The reference sees only the checked rows' pages, renumbered, in float32.
-    used = tables[:rows].reshape(-1)
-    sub_tables = jnp.arange(rows * width, dtype=jnp.int32).reshape(rows, width)
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    expected = jax.jit(paged_decode_reference)(f32(inputs.q[:rows]), f32(k[:, used]),
-                                               f32(v[:, used]), sub_tables, lengths[:rows])
-    got = f32(out[:rows])
-    error = float(jnp.max(jnp.abs(got - expected)))
-    has_nan = bool(jnp.isnan(f32(out)).any())
-    del k, v
-    return dict(max_abs_error=error, nan=has_nan,
-                check_ok=bool(error <= TOLERANCE and not has_nan))
+    lengths = check_lengths(case.batch, case.context, model.page_size, rng)
+    inputs = make_paged(model, case.batch, case.context, jnp.dtype(case.dtype),
+                        q_scale=case.q_scale, lengths=lengths, seed=seed)
+    out = pd.paged_decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0], inputs.lengths,
+                          num_splits=case.num_splits, interpret=settings.interpret)
+    out = np.asarray(out.astype(jnp.float32), np.float64)
+    rows = list(range(min(CHECK_ROWS, case.batch)))
+    expected = reference_rows(inputs, rows, model)
+    errors = [float(np.linalg.norm(out[r] - e) / np.linalg.norm(e))
+              for r, e in zip(rows, expected)]
+    pool_bytes = 2 * inputs.k.size * inputs.k.dtype.itemsize
+    bound = ERROR_BOUNDS[case.dtype]
+    nan = bool(np.isnan(out).any())
+    return dict(case=case.name, batch=case.batch, context=case.context, dtype=case.dtype,
+                num_splits=case.num_splits, q_scale=case.q_scale,
+                lengths=lengths[:len(rows)].tolist(), pool_bytes=pool_bytes,
+                rel_errors=errors, bound=bound, nan=nan,
+                ok=not nan and all(e <= bound for e in errors))
 
 
-def time_ours(inputs: Inputs, settings: Settings, **tuning) -> float:
-    fn = jax.jit(lambda q, k, v, t, l: pd.paged_decode(q, k, v, t, l,
-                                                       interpret=settings.interpret,
-                                                       **tuning))
-    return median_seconds(fn, inputs.q, inputs.k, inputs.v, inputs.tables, inputs.full_lengths)
+# ---------------------------------------------------------------- timing
+
+
+def seconds_per_step(step, shared, sets, *, iters: int, repeats: int) -> float:
+    """Median seconds of one ``step(*shared, *inputs)``: ``iters`` steps run inside one
+    jitted loop, step i on ``sets[i % len(sets)]``; the loop's output depends on every
+    step. Arrays are arguments of the jit, never closed-over constants."""
+    count = len(sets)
+
+    @jax.jit
+    def loop(shared, sets):
+        def body(i, total):
+            branches = [lambda s=s: jnp.sum(step(*shared, *s).astype(jnp.float32))
+                        for s in sets]
+            return total + lax.switch(i % count, branches)
+        return lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    with lowering.triton_deprecation_silenced():
+        jax.block_until_ready(loop(shared, sets))  # compile + warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(loop(shared, sets))
+            times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times)
+
+
+def rotation(kv_bytes: int, settings: Settings) -> tuple[int, int, int]:
+    """(input sets, steps per loop, repeats): sets overflow the L2 4x; the loop reads
+    ~20 GB; the tiny dry run does the least that still exercises the code."""
+    if settings.tiny:
+        return 2, 2, 1
+    sets = min(MAX_INPUT_SETS, max(1, math.ceil(4 * L2_BYTES / kv_bytes)))
+    steps = max(sets, min(2000, math.ceil(20e9 / kv_bytes)))
+    return sets, -(-steps // sets) * sets, 5
+
+
+def read_bandwidth(settings: Settings) -> float:
+    """Bytes/s of a read-only jitted reduction over 4 GiB (1 MiB on the dry run)."""
+    size = (2**20 if settings.tiny else 4 * 2**30) // 2
+    x = jax.random.normal(jax.random.key(0), (size,), jnp.bfloat16)
+    iters = 2 if settings.tiny else 20
+    seconds = seconds_per_step(lambda a: jnp.sum(a, dtype=jnp.float32), (), [(x,)],
+                               iters=iters,
+                               repeats=1 if settings.tiny else 5)
+    return x.size * x.dtype.itemsize / seconds
+
+
+def time_impls(batch: int, context: int, settings: Settings) -> dict:
+    """Seconds per decode step of each implementation at full lengths, same inputs."""
+    model = settings.model
+    dtype = jnp.bfloat16
+    kv_bytes = 2 * batch * context * model.num_kv_heads * model.head_dim * 2
+    count, iters, repeats = rotation(kv_bytes, settings)
+    inputs = make_paged(model, batch, context, dtype, sets=count)
+    paged_sets = [(inputs.q[r], inputs.tables[r]) for r in range(count)]
+    row = dict(kv_bytes=kv_bytes, input_sets=count, steps=iters)
+    interpret = settings.interpret
+    shared = (inputs.k, inputs.v, inputs.lengths)
+
+    def ours(k, v, lengths, q, tables):
+        return pd.paged_decode(q, k, v, tables, lengths, interpret=interpret)
+
+    def xla(k, v, lengths, q, tables):
+        return xla_attention.paged_decode(q, k, v, tables, lengths)
+
+    def jax_pallas(k, v, lengths, q, tables):
+        from jax.experimental.pallas.ops.gpu import paged_attention as peer
+        return peer.paged_attention(q, k, v, tables, lengths, interpret=interpret,
+                                    **jax_peer_options(tables.shape[1]))
+
+    impls = dict(ours=ours, xla=xla)
+    if not interpret:  # far too slow interpreted; the GPU run times it
+        impls["jax_pallas"] = jax_pallas
+    for name, fn in impls.items():
+        attempt(row, f"{name}_s", seconds_per_step, fn, shared, paged_sets, iters=iters,
+                repeats=repeats)
+    del inputs, paged_sets, shared
+    if not interpret:
+        attempt(row, "cudnn_s", time_cudnn, model, batch, context, dtype, count, iters,
+                repeats)
+    return row
+
+
+def time_cudnn(model, batch, context, dtype, count, iters, repeats) -> float:
+    """cuDNN dense decode over contiguous K/V ``[B, T, Hkv, D]``, the dense baseline."""
+    keys = jax.random.split(jax.random.key(1), 3 * count)
+    shape = (batch, context, model.num_kv_heads, model.head_dim)
+    sets = [(jax.random.normal(keys[3 * r], (batch, 1, model.num_q_heads, model.head_dim),
+                               dtype),
+             jax.random.normal(keys[3 * r + 1], shape, dtype),
+             jax.random.normal(keys[3 * r + 2], shape, dtype)) for r in range(count)]
+    lengths = jnp.full((batch,), context, jnp.int32)
+
+    def dense(lengths, q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                            implementation="cudnn")
+
+    return seconds_per_step(dense, (lengths,), sets, iters=iters, repeats=repeats)
 
 
 def jax_peer_options(width: int) -> dict:
@@ -179,22 +371,6 @@ def jax_peer_options(width: int) -> dict:
     pages_per_compute_block divides the pages per split."""
     k_splits = math.gcd(16, width)
     return dict(k_splits=k_splits, pages_per_compute_block=math.gcd(8, width // k_splits))
-
-
-def time_jax_peer(inputs: Inputs, settings: Settings) -> float:
-    from jax.experimental.pallas.ops.gpu import paged_attention as peer
-    options = jax_peer_options(inputs.tables.shape[1])
-    fn = jax.jit(lambda q, k, v, t, l: peer.paged_attention(q, k, v, t, l,
-                                                            interpret=settings.interpret,
-                                                            **options))
-    return median_seconds(fn, inputs.q, inputs.k, inputs.v, inputs.tables, inputs.full_lengths)
-
-
-def time_xla(inputs: Inputs, settings: Settings) -> float:
-    import jpaged
-    fn = jax.jit(lambda q, k, v, t, l: jpaged.paged_attention(q, k, v, jpaged.PageTable(t, l),
-                                                              impl="xla"))
-    return median_seconds(fn, inputs.q, inputs.k, inputs.v, inputs.tables, inputs.full_lengths)
 
 
 def attempt(row: dict, key: str, fn, *args, **kwargs):
@@ -208,93 +384,84 @@ def attempt(row: dict, key: str, fn, *args, **kwargs):
         traceback.print_exc(limit=3)
 
 
-def benchmark_shape(batch: int, context: int, report: dict, settings: Settings) -> dict:
-    row = dict(batch=batch, context=context)
-    inputs = make_inputs(batch, context)
-    width = context // PAGE_SIZE
-    ppb = pd.default_pages_per_block(PAGE_SIZE, HEAD_DIM, DTYPE)
-    row.update(kv_bytes=inputs.kv_bytes, pages_per_block=ppb,
-               num_splits=pd.choose_num_splits(batch, NUM_KV_HEADS, -(-width // ppb)))
-    attempt(row, "ours_s", time_ours, inputs, settings)
-    attempt(row, "jax_pallas_s", time_jax_peer, inputs, settings)
-    attempt(row, "xla_s", time_xla, inputs, settings)
-    try:
-        row.update(check(inputs, settings))
-    except Exception as error:  # noqa: BLE001
-        row.update(check_ok=False, check_error=f"{type(error).__name__}: {error}"[:400])
-        traceback.print_exc(limit=3)
-    copy_bw = report["bandwidth"].get("copy_bytes_per_s")
-    for impl in ("ours", "jax_pallas", "xla"):
-        seconds = row.get(f"{impl}_s")
-        if seconds:
-            row[f"{impl}_bytes_per_s"] = inputs.kv_bytes / seconds
-            if copy_bw:
-                row[f"{impl}_copy_fraction"] = inputs.kv_bytes / seconds / copy_bw
-    return row
-
-
 def autotune(batch: int, context: int, settings: Settings) -> dict:
-    """Sweep pages_per_block x num_warps, then num_stages and (batch 1) num_splits around
-    the best; every point is timed on the same inputs."""
-    inputs = make_inputs(batch, context)
-    width = context // PAGE_SIZE
+    """pages_per_block x num_warps, then num_stages and (batch 1) num_splits around the
+    best, timed the same way as the shapes."""
+    model = settings.model
+    kv_bytes = 2 * batch * context * model.num_kv_heads * model.head_dim * 2
+    count, iters, repeats = rotation(kv_bytes, settings)
+    inputs = make_paged(model, batch, context, jnp.bfloat16, sets=count)
+    sets = [(inputs.q[r], inputs.tables[r]) for r in range(count)]
     points = []
 
     def measure(**tuning):
         if settings.time_left() < 0:
             return
+        def step(k, v, lengths, q, tables):
+            return pd.paged_decode(q, k, v, tables, lengths, interpret=settings.interpret,
+                                   **tuning)
         point = dict(tuning)
-        attempt(point, "seconds", time_ours, inputs, settings, **tuning)
-        if point["seconds"]:
-            point["bytes_per_s"] = inputs.kv_bytes / point["seconds"]
+        attempt(point, "seconds", seconds_per_step, step, (inputs.k, inputs.v, inputs.lengths),
+                sets, iters=iters, repeats=repeats)
         log(f"  tune {batch}x{context} {tuning}: {fmt_us(point['seconds'])}")
         points.append(point)
 
-    warps = [4] if settings.interpret else [2, 4, 8]
     for ppb in (1, 2, 4, 8):
-        for num_warps in warps:
+        for num_warps in (2, 4, 8):
             measure(pages_per_block=ppb, num_warps=num_warps)
-    best = dict(min((p for p in points if p.get("seconds")), key=lambda p: p["seconds"],
-                    default={}))
+    timed = [p for p in points if p.get("seconds")]
+    best = dict(min(timed, key=lambda p: p["seconds"])) if timed else {}
     if best:
         base = dict(pages_per_block=best["pages_per_block"], num_warps=best["num_warps"])
         for stages in (1, 3):
             measure(num_stages=stages, **base)
         if batch == 1:
-            for splits in (8, 16, 64, 128):
-                if splits <= width // base["pages_per_block"]:
-                    measure(num_splits=splits, **base)
+            for splits in (33, 66, 132, 264):
+                measure(num_splits=splits, **base)
         best = dict(min((p for p in points if p.get("seconds")), key=lambda p: p["seconds"]))
     return dict(batch=batch, context=context, points=points, best=best)
+
+
+# ---------------------------------------------------------------- report
 
 
 def fmt_us(seconds) -> str:
     return "-" if not seconds else f"{seconds * 1e6:.1f}us"
 
 
-def fmt_fraction(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def markdown(report: dict) -> str:
-    bw = report["bandwidth"]
+    read_bw = report.get("read_bytes_per_s")
     lines = [f"# jpaged GPU check ({report['device']}, jax {report['jax']})", "",
-             f"Llama-3-8B decode attention: {NUM_Q_HEADS} q heads, {NUM_KV_HEADS} kv heads, "
-             f"head_dim {HEAD_DIM}, page {PAGE_SIZE}, {jnp.dtype(DTYPE).name}.", "",
-             f"Copy bandwidth (read+write): {bw.get('copy_bytes_per_s', 0) / 1e9:.0f} GB/s; "
-             f"read-only: {bw.get('read_bytes_per_s', 0) / 1e9:.0f} GB/s.", "",
-             "| batch | context | splits | check (max err) | ours | GB/s | of copy | "
-             "jax pallas | of copy | xla | of copy |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        check_cell = ("ok" if r.get("check_ok") else "FAIL") + (
-            f" ({r['max_abs_error']:.1e})" if "max_abs_error" in r else "")
+             f"Verdict: **{'PASS' if report['ok'] else 'FAIL'}**"
+             + (" (interpret-mode dry run: no timing is meaningful)"
+                if report["interpret"] else ""), "",
+             f"Read bandwidth (jitted reduction): "
+             f"{(read_bw or 0) / 1e9:.0f} GB/s.", "",
+             "## Checks (relative error against float64)", "",
+             "| case | batch | context | dtype | splits | q scale | pool GiB | max rel err | "
+             "bound | NaN | ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in report["checks"]:
+        err = max(c["rel_errors"]) if c.get("rel_errors") else None
         lines.append(
-            f"| {r['batch']} | {r['context']} | {r.get('num_splits')} | {check_cell} | "
-            f"{fmt_us(r.get('ours_s'))} | {(r.get('ours_bytes_per_s') or 0) / 1e9:.0f} | "
-            f"{fmt_fraction(r.get('ours_copy_fraction'))} | {fmt_us(r.get('jax_pallas_s'))} | "
-            f"{fmt_fraction(r.get('jax_pallas_copy_fraction'))} | {fmt_us(r.get('xla_s'))} | "
-            f"{fmt_fraction(r.get('xla_copy_fraction'))} |")
+            f"| {c['case']} | {c['batch']} | {c['context']} | {c['dtype']} | "
+            f"{c.get('num_splits') or 'auto'} | {c.get('q_scale')} | "
+            f"{c.get('pool_bytes', 0) / 2**30:.2f} | "
+            f"{'-' if err is None else f'{err:.1e}'} | {c.get('bound')} | {c.get('nan')} | "
+            f"{'ok' if c.get('ok') else 'FAIL ' + c.get('error', '')} |")
+    lines += ["", "## Decode step time (bf16, full lengths; fraction of read bandwidth)", "",
+              "| batch | context | KV MiB | sets x steps | ours | of read | xla | of read | "
+              "jax pallas | of read | cudnn dense | of read |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["timings"]:
+        cells = []
+        for impl in ("ours", "xla", "jax_pallas", "cudnn"):
+            seconds = r.get(f"{impl}_s")
+            fraction = (r["kv_bytes"] / seconds / read_bw) if seconds and read_bw else None
+            cells += [fmt_us(seconds), "-" if fraction is None else f"{fraction:.2f}"]
+        lines.append(f"| {r['batch']} | {r['context']} | {r['kv_bytes'] / 2**20:.0f} | "
+                     f"{r.get('input_sets')} x {r.get('steps')} | " + " | ".join(cells) + " |")
+    for shape in report["skipped"]:
+        lines.append(f"| {shape[0]} | {shape[1]} | skipped: over the time budget |")
     for tune in report["autotune"]:
         lines += ["", f"Autotune {tune['batch']} x {tune['context']}: best {tune['best']}"]
     return "\n".join(lines) + "\n"
@@ -306,47 +473,71 @@ def write(report: dict, out_dir: Path) -> None:
     (out_dir / "gpu_check.md").write_text(markdown(report))
 
 
+def check_case(case: Case, seed: int, report: dict, settings: Settings, out_dir: Path):
+    try:
+        result = run_check(case, settings, seed)
+    except Exception as error:  # noqa: BLE001 - a crash is a failed check, not a stop
+        traceback.print_exc(limit=5)
+        result = dict(case=case.name, batch=case.batch, context=case.context,
+                      dtype=case.dtype, ok=False, error=f"{type(error).__name__}: {error}"[:400])
+    report["checks"].append(result)
+    log(f"check {case.name}: {'ok' if result['ok'] else 'FAIL'} "
+        f"{result.get('rel_errors', result.get('error'))}")
+    write(report, out_dir)
+
+
+def run(settings: Settings, out_dir: Path, tune: bool) -> dict:
+    device = jax.devices()[0]
+    report = dict(device=getattr(device, "device_kind", str(device)), jax=jax.__version__,
+                  interpret=settings.interpret, tiny=settings.tiny, ok=False, checks=[],
+                  timings=[], skipped=[], autotune=[])
+    log(f"device {report['device']}, jax {jax.__version__}, writing to {out_dir}")
+    for seed, case in enumerate(settings.checks):
+        check_case(case, seed, report, settings, out_dir)
+    if settings.timing:
+        attempt(report, "read_bytes_per_s", read_bandwidth, settings)
+    for seed, (batch, context) in enumerate(settings.shapes, start=len(settings.checks)):
+        if settings.time_left() < 0:
+            report["skipped"].append((batch, context))
+            continue
+        check_case(Case(f"{batch}x{context}", batch, context), seed, report, settings,
+                   out_dir)
+        if settings.timing:
+            row = dict(batch=batch, context=context)
+            row.update(time_impls(batch, context, settings))
+            report["timings"].append(row)
+            log(f"time {batch}x{context}: " + ", ".join(
+                f"{impl} {fmt_us(row.get(f'{impl}_s'))}"
+                for impl in ("ours", "xla", "jax_pallas", "cudnn")))
+            write(report, out_dir)
+    if settings.timing and tune and not settings.interpret:
+        for batch, context in TUNE_SHAPES:
+            if settings.time_left() < 0:
+                break
+            report["autotune"].append(autotune(batch, context, settings))
+            write(report, out_dir)
+    report["ok"] = bool(report["checks"]) and all(c["ok"] for c in report["checks"])
+    write(report, out_dir)
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--interpret", action="store_true", help="run kernels in interpret mode")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke test)")
-    parser.add_argument("--budget-s", type=float, default=420,
-                        help="skip the autotune sweep once this many seconds have passed")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (CPU dry run)")
+    parser.add_argument("--budget-s", type=float, default=400,
+                        help="start no timed shape or tuning point after this many seconds")
     parser.add_argument("--no-tune", action="store_true", help="skip the autotune sweep")
+    parser.add_argument("--checks-only", action="store_true", help="no timing")
+    parser.add_argument("--case", help="run only this check case")
     args = parser.parse_args(argv)
-    settings = Settings(args.interpret, args.tiny, time.monotonic() + args.budget_s)
+    settings = Settings(args.interpret, args.tiny, time.monotonic() + args.budget_s,
+                        timing=not (args.checks_only or args.case), only=args.case)
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else (
         Path(__file__).parent / "results")
-    device = jax.devices()[0]
-    report = dict(device=getattr(device, "device_kind", str(device)), jax=jax.__version__,
-                  interpret=args.interpret, tiny=args.tiny, bandwidth={}, results=[],
-                  autotune=[])
-    log(f"device {report['device']}, jax {jax.__version__}, writing to {out_dir}")
-    attempt(report, "bandwidth", copy_bandwidth, settings)
-    report["bandwidth"] = report["bandwidth"] or {}
-    log(f"bandwidth {({k: f'{v / 1e9:.0f} GB/s' for k, v in report['bandwidth'].items()})}")
-    for batch, context in settings.shapes:
-        row = benchmark_shape(batch, context, report, settings)
-        report["results"].append(row)
-        write(report, out_dir)
-        log(f"batch {batch:4d} ctx {context:6d} splits {row['num_splits']:3d} "
-            f"check {'ok' if row.get('check_ok') else 'FAIL'} "
-            f"err {row.get('max_abs_error', float('nan')):.1e} | ours {fmt_us(row.get('ours_s'))} "
-            f"({fmt_fraction(row.get('ours_copy_fraction'))} of copy) | jax "
-            f"{fmt_us(row.get('jax_pallas_s'))} | xla {fmt_us(row.get('xla_s'))}")
-    if not args.no_tune:
-        for batch, context in settings.tune_shapes:
-            if settings.time_left() < 0:
-                log("autotune skipped: over budget")
-                break
-            try:
-                report["autotune"].append(autotune(batch, context, settings))
-            except Exception:  # noqa: BLE001
-                traceback.print_exc(limit=3)
-            write(report, out_dir)
-    write(report, out_dir)
+    report = run(settings, out_dir, tune=not args.no_tune)
     log(markdown(report))
-    return 0 if all(r.get("check_ok") for r in report["results"]) else 1
+    return 0 if report["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 One program per (sequence, kv head, KV split). It loads the query heads that share the
 kv head together, walks the split's pages ``pages_per_block`` at a time (page ids read
 from the block table inside the kernel, K/V rows gathered by slot straight from the pool
-in global memory) with an online softmax in float32, and writes a float32 partial output
-plus its log-sum-exp. The splits are merged afterwards in plain jnp. Splitting the
-sequence lets a small batch with long contexts still occupy every SM.
+in global memory) with an online softmax in float32. With several splits it writes a
+float32 partial output plus its log-sum-exp, merged afterwards in plain jnp; with one
+split it writes the final output. Splitting the sequence lets a small batch with long
+contexts still occupy every SM.
 
 The pool may be one layer ``[Hkv, P, S, D]`` or the whole stack ``[L, Hkv, P, S, D]``
 with ``layer=`` (int or traced scalar): the layer is a kernel input used in the ref
@@ -22,8 +23,11 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels import lowering
 
 try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
     from jax.experimental.pallas import triton as pltriton
@@ -31,10 +35,10 @@ except ImportError:  # pragma: no cover - depends on the installed jax
     pltriton = None
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-# tl.dot needs at least 16 rows and a contraction of at least 16.
+# tl.dot needs at least 16 rows and a contraction of at least 16; a GQA group is padded to
+# 16 query rows (groups of 1-2 included: the resource check shows the elementwise
+# alternative spilling at 191-255 registers, the padded dot not).
 MIN_DOT_SIZE = 16
-# Groups this small use an elementwise multiply + reduce instead of padding to 16 rows.
-VECTOR_MAX_GROUP = 2
 # Default tokens per loop iteration. K and V tiles sit in shared memory (~227 KiB per SM):
 # up to PIPELINED_TILE_BYTES each they are double-buffered, up to MAX_TILE_BYTES (a whole
 # float32 page of 128 x 128) they are loaded without pipelining.
@@ -43,8 +47,13 @@ MAX_BLOCK_TOKENS = 256
 PIPELINED_TILE_BYTES = 32 * 1024
 MAX_TILE_BYTES = 64 * 1024
 MAX_HEAD_DIM = 256
-# Programs to aim for when choosing the split count: two per SM of an H100/H200 (132 SMs).
-TARGET_PROGRAMS = 2 * 132
+# Split counts aim at every resident program slot of an H100/H200: 132 SMs, and
+# PROGRAMS_PER_SM programs of the default bf16/f16 configuration fit one SM by its compiled
+# registers and shared memory (benchmarks/results/kernel_resources.md; a CI test keeps
+# this number honest against that compile).
+NUM_SMS = 132
+PROGRAMS_PER_SM = 4
+TARGET_PROGRAMS = PROGRAMS_PER_SM * NUM_SMS
 DEFAULT_NUM_WARPS = 4
 # Finite, so a fully masked block gives exp(0) corrections instead of inf - inf = NaN.
 MASK_VALUE = -1e30
@@ -62,11 +71,17 @@ def default_pages_per_block(page_size: int, head_dim: int, dtype) -> int:
     """Pages per loop iteration: about TARGET_BLOCK_TOKENS tokens, at least MIN_DOT_SIZE,
     small enough to pipeline where a page allows."""
     tokens = min(TARGET_BLOCK_TOKENS, PIPELINED_TILE_BYTES // _tile_bytes(1, head_dim, dtype))
+    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128:
+        tokens = MIN_DOT_SIZE  # larger float32 tiles of these heads spill (check_config)
     return max(1, max(tokens, MIN_DOT_SIZE) // page_size)
 
 
 def default_num_stages(tokens: int, head_dim: int, dtype) -> int:
-    """Double-buffer the K/V loads when two stages of both tiles fit shared memory."""
+    """Double-buffer the K/V loads when two stages of both tiles fit shared memory; not for
+    float32, whose TF32x3 dots need the registers (one stage halves its shared memory and
+    doubles the programs per SM, see the resource table)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return 1
     return 2 if _tile_bytes(tokens, head_dim, dtype) <= PIPELINED_TILE_BYTES else 1
 
 
@@ -99,6 +114,12 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not MIN_DOT_SIZE <= tokens <= MAX_BLOCK_TOKENS:
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = {tokens} "
                          f"tokens per block must be in [{MIN_DOT_SIZE}, {MAX_BLOCK_TOKENS}]")
+    if jnp.dtype(dtype) == jnp.float32 and head_dim > 128 and tokens > MIN_DOT_SIZE:
+        raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
+                         f"{tokens} tokens of float32 head_dim={head_dim}: over "
+                         f"{MIN_DOT_SIZE} tokens this "
+                         f"tile spills registers on sm_90 (benchmarks/results/"
+                         f"kernel_resources.md); use a 16-bit cache or the XLA path")
     tile_bytes = _tile_bytes(tokens, head_dim, dtype)
     if tile_bytes > MAX_TILE_BYTES:
         raise ValueError(f"pages_per_block={pages_per_block} gives a {tokens} x {head_dim} "
@@ -108,50 +129,68 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
 
 def choose_num_splits(batch: int, num_kv_heads: int, num_blocks: int) -> int:
     """Split each sequence so batch * kv heads * splits reaches TARGET_PROGRAMS, without
-    giving a split less than one block of the table (``num_blocks`` blocks wide)."""
+    giving a split less than one block; ``num_blocks`` covers the longest sequence."""
     wanted = -(-TARGET_PROGRAMS // (batch * num_kv_heads))
     return max(1, min(wanted, num_blocks))
 
 
-def _scores(q, k, use_dot):
-    """q ``[G, D]`` x k ``[T, D]`` -> float32 ``[G, T]``."""
-    if use_dot:
-        return lax.dot_general(q, k, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-    return jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None, :, :],
-                   axis=2)
+def blocks_to_cover(lengths, width: int, pages_per_block: int, page_size: int) -> int:
+    """Blocks the splits must cover: the table's width, or, when the lengths are concrete
+    (known on the host), the longest length rounded up to a power of two of blocks, so
+    short sequences in a wide table are not split into empty work and the count of
+    compiled variants stays small."""
+    table_blocks = -(-width // pages_per_block)
+    if isinstance(lengths, jax.core.Tracer):
+        return table_blocks
+    longest = int(np.max(np.asarray(lengths), initial=0))
+    needed = -(-longest // (pages_per_block * page_size))
+    return min(table_blocks, pl.next_power_of_2(max(needed, 1)))
 
 
-def _weighted_values(p, v, use_dot):
-    """p float32 ``[G, T]`` x v ``[T, D]`` -> float32 ``[G, D]``."""
-    if use_dot:
-        # Probabilities go to the matrix unit in the cache dtype, as in flash attention.
-        return lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-    return jnp.sum(p[:, :, None] * v.astype(jnp.float32)[None, :, :], axis=1)
+def split_plan(num_blocks: int, num_splits: int) -> tuple[int, int]:
+    """(blocks per split, splits that hold any block) for ``num_splits`` requested."""
+    per_split = -(-num_blocks // num_splits)
+    return per_split, -(-num_blocks // per_split)
 
 
-def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
+def _visible_range(split, length, *, split_tokens, sliding_window):
+    """Positions ``[lo, hi)`` that program ``split`` attends to (int32 scalars)."""
+    lo = split * split_tokens
+    hi = jnp.minimum(length, lo + split_tokens)
+    if sliding_window is not None:
+        lo = jnp.maximum(lo, length - sliding_window)
+    return lo, hi
+
+
+def _load_kv(k_ref, v_ref, layer, head, slots):
+    """K and V rows ``[T, D]`` (cache dtype) of the given slots: the one place the kernel
+    reads the pool."""
+    return k_ref[layer, head, slots], v_ref[layer, head, slots]
+
+
+def _mask_values(v, visible):
+    """V ``[T, D]`` with invisible rows zeroed. Select, not multiply: 0 * NaN from a
+    recycled page would still be NaN."""
+    return jnp.where(visible[:, None], v, jnp.zeros_like(v))
+
+
+def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
                    sm_scale, soft_cap, sliding_window, page_size, pages_per_block,
-                   pages_per_split, use_dot):
+                   split_tokens, precision):
     """One (sequence, kv head, split) program.
 
-    layer_ref ``int32[1]``; lengths_ref ``int32[B]``; tables_ref ``int32[B, W']`` (W' a
-    multiple of pages_per_split); q_ref ``[G', D]``; k_ref, v_ref ``[L, Hkv, P * S, D]``
-    (whole pool, global memory); o_ref float32 ``[G', D]``; lse_ref float32 ``[G']``.
+    layer_ref ``int32[1]``; lengths_ref ``int32[B]``; tables_ref ``int32[B, W]``; q_ref
+    ``[G', D]``; k_ref, v_ref ``[L, Hkv, P * S, D]`` (whole pool, global memory). With
+    several splits: o_ref float32 ``[G', D]`` and lse_ref float32 ``[G']``, merged later;
+    with one split, o_ref is the final output ``[G', D]`` in the output dtype.
     """
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     length = lengths_ref[seq]
+    last_page = tables_ref.shape[1] - 1
     block_tokens = pages_per_block * page_size
-    # Visible keys of this split: positions [lo, hi).
-    split_start = split * (pages_per_split * page_size)
-    hi = jnp.minimum(length, split_start + pages_per_split * page_size)
-    lo = split_start
-    if sliding_window is not None:
-        lo = jnp.maximum(lo, length - sliding_window)
-    # Whole blocks covering [lo, hi); they stay inside the split because splits are
-    # whole blocks, so table reads stay inside the padded table.
+    lo, hi = _visible_range(split, length, split_tokens=split_tokens,
+                            sliding_window=sliding_window)
     first_block = lax.div(lo, block_tokens)
     last_block = jnp.where(hi > lo, lax.div(hi + block_tokens - 1, block_tokens), first_block)
 
@@ -161,21 +200,25 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_re
     def body(block, carry):
         acc, m, l = carry
         positions = block * block_tokens + offsets
-        pages = tables_ref[seq, lax.div(positions, page_size)]
+        # A block may run past the table's last page only beyond the length: those slots
+        # are masked, so any in-range page id will do.
+        pages = tables_ref[seq, jnp.minimum(lax.div(positions, page_size), last_page)]
         slots = pages * page_size + lax.rem(positions, page_size)
-        k = k_ref[layer, head, slots]  # [T, D]
-        v = v_ref[layer, head, slots]
+        k, v = _load_kv(k_ref, v_ref, layer, head, slots)  # [T, D] each
         visible = (positions >= lo) & (positions < hi)
-        logits = _scores(q, k, use_dot) * sm_scale
+        logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32) * sm_scale  # [G', T]
         if soft_cap is not None:
             logits = soft_cap * jnp.tanh(logits / soft_cap)
         logits = jnp.where(visible[None, :], logits, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         correction = jnp.exp(m - m_new)
         p = jnp.where(visible[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
-        # Select, not multiply: 0 * NaN from a recycled page would still be NaN.
-        v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
-        acc = acc * correction[:, None] + _weighted_values(p, v, use_dot)
+        # Probabilities go to the matrix unit in the cache dtype, as in flash attention.
+        values = lax.dot_general(p.astype(v.dtype), _mask_values(v, visible),
+                                 (((1,), (0,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)  # [G', D]
+        acc = acc * correction[:, None] + values
         return acc, m_new, l * correction + jnp.sum(p, axis=1)
 
     rows, head_dim = q.shape
@@ -184,8 +227,10 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_re
              jnp.zeros((rows,), jnp.float32))
     acc, m, l = lax.fori_loop(first_block, last_block, body, carry)
     seen = l > 0
-    o_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+    o_ref[...] = out.astype(o_ref.dtype)
+    if lse_ref:
+        lse_ref[0][...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
 def merge_splits(o, lse):
@@ -198,6 +243,27 @@ def merge_splits(o, lse):
     return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
+def default_num_warps(tokens: int, head_dim: int, dtype) -> int:
+    """Warps per program: 4, or 8 where the resource table shows 4 spilling: tiles too
+    big to double-buffer, and float32 heads over 128 (TF32x3 dots hold more registers)."""
+    if (_tile_bytes(tokens, head_dim, dtype) > PIPELINED_TILE_BYTES
+            or (jnp.dtype(dtype) == jnp.float32 and head_dim > 128)):
+        return 2 * DEFAULT_NUM_WARPS
+    return DEFAULT_NUM_WARPS
+
+
+def dot_precision(dtype, interpret: bool):
+    """The dots' precision for a cache dtype. 16-bit caches: the matrix unit's native
+    input. float32 caches: never plain TF32 (Triton's float32 default, about 1e-3 relative
+    error): on the GPU three TF32 passes (TF32x3, float32-level error, bounded at 1e-5 by
+    the GPU suite) since IEEE float32 dots run on FMA units and spill at 64+ token tiles
+    (benchmarks/results/kernel_resources.md); in interpret mode plain IEEE float32, as the
+    CPU has no TF32."""
+    if jnp.dtype(dtype) != jnp.float32:
+        return None
+    return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
 def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None,
                  soft_cap=None, sliding_window=None, pages_per_block=None, num_splits=None,
                  interpret=False, num_warps=None, num_stages=None):
@@ -206,8 +272,9 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
     q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]``, or ``[L, Hkv, P, S, D]`` with
     ``layer`` (int or traced int32 scalar); block_tables: ``int32[B, W]``; lengths:
     ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype (q meets K in the cache dtype).
-    ``num_splits`` (default ``choose_num_splits``), ``pages_per_block``, ``num_warps``
-    and ``num_stages`` are tuning knobs; ``interpret=True`` runs the kernel on CPU.
+    ``num_splits`` (default ``choose_num_splits`` over the blocks the lengths need when
+    they are concrete, else over the table width), ``pages_per_block``, ``num_warps`` and
+    ``num_stages`` are tuning knobs; ``interpret=True`` runs the kernel on CPU.
     Validation happens here, on the host; every array op is inside one jitted call, so
     even an eager call never copies the pool.
     """
@@ -250,40 +317,42 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
     if pltriton is None and not interpret:
         raise ValueError("this jax has no Pallas Triton lowering; use interpret=True or the "
                          "XLA path")
-    return _paged_decode(
-        q, k_pages, v_pages, block_tables, lengths, layer,
-        sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
-        soft_cap=None if soft_cap is None else float(soft_cap),
-        sliding_window=None if sliding_window is None else int(sliding_window),
-        pages_per_block=pages_per_block,
-        num_splits=None if num_splits is None else int(num_splits), interpret=interpret,
-        num_warps=DEFAULT_NUM_WARPS if num_warps is None else num_warps,
-        num_stages=(default_num_stages(pages_per_block * page_size, head_dim, k_pages.dtype)
-                    if num_stages is None else num_stages))
+    width = block_tables.shape[1]
+    num_blocks = blocks_to_cover(lengths, width, pages_per_block, page_size)
+    if num_splits is None:
+        blocks_per_split, num_splits = split_plan(
+            num_blocks, choose_num_splits(q.shape[0], num_kv_heads, num_blocks))
+    else:  # honoured as asked, even where some splits see nothing
+        blocks_per_split = -(-num_blocks // num_splits)
+    tokens = pages_per_block * page_size
+    with lowering.triton_deprecation_silenced():
+        return _paged_decode(
+            q, k_pages, v_pages, block_tables, lengths, layer,
+            sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
+            soft_cap=None if soft_cap is None else float(soft_cap),
+            sliding_window=None if sliding_window is None else int(sliding_window),
+            pages_per_block=pages_per_block, num_splits=int(num_splits),
+            split_tokens=blocks_per_split * tokens, interpret=interpret,
+            num_warps=(default_num_warps(tokens, head_dim, k_pages.dtype)
+                       if num_warps is None else num_warps),
+            num_stages=(default_num_stages(tokens, head_dim, k_pages.dtype)
+                        if num_stages is None else num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_splits", "interpret",
-    "num_warps", "num_stages"))
+    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_splits", "split_tokens",
+    "interpret", "num_warps", "num_stages"))
 def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale, soft_cap,
-                  sliding_window, pages_per_block, num_splits, interpret, num_warps,
-                  num_stages):
-    """Arguments as ``paged_decode``, already checked; layer a scalar (0 for 4-D pages)."""
+                  sliding_window, pages_per_block, num_splits, split_tokens, interpret,
+                  num_warps, num_stages):
+    """Arguments as ``paged_decode``, already checked; layer a scalar (0 for 4-D pages);
+    split ``s`` covers positions ``[s * split_tokens, (s + 1) * split_tokens)``."""
     batch, num_q_heads, head_dim = q.shape
     if k_pages.ndim == 4:
         k_pages, v_pages = k_pages[None], v_pages[None]
     num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
-    use_dot = group > VECTOR_MAX_GROUP
-    rows = max(MIN_DOT_SIZE, pl.next_power_of_2(group)) if use_dot else pl.next_power_of_2(group)
-
-    num_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, num_kv_heads, num_blocks)
-    pages_per_split = pl.cdiv(num_blocks, num_splits) * pages_per_block
-    # Padded entries are the null page, so every block read stays inside the table.
-    block_tables = jnp.pad(block_tables.astype(jnp.int32),
-                           ((0, 0), (0, num_splits * pages_per_split - block_tables.shape[1])))
+    rows = max(MIN_DOT_SIZE, pl.next_power_of_2(group))
     out_dtype = q.dtype
     # tl.dot takes one element type; the cache dtype keeps K/V loads at their size.
     q = q.astype(k_pages.dtype).reshape(batch, num_kv_heads, group, head_dim)
@@ -294,29 +363,41 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale
 
     kernel = functools.partial(
         _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        page_size=page_size, pages_per_block=pages_per_block, pages_per_split=pages_per_split,
-        use_dot=use_dot)
+        page_size=page_size, pages_per_block=pages_per_block, split_tokens=split_tokens,
+        precision=dot_precision(k_pages.dtype, interpret))
     whole = pl.BlockSpec()  # no blocking: the kernel indexes the array in global memory
+    # One split writes the final output; several write float32 partials and their LSE.
+    if num_splits == 1:
+        out_specs = pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), out_dtype)
+    else:
+        out_specs = [
+            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim),
+                                 jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
+        ]
     compiler_params = (None if pltriton is None
                        else pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages))
-    o, lse = pl.pallas_call(
+    result = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
         in_specs=[whole, whole, whole,
                   pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
                   whole, whole],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, head_dim), lambda b, h, s: (b, h, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda b, h, s: (b, h, s, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
-        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
         name="jpaged_paged_decode",
-    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32), block_tables, q,
-      k_pages, v_pages)
-    out = merge_splits(o[..., :group, :], lse[..., :group])
-    return out.reshape(batch, num_q_heads, head_dim).astype(out_dtype)
+    )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32),
+      block_tables.astype(jnp.int32), q, k_pages, v_pages)
+    if num_splits == 1:
+        out = result[:, :, :group]
+    else:
+        o, lse = result
+        out = merge_splits(o[..., :group, :], lse[..., :group]).astype(out_dtype)
+    return out.reshape(batch, num_q_heads, head_dim)

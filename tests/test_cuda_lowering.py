@@ -1,32 +1,31 @@
 """Lower the Pallas decode kernel for CUDA from the CPU, so a configuration Triton cannot
 take fails here and not on a user's GPU.
 
-``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering without a GPU.
-On jaxlib <= 0.10.2 the kernel travels as Triton IR inside the custom call; that IR is
-parsed back and run through the Triton dialect's verifier as well. What only the GPU's
+``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering without a GPU
+(on jax >= 0.11 under an abstract H200, see ``pallas_kernels.lowering``). The kernel
+travels as Triton IR inside the custom call; that IR is parsed back and run through the
+Triton dialect's verifier as well. Registers, spills and shared memory of the compiled
+kernels are checked by ``benchmarks/kernel_resources.py``. What only the GPU's
 Triton compiler can see (tl.dot's 16-element minimum, shared-memory size) is covered by
 ``check_config``'s limits.
 """
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax._src.interpreters import mlir
 from jax._src.lib.mlir import ir
 
+from pallas_kernels import lowering
 from pallas_kernels import paged_decode as pd
 
 try:  # private helper: an MLIR context with the Triton dialect, to verify the kernel IR
     from jax._src.pallas.triton.lowering import _new_ir_context as triton_ir_context
 except ImportError:  # pragma: no cover - depends on the installed jax
     triton_ir_context = None
-
-# The Triton custom call is named differently across jaxlib versions.
-TRITON_CALLS = ("__gpu$xla.gpu.triton", "triton_kernel_call_ffi")
-DISABLED_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in TRITON_CALLS]
 
 # What the dispatcher may pick for the shapes users run.
 HEAD_DIMS = (64, 128)
@@ -68,46 +67,49 @@ def export_decode(head_dim, page_size, group, dtype, num_layers=None, **options)
     def decode(q, k, v, tables, lengths, layer=None):
         return pd.paged_decode(q, k, v, tables, lengths, layer=layer, **options)
 
-    args = decode_args(head_dim, page_size, group, dtype, num_layers)
-    return jax.export.export(jax.jit(decode), platforms=["cuda"],
-                             disabled_checks=DISABLED_CHECKS)(*args)
+    return lowering.export_for_cuda(decode, *decode_args(head_dim, page_size, group, dtype,
+                                                         num_layers))
 
 
-def custom_calls(exported):
-    """The custom_call ops of an exported module."""
-    with mlir.make_ir_context():
-        module = ir.Module.parse(exported.mlir_module())
-        calls = []
-
-        def walk(op):
-            for region in op.regions:
-                for block in region.blocks:
-                    for child in block.operations:
-                        if child.operation.name == "stablehlo.custom_call":
-                            calls.append(child.operation)
-                        walk(child.operation)
-
-        walk(module.operation)
-        return [(ir.StringAttr(call.attributes["call_target_name"]).value,
-                 _triton_ir(call)) for call in calls]
-
-
-def _triton_ir(call):
-    """The serialized Triton module of a jaxlib <= 0.10.2 Triton call, else None."""
-    if "mhlo.backend_config" not in call.attributes:
-        return None
-    config = call.attributes["mhlo.backend_config"]
-    return ir.StringAttr(config["ir"]).value_bytes if "ir" in config else None
+def triton_ir_text(kernel):
+    """The kernel's Triton IR as text, verified by the Triton dialect."""
+    with triton_ir_context():
+        module = ir.Module.parse(kernel.ir)
+        assert module.operation.verify()
+        return str(module)
 
 
 def assert_lowers(exported):
-    calls = custom_calls(exported)
-    assert [name for name, _ in calls if name in TRITON_CALLS], "no Triton kernel in the export"
-    for name, triton_ir in calls:
-        assert name in TRITON_CALLS, f"unexpected custom call {name}"
-        if triton_ir is not None and triton_ir_context is not None:
-            with triton_ir_context():
-                assert ir.Module.parse(triton_ir).operation.verify()
+    calls = lowering.custom_calls(exported)
+    assert lowering.triton_kernels(exported), "no Triton kernel in the export"
+    for call in calls:
+        assert call.target in lowering.TRITON_CALLS, f"unexpected custom call {call.target}"
+        if call.ir is not None and triton_ir_context is not None:
+            triton_ir_text(call)
+
+
+def dot_lines(dtype):
+    [kernel] = lowering.triton_kernels(export_decode(128, 16, 4, dtype))
+    dots = [line for line in triton_ir_text(kernel).splitlines() if "tt.dot" in line]
+    assert len(dots) == 2, dots
+    return dots
+
+
+@pytest.mark.skipif(triton_ir_context is None, reason="this jax has no Triton IR context")
+def test_float32_dots_lower_to_tf32x3(monkeypatch):
+    """Triton's float32 default is TF32 (about 1e-3 relative error): float32 caches must
+    ask for three TF32 passes (float32-level error). (16-bit operands ignore the field.)"""
+    assert all("inputPrecision = tf32x3" in line for line in dot_lines(jnp.float32))
+    # Without the explicit precision the same kernel does lower to plain TF32.
+    monkeypatch.setattr(pd, "dot_precision", lambda dtype, interpret: None)
+    export_decode.cache_clear()
+    jax.clear_caches()
+    try:
+        assert all(re.search(r"inputPrecision = tf32\b(?!x3)", line)
+                   for line in dot_lines(jnp.float32))
+    finally:
+        export_decode.cache_clear()
+        jax.clear_caches()
 
 
 def full_matrix():
@@ -174,12 +176,13 @@ def test_check_config_refuses_what_does_not_lower(head_dim, page_size, pages_per
         pd.check_config(8, 2, head_dim, page_size, jnp.bfloat16, pages_per_block)
     # The same configuration, past the check, really does fail to lower.
     args = decode_args(head_dim, page_size, 4, jnp.bfloat16, num_layers=1)
-    traced = pd._paged_decode.trace(
-        *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
-        pages_per_block=pages_per_block or 1, num_splits=None, interpret=False, num_warps=4,
-        num_stages=2)
-    with pytest.raises(Exception, match="power of 2"):
-        traced.lower(lowering_platforms=("cuda",))
+    with lowering.cuda_device_context(), lowering.triton_deprecation_silenced():
+        traced = pd._paged_decode.trace(
+            *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
+            pages_per_block=pages_per_block or 1, num_splits=2, split_tokens=4 * page_size,
+            interpret=False, num_warps=4, num_stages=2)
+        with pytest.raises(Exception, match="power of 2"):
+            traced.lower(lowering_platforms=("cuda",))
 
 
 # Refused for what only Triton's GPU compiler checks: tl.dot wants 16+ rows/columns and

@@ -192,9 +192,43 @@ def test_sweep(page_size, head_dim, group, dtype):
 
 def test_choose_num_splits():
     # Llama-3-8B (8 kv heads), 32k context at 64 tokens per block: 512 blocks.
-    assert pd.choose_num_splits(batch=1, num_kv_heads=8, num_blocks=512) == 33
+    assert pd.choose_num_splits(batch=1, num_kv_heads=8, num_blocks=512) == \
+        -(-pd.TARGET_PROGRAMS // 8)
     assert pd.choose_num_splits(batch=256, num_kv_heads=8, num_blocks=512) == 1
     assert pd.choose_num_splits(batch=1, num_kv_heads=8, num_blocks=4) == 4
+
+
+def test_splits_follow_concrete_lengths():
+    """Short sequences in a wide table: the splits cover the longest length (a power of
+    two of blocks), not the table; inside jit the table width is all there is."""
+    lengths = np.array([100, 3000], np.int32)
+    assert pd.blocks_to_cover(lengths, width=4096, pages_per_block=4, page_size=16) == 64
+    assert pd.blocks_to_cover(np.zeros(2, np.int32), 4096, 4, 16) == 1
+    assert pd.blocks_to_cover(lengths, width=8, pages_per_block=4, page_size=16) == 2
+    traced = jax.jit(lambda n: jnp.int32(pd.blocks_to_cover(n, 4096, 4, 16)))(lengths)
+    assert int(traced) == 1024
+    # No empty splits: 10 blocks asked in 4 splits -> 3 blocks each, 4 splits; in 6 -> 2, 5.
+    assert pd.split_plan(10, 4) == (3, 4)
+    assert pd.split_plan(10, 6) == (2, 5)
+
+
+def test_float32_dots_are_never_plain_tf32():
+    assert pd.dot_precision(jnp.float32, interpret=True) == jax.lax.Precision.HIGHEST
+    assert pd.dot_precision(jnp.float32, interpret=False) == \
+        jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    assert pd.dot_precision(jnp.bfloat16, interpret=False) is None
+
+
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_one_split_writes_the_output(num_splits):
+    """One split skips the partials and the merge; an odd split count merges."""
+    case = make_case(np.random.default_rng(11), lengths=[70, 1, 33], width=6, page_size=16,
+                     head_dim=64, num_kv_heads=1, group=2, dtype=jnp.bfloat16)
+    q, k, v, tables, lengths = case
+    out = pd.paged_decode(q, k[0], v[0], tables, lengths, num_splits=num_splits,
+                          pages_per_block=1, interpret=True)
+    assert out.dtype == q.dtype
+    assert_matches(out, reference(*case), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("change,message", [

@@ -1,0 +1,254 @@
+"""Compile every default Triton decode configuration for sm_90 from the CPU and report
+registers, spills, shared memory and the programs that fit one SM.
+
+Triton IR comes from ``jax.export`` for CUDA (``pallas_kernels.lowering``); jaxlib's Triton
+(the handler the ``jax-cuda12-pjrt`` plugin registers; ``JAX_PLATFORMS=cpu`` lets it load
+without a GPU) turns it into PTX and reports shared memory; ``ptxas -v`` gives registers,
+spills and stack. ptxas is taken from ``$PTXAS``, else the ``nvidia-cuda-nvcc-cu12`` wheel,
+else the PATH. Without the handler or ptxas this prints why and exits 0 with ``--check``
+(nothing to check), so a CPU-only machine without those extras is not a failure.
+
+    JAX_PLATFORMS=cpu PYTHONPATH=. python benchmarks/kernel_resources.py --check
+
+writes ``benchmarks/results/kernel_resources.{md,json}``; ``--check`` exits 1 if any
+configuration spills or needs more than 227 KiB of shared memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import lowering
+from pallas_kernels import paged_decode as pd
+
+ARCH = "9.0"
+PTXAS_ARCH = "sm_90a"  # Triton targets sm_90a on Hopper
+# Per SM on sm_90: 64 K registers, 228 KiB shared memory (227 KiB per block, 1 KiB of it
+# reserved per block), 64 warps, 32 blocks.
+REGISTERS_PER_SM = 65536
+SMEM_PER_SM = 228 * 1024
+SMEM_PER_BLOCK = 227 * 1024
+SMEM_RESERVED_PER_BLOCK = 1024
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+REGISTER_ALLOCATION_UNIT = 256  # registers per warp are allocated in these units
+
+HEAD_DIMS = (64, 128, 256)
+PAGE_SIZES = (8, 16, 32, 64, 128)
+# Every GQA group up to 16 pads to the same 16-row kernel, so one stands for all of them.
+GROUPS = (8,)
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+NUM_KV_HEADS = 2
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclasses.dataclass
+class Resources:
+    registers: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    stack_bytes: int
+    smem_bytes: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def spills(self) -> bool:
+        return bool(self.spill_store_bytes or self.spill_load_bytes)
+
+    @property
+    def programs_per_sm(self) -> int:
+        return programs_per_sm(self.registers, self.num_warps, self.smem_bytes)
+
+
+def programs_per_sm(registers: int, num_warps: int, smem_bytes: int) -> int:
+    """Resident programs (CTAs) per sm_90 SM, limited by registers, shared memory, warps."""
+    per_warp = -(-registers * 32 // REGISTER_ALLOCATION_UNIT) * REGISTER_ALLOCATION_UNIT
+    by_registers = (REGISTERS_PER_SM // per_warp) // num_warps if per_warp else MAX_BLOCKS_PER_SM
+    by_smem = SMEM_PER_SM // (smem_bytes + SMEM_RESERVED_PER_BLOCK)
+    return min(by_registers, by_smem, MAX_WARPS_PER_SM // num_warps, MAX_BLOCKS_PER_SM)
+
+
+def parse_ptxas(report: str) -> dict:
+    """Registers, spills and stack from ``ptxas -v`` output (the kernel's last report)."""
+    def last(pattern):
+        found = re.findall(pattern, report)
+        if not found:
+            raise ValueError(f"no {pattern!r} in ptxas output:\n{report}")
+        return int(found[-1])
+    return dict(registers=last(r"Used (\d+) registers"),
+                stack_bytes=last(r"(\d+) bytes stack frame"),
+                spill_store_bytes=last(r"(\d+) bytes spill stores"),
+                spill_load_bytes=last(r"(\d+) bytes spill loads"))
+
+
+def find_ptxas() -> str | None:
+    if os.environ.get("PTXAS"):
+        return os.environ["PTXAS"]
+    try:
+        import nvidia.cuda_nvcc
+        for root in nvidia.cuda_nvcc.__path__:
+            candidate = Path(root) / "bin" / "ptxas"
+            if candidate.exists():
+                return str(candidate)
+    except ImportError:
+        pass
+    return shutil.which("ptxas")
+
+
+def triton_compiler():
+    """jaxlib's Triton compile function, or None with the reason."""
+    try:
+        from jax._src.lib import triton
+    except ImportError as err:  # pragma: no cover - depends on the installed jax
+        return None, f"jaxlib has no Triton module ({err})"
+    if not hasattr(triton, "compile"):
+        return None, f"jax {jax.__version__} exposes no Triton compile function"
+    jax.devices()  # plugins register their handlers when the backends initialise
+    if not triton.has_compilation_handler("cuda"):
+        return None, ("no CUDA Triton compilation handler: install jax-cuda12-plugin and "
+                      "jax-cuda12-pjrt of this jax version and set JAX_PLATFORMS=cpu")
+    return triton.compile, None
+
+
+def compile_kernel(kernel: lowering.TritonKernel, compile_fn, ptxas: str) -> Resources:
+    result = compile_fn("cuda", kernel.ir, ARCH, num_warps=kernel.num_warps, num_ctas=1,
+                        num_stages=kernel.num_stages)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "kernel.ptx"
+        ptx.write_text(result.asm)
+        done = subprocess.run([ptxas, f"-arch={PTXAS_ARCH}", "-v", str(ptx), "-o",
+                               str(Path(tmp) / "kernel.cubin")],
+                              capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"ptxas failed ({done.returncode}): {done.stderr}")
+    return Resources(smem_bytes=int(result.smem_bytes), num_warps=kernel.num_warps,
+                     num_stages=kernel.num_stages, **parse_ptxas(done.stderr + done.stdout))
+
+
+def configurations():
+    """(label, config) for every shape check_config accepts with the default tuning, each
+    with one split (the in-kernel output path) and with several (partials + merge)."""
+    for head_dim, page_size, group, dtype in itertools.product(HEAD_DIMS, PAGE_SIZES, GROUPS,
+                                                               DTYPES):
+        try:
+            pd.check_config(NUM_KV_HEADS * group, NUM_KV_HEADS, head_dim, page_size, dtype)
+        except ValueError:
+            continue
+        for num_splits in (1, 3):
+            yield dict(head_dim=head_dim, page_size=page_size, group=group,
+                       dtype=jnp.dtype(dtype).name, num_splits=num_splits)
+
+
+def export_config(head_dim, page_size, group, dtype, num_splits):
+    batch, num_pages, width = 2, 64, 16
+    pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, num_pages, page_size, head_dim), dtype)
+    args = (jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype), pool, pool,
+            jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32))
+    return lowering.export_for_cuda(
+        lambda q, k, v, t, n: pd.paged_decode(q, k, v, t, n, num_splits=num_splits), *args)
+
+
+def measure(compile_fn, ptxas, log=print) -> list[dict]:
+    """One row per configuration; kernels with identical IR are compiled once."""
+    rows, compiled = [], {}
+    for config in configurations():
+        kernels = lowering.triton_kernels(export_config(**config))
+        if len(kernels) != 1 or kernels[0].ir is None:
+            raise RuntimeError(f"{config}: expected one Triton kernel with its IR, got "
+                               f"{kernels}")
+        kernel = kernels[0]
+        key = (hashlib.sha256(kernel.ir).hexdigest(), kernel.num_warps, kernel.num_stages)
+        if key not in compiled:
+            compiled[key] = compile_kernel(kernel, compile_fn, ptxas)
+        resources = compiled[key]
+        row = dict(config, **dataclasses.asdict(resources),
+                   programs_per_sm=resources.programs_per_sm,
+                   ok=not resources.spills and resources.smem_bytes <= SMEM_PER_BLOCK)
+        log(f"{config} -> {resources.registers} regs, spills "
+            f"{resources.spill_store_bytes}/{resources.spill_load_bytes} B, smem "
+            f"{resources.smem_bytes} B, {resources.programs_per_sm}/SM")
+        rows.append(row)
+    return rows
+
+
+def occupancy_error(rows) -> str | None:
+    """The split count assumes pd.PROGRAMS_PER_SM programs of the default bf16
+    configuration (head_dim 128, page 16) per SM: say so if the compile disagrees."""
+    fits = {r["programs_per_sm"] for r in rows
+            if (r["head_dim"], r["page_size"], r["dtype"]) == (128, 16, "bfloat16")}
+    if fits != {pd.PROGRAMS_PER_SM}:
+        return (f"pd.PROGRAMS_PER_SM={pd.PROGRAMS_PER_SM} but the default bf16 "
+                f"configuration fits {sorted(fits)} programs per SM")
+    return None
+
+
+def markdown(rows, title) -> str:
+    lines = [f"# {title}", "",
+             f"Triton decode kernel compiled for {PTXAS_ARCH} from the CPU (jax "
+             f"{jax.__version__}); {len(rows)} configurations, default tuning. A row is "
+             f"flagged when it spills or needs more than {SMEM_PER_BLOCK // 1024} KiB of "
+             f"shared memory. GQA groups 1-16 share one 16-row kernel (listed as group "
+             f"{GROUPS[0]}); programs/SM counts registers, shared memory and warps on one "
+             f"sm_90 SM.", "",
+             "| head_dim | page | group | dtype | splits | warps | stages | regs | "
+             "spill st/ld B | stack B | smem KiB | programs/SM | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['head_dim']} | {r['page_size']} | {r['group']} | {r['dtype']} | "
+            f"{r['num_splits']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+            f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['stack_bytes']} | "
+            f"{r['smem_bytes'] / 1024:.1f} | {r['programs_per_sm']} | "
+            f"{'ok' if r['ok'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on spills or shared memory over the limit")
+    parser.add_argument("--out", type=Path, default=RESULTS / "kernel_resources",
+                        help="path stem of the .md and .json written")
+    parser.add_argument("--title", default="Triton decode kernel resources (sm_90)")
+    args = parser.parse_args(argv)
+    compile_fn, reason = triton_compiler()
+    ptxas = find_ptxas()
+    if compile_fn is None or ptxas is None:
+        reason = reason or ("no ptxas: install nvidia-cuda-nvcc-cu12, put ptxas on the PATH "
+                            "or set PTXAS")
+        print(f"kernel_resources: SKIPPED, {reason}")
+        return 0
+    print(f"kernel_resources: jax {jax.__version__}, ptxas {ptxas}")
+    rows = measure(compile_fn, ptxas)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(rows, args.title))
+    bad = [r for r in rows if not r["ok"]]
+    for r in bad:
+        print(f"kernel_resources: FAIL {r}")
+    occupancy = occupancy_error(rows)
+    if occupancy:
+        print(f"kernel_resources: FAIL {occupancy}")
+        bad.append(occupancy)
+    print(f"kernel_resources: {len(rows) - len(bad)}/{len(rows)} configurations ok")
+    return 1 if bad and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
