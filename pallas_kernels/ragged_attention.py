@@ -73,7 +73,11 @@ BLOCK_ROWS = 64            # wgmma's M: one warpgroup's tile
 TARGET_BLOCK_KV = 64       # keys per step when the page size allows
 MAX_BLOCK_KV = 256         # wgmma's N limit for S = Q K^T
 HEAD_DIMS = (64, 128, 256)
-DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# Compiled: 16-bit only. Mosaic GPU's float32 (tf32) wgmma takes no transposed operand
+# (jax 0.10.2) and no A from registers, and S = Q K^T needs K transposed. Interpret mode
+# also runs float32, so the kernel's logic is tested at float32 precision too.
+DTYPES = (jnp.bfloat16, jnp.float16)
+INTERPRET_DTYPES = DTYPES + (jnp.float32,)
 DEFAULT_NUM_STAGES = 2
 # Hopper's per-block dynamic shared memory limit (227 KiB), less room for barriers.
 SMEM_BUDGET = 227 * 1024 - 1024
@@ -92,7 +96,8 @@ def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages) -> int:
 
 
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-                 pages_per_block=None, num_stages=DEFAULT_NUM_STAGES) -> None:
+                 pages_per_block=None, num_stages=DEFAULT_NUM_STAGES, *,
+                 interpret=False) -> None:
     """Raise ValueError naming the constraint if the kernel cannot take this configuration.
 
     wgmma needs 64 rows (so the GQA group must divide 64), N a multiple of 8 up to 256 and
@@ -102,9 +107,12 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if plgpu is None:
         raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
                          "jax does not provide")
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
-        raise ValueError(f"dtype={jnp.dtype(dtype)} must be bfloat16, float16 or float32 for "
-                         f"the Mosaic kernel (wgmma operand types)")
+    allowed = INTERPRET_DTYPES if interpret else DTYPES
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
+        raise ValueError(f"dtype={jnp.dtype(dtype)} must be one of "
+                         f"{[jnp.dtype(d).name for d in allowed]} for the Mosaic kernel "
+                         f"{'in interpret mode' if interpret else 'on a GPU'} (float32 "
+                         f"needs a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
     if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
             and num_q_heads % num_kv_heads == 0):
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of "
@@ -125,7 +133,7 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not (isinstance(pages_per_block, numbers.Integral) and pages_per_block > 0):
         raise ValueError(f"pages_per_block={pages_per_block!r} must be a positive integer")
     block_kv = pages_per_block * page_size
-    min_kv = 32 // jnp.dtype(dtype).itemsize * 2  # P @ V contracts over whole wgmma K steps
+    min_kv = 16  # P @ V contracts over whole 16-element wgmma K steps
     if not min_kv <= block_kv <= MAX_BLOCK_KV or block_kv & (block_kv - 1):
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
                          f"{block_kv} keys per step must be a power of two in "
@@ -345,7 +353,7 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size)
     check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
-                 pages_per_block, num_stages)
+                 pages_per_block, num_stages, interpret=interpret)
     if q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
