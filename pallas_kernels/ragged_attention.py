@@ -72,7 +72,7 @@ except ImportError:  # pragma: no cover - depends on the installed jax
 BLOCK_ROWS = 64            # wgmma's M: one warpgroup's tile
 TARGET_BLOCK_KV = 64       # keys per step when the page size allows
 MAX_BLOCK_KV = 256         # wgmma's N limit for S = Q K^T
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (32, 64, 128, 256)
 # Compiled: 16-bit only. Mosaic GPU's float32 (tf32) wgmma takes no transposed operand
 # (jax 0.10.2) and no A from registers, and S = Q K^T needs K transposed. Interpret mode
 # also runs float32, so the kernel's logic is tested at float32 precision too.
@@ -123,7 +123,7 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                          f"divide the {BLOCK_ROWS}-row wgmma tile of the Mosaic kernel")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
-                         f"kernel (wgmma tiles of 64 columns)")
+                         f"kernel (the TMA swizzles and wgmma tilings it lowers for)")
     if not (isinstance(page_size, numbers.Integral) and page_size >= 8
             and page_size & (page_size - 1) == 0):
         raise ValueError(f"page_size={page_size} must be a power of two >= 8 for the Mosaic "
