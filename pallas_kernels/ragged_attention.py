@@ -95,14 +95,20 @@ def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages) -> int:
             + BLOCK_ROWS * 4)
 
 
+def default_num_stages(head_dim, page_size, dtype, pages_per_block) -> int:
+    """Two ring slots (copies overlap the math) where they fit shared memory, else one."""
+    fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, DEFAULT_NUM_STAGES)
+    return DEFAULT_NUM_STAGES if fits <= SMEM_BUDGET else 1
+
+
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-                 pages_per_block=None, num_stages=DEFAULT_NUM_STAGES, *,
-                 interpret=False) -> None:
+                 pages_per_block=None, num_stages=None, *, interpret=False) -> None:
     """Raise ValueError naming the constraint if the kernel cannot take this configuration.
 
     wgmma needs 64 rows (so the GQA group must divide 64), N a multiple of 8 up to 256 and
-    a contraction of whole 32-byte units; TMA boxes need rows of whole 16 bytes; the
-    query tile, output and ring must fit Hopper's 227 KiB of shared memory.
+    the V tile past a row's length is zeroed in the 64-row wgmma register layout, so a step
+    takes 64 to 256 keys; the query tile and the ring must fit Hopper's 227 KiB of shared
+    memory.
     """
     if plgpu is None:
         raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
@@ -133,11 +139,13 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not (isinstance(pages_per_block, numbers.Integral) and pages_per_block > 0):
         raise ValueError(f"pages_per_block={pages_per_block!r} must be a positive integer")
     block_kv = pages_per_block * page_size
-    min_kv = 16  # P @ V contracts over whole 16-element wgmma K steps
-    if not min_kv <= block_kv <= MAX_BLOCK_KV or block_kv & (block_kv - 1):
+    if not BLOCK_ROWS <= block_kv <= MAX_BLOCK_KV or block_kv & (block_kv - 1):
         raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
                          f"{block_kv} keys per step must be a power of two in "
-                         f"[{min_kv}, {MAX_BLOCK_KV}] (wgmma N and K)")
+                         f"[{BLOCK_ROWS}, {MAX_BLOCK_KV}] (wgmma N; the V tile is masked in "
+                         f"the {BLOCK_ROWS}-row wgmma register layout)")
+    if num_stages is None:
+        num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
     need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages)
@@ -338,8 +346,7 @@ def build_blocks(q_seq, q_pos, num_rows: int, tokens_per_block: int):
     "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "interpret"))
 def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
                            layer=None, sm_scale=None, soft_cap=None, sliding_window=None,
-                           pages_per_block=None, num_stages=DEFAULT_NUM_STAGES,
-                           interpret=False):
+                           pages_per_block=None, num_stages=None, interpret=False):
     """Attention of ragged query tokens over their rows' pages (shapes in the module doc).
 
     Tokens of one row should be consecutive in the batch (each run costs a block); a batch
@@ -354,6 +361,8 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
         pages_per_block = default_pages_per_block(page_size)
     check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
                  pages_per_block, num_stages, interpret=interpret)
+    if num_stages is None:
+        num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block)
     if q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")

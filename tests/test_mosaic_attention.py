@@ -250,6 +250,7 @@ def test_auto_never_picks_mosaic(monkeypatch):
     (dict(dtype=jnp.float32), "float32"),
     (dict(dtype=jnp.int8), "int8"),
     (dict(pages_per_block=3), "48 keys per step"),
+    (dict(pages_per_block=2), "32 keys per step"),
     (dict(head_dim=256, pages_per_block=16, num_stages=4), "shared memory"),
     (dict(num_stages=0), "num_stages=0"),
 ])
