@@ -33,20 +33,31 @@ P @ V matmul (0 * NaN would otherwise leak).
 Matmul arrangement: wgmma with the query tile as the M side (64 rows = tokens x heads of
 the group), ``S = Q K^T`` (N = block_kv keys, K = head_dim) and ``O += P V`` (N =
 head_dim, K = block_kv), float32 accumulators in registers, online softmax statistics in
-float32. Why not keys as M: with queries as M the P @ V product consumes P straight from
-registers; with keys as M it would need a transposed P in shared memory and a second
-layout for the statistics. The price is paid by decode: a decode block has ``group``
-useful rows of 64, so 64/group of its MMA work is padding. Decode is bandwidth-bound
-(below), so padded MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
+float32. Why not keys as M: ``S^T = K Q^T`` would hold P^T in registers with keys along
+the rows, but ``P V`` needs P with queries along the rows as its A operand (or V^T as a
+transposed A), so P would make a transposed round trip through shared memory every step.
+The price of queries as M is paid by decode: a decode block has ``group`` useful rows of
+64, the other ``64 - group`` are padding. Decode is bandwidth-bound (below), so padded
+MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
 
-Cost per query token and kv head (context n keys visible, head_dim d, element size e):
-FLOPs ``4 * n * d * group`` useful (QK and PV, 2 FLOPs per multiply-add), the MMA units
-issue ``4 * n * d * 64 / tokens_in_block``. Bytes: a decode reads ``2 * n * d * e`` of K/V
-once per kv head and block (the whole group shares it: arithmetic intensity ``group``
-FLOP/byte in bf16, far below an H200's ~200, so bandwidth-bound); a prefill block of
-``64 // group`` tokens reads its keys once for all of them (intensity 64 FLOP/byte per
-16-bit element pair, ~32 FLOP/byte), so long prefill chunks are still memory-heavy but
-each key page is read ``ceil(chunk / (64 // group))`` times instead of once per token.
+What it takes on a GPU (``check_config``): bf16 or f16 pages and queries (float32 runs in
+interpret mode only), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
+a GQA group dividing 64, 64-256 keys per step, and the ring within 227 KiB of shared
+memory (one slot instead of two where two do not fit).
+
+Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
+(one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
+(QK and PV, 2 per multiply-add), so ``2 g / e`` FLOP/byte (g in bf16: 4 for Llama-3-8B,
+against an H200's ~200 FLOP/byte balance point): bandwidth-bound, and the ``64 - g``
+padded rows the MMA also issues (``4 n d 64``) cost issue slots, not bytes. Llama-3-8B
+(8 kv heads, d = 128, bf16): 4 KiB of K/V and 16 KFLOP useful per context token and
+decode token. A prefill block of ``64 / g`` tokens reads each visible page once for all
+its rows: ``2 n d e`` bytes per block, ``4 n d 64`` FLOPs, ``128 / e`` = 64 FLOP/byte in
+bf16, so a chunk of C tokens re-reads its context ``C g / 64`` times and is still
+bandwidth-heavy on Hopper (a second warpgroup or a 128-row tile would halve that).
+Interpret mode: jax 0.10.2's interpreter has no wgmma with a register or transposed
+operand, so there the two products are float32 ``dot_general``s of the same
+shared-memory tiles; everything else (TMA, barriers, ring, masks) runs as compiled.
 
 Shapes: q ``[T, Hq, D]``; pages ``[Hkv, P, S, D]`` or stacked ``[L, Hkv, P, S, D]`` with
 ``layer``; block_tables ``int32[B, W]``; kv_lens ``int32[B]``; q_seq, q_pos ``int32[T]``.
