@@ -103,15 +103,15 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     eos_ids = _eos_ids(eos_id)
     _check_inputs(step, cache, page_table, first_tokens, num_steps, eos_ids)
     tensors = sampling_tensors(sampling, page_table.batch, seed)
-    return _decode(step, num_steps, _all_greedy(tensors), attention_impl, params, cache,
-                   page_table, first_tokens.astype(jnp.int32), jnp.asarray(eos_ids, jnp.int32),
-                   tensors)
+    return _decode(step, num_steps, _all_greedy(tensors), params, cache, page_table,
+                   first_tokens.astype(jnp.int32), jnp.asarray(eos_ids, jnp.int32), tensors,
+                   attention_impl=attention_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("step", "num_steps", "greedy", "attention_impl"),
                    donate_argnames=("cache",))
-def _decode(step, num_steps, greedy, attention_impl, params, cache, page_table, first_tokens,
-            eos_ids, tensors):
+def _decode(step, num_steps, greedy, params, cache, page_table, first_tokens, eos_ids,
+            tensors, attention_impl="auto"):
     batch = first_tokens.shape[0]
     rows = jnp.arange(batch, dtype=jnp.int32)
     tables, page_size = page_table.block_tables, cache.page_size

@@ -218,7 +218,7 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
     # q_ref, o_ref: [Hkv, NB, 64, D]; k_ref, v_ref: [L * Hkv, P, S, D]
     # Interpret mode has no layouts (layout_cast has no CPU rule): casts are identities there.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
-    matmul = functools.partial(_interpreted_matmul if interpret else _wgmma_matmul)
+    matmul = _interpreted_matmul if interpret else _wgmma_matmul
     head_dim = q_ref.shape[-1]
     width = tables_ref.shape[1]
     block_kv = pages_per_block * page_size
