@@ -26,8 +26,8 @@ from jpaged.cache import KVCache, PageTable, write
 from pallas_kernels import reference, xla_attention
 
 IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
-# Knobs of the Pallas decode kernel that prefill (XLA only) does not take.
-PALLAS_ONLY_OPTIONS = ("num_splits", "interpret")
+# Knobs of the Triton decode kernel that prefill does not take.
+PALLAS_ONLY_OPTIONS = ("num_splits",)
 
 
 def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "auto",
@@ -76,8 +76,9 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q
     q: ``[T, Hq, D]``; q_seq, q_pos: ``int32[T]`` (page-table row and absolute position
     of each token); pages and ``layer`` as in ``paged_attention``; page_table lengths count
     this step's tokens, whose K/V are already written. Returns ``[T, Hq, D]``.
-    "mosaic" runs the Mosaic GPU ragged kernel (``interpret``: default True off GPU; a
-    row's tokens should be consecutive in the batch, as the engine lays them out). The
+    "mosaic" runs the Mosaic GPU ragged kernel (``interpret``: default True off GPU; the
+    other implementations ignore it; a row's tokens should be consecutive in the batch,
+    as the engine lays them out). The
     Triton kernel is decode-only: "auto" and "pallas" run the XLA path, so one ``impl``
     option can serve both phases of a model.
     """
@@ -164,8 +165,7 @@ def cached_attention(q, k, v, cache: KVCache, layer, meta: AttentionMetadata, **
         out = paged_attention(q, cache.k, cache.v, meta.page_table, layer=layer, **options)
     else:
         prefill_options = {name: value for name, value in options.items()
-                           if name not in PALLAS_ONLY_OPTIONS
-                           or (name == "interpret" and options["impl"] == "mosaic")}
+                           if name not in PALLAS_ONLY_OPTIONS}
         out = paged_prefill_attention(q, cache.k, cache.v, meta.page_table, meta.q_seq,
                                       meta.positions, layer=layer, **prefill_options)
     return out, cache
