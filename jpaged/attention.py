@@ -198,6 +198,10 @@ def _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, *, interpret, **optio
     except ImportError as err:  # pragma: no cover - depends on the installed jax
         raise ValueError(f"impl='mosaic' needs pallas_kernels.ragged_attention, which failed "
                          f"to import: {err}") from err
+    rows = _concrete(q_seq)
+    if rows is not None:
+        ragged_attention.check_token_layout(rows, page_table.batch,
+                                            q.shape[1] // k_pages.shape[-4])
     return ragged_attention.paged_attention_tokens(
         q, k_pages, v_pages, page_table.block_tables, page_table.lengths, q_seq, q_pos,
         interpret=not _on_gpu() if interpret is None else interpret, **options)

@@ -72,6 +72,7 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
@@ -353,6 +354,22 @@ def build_blocks(q_seq, q_pos, num_rows: int, tokens_per_block: int):
     return block, slot, blk_seq, blk_lo, blk_hi, row_pos, overflow
 
 
+def check_token_layout(q_seq, num_rows: int, group: int) -> None:
+    """Raise ValueError if concrete ``q_seq`` (``int[T]``) needs more blocks than the
+    kernel launches (its rows split into too many runs), naming the counts."""
+    q_seq = np.asarray(q_seq)
+    tokens_per_block = BLOCK_ROWS // group
+    starts = np.flatnonzero(np.diff(q_seq, prepend=-1) != 0)
+    run_lengths = np.diff(np.append(starts, len(q_seq)))
+    needed = int(np.sum(-(-run_lengths // tokens_per_block)))
+    available = -(-len(q_seq) // tokens_per_block) + num_rows + 1
+    if needed > available:
+        raise ValueError(f"q_seq splits into {len(starts)} runs of consecutive same-row tokens "
+                         f"needing {needed} blocks of {tokens_per_block} tokens, more than the "
+                         f"{available} the Mosaic kernel launches for {len(q_seq)} tokens and "
+                         f"{num_rows} rows: put each row's tokens together")
+
+
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "interpret"))
 def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
@@ -434,5 +451,5 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens
 
 
 
-__all__ = ["check_config", "paged_attention_tokens", "ragged_paged_attention", "build_blocks",
-           "smem_bytes", "default_pages_per_block"]
+__all__ = ["check_config", "check_token_layout", "paged_attention_tokens",
+           "ragged_paged_attention", "build_blocks", "smem_bytes", "default_pages_per_block"]

@@ -183,6 +183,18 @@ def test_blocks_follow_rows_and_flag_overflow():
     assert overflow.any()
 
 
+def test_scattered_rows_are_refused():
+    rng = np.random.default_rng(4)
+    q, k, v, tables, lengths, _, _ = make_batch(
+        rng, lengths=[40, 40], chunks=[20, 20], page_size=16, width=3, head_dim=64, group=8,
+        dtype=jnp.float32)
+    q_seq = jnp.asarray([0, 1] * 20, jnp.int32)      # 40 runs of one token, 8 blocks launched
+    q_pos = jnp.asarray(np.repeat(np.arange(20, 40), 2), jnp.int32)
+    table = PageTable(tables, jnp.asarray(lengths))
+    with pytest.raises(ValueError, match="40 runs"):
+        paged_prefill_attention(q, k[0], v[0], table, q_seq, q_pos, impl="mosaic")
+
+
 def test_ragged_form_matches_tokens_form():
     rng = np.random.default_rng(5)
     lengths, chunks = [20, 1, 33], [20, 1, 5]
