@@ -193,7 +193,7 @@ def _wgmma_matmul(a, b_ref, transpose_b=False):
     the caller may refill b's slot.
     """
     if transpose_b:
-        b_ref = plgpu.transpose_ref(b_ref, (1, 0))
+        b_ref = b_ref.transpose((1, 0))
     def scope(acc_ref):
         plgpu.wgmma(acc_ref, a, b_ref)
         return acc_ref[...]   # reading the accumulator waits for the wgmma
