@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpaged
-from pallas_kernels import ragged_attention as ra
 from pallas_kernels.reference import paged_prefill_reference
 
 CONTEXTS = (4096, 8192, 16384, 32768)

@@ -449,7 +449,5 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens
                                   **options)
 
 
-
-
 __all__ = ["check_config", "check_token_layout", "paged_attention_tokens",
            "ragged_paged_attention", "build_blocks", "smem_bytes", "default_pages_per_block"]
