@@ -1,10 +1,13 @@
 """Paged attention entry points: one call, several implementations.
 
 ``impl="pallas"`` is the Triton decode kernel (``pallas_kernels.paged_decode``; on a CPU it
-runs in interpret mode), ``"xla"`` the block-wise gather + online softmax in plain jnp
+runs in interpret mode), ``"mosaic"`` the Mosaic GPU ragged kernel for decode and prefill
+(``pallas_kernels.ragged_attention``, Hopper; on a CPU it runs in Mosaic GPU interpret
+mode), ``"xla"`` the block-wise gather + online softmax in plain jnp
 (``pallas_kernels.xla_attention``, any backend), ``"reference"`` the readable
 gather-everything version (``pallas_kernels.reference``). ``"auto"`` takes the kernel on
-a GPU when it accepts the configuration and the XLA path everywhere else.
+a GPU when it accepts the configuration and the XLA path everywhere else; it does not
+pick "mosaic" until a GPU run has measured it.
 
 Inputs are checked on the host before anything is launched; values that are only known
 inside jit (page ids, lengths, a traced layer) are checked when they are concrete.
@@ -22,9 +25,9 @@ import numpy as np
 from jpaged.cache import KVCache, PageTable, write
 from pallas_kernels import reference, xla_attention
 
-IMPLS = ("auto", "pallas", "xla", "reference")
-# Knobs of the Pallas decode kernel that prefill (XLA only) does not take.
-PALLAS_ONLY_OPTIONS = ("num_splits", "interpret")
+IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
+# Knobs of the Triton decode kernel that prefill does not take.
+PALLAS_ONLY_OPTIONS = ("num_splits",)
 
 
 def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "auto",
@@ -38,7 +41,7 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
     lengths ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype, zeros for length 0.
 
     ``pages_per_block`` tunes the XLA and Pallas paths; ``num_splits`` and ``interpret``
-    (default: True off GPU) go to the Pallas kernel.
+    (default: True off GPU) go to the Pallas kernel; ``interpret`` also to the Mosaic one.
     """
     _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl,
                             soft_cap=soft_cap, sliding_window=sliding_window,
@@ -48,6 +51,10 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
                          f"rows")
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
+    if impl == "mosaic":
+        rows = jnp.arange(q.shape[0], dtype=jnp.int32)
+        return _mosaic(q, k_pages, v_pages, page_table, rows, lengths - 1, layer=layer,
+                       pages_per_block=pages_per_block, interpret=interpret, **options)
     impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
     if impl == "pallas":
         return _pallas_decode_module().paged_decode(
@@ -63,14 +70,17 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q_pos, *,
                             impl: str = "auto", layer=None, sm_scale=None, soft_cap=None,
-                            sliding_window=None, pages_per_block=None):
+                            sliding_window=None, pages_per_block=None, interpret=None):
     """Prefill attention: ragged query tokens, each causal over its sequence's pages.
 
     q: ``[T, Hq, D]``; q_seq, q_pos: ``int32[T]`` (page-table row and absolute position
     of each token); pages and ``layer`` as in ``paged_attention``; page_table lengths count
     this step's tokens, whose K/V are already written. Returns ``[T, Hq, D]``.
-    There is no Pallas prefill kernel: "auto" and "pallas" run the XLA path, so one
-    ``impl`` option can serve both phases of a model.
+    "mosaic" runs the Mosaic GPU ragged kernel (``interpret``: default True off GPU; the
+    other implementations ignore it; a row's tokens should be consecutive in the batch,
+    as the engine lays them out). The
+    Triton kernel is decode-only: "auto" and "pallas" run the XLA path, so one ``impl``
+    option can serve both phases of a model.
     """
     _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl,
                             soft_cap=soft_cap, sliding_window=sliding_window,
@@ -79,6 +89,9 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q
     _check_token_index("q_pos", q_pos, q.shape[0])
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
+    if impl == "mosaic":
+        return _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, layer=layer,
+                       pages_per_block=pages_per_block, interpret=interpret, **options)
     if impl == "reference":
         k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
         return reference.paged_prefill_reference(q, k_pages, v_pages, tables, lengths, q_seq,
@@ -127,6 +140,8 @@ class AttentionMetadata:
     position of each token; padding tokens write into the null page). page_table: rows of
     the sequences in this step, lengths counting this step's tokens. is_decode (static):
     every row has exactly one token, token i belongs to row i, so the decode kernel runs.
+    attention_impl (static): the ``impl`` every layer's attention uses unless the model
+    passes its own (the engine's and ``decode_loop``'s ``attention_impl`` option).
     """
 
     slot_mapping: jax.Array
@@ -134,6 +149,7 @@ class AttentionMetadata:
     positions: jax.Array
     page_table: PageTable
     is_decode: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    attention_impl: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
 
 def cached_attention(q, k, v, cache: KVCache, layer, meta: AttentionMetadata, **options):
@@ -144,6 +160,7 @@ def cached_attention(q, k, v, cache: KVCache, layer, meta: AttentionMetadata, **
     the whole stacked pool is passed with ``layer`` so no layer slice is copied.
     """
     cache = write(cache, k, v, meta.slot_mapping, layer=layer)
+    options = {"impl": meta.attention_impl, **options}
     if meta.is_decode:
         out = paged_attention(q, cache.k, cache.v, meta.page_table, layer=layer, **options)
     else:
@@ -168,6 +185,28 @@ def _pallas_decode_module():
     return paged_decode
 
 
+def check_impl(impl) -> None:
+    """Raise ValueError unless ``impl`` names an attention implementation."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+
+
+def _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, *, interpret, **options):
+    """The Mosaic GPU ragged kernel over tokens at (row, position); compiled on a GPU."""
+    try:
+        from pallas_kernels import ragged_attention
+    except ImportError as err:  # pragma: no cover - depends on the installed jax
+        raise ValueError(f"impl='mosaic' needs pallas_kernels.ragged_attention, which failed "
+                         f"to import: {err}") from err
+    rows = _concrete(q_seq)
+    if rows is not None:
+        ragged_attention.check_token_layout(rows, page_table.batch,
+                                            q.shape[1] // k_pages.shape[-4])
+    return ragged_attention.paged_attention_tokens(
+        q, k_pages, v_pages, page_table.block_tables, page_table.lengths, q_seq, q_pos,
+        interpret=not _on_gpu() if interpret is None else interpret, **options)
+
+
 def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
     """Resolve "auto"; for "pallas" let the kernel refuse what Triton cannot take."""
     if impl in ("xla", "reference") or (impl == "auto" and not _on_gpu()):
@@ -189,8 +228,7 @@ def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
 def _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl, *, soft_cap,
                             sliding_window, pages_per_block) -> None:
     """Host-side checks shared by decode and prefill; each names the offending value."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
+    check_impl(impl)
     if q.ndim != 3:
         raise ValueError(f"q must be rank 3 [tokens, Hq, D], got shape {tuple(q.shape)}")
     if not jnp.issubdtype(q.dtype, jnp.floating):

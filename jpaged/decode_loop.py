@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jpaged.attention import AttentionMetadata
+from jpaged.attention import AttentionMetadata, check_impl
 from jpaged.block_manager import BlockManager, cdiv
 from jpaged.cache import KVCache, PageTable
 from jpaged.interfaces import Model
@@ -81,7 +81,7 @@ class ModelStep:
 def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_tokens, *,
                 num_steps: int, eos_id: int | Seq[int] | None = None,
                 sampling: SamplingParams | Seq[SamplingParams] | None = None,
-                seed: int = 0) -> DecodeOutput:
+                seed: int = 0, attention_impl: str = "auto") -> DecodeOutput:
     """Decode up to ``num_steps`` tokens for every row in one jitted call; ``cache`` is
     donated (updated in place: use the returned one).
 
@@ -94,21 +94,24 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     one ``SamplingParams`` for every row or one per row; only temperature, top_k, top_p,
     min_p and seed are used (penalties are refused). Output token i of a row is drawn
     with the key of its seed (the params' seed, else one derived from ``seed`` and the
-    row) and i, as the engine draws it.
+    row) and i, as the engine draws it. attention_impl: the paged attention each layer runs
+    (``jpaged.attention``'s ``impl``).
     """
+    check_impl(attention_impl)
     step = _model_step(model)
     first_tokens = jnp.asarray(first_tokens)
     eos_ids = _eos_ids(eos_id)
     _check_inputs(step, cache, page_table, first_tokens, num_steps, eos_ids)
     tensors = sampling_tensors(sampling, page_table.batch, seed)
     return _decode(step, num_steps, _all_greedy(tensors), params, cache, page_table,
-                   first_tokens.astype(jnp.int32), jnp.asarray(eos_ids, jnp.int32), tensors)
+                   first_tokens.astype(jnp.int32), jnp.asarray(eos_ids, jnp.int32), tensors,
+                   attention_impl=attention_impl)
 
 
-@functools.partial(jax.jit, static_argnames=("step", "num_steps", "greedy"),
+@functools.partial(jax.jit, static_argnames=("step", "num_steps", "greedy", "attention_impl"),
                    donate_argnames=("cache",))
 def _decode(step, num_steps, greedy, params, cache, page_table, first_tokens, eos_ids,
-            tensors):
+            tensors, attention_impl="auto"):
     batch = first_tokens.shape[0]
     rows = jnp.arange(batch, dtype=jnp.int32)
     tables, page_size = page_table.block_tables, cache.page_size
@@ -125,7 +128,8 @@ def _decode(step, num_steps, greedy, params, cache, page_table, first_tokens, eo
         slots = jnp.where(done, 0, page * page_size + lengths % page_size)
         grown = lengths + jnp.where(done, 0, 1)
         meta = AttentionMetadata(slot_mapping=slots, q_seq=rows, positions=lengths,
-                                 page_table=PageTable(tables, grown), is_decode=True)
+                                 page_table=PageTable(tables, grown), is_decode=True,
+                                 attention_impl=attention_impl)
         logits, cache = step(params, cache, last, meta)
         # Output token i + 1: the step index the engine would give it.
         token, logprob = sample(logits, dataclasses.replace(
@@ -148,7 +152,7 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
             page_size: int = 16, num_pages: int | None = None, memory: int | None = None,
             dense: bool = False, chunk_size: int = 256,
             sampling: SamplingParams | Seq[SamplingParams] | None = None, seed: int = 0,
-            dtype=None) -> tuple[KVCache, PageTable, jax.Array]:
+            dtype=None, attention_impl: str = "auto") -> tuple[KVCache, PageTable, jax.Array]:
     """Prompts -> (cache, page_table, first_tokens) ready for ``decode_loop``.
 
     Reserves pages for prompt + ``num_steps`` tokens per sequence (see ``reserve``),
@@ -156,7 +160,9 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
     per batch geometry, whatever the prompt lengths) and samples output token 0 of each
     row on the device (pass the same ``sampling`` and ``seed`` to ``decode_loop``).
     params: default ``model.params``; dtype: of the pool, default the params' dtype.
+    attention_impl: as in ``decode_loop``.
     """
+    check_impl(attention_impl)
     config = model.config
     params = model.params if params is None else params
     prompts = _check_prompts(prompts, config.vocab_size)
@@ -167,7 +173,7 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
                                 page_size=page_size, num_pages=num_pages, memory=memory,
                                 dense=dense, dtype=dtype)
     cache, last_logits = _prefill(model.forward, config, params, cache, page_table, prompts,
-                                  chunk_size)
+                                  chunk_size, attention_impl)
     tensors = sampling_tensors(sampling, len(prompts), seed)
     first = _first_token(last_logits, tensors, greedy_only=_all_greedy(tensors)).tokens
     return cache, page_table, first
@@ -212,7 +218,7 @@ def reserve(config, lengths: Seq[int], *, num_steps: int, page_size: int = 16,
     return KVCache.create(*geometry, num_pages, dtype), PageTable.from_lists(pages, lengths)
 
 
-def _prefill(forward, config, params, cache, page_table, prompts, chunk_size):
+def _prefill(forward, config, params, cache, page_table, prompts, chunk_size, attention_impl):
     """Run the prompts through ``forward`` in prefill mode, ``chunk_size`` flattened tokens
     per call. Returns the cache and each row's last-token logits ``float32[B, V]``."""
     page_size = cache.page_size
@@ -233,7 +239,8 @@ def _prefill(forward, config, params, cache, page_table, prompts, chunk_size):
         written = np.clip(begin + chunk_size - starts, 0, lengths).astype(np.int32)
         meta = AttentionMetadata(slot_mapping=slots[chunk], q_seq=rows[chunk],
                                  positions=positions[chunk],
-                                 page_table=PageTable(page_table.block_tables, written))
+                                 page_table=PageTable(page_table.block_tables, written),
+                                 attention_impl=attention_impl)
         here = (last >= begin) & (last < begin + chunk_size)
         cache, last_logits = _prefill_chunk(
             forward, config, params, cache, tokens[chunk], meta,

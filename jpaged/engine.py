@@ -158,10 +158,10 @@ class LLMEngine:
     """
 
     def __init__(self, model: Model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
-                 num_host_pages: int = 0):
+                 num_host_pages: int = 0, attention_impl: str = "auto"):
         self.model = model
         self.scheduler = scheduler
-        self.runner = ModelRunner(model, cache, num_host_pages)
+        self.runner = ModelRunner(model, cache, num_host_pages, attention_impl)
         self.tokenizer = model.tokenizer
         self.eos_token_ids = set(model.eos_token_ids)
         self.rng = np.random.default_rng(seed)
@@ -485,6 +485,9 @@ class LLM:
     pool and scheduler, requests going to the least loaded (to the one holding their
     prefix with ``prefix_routing``); or ``mesh=`` a ``jax.sharding.Mesh`` with axes
     ``"data"`` and/or ``"model"``. ``kv_cache_bytes`` is then per device.
+
+    ``attention_impl``: the paged attention every layer runs (``jpaged.attention``'s
+    ``impl``: "auto", "pallas", "mosaic", "xla", "reference").
     """
 
     def __init__(self, model: str | Model = "tiny", *, page_size: int = 16, num_pages: int | None = None,
@@ -494,7 +497,8 @@ class LLM:
                  num_host_pages: int = 0, watermark: float = 0.01,
                  static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
-                 data_parallel: int | None = None, prefix_routing: bool = False):
+                 data_parallel: int | None = None, prefix_routing: bool = False,
+                 attention_impl: str = "auto"):
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
         if isinstance(model, str) and layout is None:
             model = model_loading.load_model(model, dtype)
@@ -521,7 +525,8 @@ class LLM:
                                   max_model_len=max_model_len, preemption_mode=preemption_mode,
                                   static_batching=static_batching)
             engines.append(LLMEngine(replica, cache, scheduler, seed=seed + len(engines),
-                                     num_host_pages=num_host_pages))
+                                     num_host_pages=num_host_pages,
+                                     attention_impl=attention_impl))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, prefix_routing))
 

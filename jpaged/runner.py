@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.attention import AttentionMetadata
+from jpaged.attention import AttentionMetadata, check_impl
 from jpaged.cache import KVCache, PageTable, copy_pages
 from jpaged.sampling import SamplerOutput, SamplingTensors, sample
 from jpaged.scheduler import SchedulerOutput, bucket
@@ -64,8 +64,11 @@ class ModelRunner:
     (logits float32[R, V], cache)``; see ``models.llama.forward``.
     """
 
-    def __init__(self, model, cache: KVCache, num_host_pages: int = 0):
+    def __init__(self, model, cache: KVCache, num_host_pages: int = 0,
+                 attention_impl: str = "auto"):
+        check_impl(attention_impl)
         self.model = model
+        self.attention_impl = attention_impl
         self.cache = cache
         self.host = HostPool(cache, num_host_pages) if num_host_pages else None
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
@@ -87,7 +90,8 @@ class ModelRunner:
         self.move_pages(out)
         meta = AttentionMetadata(
             slot_mapping=out.slot_mapping, q_seq=out.q_seq, positions=out.positions,
-            page_table=PageTable(out.block_tables, out.context_lens), is_decode=out.is_decode)
+            page_table=PageTable(out.block_tables, out.context_lens), is_decode=out.is_decode,
+            attention_impl=self.attention_impl)
         result, self.cache = _step(self.model.forward, self.model.config, self.model.params,
                                    self.cache, out.token_ids, meta, logits_indices, tensors,
                                    num_top=num_top)

@@ -1,0 +1,453 @@
+"""Mosaic GPU ragged paged attention: one kernel for decode and prefill chunks.
+
+Hardware: written for Hopper (sm_90: H100, H200). It uses TMA copies, mbarriers and
+wgmma, which exist only on sm_90 and newer; Mosaic GPU compiles it for sm_90a. Blackwell
+(sm_100) runs wgmma code only where Mosaic GPU still emits it for that target, which
+nobody here has checked. Off a GPU it runs in Mosaic GPU's interpret mode (CPU), which
+simulates the TMA copies and barriers.
+
+Input: a flat batch of query tokens ``q [T, Hq, D]``; token t belongs to table row
+``q_seq[t]`` and sits at absolute position ``q_pos[t]``. Row r has block table
+``block_tables[r]`` and context length ``kv_lens[r]`` (this step's K/V already written).
+A token sees key j when ``j < kv_lens[r]``, ``j <= q_pos[t]`` and, with a window w,
+``j > q_pos[t] - w``: causal within a chunk that may start mid-page after cached pages;
+a decode is a chunk of one token. ``ragged_paged_attention`` takes the TPU-style ragged
+form (``cu_q_lens``: each row's tokens end at its context length) and builds this one.
+
+Work split. The wrapper (plain jnp) cuts the tokens into *blocks*: up to
+``64 // group`` consecutive tokens of one row, times the ``group = Hq // Hkv`` query heads
+of one kv head, is one 64-row tile (row ``i * group + g`` = token i, head g). One
+program per (kv head, block) walks the pages of its row that any of its tokens can see,
+``pages_per_block`` pages (``block_kv`` keys) per step.
+
+Memory path. The program's query tile arrives by TMA. Each K and V page arrives by its own
+TMA copy (a ``[page_size, head_dim]`` box at the page id read from the block table) into a
+ring of ``num_stages`` shared-memory slots, each copy with its own mbarrier; the ring is
+refilled with step ``i + num_stages`` as soon as step i's matmuls have finished reading
+slot ``i % num_stages``, so the copies of later pages overlap the math of earlier ones.
+Slots past a row's length (the tail of its last page, padded table entries pointing at the
+null page) may hold NaN from a recycled page: their logits are masked to -inf and, in the
+one step that crosses the length, their V rows are zeroed in shared memory before the
+P @ V matmul (0 * NaN would otherwise leak).
+
+Matmul arrangement: wgmma with the query tile as the M side (64 rows = tokens x heads of
+the group), ``S = Q K^T`` (N = block_kv keys, K = head_dim) and ``O += P V`` (N =
+head_dim, K = block_kv), float32 accumulators in registers, online softmax statistics in
+float32. Why not keys as M: ``S^T = K Q^T`` would hold P^T in registers with keys along
+the rows, but ``P V`` needs P with queries along the rows as its A operand (or V^T as a
+transposed A), so P would make a transposed round trip through shared memory every step.
+The price of queries as M is paid by decode: a decode block has ``group`` useful rows of
+64, the other ``64 - group`` are padding. Decode is bandwidth-bound (below), so padded
+MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
+
+What it takes on a GPU (``check_config``): bf16 or f16 pages and queries (float32 runs in
+interpret mode only), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
+a GQA group dividing 64, 64-256 keys per step, and the ring within 227 KiB of shared
+memory (one slot instead of two where two do not fit).
+
+Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
+(one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
+(QK and PV, 2 per multiply-add), so ``2 g / e`` FLOP/byte (g in bf16: 4 for Llama-3-8B,
+against an H200's ~200 FLOP/byte balance point): bandwidth-bound, and the ``64 - g``
+padded rows the MMA also issues (``4 n d 64``) cost issue slots, not bytes. Llama-3-8B
+(8 kv heads, d = 128, bf16): 4 KiB of K/V and 16 KFLOP useful per context token and
+decode token. A prefill block of ``64 / g`` tokens reads each visible page once for all
+its rows: ``2 n d e`` bytes per block, ``4 n d 64`` FLOPs, ``128 / e`` = 64 FLOP/byte in
+bf16, so a chunk of C tokens re-reads its context ``C g / 64`` times and is still
+bandwidth-heavy on Hopper (a second warpgroup or a 128-row tile would halve that).
+Interpret mode: jax 0.10.2's interpreter has no wgmma with a register or transposed
+operand, so there the two products are float32 ``dot_general``s of the same
+shared-memory tiles; everything else (TMA, barriers, ring, masks) runs as compiled.
+
+Shapes: q ``[T, Hq, D]``; pages ``[Hkv, P, S, D]`` or stacked ``[L, Hkv, P, S, D]`` with
+``layer``; block_tables ``int32[B, W]``; kv_lens ``int32[B]``; q_seq, q_pos ``int32[T]``.
+Output ``[T, Hq, D]`` in q's dtype, zeros for a token that sees no key. Matches
+``pallas_kernels.reference.paged_prefill_reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pl = plgpu = None
+
+BLOCK_ROWS = 64            # wgmma's M: one warpgroup's tile
+TARGET_BLOCK_KV = 64       # keys per step when the page size allows
+MAX_BLOCK_KV = 256         # wgmma's N limit for S = Q K^T
+HEAD_DIMS = (32, 64, 128, 256)
+# Compiled: 16-bit only. Mosaic GPU's float32 (tf32) wgmma takes no transposed operand
+# (jax 0.10.2) and no A from registers, and S = Q K^T needs K transposed. Interpret mode
+# also runs float32, so the kernel's logic is tested at float32 precision too.
+DTYPES = (jnp.bfloat16, jnp.float16)
+INTERPRET_DTYPES = DTYPES + (jnp.float32,)
+DEFAULT_NUM_STAGES = 2
+# Hopper's per-block dynamic shared memory limit (227 KiB), less room for barriers.
+SMEM_BUDGET = 227 * 1024 - 1024
+
+
+def default_pages_per_block(page_size: int) -> int:
+    return max(1, TARGET_BLOCK_KV // page_size)
+
+
+def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages) -> int:
+    """Shared memory of one program: the query/output tile, K and V rings, row positions."""
+    e = jnp.dtype(dtype).itemsize
+    block_kv = pages_per_block * page_size
+    return (BLOCK_ROWS * head_dim * e + 2 * num_stages * block_kv * head_dim * e
+            + BLOCK_ROWS * 4)
+
+
+def default_num_stages(head_dim, page_size, dtype, pages_per_block) -> int:
+    """Two ring slots (copies overlap the math) where they fit shared memory, else one."""
+    fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, DEFAULT_NUM_STAGES)
+    return DEFAULT_NUM_STAGES if fits <= SMEM_BUDGET else 1
+
+
+def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
+                 pages_per_block=None, num_stages=None, *, interpret=False) -> None:
+    """Raise ValueError naming the constraint if the kernel cannot take this configuration.
+
+    wgmma needs 64 rows (so the GQA group must divide 64), N a multiple of 8 up to 256 and
+    the V tile past a row's length is zeroed in the 64-row wgmma register layout, so a step
+    takes 64 to 256 keys; the query tile and the ring must fit Hopper's 227 KiB of shared
+    memory.
+    """
+    if plgpu is None:
+        raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
+                         "jax does not provide")
+    allowed = INTERPRET_DTYPES if interpret else DTYPES
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
+        raise ValueError(f"dtype={jnp.dtype(dtype)} must be one of "
+                         f"{[jnp.dtype(d).name for d in allowed]} for the Mosaic kernel "
+                         f"{'in interpret mode' if interpret else 'on a GPU'} (float32 "
+                         f"needs a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
+    if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
+            and num_q_heads % num_kv_heads == 0):
+        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    group = num_q_heads // num_kv_heads
+    if BLOCK_ROWS % group:
+        raise ValueError(f"GQA group {group} (= {num_q_heads} / {num_kv_heads} heads) must "
+                         f"divide the {BLOCK_ROWS}-row wgmma tile of the Mosaic kernel")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
+                         f"kernel (the TMA swizzles and wgmma tilings it lowers for)")
+    if not (isinstance(page_size, numbers.Integral) and page_size >= 8
+            and page_size & (page_size - 1) == 0):
+        raise ValueError(f"page_size={page_size} must be a power of two >= 8 for the Mosaic "
+                         f"kernel (TMA boxes and wgmma tiles of 8 rows)")
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size)
+    if not (isinstance(pages_per_block, numbers.Integral) and pages_per_block > 0):
+        raise ValueError(f"pages_per_block={pages_per_block!r} must be a positive integer")
+    block_kv = pages_per_block * page_size
+    if not BLOCK_ROWS <= block_kv <= MAX_BLOCK_KV or block_kv & (block_kv - 1):
+        raise ValueError(f"pages_per_block={pages_per_block} * page_size={page_size} = "
+                         f"{block_kv} keys per step must be a power of two in "
+                         f"[{BLOCK_ROWS}, {MAX_BLOCK_KV}] (wgmma N; the V tile is masked in "
+                         f"the {BLOCK_ROWS}-row wgmma register layout)")
+    if num_stages is None:
+        num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block)
+    if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
+        raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
+    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages)
+    if need > SMEM_BUDGET:
+        raise ValueError(f"head_dim={head_dim}, block_kv={block_kv}, num_stages={num_stages} "
+                         f"in {jnp.dtype(dtype)} need {need} bytes of shared memory, over "
+                         f"the {SMEM_BUDGET}-byte Hopper budget")
+
+
+def _interpret_params():
+    """Mosaic GPU's interpret mode (private in jax 0.10.2), or a clear error."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as err:  # pragma: no cover - depends on the installed jax
+        raise ValueError(f"interpret=True needs Mosaic GPU's interpret mode "
+                         f"(jax._src.pallas.mosaic_gpu.interpret.params), which failed to "
+                         f"import on jax {jax.__version__}: {err}") from err
+    return InterpretGPUParams()
+
+
+def _smem_transforms(minor: int, dtype):
+    """Tiling + swizzle for a ``[rows, minor]`` shared-memory tile read by wgmma."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def _wgmma_matmul(a, b_ref, transpose_b=False):
+    """``a @ b`` (``a @ b.T`` with transpose_b) on the tensor cores, float32 result.
+
+    a: a shared-memory ref or a register array ``[64, K]``; b_ref: shared memory ``[K, N]``
+    (``[N, K]`` with transpose_b). Returns when the wgmma has finished reading both, so
+    the caller may refill b's slot.
+    """
+    if transpose_b:
+        b_ref = b_ref.transpose((1, 0))
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+        return acc_ref[...]   # reading the accumulator waits for the wgmma
+    return pl.run_scoped(scope, plgpu.ACC((a.shape[0], b_ref.shape[1]), jnp.float32))
+
+
+def _interpreted_matmul(a, b_ref, transpose_b=False):
+    """The same product for Mosaic GPU's interpret mode, whose wgmma (jax 0.10.2) takes
+    neither a register operand nor a transposed ref: operands are read from shared memory
+    and multiplied as float32-accumulated arrays."""
+    a = a if isinstance(a, jax.Array) else a[...]
+    b = b_ref[...]
+    dims = (((1,), (1 if transpose_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_ref,
+                      tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, o_ref, *,
+                      num_kv_heads, page_size, pages_per_block, num_stages, sm_scale,
+                      soft_cap, sliding_window, dtype, interpret):
+    # layer_ref: int32[1]; blk_*: int32[NB]; row_pos_ref: int32[NB, 64]
+    # tables_ref: int32[B, W]; kv_lens_ref: int32[B]
+    # q_ref, o_ref: [Hkv, NB, 64, D]; k_ref, v_ref: [L * Hkv, P, S, D]
+    # Interpret mode has no layouts (layout_cast has no CPU rule): casts are identities there.
+    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    matmul = _interpreted_matmul if interpret else _wgmma_matmul
+    head_dim = q_ref.shape[-1]
+    width = tables_ref.shape[1]
+    block_kv = pages_per_block * page_size
+    h = lax.axis_index("kv_head")
+    b = lax.axis_index("block")
+    pool_head = layer_ref[0] * num_kv_heads + h
+    seq = blk_seq_ref[b]
+    kv_len = kv_lens_ref[seq]
+    kv_end = jnp.minimum(kv_len, blk_hi_ref[b] + 1)
+    kv_start = (jnp.int32(0) if sliding_window is None
+                else jnp.maximum(blk_lo_ref[b] - (sliding_window - 1), 0))
+    first = kv_start // block_kv
+    num_steps = jnp.maximum((kv_end + block_kv - 1) // block_kv - first, 0)
+
+    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers):
+        def issue(step):
+            slot = step % num_stages
+            for p in range(pages_per_block):
+                index = jnp.minimum((first + step) * pages_per_block + p, width - 1)
+                page = tables_ref[seq, index]
+                rows = pl.ds(p * page_size, page_size)
+                barrier = slot * pages_per_block + p
+                plgpu.copy_gmem_to_smem(k_ref.at[pool_head, page], k_smem.at[slot, rows],
+                                        k_barriers.at[barrier])
+                plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
+                                        v_barriers.at[barrier])
+
+        for step in range(num_stages):
+            pl.when(step < num_steps)(functools.partial(issue, step))
+        plgpu.copy_gmem_to_smem(q_ref.at[h, b], q_smem, q_barrier.at[0])
+        plgpu.copy_gmem_to_smem(row_pos_ref.at[b], pos_smem, q_barrier.at[1])
+        plgpu.barrier_wait(q_barrier.at[0])
+        plgpu.barrier_wait(q_barrier.at[1])
+        layout = plgpu.Layout.WGMMA
+        row_pos = cast(pos_smem[...], layout.reduce(1))
+        row_pos = lax.broadcast_in_dim(row_pos, (BLOCK_ROWS, block_kv), [0])
+        m_i = cast(jnp.full((BLOCK_ROWS,), -jnp.inf, jnp.float32), layout.reduce(1))
+        l_i = cast(jnp.zeros((BLOCK_ROWS,), jnp.float32), layout.reduce(1))
+        acc = cast(jnp.zeros((BLOCK_ROWS, head_dim), jnp.float32), layout)
+
+        def body(step, carry):
+            acc, m_i, l_i = carry
+            slot = step % num_stages
+            key0 = (first + step) * block_kv
+            for p in range(pages_per_block):
+                plgpu.barrier_wait(k_barriers.at[slot * pages_per_block + p])
+
+            s = matmul(q_smem, k_smem.at[slot], transpose_b=True)
+            s = s * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            key = key0 + cast(lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, block_kv), 1),
+                              layout)
+            visible = (key < kv_len) & (key <= row_pos)
+            if sliding_window is not None:
+                visible &= key > row_pos - sliding_window
+            s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=1))
+            # A row that has seen no key keeps m = -inf: subtract 0 so exp gives 0, not NaN.
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp(m_i - m_safe)
+            probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
+            l_i = l_i * alpha + probs.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            for p in range(pages_per_block):
+                plgpu.barrier_wait(v_barriers.at[slot * pages_per_block + p])
+
+            @pl.when(key0 + block_kv > kv_len)
+            def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
+                v_tile = v_smem[slot]
+                v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
+                                    layout)
+                v_smem[slot] = jnp.where(v_key < kv_len, v_tile, jnp.zeros_like(v_tile))
+                plgpu.commit_smem()
+
+            acc = acc + matmul(probs.astype(dtype), v_smem.at[slot])
+            pl.when(step + num_stages < num_steps)(
+                functools.partial(issue, step + num_stages))
+            return acc, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
+        denom = lax.broadcast_in_dim(l_i, acc.shape, [0])
+        out = jnp.where(denom > 0, acc / jnp.maximum(denom, 1e-30), 0.0)
+        q_smem[...] = out.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[h, b])
+        plgpu.wait_smem_to_gmem(0)
+
+    num_barriers = num_stages * pages_per_block
+    pl.run_scoped(
+        scoped,
+        plgpu.SMEM((BLOCK_ROWS, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
+        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
+                   transforms=_smem_transforms(head_dim, dtype)),
+        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
+                   transforms=_smem_transforms(head_dim, dtype)),
+        plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=num_barriers),
+        plgpu.Barrier(num_barriers=num_barriers),
+    )
+
+
+def build_blocks(q_seq, q_pos, num_rows: int, tokens_per_block: int):
+    """Cut a flat token batch into blocks of consecutive tokens of one row.
+
+    q_seq, q_pos: ``int32[T]``. A block starts where the row changes or after
+    ``tokens_per_block`` tokens. Returns (block of each token ``int32[T]``, its slot in the
+    block ``int32[T]``, blocks' row / lowest / highest position ``int32[NB]``, per-slot
+    positions ``int32[NB, tokens_per_block]`` (-1 for an empty slot), overflow ``bool[T]``).
+    NB = ceil(T / tokens_per_block) + num_rows + 1 covers a batch whose rows each form one
+    run of tokens (the engine's layout; padding tokens are one more run); a token beyond
+    it is flagged in ``overflow``.
+    """
+    num_tokens = q_seq.shape[0]
+    num_blocks = -(-num_tokens // tokens_per_block) + num_rows + 1
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    new_run = jnp.concatenate([jnp.ones((1,), bool), q_seq[1:] != q_seq[:-1]])
+    run_start = lax.cummax(jnp.where(new_run, t, 0))
+    offset = t - run_start
+    new_block = new_run | (offset % tokens_per_block == 0)
+    block = jnp.cumsum(new_block.astype(jnp.int32)) - 1
+    slot = offset % tokens_per_block
+    overflow = block >= num_blocks
+    blk_seq = jnp.zeros(num_blocks, jnp.int32).at[block].set(q_seq, mode="drop")
+    big = jnp.iinfo(jnp.int32).max
+    blk_lo = jnp.full(num_blocks, big, jnp.int32).at[block].min(q_pos, mode="drop")
+    blk_hi = jnp.full(num_blocks, -1, jnp.int32).at[block].max(q_pos, mode="drop")
+    row_pos = jnp.full((num_blocks, tokens_per_block), -1, jnp.int32).at[block, slot].set(
+        q_pos, mode="drop")
+    blk_lo = jnp.minimum(blk_lo, blk_hi)   # an empty block: lo = hi = -1, sees nothing
+    return block, slot, blk_seq, blk_lo, blk_hi, row_pos, overflow
+
+
+def check_token_layout(q_seq, num_rows: int, group: int) -> None:
+    """Raise ValueError if concrete ``q_seq`` (``int[T]``) needs more blocks than the
+    kernel launches (its rows split into too many runs), naming the counts."""
+    q_seq = np.asarray(q_seq)
+    tokens_per_block = BLOCK_ROWS // group
+    starts = np.flatnonzero(np.diff(q_seq, prepend=-1) != 0)
+    run_lengths = np.diff(np.append(starts, len(q_seq)))
+    needed = int(np.sum(-(-run_lengths // tokens_per_block)))
+    available = -(-len(q_seq) // tokens_per_block) + num_rows + 1
+    if needed > available:
+        raise ValueError(f"q_seq splits into {len(starts)} runs of consecutive same-row tokens "
+                         f"needing {needed} blocks of {tokens_per_block} tokens, more than the "
+                         f"{available} the Mosaic kernel launches for {len(q_seq)} tokens and "
+                         f"{num_rows} rows: put each row's tokens together")
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "interpret"))
+def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
+                           layer=None, sm_scale=None, soft_cap=None, sliding_window=None,
+                           pages_per_block=None, num_stages=None, interpret=False):
+    """Attention of ragged query tokens over their rows' pages (shapes in the module doc).
+
+    Tokens of one row should be consecutive in the batch (each run costs a block); a batch
+    with more runs than ``ceil(T / (64 // group)) + B + 1`` blocks gives NaN for the
+    tokens that do not fit rather than a silently wrong value.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k_pages.ndim == 4:
+        k_pages, v_pages = k_pages[None], v_pages[None]
+    num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size)
+    check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
+                 pages_per_block, num_stages, interpret=interpret)
+    if num_stages is None:
+        num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block)
+    if q.dtype != k_pages.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
+                         f"(wgmma takes one operand type)")
+    group = num_q_heads // num_kv_heads
+    tokens_per_block = BLOCK_ROWS // group
+    scale = head_dim ** -0.5 if sm_scale is None else float(sm_scale)
+    block, slot, blk_seq, blk_lo, blk_hi, row_pos, overflow = build_blocks(
+        q_seq, q_pos, block_tables.shape[0], tokens_per_block)
+    num_blocks = blk_seq.shape[0]
+    # Row i * group + g of a block is its token i, query head g of the kv head.
+    tok = jnp.full((num_blocks, tokens_per_block), num_tokens, jnp.int32).at[
+        block, slot].set(jnp.arange(num_tokens, dtype=jnp.int32), mode="drop")
+    q_padded = jnp.concatenate([q, jnp.zeros((1, num_q_heads, head_dim), q.dtype)])
+    q_blocks = q_padded[tok].reshape(num_blocks, tokens_per_block, num_kv_heads, group,
+                                     head_dim)
+    q_blocks = q_blocks.transpose(2, 0, 1, 3, 4).reshape(num_kv_heads, num_blocks,
+                                                         BLOCK_ROWS, head_dim)
+    row_pos = jnp.repeat(row_pos, group, axis=1)
+    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
+        jnp.int32)
+    flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)
+    kernel = functools.partial(
+        _attention_kernel, num_kv_heads=num_kv_heads, page_size=page_size,
+        pages_per_block=pages_per_block, num_stages=num_stages, sm_scale=scale,
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=sliding_window, dtype=q.dtype, interpret=interpret)
+    call = plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
+        grid=(num_kv_heads, num_blocks), grid_names=("kv_head", "block"),
+        **({"interpret": _interpret_params()} if interpret else {}))
+    out_blocks = call(layer, blk_seq, blk_lo, blk_hi, row_pos, block_tables.astype(jnp.int32),
+                      kv_lens.astype(jnp.int32), q_blocks, k_pages.reshape(flat),
+                      v_pages.reshape(flat))
+    out = out_blocks.reshape(num_kv_heads, num_blocks, tokens_per_block, group, head_dim)
+    out = out[:, jnp.minimum(block, num_blocks - 1), slot]        # [Hkv, T, group, D]
+    out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
+    return jnp.where(overflow[:, None, None], jnp.nan, out).astype(q.dtype)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens, **options):
+    """The ragged form: row r's query tokens are ``q[cu_q_lens[r]:cu_q_lens[r + 1]]`` and
+    end at its context length (token i of the chunk sits at ``kv_lens[r] - len + i``).
+
+    cu_q_lens: ``int32[B + 1]``, non-decreasing from 0; tokens past ``cu_q_lens[B]`` are
+    padding (they see no key and give zeros). Other arguments as ``paged_attention_tokens``.
+    """
+    num_tokens = q.shape[0]
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    cu_q_lens = cu_q_lens.astype(jnp.int32)
+    row = jnp.clip(jnp.searchsorted(cu_q_lens, t, side="right") - 1, 0,
+                   block_tables.shape[0] - 1).astype(jnp.int32)
+    chunk_len = cu_q_lens[row + 1] - cu_q_lens[row]
+    pos = kv_lens[row] - chunk_len + (t - cu_q_lens[row])
+    pos = jnp.where(t < cu_q_lens[-1], pos, -1).astype(jnp.int32)
+    return paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, row, pos,
+                                  **options)
+
+
+__all__ = ["check_config", "check_token_layout", "paged_attention_tokens",
+           "ragged_paged_attention", "build_blocks", "smem_bytes", "default_pages_per_block"]

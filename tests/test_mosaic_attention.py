@@ -1,0 +1,291 @@
+"""The Mosaic GPU ragged paged attention kernel in GPU interpret mode, its CUDA lowering
+from the CPU, the ``impl="mosaic"`` wiring and the configurations it refuses.
+
+Every free page and every slot past a row's length is NaN, so a masking bug shows as
+NaN. The reference is float64 numpy straight from the definition. Interpret mode costs a
+few seconds per static configuration: the default run has a handful of mixed batches,
+the sweep is ``-m slow``. Note: jax 0.10.2's interpreter has no wgmma with a register or
+transposed operand, so in interpret mode the kernel's two matmuls are float32 dot_generals
+of the same shared-memory tiles (``_interpreted_matmul``); the wgmma arrangement itself
+is checked by the CUDA lowering tests.
+"""
+
+import functools
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jpaged
+from jpaged.attention import (AttentionMetadata, cached_attention, paged_attention,
+                              paged_prefill_attention)
+from jpaged.cache import KVCache, PageTable
+from pallas_kernels import ragged_attention as ra
+
+# ||out - ref|| / ||ref|| bounds: float32 math; bf16/f16 operands and probabilities.
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
+             jnp.dtype(jnp.float16): 4e-3}
+NUM_KV_HEADS = 2
+
+
+def special_lengths(page_size, width):
+    """0, 1, page - 1, page, page + 1 and the table's full capacity."""
+    return [0, 1, page_size - 1, page_size, page_size + 1, width * page_size]
+
+
+def make_batch(rng, *, lengths, chunks, page_size, width, head_dim, group, dtype,
+               num_layers=1):
+    """A NaN-poisoned pool and a flat token batch: row r's last ``chunks[r]`` tokens
+    (ending at ``lengths[r]``) are queries, so a chunk may start mid-page after cached
+    pages. Returns q ``[T, Hq, D]``, k, v ``[L, Hkv, P, S, D]``, tables, lengths,
+    q_seq, q_pos."""
+    lengths = np.asarray(lengths, np.int32)
+    batch = len(lengths)
+    num_pages = batch * width + 2      # the null page and one unused page stay NaN
+    tables = rng.permutation(np.arange(1, num_pages))[:batch * width].reshape(batch, width)
+    shape = (num_layers, NUM_KV_HEADS, num_pages, page_size, head_dim)
+    k, v = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    rows, pos = np.nonzero(np.arange(width * page_size)[None, :] < lengths[:, None])
+    pages, offsets = tables[rows, pos // page_size], pos % page_size
+    filled = (num_layers, NUM_KV_HEADS, len(rows), head_dim)
+    k[:, :, pages, offsets] = rng.standard_normal(filled)
+    v[:, :, pages, offsets] = rng.standard_normal(filled)
+    q_seq = np.concatenate([np.full(c, r, np.int32) for r, c in enumerate(chunks)])
+    q_pos = np.concatenate([np.arange(n - c, n, dtype=np.int32)
+                            for n, c in zip(lengths, chunks)])
+    q = rng.standard_normal((len(q_seq), NUM_KV_HEADS * group, head_dim))
+    cast = functools.partial(jnp.asarray, dtype=dtype)
+    return cast(q), cast(k), cast(v), jnp.asarray(tables, jnp.int32), lengths, q_seq, q_pos
+
+
+def float64_attention(q, k_pages, v_pages, tables, lengths, q_seq, q_pos, *, sm_scale=None,
+                      soft_cap=None, sliding_window=None):
+    """Float64 numpy: each token over its row's pages, keys j < length, j <= pos, inside
+    the window; zeros where no key is visible."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    tables = np.asarray(tables)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    keys = np.arange(tables.shape[1] * page_size)
+    pages = tables[q_seq][:, keys // page_size]                          # [T, K]
+    k = k_pages[:, pages, keys % page_size]                              # [Hkv, T, K, D]
+    v = v_pages[:, pages, keys % page_size]
+    visible = (keys < lengths[q_seq][:, None]) & (keys <= q_pos[:, None])
+    if sliding_window is not None:
+        visible &= keys > q_pos[:, None] - sliding_window
+    qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+    k, v = np.where(visible[None, :, :, None], k, 0.0), np.where(visible[None, :, :, None], v, 0.0)
+    logits = np.einsum("thgd,htkd->thgk", qg, k)
+    logits *= head_dim ** -0.5 if sm_scale is None else sm_scale
+    if soft_cap is not None:
+        logits = soft_cap * np.tanh(logits / soft_cap)
+    logits = np.where(visible[:, None, None, :], logits, -np.inf)
+    peak = logits.max(-1, keepdims=True)
+    weights = np.exp(logits - np.where(np.isfinite(peak), peak, 0.0))
+    denom = weights.sum(-1, keepdims=True)
+    out = np.einsum("thgk,htkd->thgd", weights, v) / np.where(denom > 0, denom, 1.0)
+    return out.reshape(num_tokens, num_q_heads, head_dim)
+
+
+def relative_error(out, expected):
+    out = np.asarray(out, np.float64)
+    assert not np.isnan(out).any(), "NaN leaked into the output"
+    return np.linalg.norm(out - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+def mixed_chunks(lengths, page_size, rng):
+    """Decodes (chunk 1) for most rows; the longest row a prefill chunk spanning pages
+    and starting mid-page when its length allows."""
+    chunks = [min(1, n) for n in lengths]
+    longest = int(np.argmax(lengths))
+    chunks[longest] = min(lengths[longest], page_size + 1 + int(rng.integers(0, page_size)))
+    return chunks
+
+
+def check_kernel(*, page_size, head_dim, group, dtype, width=3, lengths=None, chunks=None,
+                 layer=None, seed=0, **options):
+    rng = np.random.default_rng(seed)
+    lengths = special_lengths(page_size, width) if lengths is None else lengths
+    chunks = mixed_chunks(lengths, page_size, rng) if chunks is None else chunks
+    num_layers = 1 if layer is None else layer + 1
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=chunks, page_size=page_size, width=width,
+        head_dim=head_dim, group=group, dtype=dtype, num_layers=num_layers)
+    pages = (k[0], v[0]) if layer is None else (k, v)
+    out = ra.paged_attention_tokens(q, *pages, tables, jnp.asarray(lengths), q_seq, q_pos,
+                                    layer=layer, interpret=True, **options)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    expected = float64_attention(q, k[num_layers - 1], v[num_layers - 1], tables, lengths,
+                                 q_seq, q_pos, **options)
+    error = relative_error(out, expected)
+    assert error < TOLERANCE[jnp.dtype(dtype)], error
+    # A token that sees no key (a length-0 row) gives exact zeros.
+    blind = lengths[q_seq] == 0
+    assert not np.asarray(out)[blind].any()
+    return error
+
+
+DEFAULT_CASES = [
+    dict(page_size=16, head_dim=64, group=4, dtype=jnp.float32),
+    dict(page_size=64, head_dim=128, group=8, dtype=jnp.bfloat16, soft_cap=5.0,
+         sliding_window=40),
+    dict(page_size=16, head_dim=32, group=1, dtype=jnp.float32, sliding_window=7, layer=1,
+         sm_scale=0.3, lengths=[33, 0, 16, 40], chunks=[19, 0, 16, 1]),
+]
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=lambda c: "-".join(
+    f"{k}={getattr(v, '__name__', v)}" for k, v in c.items() if k not in ("lengths", "chunks")))
+def test_kernel_matches_float64(case):
+    check_kernel(**case)
+
+
+SWEEP = list(itertools.product((16, 64), (64, 128), (1, 4, 8), (jnp.float32, jnp.bfloat16),
+                               (dict(), dict(sliding_window=20, soft_cap=4.0))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page_size,head_dim,group,dtype,options", SWEEP)
+def test_kernel_sweep(page_size, head_dim, group, dtype, options):
+    check_kernel(page_size=page_size, head_dim=head_dim, group=group, dtype=dtype,
+                 seed=page_size + head_dim + group, **options)
+
+
+@pytest.mark.slow
+def test_long_prefill_chunks_and_overflowing_rows():
+    """Chunks of several blocks per row (64 // group tokens a block), many rows."""
+    rng = np.random.default_rng(3)
+    lengths = [int(n) for n in rng.integers(0, 120, size=9)]
+    chunks = [int(rng.integers(0, n + 1)) for n in lengths]
+    check_kernel(page_size=16, head_dim=64, group=2, dtype=jnp.float32, width=8,
+                 lengths=lengths, chunks=chunks, sliding_window=50)
+
+
+def test_blocks_follow_rows_and_flag_overflow():
+    q_seq = jnp.asarray([0, 0, 0, 1, 1, 0], jnp.int32)
+    q_pos = jnp.asarray([4, 5, 6, 2, 3, 0], jnp.int32)
+    block, slot, blk_seq, blk_lo, blk_hi, row_pos, overflow = ra.build_blocks(
+        q_seq, q_pos, num_rows=2, tokens_per_block=2)
+    np.testing.assert_array_equal(block, [0, 0, 1, 2, 2, 3])
+    np.testing.assert_array_equal(slot, [0, 1, 0, 0, 1, 0])
+    np.testing.assert_array_equal(blk_seq[:4], [0, 0, 1, 0])
+    np.testing.assert_array_equal(blk_lo[:4], [4, 6, 2, 0])
+    np.testing.assert_array_equal(blk_hi[:4], [5, 6, 3, 0])
+    np.testing.assert_array_equal(row_pos[1], [6, -1])
+    assert not overflow.any()
+    # Rows interleaved token by token: more runs than blocks -> flagged, never dropped.
+    alternating = jnp.asarray([0, 1] * 8, jnp.int32)
+    overflow = ra.build_blocks(alternating, jnp.arange(16, dtype=jnp.int32), num_rows=2,
+                               tokens_per_block=8)[-1]
+    assert overflow.any()
+
+
+def test_scattered_rows_are_refused():
+    rng = np.random.default_rng(4)
+    q, k, v, tables, lengths, _, _ = make_batch(
+        rng, lengths=[40, 40], chunks=[20, 20], page_size=16, width=3, head_dim=64, group=8,
+        dtype=jnp.float32)
+    q_seq = jnp.asarray([0, 1] * 20, jnp.int32)      # 40 runs of one token, 8 blocks launched
+    q_pos = jnp.asarray(np.repeat(np.arange(20, 40), 2), jnp.int32)
+    table = PageTable(tables, jnp.asarray(lengths))
+    with pytest.raises(ValueError, match="40 runs"):
+        paged_prefill_attention(q, k[0], v[0], table, q_seq, q_pos, impl="mosaic")
+
+
+def test_ragged_form_matches_tokens_form():
+    rng = np.random.default_rng(5)
+    lengths, chunks = [20, 1, 33], [20, 1, 5]
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=chunks, page_size=16, width=3, head_dim=64, group=2,
+        dtype=jnp.float32)
+    # Two padding tokens after the last row's chunk: they see nothing.
+    q = jnp.concatenate([q, q[:2]])
+    cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(chunks)]), jnp.int32)
+    out = ra.ragged_paged_attention(q, k[0], v[0], tables, jnp.asarray(lengths), cu_q_lens,
+                                    interpret=True)
+    expected = float64_attention(q[:-2], k[0], v[0], tables, lengths, q_seq, q_pos)
+    assert relative_error(out[:-2], expected) < TOLERANCE[jnp.dtype(jnp.float32)]
+    assert not np.asarray(out[-2:]).any()
+
+
+# --- impl="mosaic" through jpaged.attention ---------------------------------------------
+
+def test_dispatch_decode_prefill_and_cached_attention():
+    rng = np.random.default_rng(7)
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=[17, 5, 30], chunks=[1, 1, 1], page_size=16, width=2, head_dim=64,
+        group=4, dtype=jnp.float32, num_layers=2)
+    table = PageTable(tables, jnp.asarray(lengths))
+    decode = paged_attention(q, k, v, table, impl="mosaic", layer=1)
+    expected = float64_attention(q, k[1], v[1], tables, lengths, q_seq, q_pos)
+    assert relative_error(decode, expected) < 1e-5
+    prefill = paged_prefill_attention(q, k, v, table, jnp.asarray(q_seq), jnp.asarray(q_pos),
+                                      impl="mosaic", layer=1)
+    assert relative_error(prefill, expected) < 1e-5
+
+    # cached_attention takes the implementation from the metadata.
+    cache = KVCache(k=jnp.nan_to_num(k), v=jnp.nan_to_num(v))
+    new_k = jnp.asarray(rng.standard_normal((3, NUM_KV_HEADS, 64)), jnp.float32)
+    slots = tables[jnp.arange(3), (lengths - 1) // 16] * 16 + (lengths - 1) % 16
+    outs = {}
+    for impl in ("mosaic", "xla"):
+        meta = AttentionMetadata(slot_mapping=slots, q_seq=jnp.arange(3, dtype=jnp.int32),
+                                 positions=jnp.asarray(lengths - 1), page_table=table,
+                                 is_decode=impl == "xla", attention_impl=impl)
+        outs[impl], _ = cached_attention(q, new_k, new_k, cache, 0, meta)
+    np.testing.assert_allclose(outs["mosaic"], outs["xla"], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_never_picks_mosaic(monkeypatch):
+    """auto keeps today's choice: the Mosaic kernel is not called."""
+    rng = np.random.default_rng(8)
+    q, k, v, tables, lengths, *_ = make_batch(
+        rng, lengths=[5, 9], chunks=[1, 1], page_size=16, width=1, head_dim=64, group=2,
+        dtype=jnp.float32)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked the Mosaic kernel")
+    monkeypatch.setattr(ra, "paged_attention_tokens", refuse)
+    paged_attention(q, k[0], v[0], PageTable(tables, jnp.asarray(lengths)), impl="auto")
+
+
+# --- configurations the kernel refuses ----------------------------------------------
+
+@pytest.mark.parametrize("config,message", [
+    (dict(head_dim=96), "head_dim=96"),
+    (dict(page_size=12), "page_size=12"),
+    (dict(page_size=4), "page_size=4"),
+    (dict(num_q_heads=6), "GQA group 3"),
+    (dict(dtype=jnp.float32), "float32"),
+    (dict(dtype=jnp.int8), "int8"),
+    (dict(pages_per_block=3), "48 keys per step"),
+    (dict(pages_per_block=2), "32 keys per step"),
+    (dict(head_dim=256, pages_per_block=16, num_stages=4), "shared memory"),
+    (dict(num_stages=0), "num_stages=0"),
+])
+def test_bad_configurations_name_the_constraint(config, message):
+    args = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
+                dtype=jnp.bfloat16, pages_per_block=None, num_stages=2) | config
+    with pytest.raises(ValueError, match=message):
+        ra.check_config(**args)
+
+
+def test_float32_runs_only_in_interpret_mode():
+    ra.check_config(4, 2, 64, 16, jnp.float32, interpret=True)
+    rng = np.random.default_rng(9)
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=[5], chunks=[1], page_size=16, width=1, head_dim=64, group=2,
+        dtype=jnp.float32)
+    with pytest.raises(ValueError, match="float32"):
+        ra.paged_attention_tokens(q, k[0], v[0], tables, jnp.asarray(lengths), q_seq, q_pos,
+                                  interpret=False)
+    with pytest.raises(ValueError, match="q dtype"):
+        ra.paged_attention_tokens(q.astype(jnp.bfloat16), k[0], v[0], tables,
+                                  jnp.asarray(lengths), q_seq, q_pos, interpret=True)
+
+
+def test_bad_impl_is_refused_early():
+    with pytest.raises(ValueError, match="impl='triton'"):
+        jpaged.attention.check_impl("triton")

@@ -1,0 +1,103 @@
+"""Lower the Mosaic GPU ragged attention kernel for CUDA from the CPU, so a configuration
+Mosaic GPU cannot take fails here and not on a user's GPU.
+
+``jax.export`` with ``platforms=["cuda"]`` runs the whole Mosaic GPU lowering (TMA
+descriptors, wgmma operand checks, layouts) and embeds the kernel in a ``mosaic_gpu``
+custom call; only ptxas and the driver are left for the GPU. The default run lowers every
+(head_dim, page_size) pair once, cycling groups and dtypes, plus the options and a
+stacked pool; the full product is ``-m slow``.
+"""
+
+import functools
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import ragged_attention as ra
+
+HEAD_DIMS = ra.HEAD_DIMS
+PAGE_SIZES = (8, 16, 32, 64, 128)
+GROUPS = (1, 2, 4, 8)
+DTYPES = (jnp.bfloat16, jnp.float16)
+NUM_KV_HEADS = 2
+
+
+def token_args(head_dim, page_size, group, dtype, num_layers=None, num_tokens=24):
+    """Shape/dtype structs: q, k, v, block_tables, kv_lens, q_seq, q_pos (and a layer)."""
+    batch, num_pages, width = 3, 32, 8
+    pool = (NUM_KV_HEADS, num_pages, page_size, head_dim)
+    pool = pool if num_layers is None else (num_layers, *pool)
+    args = [jax.ShapeDtypeStruct((num_tokens, NUM_KV_HEADS * group, head_dim), dtype),
+            jax.ShapeDtypeStruct(pool, dtype), jax.ShapeDtypeStruct(pool, dtype),
+            jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
+            jax.ShapeDtypeStruct((num_tokens,), jnp.int32)]
+    if num_layers is not None:
+        args.append(jax.ShapeDtypeStruct((), jnp.int32))
+    return args
+
+
+@functools.cache
+def export(head_dim, page_size, group, dtype, num_layers=None, **options):
+    def attention(q, k, v, tables, kv_lens, q_seq, q_pos, layer=None):
+        return ra.paged_attention_tokens(q, k, v, tables, kv_lens, q_seq, q_pos, layer=layer,
+                                         **options)
+
+    args = token_args(head_dim, page_size, group, dtype, num_layers)
+    return jax.export.export(jax.jit(attention), platforms=["cuda"])(*args)
+
+
+def assert_lowers(exported):
+    calls = re.findall(r"stablehlo\.custom_call @(\w+)", exported.mlir_module())
+    assert any(call.startswith("mosaic_gpu") for call in calls), calls
+
+
+def representative_matrix():
+    configs = [dict(head_dim=d, page_size=s, group=GROUPS[i % len(GROUPS)],
+                    dtype=DTYPES[i % len(DTYPES)])
+               for i, (d, s) in enumerate(itertools.product(HEAD_DIMS, PAGE_SIZES))]
+    configs += [
+        # The shapes the default interpret-mode tests run, compiled.
+        dict(head_dim=64, page_size=16, group=4, dtype=jnp.bfloat16),
+        dict(head_dim=128, page_size=64, group=8, dtype=jnp.bfloat16, soft_cap=5.0,
+             sliding_window=40),
+        dict(head_dim=32, page_size=16, group=1, dtype=jnp.float16, sliding_window=7,
+             sm_scale=0.3, num_layers=2),
+        # Extremes of the ring: one page a step, 256 keys a step, three stages.
+        dict(head_dim=128, page_size=64, group=4, dtype=jnp.bfloat16, pages_per_block=1),
+        dict(head_dim=64, page_size=16, group=2, dtype=jnp.bfloat16, pages_per_block=16),
+        dict(head_dim=128, page_size=64, group=16, dtype=jnp.bfloat16, num_stages=3),
+        dict(head_dim=128, page_size=16, group=64, dtype=jnp.float16),
+    ]
+    return configs
+
+
+def config_id(config):
+    return "-".join(f"{k}={getattr(v, '__name__', v)}" for k, v in config.items())
+
+
+@pytest.mark.parametrize("config", representative_matrix(), ids=config_id)
+def test_exports_for_cuda(config):
+    assert_lowers(export(**config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", [
+    dict(head_dim=d, page_size=s, group=g, dtype=t)
+    for d, s, g, t in itertools.product(HEAD_DIMS, PAGE_SIZES, GROUPS, DTYPES)],
+    ids=config_id)
+def test_exports_for_cuda_full_matrix(config):
+    assert_lowers(export(**config))
+
+
+def test_refused_float32_really_does_not_lower(monkeypatch):
+    """check_config refuses float32 on a GPU because Mosaic GPU cannot lower it."""
+    with pytest.raises(ValueError, match="float32"):
+        ra.check_config(8, 2, 64, 16, jnp.float32)
+    monkeypatch.setattr(ra, "check_config", lambda *args, **kwargs: None)
+    with pytest.raises(Exception, match="WGMMA|wgmma|A in registers"):
+        export.__wrapped__(64, 16, 4, jnp.float32)
