@@ -153,9 +153,14 @@ class PageTable:
     def validate(self, num_pages: int, page_size: int) -> None:
         """Host-side checks before launch: raise ValueError naming the bad value.
 
-        Skipped for traced values (inside jit), where only shapes and dtypes are checked.
+        Shapes and dtypes always; values are skipped when traced (inside jit).
         """
         check_table_arrays(self.block_tables, self.lengths)
+        self.check_values(num_pages, page_size)
+
+    def check_values(self, num_pages: int, page_size: int) -> None:
+        """Page ids in ``[0, num_pages)``, lengths within the table's capacity; nothing
+        when the table is traced."""
         if isinstance(self.block_tables, jax.core.Tracer) or isinstance(self.lengths,
                                                                          jax.core.Tracer):
             return

@@ -319,3 +319,29 @@ def test_finish_of_a_finished_sequence_is_refused():
 def test_bad_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
+
+
+def test_host_side_imports_neither_jax_nor_the_model():
+    """block_manager and scheduler (and what they import of jpaged) are pure host logic:
+    read from the source, their imports reach no JAX, Flax or models module."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    seen, todo, external = set(), ["jpaged.block_manager", "jpaged.scheduler"], set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("jpaged."):
+                    todo.append(name)
+                else:
+                    external.add(name.split(".")[0])
+    assert seen >= {"jpaged.sequence", "jpaged.shapes"}
+    assert not external & {"jax", "jaxlib", "flax", "models", "jpaged"}, external
