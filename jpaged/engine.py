@@ -105,12 +105,15 @@ class LLMEngine:
     # -- one step --------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; returns the requests that made progress (finished ones last time)."""
+        """Run one step; returns the requests that made progress (finished ones last time).
+
+        The map's four steps: plan (host), build the batch, run it (device), apply it."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.seqs:
             return self._idle()
-        batch, forks = self._build(plan)
+        forks = self._pending_forks(plan)
+        batch = self._build(plan, forks)
         sampled = self._run(plan, batch)
         outputs = self._apply(plan, batch, forks, sampled)
         self._count_step(start)
@@ -122,15 +125,9 @@ class LLMEngine:
                                "small for the waiting requests")
         return []
 
-    def _build(self, plan: StepPlan) -> tuple[StepBatch, list[tuple[int, int]]]:
+    def _build(self, plan: StepPlan, forks: list[tuple[int, int]]) -> StepBatch:
         """The step's batch: the plan's rows, each sampling with its sequence's params and
         seed, then one extra row per pending fork (see ``_pending_forks``)."""
-        for row, seq in enumerate(plan.seqs):
-            metrics = self.requests[seq.request_id].metrics
-            if not metrics.scheduled:
-                # A prefix-cache hit starts the first chunk past the cached pages.
-                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
-        forks = self._pending_forks(plan)
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
@@ -142,7 +139,7 @@ class LLMEngine:
         wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
                       for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
                      default=0)
-        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0), forks
+        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0)
 
     def _run(self, plan: StepPlan, batch: StepBatch):
         device_start = time.perf_counter()
@@ -169,6 +166,11 @@ class LLMEngine:
 
     def _apply(self, plan: StepPlan, batch: StepBatch, forks, sampled) -> list[RequestOutput]:
         """Append sampled tokens, fork samples and beams, stop sequences; host side."""
+        for row, seq in enumerate(plan.seqs):
+            metrics = self.requests[seq.request_id].metrics
+            if not metrics.scheduled:
+                # A prefix-cache hit starts the first chunk past the cached pages.
+                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
         rows = len(batch.context_lens)   # the forks' samples follow the padded rows
         tokens = np.array(sampled.tokens[:rows])
         beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)

@@ -29,7 +29,8 @@ def test_step_arrays_for_a_mixed_step():
     assert batch.positions.tolist() == [3, 0, 1, 2, 3, 4, 5, 6]
     assert batch.q_seq.tolist() == [0] + [1] * 7
     ta, tb = a.block_table, b.block_table
-    assert batch.slot_mapping.tolist() == [ta[0] * 4 + 3] + [tb[p // 4] * 4 + p % 4 for p in range(7)]
+    assert batch.slot_mapping.tolist() == ([ta[0] * 4 + 3]
+                                           + [tb[p // 4] * 4 + p % 4 for p in range(7)])
     assert batch.block_tables.shape == (2, 4) and batch.block_tables[1].tolist() == tb + [0]
     assert batch.context_lens.tolist() == [4, 7] and batch.logits_indices.tolist() == [0, 7]
     assert out.sample == [True, False]
