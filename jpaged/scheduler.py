@@ -78,8 +78,9 @@ class StepPlan:
     seqs: the scheduled sequences (the rows, decodes first); num_new_tokens[i] tokens of
         row i are computed this step, from position start_positions[i]; sample[i]: whether
         row i samples a token (a decode, or a prefill whose last chunk this is).
-    table_rows[i]: row i's row in ``tables``, the host mirror of the block tables
-        (``int32[rows + 1, max pages per sequence]``, the last row all zeros: padding).
+    table_rows[i]: row i's row in ``tables``, the scheduler's host mirror of the block
+        tables (``int32[rows + 1, max pages per sequence]``, the last row all zeros:
+        padding), valid until the next ``schedule``.
     copies, swap_out, swap_in: (src, dst) page pairs, see ``PageMoves``.
     preempted: sequences pushed out this step (back to waiting, or swapped out).
     """
