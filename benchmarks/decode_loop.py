@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from jpaged.attention import dense_attention, paged_attention  # noqa: E402
-from jpaged.block_manager import BlockManager, cdiv  # noqa: E402
+from jpaged.block_manager import BlockManager  # noqa: E402
+from jpaged.shapes import cdiv  # noqa: E402
 from jpaged.cache import KVCache, PageTable  # noqa: E402
 from jpaged.decode_loop import decode_loop, reserve  # noqa: E402
 from jpaged.sequence import Sequence  # noqa: E402

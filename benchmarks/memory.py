@@ -31,8 +31,10 @@ import time
 
 import numpy as np
 
-from jpaged.block_manager import BlockManager, cdiv
+from jpaged.batch import BatchBuilder
+from jpaged.block_manager import BlockManager
 from jpaged.scheduler import Scheduler
+from jpaged.shapes import cdiv
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_MODEL_LEN = 2048
@@ -225,15 +227,17 @@ def shared_prefix(spec: TraceSpec, shots: int, page_size=16, seed=2) -> dict:
 
 
 def schedule_cost(num_running: int, context=512, page_size=16, steps=100) -> dict:
-    """Median time (ms) of schedule() and update() with ``num_running`` sequences decoding
-    at ``context`` tokens: wall time, and the process's CPU time, which a busy shared
-    machine does not inflate when it schedules another process in between."""
+    """Median time (ms) of schedule() (with the batch built from its plan, as the engine
+    does) and update() with ``num_running`` sequences decoding at ``context`` tokens: wall
+    time, and the process's CPU time, which a busy shared machine does not inflate when it
+    schedules another process in between."""
     bm = BlockManager(num_running * cdiv(context + steps + 2, page_size) + 1, page_size,
                       watermark=0.0, enable_prefix_caching=False)
     sched = Scheduler(bm, max_num_seqs=num_running, max_num_batched_tokens=16384,
                       max_model_len=4096)
     for i in range(num_running):
         sched.add_request(f"r{i}", np.zeros(context, np.int32), 10 ** 6)
+    builder = BatchBuilder.for_scheduler(sched)
     ones = np.ones(num_running, np.int32)
     out = sched.schedule()
     while not (out.is_decode and out.num_seqs == num_running):   # prefill everything first
@@ -244,6 +248,7 @@ def schedule_cost(num_running: int, context=512, page_size=16, steps=100) -> dic
     for _ in range(steps):
         t0, c0 = time.perf_counter(), time.process_time()
         out = sched.schedule()
+        builder.build(out)
         t1, c1 = time.perf_counter(), time.process_time()
         sched.update(out, ones)
         times["schedule_ms"].append(t1 - t0)

@@ -12,7 +12,8 @@ from jpaged.attention import (AttentionMetadata, cached_attention, dense_attenti
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable, copy_pages, write
 from jpaged.decode_loop import DecodeOutput, decode_loop, prepare, reserve
-from jpaged.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
+from jpaged.engine import LLM, LLMEngine
+from jpaged.request import CompletionOutput, RequestOutput
 from jpaged.sampling import SamplingParams
 from jpaged.scheduler import Scheduler
 

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.cache import KVCache, PageTable, write
+from jpaged.cache import KVCache, PageTable, check_table_arrays, write
+from jpaged.shapes import check_positive
 from pallas_kernels import reference, xla_attention
 
 IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
@@ -43,12 +44,8 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
     ``pages_per_block`` tunes the XLA and Pallas paths; ``num_splits`` and ``interpret``
     (default: True off GPU) go to the Pallas kernel; ``interpret`` also to the Mosaic one.
     """
-    _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl,
-                            soft_cap=soft_cap, sliding_window=sliding_window,
-                            pages_per_block=pages_per_block)
-    if q.shape[0] != page_table.batch:
-        raise ValueError(f"q has batch {q.shape[0]} but the page table has {page_table.batch} "
-                         f"rows")
+    _validate(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
+              sliding_window=sliding_window, pages_per_block=pages_per_block)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
     if impl == "mosaic":
@@ -82,11 +79,9 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q
     Triton kernel is decode-only: "auto" and "pallas" run the XLA path, so one ``impl``
     option can serve both phases of a model.
     """
-    _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl,
-                            soft_cap=soft_cap, sliding_window=sliding_window,
-                            pages_per_block=pages_per_block)
-    _check_token_index("q_seq", q_seq, q.shape[0], upper=page_table.batch)
-    _check_token_index("q_pos", q_pos, q.shape[0])
+    _validate(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
+              sliding_window=sliding_window, pages_per_block=pages_per_block, q_seq=q_seq,
+              q_pos=q_pos)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
     if impl == "mosaic":
@@ -225,9 +220,34 @@ def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
     return "pallas"
 
 
-def _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl, *, soft_cap,
-                            sliding_window, pages_per_block) -> None:
-    """Host-side checks shared by decode and prefill; each names the offending value."""
+def _validate(q, k_pages, v_pages, page_table: PageTable, layer, impl, *, soft_cap,
+              sliding_window, pages_per_block, q_seq=None, q_pos=None) -> None:
+    """Every check of one paged attention call, once, each naming the offending value.
+
+    Two parts, like the TPU ragged paged attention's validators: shapes, dtypes and
+    options are static (checked at trace time too), values (page ids, lengths, the layer,
+    q_seq rows) only when concrete. Decode passes no q_seq / q_pos (one token per row).
+    """
+    _check_static(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
+                  sliding_window=sliding_window, pages_per_block=pages_per_block,
+                  q_seq=q_seq, q_pos=q_pos)
+    num_layers, num_pages, page_size = (k_pages.shape[0] if k_pages.ndim == 5 else None,
+                                        k_pages.shape[-3], k_pages.shape[-2])
+    page_table.check_values(num_pages, page_size)
+    layer_value = None if layer is None else _concrete(layer)
+    if num_layers is not None and layer_value is not None and not 0 <= layer_value < num_layers:
+        raise ValueError(f"layer={int(layer_value)} is outside [0, {num_layers})")
+    rows = None if q_seq is None else _concrete(q_seq)
+    if rows is not None:
+        bad = (rows < 0) | (rows >= page_table.batch)
+        if bad.any():
+            raise ValueError(f"q_seq value {int(rows[bad][0])} is outside "
+                             f"[0, {page_table.batch})")
+
+
+def _check_static(q, k_pages, v_pages, page_table, layer, impl, *, soft_cap, sliding_window,
+                  pages_per_block, q_seq, q_pos) -> None:
+    """Shapes, dtypes and options: what is known at trace time."""
     check_impl(impl)
     if q.ndim != 3:
         raise ValueError(f"q must be rank 3 [tokens, Hq, D], got shape {tuple(q.shape)}")
@@ -245,13 +265,21 @@ def _check_attention_inputs(q, k_pages, v_pages, page_table, layer, impl, *, sof
     else:
         raise ValueError(f"pages must be [Hkv, P, S, D] or [L, Hkv, P, S, D], got shape "
                          f"{tuple(k_pages.shape)}")
-    num_kv_heads, num_pages, page_size, head_dim = k_pages.shape[-4:]
+    num_kv_heads, _, _, head_dim = k_pages.shape[-4:]
     _check_heads(q, num_kv_heads, head_dim)
     _check_options(soft_cap, sliding_window)
-    if pages_per_block is not None and not (isinstance(pages_per_block, (int, np.integer))
-                                            and pages_per_block > 0):
-        raise ValueError(f"pages_per_block={pages_per_block!r} must be a positive integer")
-    page_table.validate(num_pages, page_size)
+    if pages_per_block is not None:
+        check_positive(pages_per_block=pages_per_block)
+    check_table_arrays(page_table.block_tables, page_table.lengths)
+    if q_seq is None:   # decode: row i is token i
+        if q.shape[0] != page_table.batch:
+            raise ValueError(f"q has batch {q.shape[0]} but the page table has "
+                             f"{page_table.batch} rows")
+        return
+    for name, index in (("q_seq", q_seq), ("q_pos", q_pos)):
+        if index.shape != (q.shape[0],) or index.dtype != np.int32:
+            raise ValueError(f"{name} must be int32[T={q.shape[0]}], got {index.dtype}"
+                             f"{list(index.shape)}")
 
 
 def _check_layer(layer, num_layers: int) -> None:
@@ -259,9 +287,6 @@ def _check_layer(layer, num_layers: int) -> None:
         raise ValueError(f"stacked pages [L={num_layers}, Hkv, P, S, D] need layer=")
     if np.ndim(layer) != 0 or not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
         raise ValueError(f"layer must be an integer scalar, got {layer!r}")
-    concrete = _concrete(layer)
-    if concrete is not None and not 0 <= concrete < num_layers:
-        raise ValueError(f"layer={int(concrete)} is outside [0, {num_layers})")
 
 
 def _check_heads(q, num_kv_heads: int, head_dim: int) -> None:
@@ -276,21 +301,8 @@ def _check_heads(q, num_kv_heads: int, head_dim: int) -> None:
 def _check_options(soft_cap, sliding_window) -> None:
     if soft_cap is not None and not soft_cap > 0:
         raise ValueError(f"soft_cap={soft_cap!r} must be positive")
-    if sliding_window is not None and not (isinstance(sliding_window, (int, np.integer))
-                                           and sliding_window > 0):
-        raise ValueError(f"sliding_window={sliding_window!r} must be a positive integer")
-
-
-def _check_token_index(name: str, index, num_tokens: int, upper=None) -> None:
-    """q_seq / q_pos: ``int32[T]``; with ``upper``, values in ``[0, upper)`` when concrete."""
-    if index.shape != (num_tokens,) or index.dtype != np.int32:
-        raise ValueError(f"{name} must be int32[T={num_tokens}], got {index.dtype}"
-                         f"{list(index.shape)}")
-    concrete = _concrete(index)
-    if upper is not None and concrete is not None:
-        bad = (concrete < 0) | (concrete >= upper)
-        if bad.any():
-            raise ValueError(f"{name} value {int(concrete[bad][0])} is outside [0, {upper})")
+    if sliding_window is not None:
+        check_positive(sliding_window=sliding_window)
 
 
 def _concrete(x):

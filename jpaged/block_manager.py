@@ -8,10 +8,7 @@ import itertools
 from collections import OrderedDict
 
 from jpaged.sequence import Sequence
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from jpaged.shapes import cdiv
 
 
 class BlockManager:

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.shapes import check_positive
+
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -24,12 +26,6 @@ def _check_float_dtype(dtype) -> jnp.dtype:
     if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
         raise ValueError(f"cache dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -47,7 +43,7 @@ class KVCache:
     def create(cls, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
                num_pages: int, dtype=jnp.float32, sharding=None) -> "KVCache":
         """A zero-filled pool; ``num_pages`` counts the null page."""
-        _check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         page_size=page_size)
         if not isinstance(num_pages, (int, np.integer)) or num_pages < 2:
             raise ValueError(f"num_pages must be an integer >= 2 (page 0 is the null page), "
@@ -61,7 +57,7 @@ class KVCache:
     def pages_for_memory(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
                          page_size: int, dtype=jnp.float32) -> int:
         """How many pages (null page included) fit in ``memory_bytes`` of K plus V."""
-        _check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         page_size=page_size)
         dtype = _check_float_dtype(dtype)
         page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
@@ -157,9 +153,14 @@ class PageTable:
     def validate(self, num_pages: int, page_size: int) -> None:
         """Host-side checks before launch: raise ValueError naming the bad value.
 
-        Skipped for traced values (inside jit), where only shapes and dtypes are checked.
+        Shapes and dtypes always; values are skipped when traced (inside jit).
         """
         check_table_arrays(self.block_tables, self.lengths)
+        self.check_values(num_pages, page_size)
+
+    def check_values(self, num_pages: int, page_size: int) -> None:
+        """Page ids in ``[0, num_pages)``, lengths within the table's capacity; nothing
+        when the table is traced."""
         if isinstance(self.block_tables, jax.core.Tracer) or isinstance(self.lengths,
                                                                          jax.core.Tracer):
             return

@@ -42,12 +42,13 @@ import numpy as np
 from jax import lax
 
 from jpaged.attention import AttentionMetadata, check_impl
-from jpaged.block_manager import BlockManager, cdiv
+from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable
 from jpaged.interfaces import Model
-from jpaged.sampling import GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, sample
-from jpaged.scheduler import flat_layout
+from jpaged.sampling import (GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, derive_seed,
+                             sample)
 from jpaged.sequence import Sequence
+from jpaged.shapes import cdiv, check_positive, flat_layout
 
 # Output token of a row after it stopped (its logprob is 0).
 PAD_TOKEN = -1
@@ -166,8 +167,7 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
     config = model.config
     params = model.params if params is None else params
     prompts = _check_prompts(prompts, config.vocab_size)
-    if not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_positive(chunk_size=chunk_size)
     dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
     cache, page_table = reserve(config, [len(p) for p in prompts], num_steps=num_steps,
                                 page_size=page_size, num_pages=num_pages, memory=memory,
@@ -190,7 +190,7 @@ def reserve(config, lengths: Seq[int], *, num_steps: int, page_size: int = 16,
     given) exactly the pages needed. ``dense``: page_size becomes ``max(lengths) +
     num_steps``, so each row owns one contiguous page, row b page b + 1.
     """
-    _check_num_steps(num_steps)
+    check_positive(num_steps=num_steps)
     if not lengths:
         raise ValueError("need at least one sequence, got an empty batch")
     if num_pages is not None and memory is not None:
@@ -293,9 +293,8 @@ def sampling_tensors(sampling, batch: int, seed: int = 0) -> SamplingTensors:
                              f"decode_loop does not do (use the engine): {params}")
     if not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    seeds = [params.sequence_seeds(None)[0] if params.seed is not None
-             else int(np.random.SeedSequence(int(seed) % 2**64, spawn_key=(row,))
-                      .generate_state(1)[0])
+    # A seeded row draws like the first sample of a seeded engine request.
+    seeds = [derive_seed(params.seed, 0) if params.seed is not None else derive_seed(seed, row)
              for row, params in enumerate(rows)]
     return SamplingTensors.from_params(rows, seeds, [0] * batch)
 
@@ -304,7 +303,7 @@ def _check_inputs(step, cache: KVCache, page_table: PageTable, first_tokens, num
                  eos_ids=NO_EOS) -> None:
     """Host-side checks before tracing, each naming the bad value. Values (page ids,
     lengths, tokens) are checked when concrete, shapes always."""
-    _check_num_steps(num_steps)
+    check_positive(num_steps=num_steps)
     config = getattr(step, "config", None)
     if config is not None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
@@ -361,12 +360,6 @@ def _check_room(tables, lengths, active, num_steps, page_size) -> None:
         raise ValueError(f"page {tables[row, col]} (column {col} of sequence {row}) is written "
                          f"by the loop but also used by another row: give each sequence its "
                          f"own pages from its length on (copy-on-write first)")
-
-
-def _check_num_steps(num_steps) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) \
-            or num_steps <= 0:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
 
 
 def _eos_ids(eos_id) -> tuple[int, ...]:

@@ -3,10 +3,10 @@
 Under ``jax.distributed.initialize`` a tensor-parallel ``LLM`` spans every process's
 devices, and each jitted step is one SPMD program that every process must launch with
 the same inputs. Only process 0 keeps the host state (requests, scheduler, block
-manager): its runner is a ``Leader``, which broadcasts each step's plan (the padded
-arrays of the ``SchedulerOutput``, the page copies, the sampling rows) with JAX's own
+manager): its runner is a ``Leader``, which broadcasts each step's inputs (the page
+moves and the ``StepBatch``, one flattened pytree) with JAX's own
 ``multihost_utils.broadcast_one_to_all`` before running the step; the other processes
-call ``serve``, which receives plans and runs the same steps until process 0 calls
+call ``serve``, which receives them and runs the same steps until process 0 calls
 ``stop``. Run the same script on every process::
 
     jax.distributed.initialize(coordinator, num_processes, process_id)
@@ -26,26 +26,22 @@ as a command (see ``jpaged.cli.distributed_main``).
 
 from __future__ import annotations
 
-import dataclasses
+import pickle
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jpaged.sampling import SamplingTensors
-from jpaged.scheduler import SchedulerOutput
+from jpaged.batch import StepBatch
+from jpaged.scheduler import PageMoves
 
-BATCH_FIELDS = ("token_ids", "positions", "slot_mapping", "q_seq", "block_tables",
-                "context_lens")
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingTensors))
-# Every array of a plan: the batch, copy-on-write pairs [N, 2], logits rows,
-# flags [is_decode, num_top], then the sampling tensors. All are rank 1 or 2.
-NAMES = BATCH_FIELDS + ("copies", "logits_indices", "flags") + SAMPLING_FIELDS
-DTYPES = (np.int32, np.float32, np.uint32)
+# Room for a step's description (its pytree structure, then each leaf's dtype and shape):
+# a few hundred bytes for a StepBatch, whatever its shapes.
+HEADER_BYTES = 16384
 
 
 class Leader:
-    """Process 0's runner: broadcasts each step's plan, then runs it like every process.
+    """Process 0's runner: broadcasts each step's inputs, then runs them like every process.
 
     Wraps a ``ModelRunner``; everything else is the runner's. Swap preemption is not
     supported: the host pool would hold only process 0's shards.
@@ -60,64 +56,50 @@ class Leader:
     def __getattr__(self, name):
         return getattr(self.runner, name)
 
-    def execute(self, out: SchedulerOutput, logits_indices, tensors, num_top: int):
-        _broadcast(pack(out, logits_indices, tensors, num_top))
-        return self.runner.execute(out, logits_indices, tensors, num_top)
+    def execute(self, moves: PageMoves, batch: StepBatch):
+        broadcast((moves, batch))
+        return self.runner.execute(moves, batch)
 
 
 def serve(llm) -> None:
     """Processes other than 0: run process 0's steps until it calls ``stop``."""
     runner = llm.engine.runner
-    while (plan := _broadcast(None)) is not None:
-        runner.execute(*unpack(plan))
+    while (step := broadcast(None)) is not None:
+        runner.execute(*step)
 
 
 def stop() -> None:
     """Process 0: release the processes blocked in ``serve``."""
-    _broadcast(None)
+    broadcast(None)
 
 
-def pack(out: SchedulerOutput, logits_indices, tensors: SamplingTensors,
-         num_top: int) -> dict[str, np.ndarray]:
-    """What ``ModelRunner.execute`` reads, as arrays (swaps excluded, see ``Leader``)."""
-    plan = {name: np.asarray(getattr(out, name)) for name in BATCH_FIELDS}
-    plan["copies"] = np.asarray(out.copies, np.int32).reshape(-1, 2)
-    plan["logits_indices"] = np.asarray(logits_indices)
-    plan["flags"] = np.array([out.is_decode, num_top], np.int32)
-    plan.update({name: np.asarray(getattr(tensors, name)) for name in SAMPLING_FIELDS})
-    return plan
+def broadcast(tree):
+    """Process 0's pytree of numpy arrays (None: stop) on every process; the others pass
+    None. Generic: any pytree whose leaves are arrays travels, a new batch field included.
 
-
-def unpack(plan: dict[str, np.ndarray]):
-    """The arguments of ``ModelRunner.execute`` back from a plan."""
-    is_decode, num_top = (int(x) for x in plan["flags"])
-    out = SchedulerOutput(copies=[tuple(pair) for pair in plan["copies"].tolist()],
-                          is_decode=bool(is_decode),
-                          **{name: plan[name] for name in BATCH_FIELDS})
-    tensors = SamplingTensors(**{name: plan[name] for name in SAMPLING_FIELDS})
-    return out, plan["logits_indices"], tensors, num_top
-
-
-def _broadcast(plan: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
-    """Process 0's ``plan`` (None: stop) on every process; the others pass None.
-
-    Two broadcasts: a header with each array's dtype and shape, so the receivers can
-    allocate matching buffers, then the arrays.
+    Two broadcasts: a header describing the tree (its structure, pickled, and each leaf's
+    dtype and shape), so the receivers can allocate matching buffers, then the leaves.
+    Pickle is safe here: the header comes from process 0 of the same job.
     """
-    header = np.full((len(NAMES) + 1, 3), -1, np.int32)
-    if plan is not None:
-        header[0, 0] = 1
-        for row, name in enumerate(NAMES, 1):
-            array = plan[name]
-            header[row, 0] = DTYPES.index(array.dtype.type)
-            header[row, 1:1 + array.ndim] = array.shape
-    header = multihost_utils.broadcast_one_to_all(header)
-    if header[0, 0] != 1:
+    header = np.zeros(HEADER_BYTES, np.uint8)
+    if tree is not None:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        leaves = [np.asarray(leaf) for leaf in leaves]
+        description = pickle.dumps((treedef, [(x.dtype.str, x.shape) for x in leaves]))
+        if len(description) + 4 > HEADER_BYTES:
+            raise ValueError(f"a step description of {len(description)} bytes does not fit "
+                             f"in HEADER_BYTES={HEADER_BYTES}")
+        header[:4] = np.frombuffer(np.uint32(len(description)).tobytes(), np.uint8)
+        header[4:4 + len(description)] = np.frombuffer(description, np.uint8)
+    header = np.asarray(multihost_utils.broadcast_one_to_all(header))
+    size = int(header[:4].view(np.uint32)[0])
+    if not size:
         return None
-    if plan is None:
-        plan = {name: np.zeros([d for d in row[1:] if d >= 0], DTYPES[row[0]])
-                for name, row in zip(NAMES, header[1:])}
-    return multihost_utils.broadcast_one_to_all(plan)
+    if tree is None:
+        treedef, specs = pickle.loads(header[4:4 + size].tobytes())
+        leaves = [np.zeros(shape, dtype) for dtype, shape in specs]
+    leaves = multihost_utils.broadcast_one_to_all(leaves)
+    return jax.tree_util.tree_unflatten(treedef, [np.asarray(x) for x in leaves])
 
 
 if __name__ == "__main__":

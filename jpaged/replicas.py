@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 from jpaged.interfaces import Engine
 
+from jpaged.request import prompt_token_ids
+
 # A prefix match is ignored when its replica has this many more unfinished requests than
 # the least loaded one: a shared system prompt must not pin every request to one replica.
 MAX_IMBALANCE = 8
@@ -103,7 +105,8 @@ class Replicas:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.owner:
             raise ValueError(f"request id {request_id!r} is already in use")
-        token_ids = self._token_ids(prompt)
+        # The engine's own rule: a bad prompt is refused here, before any replica sees it.
+        _, token_ids = prompt_token_ids(prompt, self.engines[0].tokenizer)
         replica = self.router.choose(token_ids, [len(e.requests) for e in self.engines])
         self.engines[replica].add_request(prompt, params, request_id, priority)
         self.router.record(replica, token_ids)
@@ -137,10 +140,3 @@ class Replicas:
     @property
     def num_steps(self) -> int:
         return max(e.num_steps for e in self.engines)
-
-    def _token_ids(self, prompt) -> list[int]:
-        """The prompt's ids for routing; the engine validates and reports bad prompts."""
-        tokenizer = self.engines[0].tokenizer
-        if isinstance(prompt, str):
-            return tokenizer.encode(prompt).ids if tokenizer is not None else []
-        return list(prompt) if hasattr(prompt, "__iter__") else []

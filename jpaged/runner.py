@@ -13,20 +13,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.attention import AttentionMetadata, check_impl
-from jpaged.cache import KVCache, PageTable, copy_pages
-from jpaged.sampling import SamplerOutput, SamplingTensors, sample
-from jpaged.scheduler import SchedulerOutput, bucket
+from jpaged.attention import check_impl
+from jpaged.batch import StepBatch
+from jpaged.cache import KVCache, copy_pages
+from jpaged.sampling import SamplerOutput, sample
+from jpaged.scheduler import PageMoves
+from jpaged.shapes import bucket
+
+# Page-copy lists are padded to powers of two, at least this, so they compile rarely.
+MIN_COPY_BUCKET = 8
+# Traces of `_step` in this process. A trace happens exactly when jit meets a new
+# (model, shapes, static fields) key, i.e. once per compiled program.
+_num_step_traces = 0
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,),
-                   static_argnames=("num_top",))
-def _step(forward, config, params, cache, token_ids, meta, logits_indices, tensors, *,
-          num_top):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
     """One engine step. Jitted once at module level, keyed on (forward, config) and the
-    shapes, so every engine running the same model shares the compiled programs."""
-    logits, cache = forward(params, config, cache, token_ids, meta, logits_indices)
-    return sample(logits, tensors, num_top), cache
+    batch's shapes, so every engine running the same model shares the compiled programs."""
+    global _num_step_traces
+    _num_step_traces += 1   # Python runs only while tracing: counts compilations
+    logits, cache = forward(params, config, cache, batch.token_ids,
+                            batch.attention_metadata(attention_impl), batch.logits_indices)
+    return sample(logits, batch.sampling, batch.num_top), cache
 
 
 def _put_pages(cache: KVCache, pages, k, v) -> KVCache:
@@ -38,12 +47,12 @@ def _take_pages(cache: KVCache, pages):
     return cache.k[:, :, pages], cache.v[:, :, pages]
 
 
-def _padded_pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Split (src, dst) pairs into two arrays padded to a power of two with page 0 -> 0."""
-    size = bucket(len(pairs), 8, 1 << 30)
+def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split (src, dst) pairs ``int32[N, 2]`` into two arrays padded to a bucket with
+    page 0 -> 0."""
+    size = bucket(len(pairs), MIN_COPY_BUCKET)
     src, dst = np.zeros(size, np.int32), np.zeros(size, np.int32)
-    if pairs:
-        src[:len(pairs)], dst[:len(pairs)] = zip(*pairs)
+    src[:len(pairs)], dst[:len(pairs)] = pairs[:, 0], pairs[:, 1]
     return src, dst
 
 
@@ -79,39 +88,30 @@ class ModelRunner:
     def num_compilations(self) -> int:
         """Distinct step programs compiled so far in this process (one per model, bucket
         shape and mode; shared by engines running the same model): compare before/after."""
-        return _step._cache_size()
+        return _num_step_traces
 
-    def execute(self, out: SchedulerOutput, logits_indices: np.ndarray,
-                tensors: SamplingTensors, num_top: int) -> SamplerOutput:
-        """Move pages as planned, run the step, and bring back the sampled ids (numpy).
-
-        logits_indices: ``int32[R]``, the flat token whose logits each sampling row uses.
-        """
-        self.move_pages(out)
-        meta = AttentionMetadata(
-            slot_mapping=out.slot_mapping, q_seq=out.q_seq, positions=out.positions,
-            page_table=PageTable(out.block_tables, out.context_lens), is_decode=out.is_decode,
-            attention_impl=self.attention_impl)
-        result, self.cache = _step(self.model.forward, self.model.config, self.model.params,
-                                   self.cache, out.token_ids, meta, logits_indices, tensors,
-                                   num_top=num_top)
+    def execute(self, moves: PageMoves, batch: StepBatch) -> SamplerOutput:
+        """Move pages as planned, run the step, and bring back the sampled ids (numpy)."""
+        self.move_pages(moves)
+        result, self.cache = _step(self.model.forward, self.model.config, self.attention_impl,
+                                   self.model.params, self.cache, batch)
         return SamplerOutput(*jax.device_get(tuple(result)))
 
-    def move_pages(self, out: SchedulerOutput) -> None:
+    def move_pages(self, moves: PageMoves) -> None:
         """Swap-out, swap-in, then copy-on-write copies, in the order the plan needs."""
-        if out.swap_out:
-            device, host = _padded_pairs(out.swap_out)
+        if len(moves.swap_out):
+            device, host = _padded_pairs(moves.swap_out)
             k, v = jax.device_get(self._take(self.cache, device))
-            n = len(out.swap_out)
+            n = len(moves.swap_out)
             self.host.k[:, :, host[:n]] = k[:, :, :n]
             self.host.v[:, :, host[:n]] = v[:, :, :n]
-        if out.swap_in:
-            host, device = _padded_pairs(out.swap_in)
+        if len(moves.swap_in):
+            host, device = _padded_pairs(moves.swap_in)
             # Padding rewrites the null page with host page 0: the null page is never read.
             self.cache = self._put(self.cache, device, self.host.k[:, :, host],
                                    self.host.v[:, :, host])
-        if out.copies:
-            self.cache = self._copy(self.cache, *_padded_pairs(out.copies))
+        if len(moves.copies):
+            self.cache = self._copy(self.cache, *_padded_pairs(moves.copies))
 
     def poison_free_pages(self, pages) -> None:
         """Fill ``pages`` with NaN (tests: a recycled page must never leak into outputs)."""

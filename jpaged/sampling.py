@@ -23,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jpaged.scheduler import bucket  # host-only module: no import cycle
+from jpaged.shapes import bucket
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 GREEDY_TEMPERATURE = 1e-5
 # Top-k / top-p first look at this many largest logits per row (a cheap partial sort).
 TOP_CANDIDATES = 256
+# Token-history widths (penalties) are powers of two, at least this, so they compile rarely.
+MIN_HISTORY_WIDTH = 16
 
 
 def _integer(name: str, value) -> int:
@@ -165,9 +167,15 @@ class SamplingParams:
         """
         if self.seed is None:
             return [int(s) for s in rng.integers(0, 2**32, size=self.num_sequences)]
-        # SeedSequence takes non-negative entropy; the modulus keeps -1 and 1 apart.
-        return [int(np.random.SeedSequence(self.seed % 2**64, spawn_key=(i,))
-                    .generate_state(1)[0]) for i in range(self.num_sequences)]
+        return [derive_seed(self.seed, i) for i in range(self.num_sequences)]
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """The 32-bit seed of stream ``index`` (a request's sample, a batch row) from ``seed``:
+    the same pair always gives the same seed, different indices independent ones."""
+    # SeedSequence takes non-negative entropy; the modulus keeps -1 and 1 apart.
+    return int(np.random.SeedSequence(int(seed) % 2**64, spawn_key=(index,))
+               .generate_state(1)[0])
 
 
 def _pad_histories(histories, rows: int, batch: int, width: int | None,
@@ -176,8 +184,7 @@ def _pad_histories(histories, rows: int, batch: int, width: int | None,
         raise ValueError(f"{name} must hold one token list per sequence ({rows}), got "
                          f"{None if histories is None else len(histories)}")
     longest = max([len(h) for h in histories] + [0])
-    # Power-of-two widths (at least 16), so history shapes compile rarely.
-    width = bucket(longest, 16, 1 << 30) if width is None else width
+    width = bucket(longest, MIN_HISTORY_WIDTH) if width is None else width
     if longest > width:
         raise ValueError(f"{name} has a history of {longest} tokens, more than "
                          f"width={width}")

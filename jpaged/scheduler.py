@@ -9,20 +9,16 @@ import bisect
 import dataclasses
 import heapq
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
-from jpaged.block_manager import BlockManager, cdiv
+from jpaged.block_manager import BlockManager
 from jpaged.sequence import Sequence, SequenceStatus
+from jpaged.shapes import cdiv
 
 RUNNING, WAITING, SWAPPED, FINISHED = (SequenceStatus.RUNNING, SequenceStatus.WAITING,
                                        SequenceStatus.SWAPPED, SequenceStatus.FINISHED)
-
-
-def bucket(n: int, minimum: int, maximum: int) -> int:
-    """Padded size for ``n``: the next power of two, at least ``minimum``, capped at
-    ``maximum`` (when that is larger than ``minimum``), so a run compiles few shapes."""
-    return max(minimum, min(1 << max(n - 1, 0).bit_length(), maximum))
 
 
 class TableRows:
@@ -59,62 +55,63 @@ class TableRows:
             self.free_rows.append(entry[0])
 
 
-def flat_layout(starts, counts, block_tables: np.ndarray, page_size: int):
-    """Ragged chunks laid end to end, one per table row: chunk i is tokens ``starts[i] ..
-    starts[i] + counts[i] - 1`` of row i. Returns the row, position and cache slot of every
-    token, each ``int32[sum(counts)]``."""
-    counts = np.asarray(counts, np.int32)
-    first = np.cumsum(counts) - counts   # flat index of each chunk's first token
-    rows = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-    positions = (np.asarray(starts, np.int32)[rows]
-                 + np.arange(int(counts.sum()), dtype=np.int32) - first[rows])
-    slots = block_tables[rows, positions // page_size] * page_size + positions % page_size
-    return rows, positions, slots.astype(np.int32)
+class PageMoves(NamedTuple):
+    """The page copies a step needs before it runs, in this order (a page freed by a
+    swap-out may be reused in the same step), each ``int32[N, 2]`` rows of (src, dst):
+    swap_out (device page -> host page), swap_in (host page -> device page), copies
+    (copy-on-write, device page -> device page)."""
+
+    swap_out: np.ndarray
+    swap_in: np.ndarray
+    copies: np.ndarray
+
+
+def _pairs(pairs: list[tuple[int, int]]) -> np.ndarray:
+    return np.asarray(pairs, np.int32).reshape(-1, 2)
 
 
 @dataclasses.dataclass
-class SchedulerOutput:
-    """One step, as the engine reads it.
+class StepPlan:
+    """One step as the scheduler decided it: host values only (``jpaged.batch`` turns it
+    into the device arrays).
 
     seqs: the scheduled sequences (the rows, decodes first); num_new_tokens[i] tokens of
-        row i are computed this step, from position start_positions[i].
+        row i are computed this step, from position start_positions[i]; sample[i]: whether
+        row i samples a token (a decode, or a prefill whose last chunk this is).
+    table_rows[i]: row i's row in ``tables``, the scheduler's host mirror of the block
+        tables (``int32[rows + 1, max pages per sequence]``, the last row all zeros:
+        padding), valid until the next ``schedule``.
+    copies, swap_out, swap_in: (src, dst) page pairs, see ``PageMoves``.
     preempted: sequences pushed out this step (back to waiting, or swapped out).
-    Before the step the device performs, in this order: ``swap_out`` copies
-    (device page -> host page), ``swap_in`` copies (host page -> device page), ``copies``
-    (copy-on-write, device src -> dst page): a page freed by a swap-out may be reused in the
-    same step. Padded shapes: T tokens, B rows, W pages per row, each a bucket; num_tokens
-    is the unpadded T.
-
-    token_ids, positions, slot_mapping, q_seq: ``int32[T]``, the rows' tokens one after the
-        other; padding: token 0, position 0, slot 0 (the null page), row 0.
-    block_tables: ``int32[B, W]`` padded with 0. context_lens: ``int32[B]``, each row's
-        length after this step's tokens are written, 0 for padded rows.
-    logits_indices: ``int32[B]``, flat index of each row's last token (0 when padded).
-    sample: ``bool[B]``, rows that sample a token: decodes and prefills that complete.
-    is_decode: every row has one token and token i belongs to row i (then T == B).
     """
 
     seqs: list = dataclasses.field(default_factory=list)
     num_new_tokens: list = dataclasses.field(default_factory=list)
     start_positions: list = dataclasses.field(default_factory=list)
+    sample: list = dataclasses.field(default_factory=list)
+    table_rows: list = dataclasses.field(default_factory=list)
+    tables: np.ndarray = None
     copies: list = dataclasses.field(default_factory=list)
     swap_out: list = dataclasses.field(default_factory=list)
     swap_in: list = dataclasses.field(default_factory=list)
     preempted: list = dataclasses.field(default_factory=list)
-    token_ids: np.ndarray = None
-    positions: np.ndarray = None
-    slot_mapping: np.ndarray = None
-    q_seq: np.ndarray = None
-    block_tables: np.ndarray = None
-    context_lens: np.ndarray = None
-    logits_indices: np.ndarray = None
-    sample: np.ndarray = None
-    is_decode: bool = False
-    num_tokens: int = 0
 
     @property
     def num_seqs(self) -> int:
         return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every row has one token (then token i belongs to row i)."""
+        return 0 < len(self.seqs) == self.num_tokens
+
+    @property
+    def moves(self) -> PageMoves:
+        return PageMoves(_pairs(self.swap_out), _pairs(self.swap_in), _pairs(self.copies))
 
 
 class Scheduler:
@@ -135,15 +132,12 @@ class Scheduler:
         batch runs until its last sequence finishes.
     A sequence stops with reason "length" at ``max_tokens`` or when it reaches
     ``max_model_len`` tokens (or what one sequence can hold of the pool, if less).
-    Buckets: token, row and page-per-row counts are padded to powers of two, at least
-    ``min_token_bucket`` / ``min_seq_bucket`` / ``min_page_bucket``.
     """
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 4096,
                  policy: str = "fcfs", preemption_mode: str = "recompute",
-                 static_batching: bool = False, min_token_bucket: int = 16,
-                 min_seq_bucket: int = 8, min_page_bucket: int = 4):
+                 static_batching: bool = False):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be >= 1")
         if max_num_batched_tokens < max_num_seqs:
@@ -163,9 +157,6 @@ class Scheduler:
         self.policy = policy
         self.preemption_mode = preemption_mode
         self.static_batching = static_batching
-        self.min_token_bucket = min_token_bucket
-        self.min_seq_bucket = min_seq_bucket
-        self.min_page_bucket = min_page_bucket
         ps = block_manager.page_size
         self.max_len = min(max_model_len, block_manager.num_usable_pages * ps)
         self.max_pages_per_seq = cdiv(self.max_len, ps)
@@ -266,9 +257,9 @@ class Scheduler:
 
     # -- steps -----------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's rows, reserve their slots, and build the device arrays."""
-        bm, out = self.block_manager, SchedulerOutput()
+    def schedule(self) -> StepPlan:
+        """Pick this step's rows and reserve their slots."""
+        bm, out = self.block_manager, StepPlan(tables=self._tables.array)
         running = self.running
         while len(running) > self.max_num_seqs:   # forks can overfill: the newest wait
             self._preempt(running.pop(), out)
@@ -317,10 +308,10 @@ class Scheduler:
                 heapq.heappop(self.waiting)
                 seq.num_computed_tokens = bm.allocate(seq)
                 budget -= self._admit(out, seq, budget)
-        self._fill_arrays(out)
+        out.table_rows = [self._tables.row(seq) for seq in out.seqs]
         return out
 
-    def update(self, out: SchedulerOutput, sampled_token_ids) -> list[Sequence]:
+    def update(self, out: StepPlan, sampled_token_ids) -> list[Sequence]:
         """After the device step: cache the newly computed full pages and append one sampled
         token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
         non-sampling rows are ignored). Returns the sequences that stopped on length."""
@@ -329,7 +320,7 @@ class Scheduler:
         if len(sampled) < len(out.seqs):
             raise ValueError(f"{len(sampled)} sampled token ids for {len(out.seqs)} rows")
         sampled = sampled[:len(out.seqs)].tolist()
-        for seq, sample, token in zip(out.seqs, out.sample.tolist(), sampled):
+        for seq, sample, token in zip(out.seqs, out.sample, sampled):
             if seq.status is FINISHED:   # finished or aborted since `schedule`
                 continue
             if seq.status is RUNNING:
@@ -350,19 +341,20 @@ class Scheduler:
 
     # -- internals -------------------------------------------------------------------
 
-    def _admit(self, out: SchedulerOutput, seq: Sequence, budget: int) -> int:
+    def _admit(self, out: StepPlan, seq: Sequence, budget: int) -> int:
         seq.status = RUNNING
         bisect.insort(self.running, seq)
         return self._add_row(out, seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
 
-    def _add_row(self, out: SchedulerOutput, seq: Sequence, n: int) -> int:
+    def _add_row(self, out: StepPlan, seq: Sequence, n: int) -> int:
         out.seqs.append(seq)
         out.num_new_tokens.append(n)
         out.start_positions.append(seq.num_computed_tokens)
         seq.num_computed_tokens += n   # advanced now, so a second schedule() never repeats it
+        out.sample.append(seq.num_computed_tokens == len(seq.token_ids))
         return n
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def _preempt(self, seq: Sequence, out: StepPlan) -> None:
         bm = self.block_manager
         self._tables.release(seq)
         if self.preemption_mode == "swap" and bm.can_swap_out(seq):
@@ -376,39 +368,3 @@ class Scheduler:
             heapq.heappush(self.waiting, seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
-
-    def _fill_arrays(self, out: SchedulerOutput) -> None:
-        ps = self.block_manager.page_size
-        seqs, num_rows = out.seqs, len(out.seqs)
-        counts = np.array(out.num_new_tokens, np.int32)
-        starts = np.array(out.start_positions, np.int32)
-        num_tokens = int(counts.sum())
-        out.num_tokens = num_tokens
-        out.is_decode = 0 < num_rows == num_tokens
-        rows = bucket(num_rows, self.min_seq_bucket, self.max_num_seqs)
-        tokens = rows if out.is_decode else bucket(num_tokens, self.min_token_bucket,
-                                                   self.max_num_batched_tokens)
-        table_rows = [self._tables.row(s) for s in seqs]
-        width = bucket(max(map(len, (s.block_table for s in seqs)), default=0),
-                       self.min_page_bucket, self.max_pages_per_seq)
-        out.block_tables = self._tables.array[
-            table_rows + [self._tables.padding] * (rows - num_rows), :width]
-        row, pos, slots = flat_layout(starts, counts, out.block_tables, ps)
-
-        out.token_ids = np.zeros(tokens, np.int32)
-        out.token_ids[:num_tokens] = (   # one token per row is the common step: no slicing
-            [s.token_ids[a] for s, a in zip(seqs, out.start_positions)] if out.is_decode
-            else list(itertools.chain.from_iterable(s.token_ids[a:a + n] for s, a, n in zip(
-                seqs, out.start_positions, out.num_new_tokens))))
-        out.positions = np.zeros(tokens, np.int32)
-        out.positions[:num_tokens] = pos
-        out.q_seq = np.zeros(tokens, np.int32)
-        out.q_seq[:num_tokens] = row
-        out.slot_mapping = np.zeros(tokens, np.int32)
-        out.slot_mapping[:num_tokens] = slots
-        out.context_lens = np.zeros(rows, np.int32)
-        out.context_lens[:num_rows] = starts + counts
-        out.logits_indices = np.zeros(rows, np.int32)
-        out.logits_indices[:num_rows] = np.cumsum(counts) - 1
-        out.sample = np.zeros(rows, bool)
-        out.sample[:num_rows] = out.context_lens[:num_rows] == [len(s.token_ids) for s in seqs]

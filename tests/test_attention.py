@@ -362,8 +362,8 @@ BAD_DECODE = [
     (dict(impl="fast"), "impl='fast' is not one of"),
     (dict(layer=0), r"layer=0 needs the stacked pool \[L, Hkv, P, S, D\]"),
     (dict(soft_cap=0.0), "soft_cap=0.0 must be positive"),
-    (dict(sliding_window=0), "sliding_window=0 must be a positive integer"),
-    (dict(pages_per_block=0), "pages_per_block=0 must be a positive integer"),
+    (dict(sliding_window=0), "sliding_window must be a positive integer, got 0"),
+    (dict(pages_per_block=0), "pages_per_block must be a positive integer, got 0"),
 ]
 
 
@@ -411,6 +411,19 @@ def test_dense_bad_input(change, message):
     args = [inputs.pop(name) for name in ("q", "k", "v", "lengths")]
     with pytest.raises(ValueError, match=message):
         dense_attention(*args, **inputs)
+
+
+def test_inputs_are_checked_once_per_call(monkeypatch):
+    """One validation per call: the page table's values are read once, decode or prefill."""
+    calls = []
+    check = PageTable.check_values
+    monkeypatch.setattr(PageTable, "check_values",
+                        lambda self, *args: calls.append(args) or check(self, *args))
+    q, pages, table = small_inputs()
+    paged_attention(q, pages, pages, table)
+    paged_prefill_attention(q, pages, pages, table, np.array([0, 1], np.int32),
+                            np.array([2, 8], np.int32))
+    assert calls == [(6, 4), (6, 4)]
 
 
 def test_traced_values_are_checked_when_concrete_only():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import models
-from jpaged.attention import AttentionMetadata
+from jpaged.batch import StepBatch
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable
 from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, _prefill_chunk,
@@ -261,15 +261,15 @@ def test_the_loop_and_the_engine_step_write_the_pool_in_place(model, batch):
     rows = jnp.arange(batch, dtype=jnp.int32)
     tokens, tensors = jnp.zeros(batch, jnp.int32), sampling_tensors(None, batch)
     page = table.block_tables[rows, context // PAGE_SIZE]
-    meta = AttentionMetadata(slot_mapping=page * PAGE_SIZE + context % PAGE_SIZE, q_seq=rows,
-                             positions=table.lengths,
-                             page_table=PageTable(table.block_tables, table.lengths + 1),
-                             is_decode=True)
+    step_batch = StepBatch(token_ids=tokens, positions=table.lengths,
+                           slot_mapping=page * PAGE_SIZE + context % PAGE_SIZE, q_seq=rows,
+                           block_tables=table.block_tables, context_lens=table.lengths + 1,
+                           logits_indices=rows, sampling=tensors, is_decode=True, num_top=0)
     programs = {
         "loop": _decode.lower(_model_step(model), STEPS, True, model.params, cache, table,
                               tokens, jnp.asarray(NO_EOS, jnp.int32), tensors),
-        "engine step": runner_step.lower(model.forward, model.config, model.params, cache,
-                                         tokens, meta, rows, tensors, num_top=0)}
+        "engine step": runner_step.lower(model.forward, model.config, "auto", model.params, cache,
+                                         step_batch)}
     for name, program in programs.items():
         results = pool_sized_results(program.compile().as_text(), cache.k.size)
         made = [op for op in results if op not in ("parameter", "get-tuple-element", "bitcast")]

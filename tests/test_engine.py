@@ -258,3 +258,29 @@ def test_text_prompts_and_stop_strings(model, word_tokenizer):
                                                 stop=[stop]))[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:first]
     assert cut.token_ids == expected[:len(cut.token_ids)] and len(cut.token_ids) <= 5
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("hello", "a text prompt needs a tokenizer"),
+    ({"ids": [1]}, "prompt must be a string or a list of token ids, got dict"),
+    ([1, 2.5], "prompt must be a string or a list of token ids, got list"),
+])
+def test_replicas_refuse_prompts_by_the_engines_rule(prompt, message):
+    """Routing and the engine turn prompts into ids with one function: a prompt the
+    engine refuses is refused by the router with the same message, before any replica."""
+    from types import SimpleNamespace
+
+    from jpaged.replicas import Replicas
+    from jpaged.request import prompt_token_ids
+
+    with pytest.raises(ValueError, match=message):
+        prompt_token_ids(prompt, None)
+    pool = SimpleNamespace(page_size=4, num_usable_pages=8)
+    engines = [SimpleNamespace(tokenizer=None, requests={},
+                               scheduler=SimpleNamespace(block_manager=pool))
+               for _ in range(2)]
+    replicas = Replicas(engines)
+    with pytest.raises(ValueError, match=message):
+        replicas.add_request(prompt)
+    assert replicas.owner == {}
+    assert prompt_token_ids(np.array([3, 4]), None) == (None, [3, 4])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
+from jpaged.batch import BatchBuilder
 from jpaged.block_manager import BlockManager
 from jpaged.scheduler import Scheduler
 from jpaged.sequence import Sequence, SequenceStatus
@@ -229,9 +230,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.sched = Scheduler(bm, max_num_seqs=max_num_seqs,
                                max_num_batched_tokens=max_num_seqs + extra_budget,
                                max_model_len=max_model_len, policy=policy,
-                               preemption_mode=mode, static_batching=static,
-                               min_token_bucket=4, min_seq_bucket=2,
-                               min_page_bucket=2)
+                               preemption_mode=mode, static_batching=static)
+        self.builder = BatchBuilder.for_scheduler(self.sched, min_token_bucket=4,
+                                                  min_seq_bucket=2, min_page_bucket=2)
         self.bm = bm
         self.shadow = Shadow(page_size)
         self.expected: dict[str, list[int]] = {}   # seq_id -> the tokens it must have
@@ -299,18 +300,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert len(seq.block_table) == math.ceil(seq.num_tokens / ps)
         for x in s.running:
             check_page_counts(x, ps)
-        self.check_arrays(out)
+        batch = self.builder.build(out)
+        self.check_arrays(out, batch)
         # The device step: copies first, then every token writes its slot.
         self.shadow.copy(out.swap_out, "device", "host")
         self.shadow.copy(out.swap_in, "host", "device")
         self.shadow.copy(out.copies, "device", "device")
         written = {}
         for j in range(n):
-            seq, pos = out.seqs[out.q_seq[j]], int(out.positions[j])
-            page = int(out.slot_mapping[j]) // ps
+            seq, pos = out.seqs[batch.q_seq[j]], int(batch.positions[j])
+            page = int(batch.slot_mapping[j]) // ps
             assert written.setdefault(page, seq) is seq, "two sequences write one page"
             assert self.bm.ref_counts[page] == 1 and page not in self.bm.page_keys
-            self.shadow.write(seq, int(out.slot_mapping[j]), pos)
+            self.shadow.write(seq, int(batch.slot_mapping[j]), pos)
         sampled = data.draw(st.lists(st.integers(0, 3), min_size=len(out.sample),
                                      max_size=len(out.sample)))
         for i, seq in enumerate(out.seqs):
@@ -320,31 +322,31 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert seq.finish_reason == "length" and seq.token_ids == self.expected[seq.seq_id]
             assert seq.num_output_tokens == seq.max_tokens or seq.num_tokens >= s.max_len
 
-    def check_arrays(self, out):
-        s, ps, n, rows = self.sched, self.bm.page_size, out.num_tokens, out.num_seqs
-        T, B = len(out.token_ids), len(out.context_lens)
-        W = out.block_tables.shape[1]
-        assert out.block_tables.shape[0] == B and T >= n and B >= rows
-        assert out.is_decode == (rows > 0 and n == rows)
+    def check_arrays(self, out, batch):
+        s, ps, n, rows = self.builder, self.bm.page_size, out.num_tokens, out.num_seqs
+        T, B = len(batch.token_ids), len(batch.context_lens)
+        W = batch.block_tables.shape[1]
+        assert batch.block_tables.shape[0] == B and T >= n and B >= rows
+        assert out.is_decode == batch.is_decode == (rows > 0 and n == rows)
         assert T == B if out.is_decode else is_bucket(T, s.min_token_bucket,
                                                       s.max_num_batched_tokens)
         assert is_bucket(B, s.min_seq_bucket, s.max_num_seqs)
         assert is_bucket(W, s.min_page_bucket, s.max_pages_per_seq)
-        for arr in (out.positions, out.slot_mapping, out.q_seq, out.token_ids):
+        for arr in (batch.positions, batch.slot_mapping, batch.q_seq, batch.token_ids):
             assert arr.dtype.name == "int32" and len(arr) == T and not arr[n:].any()
         for i, seq in enumerate(out.seqs):
-            table = out.block_tables[i]
+            table = batch.block_tables[i]
             assert list(table[:len(seq.block_table)]) == seq.block_table
             assert not table[len(seq.block_table):].any()
-            assert out.context_lens[i] == out.start_positions[i] + out.num_new_tokens[i]
-            last = out.logits_indices[i]
-            assert out.q_seq[last] == i and out.positions[last] == out.context_lens[i] - 1
-            assert out.sample[i] == (out.context_lens[i] == seq.num_tokens)
+            assert batch.context_lens[i] == out.start_positions[i] + out.num_new_tokens[i]
+            last = batch.logits_indices[i]
+            assert batch.q_seq[last] == i and batch.positions[last] == batch.context_lens[i] - 1
+            assert out.sample[i] == (batch.context_lens[i] == seq.num_tokens)
         for j in range(n):
-            seq, pos = out.seqs[out.q_seq[j]], out.positions[j]
-            assert out.token_ids[j] == seq.token_ids[pos]
-            assert out.slot_mapping[j] == seq.block_table[pos // ps] * ps + pos % ps
-        assert not out.context_lens[rows:].any() and not out.sample[rows:].any()
+            seq, pos = out.seqs[batch.q_seq[j]], batch.positions[j]
+            assert batch.token_ids[j] == seq.token_ids[pos]
+            assert batch.slot_mapping[j] == seq.block_table[pos // ps] * ps + pos % ps
+        assert not batch.context_lens[rows:].any() and len(out.sample) == rows
 
     @precondition(lambda self: self.sched.running)
     @rule(data=st.data(), token=st.none() | st.integers(0, 3))

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from jpaged.attention import AttentionMetadata
+from jpaged.batch import StepBatch
 from jpaged.cache import PageTable
 from jpaged.engine import LLM
 from jpaged.replicas import MAX_IMBALANCE, Replicas, Router
@@ -103,13 +103,14 @@ def decode_hlo(llm, batch=8, width=4) -> str:
     """The compiled text of the engine's decode step (a padded batch of ``batch`` rows)."""
     model, cache = llm.engine.runner.model, llm.engine.runner.cache
     zeros = np.zeros(batch, np.int32)
-    meta = AttentionMetadata(zeros, np.arange(batch, dtype=np.int32), zeros,
-                             PageTable(np.zeros((batch, width), np.int32), zeros),
-                             is_decode=True)
     tensors = SamplingTensors.from_params([SamplingParams(temperature=0.0)] * batch,
                                           [0] * batch, [0] * batch)
-    return runner_step.lower(model.forward, model.config, model.params, cache, zeros, meta,
-                             zeros, tensors, num_top=0).compile().as_text()
+    step_batch = StepBatch(token_ids=zeros, positions=zeros, slot_mapping=zeros,
+                           q_seq=np.arange(batch, dtype=np.int32),
+                           block_tables=np.zeros((batch, width), np.int32), context_lens=zeros,
+                           logits_indices=zeros, sampling=tensors, is_decode=True, num_top=0)
+    return runner_step.lower(model.forward, model.config, "auto", model.params, cache,
+                             step_batch).compile().as_text()
 
 
 def collectives(hlo: str) -> dict:

@@ -1,22 +1,28 @@
 """Scheduler: budget and cap, chunked prefill, no decode starvation, preemption and resume,
-priorities, forks, aborts, the device arrays, and bad input."""
+priorities, forks, aborts, and bad input (the device arrays: test_batch.py)."""
 
 import random
 
-import numpy as np
 import pytest
 
+from jpaged.batch import BatchBuilder
 from jpaged.block_manager import BlockManager
-from jpaged.scheduler import Scheduler, bucket
+from jpaged.scheduler import Scheduler
 from jpaged.sequence import SequenceStatus
+
+BUCKETS = {"min_token_bucket": 8, "min_seq_bucket": 2, "min_page_bucket": 2}
 
 
 def make(num_pages=64, page_size=4, *, num_host_pages=0, caching=True, watermark=0.0, **kwargs):
     bm = BlockManager(num_pages, page_size, num_host_pages=num_host_pages, watermark=watermark,
                       enable_prefix_caching=caching)
-    kwargs = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 256,
-              "min_token_bucket": 8, "min_seq_bucket": 2, "min_page_bucket": 2, **kwargs}
+    kwargs = {"max_num_seqs": 8, "max_num_batched_tokens": 32, "max_model_len": 256, **kwargs}
     return Scheduler(bm, **kwargs)
+
+
+def builder(sched, **buckets):
+    """The batch builder the engine pairs with ``sched`` (the tests' small buckets)."""
+    return BatchBuilder.for_scheduler(sched, **{**BUCKETS, **buckets})
 
 
 def next_token(tokens):
@@ -59,7 +65,8 @@ def test_budget_and_cap_are_never_exceeded():
 
     def check(out):
         assert sum(out.num_new_tokens) <= 24 and out.num_seqs <= 5 and len(sched.running) <= 5
-        assert len(out.token_ids) <= 32 and len(out.context_lens) <= 8
+        batch = builder(sched).build(out)
+        assert len(batch.token_ids) <= 32 and len(batch.context_lens) <= 8
 
     assert len(drive(sched, check)) == 30
 
@@ -176,7 +183,7 @@ def test_fork_shares_pages_and_copies_on_write():
     # The first three writers copy, the last one is then alone in the page.
     assert len(out.copies) == 3 and len({dst for _, dst in out.copies}) == 3
     assert {src for src, _ in out.copies} == {shared} and children[-1].block_table[1] == shared
-    assert len(set(out.slot_mapping[:4].tolist())) == 4
+    assert len(set(builder(sched).build(out).slot_mapping[:4].tolist())) == 4
     sched.update(out, [1, 2, 3, 4])
     drive(sched)
     assert sched.block_manager.num_free_pages == 63
@@ -227,45 +234,10 @@ def test_stops_at_max_tokens_and_at_max_model_len():
     assert len(outputs["short"]) == 3 and len(outputs["long"]) == 2
 
 
-def test_step_arrays_for_a_mixed_step():
-    sched = make(page_size=4, max_num_batched_tokens=8, min_token_bucket=4, min_seq_bucket=2)
-    sched.add_request("a", [11, 12, 13], 5)
-    sched.update(sched.schedule(), [14])
-    sched.add_request("b", list(range(20, 30)), 5)
-    out = sched.schedule()                   # a decodes, b gets a 7-token chunk
-    a, b = out.seqs
-    assert out.num_new_tokens == [1, 7] and out.start_positions == [3, 0] and not out.is_decode
-    assert out.token_ids.tolist() == [14] + list(range(20, 27))
-    assert out.positions.tolist() == [3, 0, 1, 2, 3, 4, 5, 6]
-    assert out.q_seq.tolist() == [0] + [1] * 7
-    ta, tb = a.block_table, b.block_table
-    assert out.slot_mapping.tolist() == [ta[0] * 4 + 3] + [tb[p // 4] * 4 + p % 4 for p in range(7)]
-    assert out.block_tables.shape == (2, 4) and out.block_tables[1].tolist() == tb + [0]
-    assert out.context_lens.tolist() == [4, 7] and out.logits_indices.tolist() == [0, 7]
-    assert out.sample.tolist() == [True, False]
-    assert all(x.dtype == np.int32 for x in (out.token_ids, out.positions, out.slot_mapping,
-                                            out.q_seq, out.block_tables, out.context_lens,
-                                            out.logits_indices))
-
-
-def test_decode_step_pads_tokens_like_rows():
-    sched = make(min_seq_bucket=4)
-    for i in range(3):
-        sched.add_request(f"r{i}", [i + 1], 4)
-    out = sched.schedule()                   # three one-token prompts: a decode-shaped step
-    assert out.is_decode and len(out.token_ids) == len(out.context_lens) == 4
-    assert out.slot_mapping[3] == 0 and out.context_lens[3] == 0 and not out.sample[3]
-
-
-def test_buckets_are_powers_of_two_within_bounds():
-    assert [bucket(n, 8, 64) for n in (0, 1, 8, 9, 33, 64)] == [8, 8, 8, 16, 64, 64]
-    assert bucket(70, 8, 100) == 100 and bucket(3, 8, 4) == 8
-
-
 def test_empty_step():
     out = make().schedule()
     assert out.num_seqs == 0 and out.num_tokens == 0 and not out.is_decode
-    assert not out.slot_mapping.any() and not out.sample.any()
+    assert not any(out.sample)
 
 
 def test_metrics():
@@ -347,3 +319,29 @@ def test_finish_of_a_finished_sequence_is_refused():
 def test_bad_configuration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**kwargs)
+
+
+def test_host_side_imports_neither_jax_nor_the_model():
+    """block_manager and scheduler (and what they import of jpaged) are pure host logic:
+    read from the source, their imports reach no JAX, Flax or models module."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    seen, todo, external = set(), ["jpaged.block_manager", "jpaged.scheduler"], set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name.startswith("jpaged."):
+                    todo.append(name)
+                else:
+                    external.add(name.split(".")[0])
+    assert seen >= {"jpaged.sequence", "jpaged.shapes"}
+    assert not external & {"jax", "jaxlib", "flax", "models", "jpaged"}, external

@@ -1,0 +1,131 @@
+"""The batch builder (plan -> StepBatch), the shared shape arithmetic, and the generic
+broadcast of a batch: a field added to StepBatch travels without other changes."""
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jpaged import distributed
+from jpaged.batch import SamplingRow, StepBatch
+from jpaged.sampling import SamplingParams
+from jpaged.scheduler import PageMoves
+from jpaged.shapes import bucket, cdiv, check_positive, flat_layout
+from test_scheduler import builder, make
+
+import pytest
+
+
+def test_step_arrays_for_a_mixed_step():
+    sched = make(page_size=4, max_num_batched_tokens=8)
+    sched.add_request("a", [11, 12, 13], 5)
+    sched.update(sched.schedule(), [14])
+    sched.add_request("b", list(range(20, 30)), 5)
+    out = sched.schedule()                   # a decodes, b gets a 7-token chunk
+    batch = builder(sched, min_token_bucket=4, min_seq_bucket=2).build(out)
+    a, b = out.seqs
+    assert out.num_new_tokens == [1, 7] and out.start_positions == [3, 0] and not out.is_decode
+    assert batch.token_ids.tolist() == [14] + list(range(20, 27))
+    assert batch.positions.tolist() == [3, 0, 1, 2, 3, 4, 5, 6]
+    assert batch.q_seq.tolist() == [0] + [1] * 7
+    ta, tb = a.block_table, b.block_table
+    assert batch.slot_mapping.tolist() == ([ta[0] * 4 + 3]
+                                           + [tb[p // 4] * 4 + p % 4 for p in range(7)])
+    assert batch.block_tables.shape == (2, 4) and batch.block_tables[1].tolist() == tb + [0]
+    assert batch.context_lens.tolist() == [4, 7] and batch.logits_indices.tolist() == [0, 7]
+    assert out.sample == [True, False]
+    assert all(x.dtype == np.int32 for x in (batch.token_ids, batch.positions,
+                                            batch.slot_mapping, batch.q_seq,
+                                            batch.block_tables, batch.context_lens,
+                                            batch.logits_indices))
+
+
+def test_decode_step_pads_tokens_like_rows():
+    sched = make()
+    for i in range(3):
+        sched.add_request(f"r{i}", [i + 1], 4)
+    out = sched.schedule()                   # three one-token prompts: a decode-shaped step
+    batch = builder(sched, min_seq_bucket=4).build(out)
+    assert out.is_decode and batch.is_decode
+    assert len(batch.token_ids) == len(batch.context_lens) == 4
+    assert batch.slot_mapping[3] == 0 and batch.context_lens[3] == 0 and len(out.sample) == 3
+
+
+def test_empty_step_arrays():
+    sched = make()
+    batch = builder(sched).build(sched.schedule())
+    assert not batch.slot_mapping.any() and not batch.context_lens.any()
+
+
+def test_extra_sampling_rows_share_their_rows_logits():
+    sched = make()
+    sched.add_request("a", [1, 2, 3], 4)
+    sched.add_request("b", [4, 5], 4)
+    out = sched.schedule()
+    a, b = out.seqs
+    p = SamplingParams(temperature=1.0, seed=3)
+    rows = [SamplingRow(0, p, 11, a), SamplingRow(1, p, 12, b), SamplingRow(1, p, 13, b)]
+    batch = builder(sched).build(out, rows, num_top=4)
+    # Two rows padded to 2, then the extra row (row 1's logits), padded to a bucket.
+    assert batch.logits_indices.tolist() == [2, 4, 4, 0]
+    assert batch.sampling.seed.tolist() == [11, 12, 13, 0]
+    assert batch.sampling.temperature.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert batch.num_top == 4
+
+
+def test_histories_only_when_a_penalty_reads_them():
+    sched = make()
+    sched.add_request("a", [1, 2, 3], 4)
+    out = sched.schedule()
+    (a,) = out.seqs
+    plain = builder(sched).build(out, [SamplingRow(0, SamplingParams(), 0, a)])
+    assert plain.sampling.prompt_tokens.shape[1] == plain.sampling.output_tokens.shape[1] == 0
+    penalized = builder(sched).build(
+        out, [SamplingRow(0, SamplingParams(repetition_penalty=1.5), 0, a)])
+    assert penalized.sampling.prompt_tokens[0, :4].tolist() == [1, 2, 3, -1]
+
+
+def test_every_batch_field_travels_through_the_broadcast():
+    """What multi-process sends is the flattened pytree: every field of StepBatch (and of
+    its sampling tensors), static ones included, comes back equal, so a new field is
+    written only in jpaged/batch.py (the dataclass and BatchBuilder.build)."""
+    sched = make()
+    sched.add_request("a", [1, 2, 3, 4, 5], 4)
+    out = sched.schedule()
+    batch = builder(sched).build(out, num_top=2)
+    moves = PageMoves(*(np.arange(2 * k, dtype=np.int32).reshape(k, 2) for k in (0, 1, 3)))
+    got_moves, got = distributed.broadcast((moves, batch))   # one process: sends to itself
+    assert isinstance(got, StepBatch) and got.num_top == 2 and got.is_decode == batch.is_decode
+    for field in dataclasses.fields(StepBatch):
+        want, have = getattr(batch, field.name), getattr(got, field.name)
+        if field.metadata.get("static"):
+            assert want == have
+            continue
+        for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(have), strict=True):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(x, y)
+    for x, y in zip(moves, got_moves, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert distributed.broadcast(None) is None
+
+
+def test_buckets_are_powers_of_two_within_bounds():
+    assert [bucket(n, 8, 64) for n in (0, 1, 8, 9, 33, 64)] == [8, 8, 8, 16, 64, 64]
+    assert bucket(70, 8, 100) == 100 and bucket(3, 8, 4) == 8
+    assert bucket(3000, 8) == 4096 and bucket(0, 0) == 1   # no upper limit
+
+
+def test_cdiv_and_flat_layout():
+    assert [cdiv(n, 4) for n in (0, 1, 4, 5)] == [0, 1, 1, 2]
+    np.testing.assert_array_equal(cdiv(np.array([3, 8]), 4), [1, 2])
+    tables = np.array([[5, 6], [7, 0]], np.int32)
+    rows, positions, slots = flat_layout([3, 0], [2, 1], tables, 4)
+    assert rows.tolist() == [0, 0, 1] and positions.tolist() == [3, 4, 0]
+    assert slots.tolist() == [5 * 4 + 3, 6 * 4 + 0, 7 * 4]
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "4", None])
+def test_check_positive_names_the_value(value):
+    with pytest.raises(ValueError, match=f"size must be a positive integer, got {value!r}"):
+        check_positive(size=value)
+    check_positive(size=np.int64(3))
