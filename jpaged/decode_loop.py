@@ -44,7 +44,7 @@ from jax import lax
 
 from jpaged.attention import AttentionMetadata
 from jpaged.block_manager import BlockManager, cdiv
-from jpaged.cache import KVCache, PageTable
+from jpaged.cache import KVCache, PageTable, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.sampling import GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, sample
 from jpaged.scheduler import flat_layout
 from jpaged.sequence import Sequence
@@ -148,21 +148,23 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
             page_size: int = 16, num_pages: int | None = None, memory: int | None = None,
             dense: bool = False, chunk_size: int = 256,
             sampling: SamplingParams | Seq[SamplingParams] | None = None, seed: int = 0,
-            dtype=None) -> tuple[KVCache, PageTable, jax.Array]:
+            dtype=None, kv_cache_dtype: str = "auto") -> tuple[KVCache, PageTable, jax.Array]:
     """Prompts -> (cache, page_table, first_tokens) ready for ``decode_loop``.
 
     Reserves pages for prompt + ``num_steps`` tokens per sequence (see ``reserve``),
     prefills the prompts in chunks of ``chunk_size`` flattened tokens (one compiled shape
     per batch geometry, whatever the prompt lengths) and samples output token 0 of each
     row on the device (pass the same ``sampling`` and ``seed`` to ``decode_loop``).
-    params: default ``model.params``; dtype: of the pool, default the params' dtype.
+    params: default ``model.params``; dtype: of the pool, default the params' dtype;
+    kv_cache_dtype: "auto" (that dtype), or "int8" / "fp8" for 8-bit pages with scales.
     """
     config = model.config
     params = model.params if params is None else params
     prompts = _check_prompts(prompts, config.vocab_size)
     if not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
+    dtype = resolve_kv_cache_dtype(kv_cache_dtype, jax.tree.leaves(params)[0].dtype
+                                   if dtype is None else dtype)
     cache, page_table = reserve(config, [len(p) for p in prompts], num_steps=num_steps,
                                 page_size=page_size, num_pages=num_pages, memory=memory,
                                 dense=dense, dtype=dtype)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jpaged import parallel
 from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache
+from jpaged.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.runner import ModelRunner
 from jpaged.sampling import SamplingParams, SamplingTensors, beam_candidates, beam_score
 from jpaged.scheduler import Scheduler, SchedulerOutput, bucket
@@ -495,6 +495,10 @@ class LLM:
     pool and scheduler, requests going to the least loaded (to the one holding their
     prefix with ``prefix_routing``); or ``mesh=`` a ``jax.sharding.Mesh`` with axes
     ``"data"`` and/or ``"model"``. ``kv_cache_bytes`` is then per device.
+
+    ``kv_cache_dtype``: "auto" stores K/V in the model's dtype; "int8" or "fp8"
+    (float8_e4m3fn) store 8-bit codes with a bfloat16 scale per token and kv head, about
+    twice the tokens in the same ``kv_cache_bytes`` (``kv_cache_info()`` tells the pool).
     """
 
     def __init__(self, model="tiny", *, page_size: int = 16, num_pages: int | None = None,
@@ -504,7 +508,8 @@ class LLM:
                  num_host_pages: int = 0, watermark: float = 0.01,
                  static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
-                 data_parallel: int | None = None, prefix_routing: bool = False):
+                 data_parallel: int | None = None, prefix_routing: bool = False,
+                 kv_cache_dtype: str = "auto"):
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
         if isinstance(model, str) and layout is None:
             model = load_model(model, dtype)
@@ -515,8 +520,11 @@ class LLM:
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        dtype = jnp.dtype(dtype or jax.tree.leaves(model.params)[0].dtype)
+        dtype = resolve_kv_cache_dtype(kv_cache_dtype,
+                                       dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
+        self._kv_cache_info = dict(page_size=page_size, kv_cache_dtype=dtype.name,
+                                   bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))
         if num_pages is None:
             budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
@@ -533,6 +541,14 @@ class LLM:
             engines.append(LLMEngine(replica, cache, scheduler, seed=seed + len(engines),
                                      num_host_pages=num_host_pages))
         self.engine = engines[0] if layout is None else layout.engine(engines, prefix_routing)
+        self._kv_cache_info["num_pages"] = num_pages
+
+    def kv_cache_info(self) -> dict:
+        """The KV pool of each replica: num_pages (null page included), page_size,
+        kv_cache_dtype (the pages' dtype name: "bfloat16", "int8", "float8_e4m3fn", ...)
+        and bytes_per_page (one page of every layer, K and V and their scales, summed over
+        the tensor-parallel devices)."""
+        return dict(self._kv_cache_info)
 
     def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
