@@ -308,3 +308,22 @@ def test_engine_pressure_keeps_scales(model, fmt):
     assert [results[i] for i in ids] == expected
     assert engine.scheduler.num_preemptions > 0
     assert bm.metrics([])["prefix_hit_rate"] > 0
+
+
+@pytest.mark.slow
+def test_decode_loop_on_an_int8_pool_matches_the_engine(model):
+    """decode_loop.prepare(kv_cache_dtype="int8"): the jitted loop quantizes the same way
+    the engine does, so greedy tokens are identical."""
+    from jpaged.decode_loop import decode_loop, prepare
+
+    batch = engine_prompts()[:3]
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4' is not one of"):
+        prepare(model, batch, num_steps=4, kv_cache_dtype="int4")
+    cache, table, first = prepare(model, batch, num_steps=GREEDY.max_tokens - 1, page_size=4,
+                                  kv_cache_dtype="int8")
+    assert cache.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+    out = decode_loop(model, model.params, cache, table, first,
+                      num_steps=GREEDY.max_tokens - 1)
+    tokens = np.concatenate([np.asarray(first)[:, None], np.asarray(out.tokens)], axis=1)
+    llm = LLM(model, page_size=4, num_pages=64, max_model_len=128, kv_cache_dtype="int8")
+    assert tokens.tolist() == [o.token_ids for o in llm.generate(batch, GREEDY)]
