@@ -184,10 +184,6 @@ class KVCache:
         """K and V pages of layer ``i`` (int or traced scalar): each ``[Hkv, P, S, D]``."""
         return self.k[i], self.v[i]
 
-    def check(self) -> None:
-        """Raise ValueError naming the problem if the pages and scales do not fit together."""
-        check_pages(self.k, self.v, self.k_scale, self.v_scale)
-
 
 def check_pages(k, v, k_scale=None, v_scale=None) -> None:
     """K/V pages ``[..., S, D]`` and their scales: float pages without scales, or 8-bit
