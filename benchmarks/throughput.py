@@ -28,6 +28,7 @@ KV_ROWS = [("pool pages", "num_pages", "{:d}"), ("bytes per page", "bytes_per_pa
            ("requests/s", "requests_per_s", "{:.2f}"),
            ("output tokens/s", "output_tokens_per_s", "{:.1f}"),
            ("TPOT p50 (ms)", "tpot_p50", "{:.1f}"), ("preemptions", "preemptions", "{:d}")]
+MS = ("tpot_p50",)   # kept in seconds by run_trace
 
 
 def kv_dtype_runs(model_name: str, trace: Trace, *, kv_tokens: int, max_model_len: int,
@@ -55,8 +56,9 @@ def kv_table(result: dict) -> str:
     names = list(result["runs"])
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, key, fmt in KV_ROWS:
-        lines.append(f"| {label} | " + " | ".join(fmt.format(result["runs"][n][key])
-                                               for n in names) + " |")
+        lines.append(f"| {label} | " + " | ".join(
+            fmt.format(result["runs"][n][key] * (1000 if key in MS else 1)) for n in names)
+            + " |")
     base = result["runs"][names[0]]
     for label, key in (("pages vs bf16", "num_pages"), ("max in flight vs bf16", "max_in_flight"),
                        ("tokens/s vs bf16", "output_tokens_per_s")):
