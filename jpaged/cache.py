@@ -15,9 +15,8 @@ the scales with their pages. ``pallas_kernels.quantization`` says why this granu
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,9 +105,9 @@ class KVCache:
         def zeros():
             if not is_quantized(dtype):
                 return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-            scales = jnp.zeros(shape[:-1], SCALE_DTYPE)
-            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), k_scale=scales,
-                       v_scale=scales)
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       k_scale=jnp.zeros(shape[:-1], SCALE_DTYPE),
+                       v_scale=jnp.zeros(shape[:-1], SCALE_DTYPE))
 
         # One sharding for every leaf: scales split over kv heads like their pages.
         return jax.jit(zeros, out_shardings=sharding)()
