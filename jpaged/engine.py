@@ -523,11 +523,12 @@ class LLM:
         dtype = resolve_kv_cache_dtype(kv_cache_dtype,
                                        dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
-        self._kv_cache_info = dict(page_size=page_size, kv_cache_dtype=dtype.name,
-                                   bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))
         if num_pages is None:
             budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
+        self._kv_cache_info = dict(num_pages=num_pages, page_size=page_size,
+                                   kv_cache_dtype=dtype.name,
+                                   bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))
         engines = []
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, dtype, sharding)
@@ -541,7 +542,6 @@ class LLM:
             engines.append(LLMEngine(replica, cache, scheduler, seed=seed + len(engines),
                                      num_host_pages=num_host_pages))
         self.engine = engines[0] if layout is None else layout.engine(engines, prefix_routing)
-        self._kv_cache_info["num_pages"] = num_pages
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,
