@@ -279,8 +279,22 @@ def engine_prompts():
             + [shared + rng.integers(0, CONFIG.vocab_size, n).tolist() for n in (5, 13, 2)])
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(f, marks=[pytest.mark.slow] if f == "fp8" else [])
-                                 for f in FMTS])   # same code path; one in the default run
+def test_kv_cache_info_and_bad_kv_cache_dtype(model):
+    budget = 2 ** 20
+    for name, dtype in (("auto", jnp.float32), ("int8", jnp.int8)):
+        llm = LLM(model, page_size=4, kv_cache_bytes=budget, max_model_len=128,
+                  kv_cache_dtype=name)
+        per_page = KVCache.bytes_per_page(2, CONFIG.num_kv_heads, CONFIG.head_dim, 4, dtype)
+        assert llm.kv_cache_info() == dict(num_pages=budget // per_page, page_size=4,
+                                           kv_cache_dtype=jnp.dtype(dtype).name,
+                                           bytes_per_page=per_page)
+        assert llm.engine.runner.cache.nbytes == budget // per_page * per_page
+    with pytest.raises(ValueError, match="kv_cache_dtype='int4' is not one of"):
+        LLM(model, kv_cache_dtype="int4")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", FMTS)
 def test_engine_pressure_keeps_scales(model, fmt):
     """The same int8 / fp8 outputs with a roomy pool and no prefix cache, and with prefix
     hits, swap preemption and NaN in every free page: pages moved, shared or recycled take
