@@ -7,7 +7,9 @@ table for ``jpaged.paged_attention``. Paged and dense calls are interleaved in o
 (so load from other processes hits both alike) and the median of several timed runs
 after warm-up is reported, with the KV bytes read per second and the paged/dense ratio.
 On a GPU the Pallas kernel and JAX's own ``jax.experimental.pallas.ops.gpu
-.paged_attention`` are timed too. A donated ``jpaged.write`` is checked to reuse the
+.paged_attention`` are timed too. The XLA path also runs on the same pages quantized to
+int8 and fp8 (``paged_xla_int8``, ``paged_xla_fp8``); each row reports the K/V bytes read
+per token (one layer, all kv heads, K and V, scales included), which is what bounds decode. A donated ``jpaged.write`` is checked to reuse the
 pool's buffer (no copy).
 
     python benchmarks/attention.py            # default sweep, a few minutes on a CPU
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpaged
+from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, quantize
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B attention
 HEADLINE = (16, 2048, 16)  # batch, context, page size
@@ -89,13 +92,24 @@ def peer_paged_attention():
     return paged_attention.paged_attention
 
 
+def token_bytes(impl: str, dtype) -> int:
+    """K/V bytes one token costs ``impl`` to read: all kv heads, K and V, scales included."""
+    fmt = impl.rsplit("_", 1)[-1]
+    if fmt in FORMATS:
+        return 2 * NUM_KV_HEADS * (HEAD_DIM * FORMATS[fmt].itemsize + SCALE_DTYPE.itemsize)
+    return 2 * NUM_KV_HEADS * HEAD_DIM * jnp.dtype(dtype).itemsize
+
+
 def candidates(inputs, on_gpu):
     """name -> zero-argument jitted call; 'dense' first."""
     q, k, v, k_pages, v_pages, table = inputs
+    xla = jax.jit(functools.partial(jpaged.paged_attention, impl="xla"))
     run = {"dense": functools.partial(jax.jit(jpaged.dense_attention), q, k, v, table.lengths),
-           "paged_xla": functools.partial(
-               jax.jit(functools.partial(jpaged.paged_attention, impl="xla")),
-               q, k_pages, v_pages, table)}
+           "paged_xla": functools.partial(xla, q, k_pages, v_pages, table)}
+    for fmt, dtype in FORMATS.items():
+        (kc, ks), (vc, vs) = quantize(k_pages, dtype), quantize(v_pages, dtype)
+        run[f"paged_xla_{fmt}"] = functools.partial(xla, q, kc, vc, table, k_scale=ks,
+                                                    v_scale=vs)
     if on_gpu:
         run["paged_pallas"] = functools.partial(
             jax.jit(functools.partial(jpaged.paged_attention, impl="pallas")),
@@ -173,22 +187,23 @@ def main(argv=None):
     if not on_gpu:
         print("jax.experimental.pallas.ops.gpu.paged_attention: n/a on CPU")
 
-    header = (f"{'batch':>5} {'context':>7} {'page':>4} | {'impl':<12} {'median ms':>9} "
-              f"{'GB/s':>7} {'vs dense':>8}")
+    header = (f"{'batch':>5} {'context':>7} {'page':>4} | {'impl':<14} {'median ms':>9} "
+              f"{'B/token':>7} {'GB/s':>7} {'vs dense':>8}")
     print(header)
     print("-" * len(header))
     rows = []
     for batch, context, page_size in sweep(mode):
         inputs = make_inputs(batch, context, page_size, dtype)
         medians = time_interleaved(candidates(inputs, on_gpu), reps)
-        kv_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * dtype.itemsize
         for impl, seconds in medians.items():
+            per_token = token_bytes(impl, dtype)
             row = dict(batch=batch, context=context, page_size=page_size, impl=impl,
-                       median_ms=1e3 * seconds, gb_per_s=kv_bytes / seconds / 1e9,
+                       median_ms=1e3 * seconds, bytes_per_token=per_token,
+                       gb_per_s=batch * context * per_token / seconds / 1e9,
                        ratio_vs_dense=seconds / medians["dense"])
             rows.append(row)
-            print(f"{batch:>5} {context:>7} {page_size:>4} | {impl:<12} "
-                  f"{row['median_ms']:>9.2f} {row['gb_per_s']:>7.2f} "
+            print(f"{batch:>5} {context:>7} {page_size:>4} | {impl:<14} "
+                  f"{row['median_ms']:>9.2f} {per_token:>7d} {row['gb_per_s']:>7.2f} "
                   f"{row['ratio_vs_dense']:>8.2f}")
         del inputs
 
@@ -238,12 +253,15 @@ def markdown(report) -> str:
         f"{report['donated_write']['copied_ms']:.2f} ms without donation, pool "
         f"{report['donated_write']['pool_bytes'] / 2**20:.0f} MiB).",
         "",
-        "| batch | context | page | impl | median ms | KV GB/s | vs dense |",
-        "| ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        "KV bytes per token: one layer, all kv heads, K and V (and the 8-bit pools' "
+        "bfloat16 scales); GB/s = batch * context * bytes per token / time.",
+        "",
+        "| batch | context | page | impl | median ms | KV bytes/token | KV GB/s | vs dense |",
+        "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {r['batch']} | {r['context']} | {r['page_size']} | {r['impl']} | "
-              f"{r['median_ms']:.2f} | {r['gb_per_s']:.2f} | {r['ratio_vs_dense']:.2f} |"
-              for r in report["results"]]
+              f"{r['median_ms']:.2f} | {r.get('bytes_per_token', '')} | {r['gb_per_s']:.2f} | "
+              f"{r['ratio_vs_dense']:.2f} |" for r in report["results"]]
     return "\n".join(lines) + "\n"
 
 

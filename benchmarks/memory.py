@@ -11,7 +11,9 @@ the same KV memory (``TraceSpec.slots`` token slots) and no limit on batch or st
 Reported: KV utilization (slots holding a token / slots reserved, per step, averaged over
 the steps where requests are waiting, i.e. at full load), requests in flight at equal
 memory, pages saved by sharing for parallel sampling and beam search, prefill tokens saved
-by prefix caching for a shared system prompt, and the scheduler's own cost.
+by prefix caching for a shared system prompt, the scheduler's own cost, and 8-bit pools:
+pages (``KVCache.pages_for_memory``, scales counted) and requests in flight at the same
+bytes as a bfloat16 pool, for a head_dim 128 and a head_dim 64 model.
 
 Traces are synthetic (no dataset download): lognormal lengths with the means the vLLM paper
 reports (ShareGPT: 161 prompt / 338 output tokens, Alpaca: 19 / 58); the spreads (sigma)
@@ -33,11 +35,15 @@ import numpy as np
 
 from jpaged.batch import BatchBuilder
 from jpaged.block_manager import BlockManager
+from jpaged.cache import KVCache
 from jpaged.scheduler import Scheduler
 from jpaged.shapes import cdiv
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_MODEL_LEN = 2048
+# (layers, kv heads, head_dim) of the models the 8-bit rows size pools for.
+KV_GEOMETRIES = {"Llama-3-8B": (32, 8, 128), "TinyLlama-1.1B": (22, 4, 64)}
+KV_DTYPES = {"bfloat16": "bfloat16", "int8": "int8", "fp8": "float8_e4m3fn"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +264,29 @@ def schedule_cost(num_running: int, context=512, page_size=16, steps=100) -> dic
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def kv_dtypes(spec: TraceSpec, page_size=16) -> dict:
+    """Per model geometry: the bytes of a bfloat16 pool of ``spec.slots`` slots, the pages
+    each pool dtype fits in those bytes, and requests in flight replaying the trace."""
+    trace, rows = make_trace(spec), {}
+    for model, geometry in KV_GEOMETRIES.items():
+        budget = (spec.slots // page_size + 1) * KVCache.bytes_per_page(
+            *geometry, page_size, "bfloat16")
+        for label, dtype in KV_DTYPES.items():
+            pages = KVCache.pages_for_memory(budget, *geometry, page_size, dtype)
+            stats = replay(make_paged(page_size, (pages - 1) * page_size), trace)
+            rows[f"{model} {label}"] = dict(
+                kv_cache_bytes=budget, bytes_per_page=KVCache.bytes_per_page(
+                    *geometry, page_size, dtype), num_pages=pages,
+                in_flight=statistics.mean(x.running for x in stats if x.waiting),
+                max_in_flight=max(x.running for x in stats))
+        base = rows[f"{model} bfloat16"]
+        for label in KV_DTYPES:
+            row = rows[f"{model} {label}"]
+            row["pages_vs_bf16"] = row["num_pages"] / base["num_pages"]
+            row["in_flight_vs_bf16"] = row["in_flight"] / base["in_flight"]
+    return rows
+
+
 # -- report -------------------------------------------------------------------------------
 
 def markdown(results: dict) -> str:
@@ -292,6 +321,16 @@ def markdown(results: dict) -> str:
     lines += [f"| {n} | {r['schedule_ms']:.3f} | {r['schedule_cpu_ms']:.3f} | "
               f"{r['update_ms']:.3f} | {r['update_cpu_ms']:.3f} |"
               for n, r in results["schedule_cost"].items()]
+    lines += ["", "## 8-bit KV pools at the bytes of a bfloat16 pool of 65536 slots "
+              "(sharegpt-like trace, 1200 requests at 4 per step, page 16)", "",
+              "8-bit pages carry a bfloat16 scale per token and kv head (head_dim + 2 bytes "
+              "per token per head, K or V). In flight: mean over the steps at full load.", "",
+              "| model, pool | KV bytes | bytes/page | pages | vs bf16 | requests in flight "
+              "| max in flight | vs bf16 |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['kv_cache_bytes'] / 2**30:.2f} GiB | {r['bytes_per_page']} | "
+              f"{r['num_pages']} | {r['pages_vs_bf16']:.3f}x | {r['in_flight']:.1f} | "
+              f"{r['max_in_flight']} | {r['in_flight_vs_bf16']:.2f}x |"
+              for label, r in results["kv_dtypes"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -348,6 +387,9 @@ def main():
     results["prefix_caching"] = {f"{k}-shot": shared_prefix(
         dataclasses.replace(TRACES["alpaca"], num_requests=400), k) for k in (1, 5)}
     results["schedule_cost"] = {str(n): schedule_cost(n) for n in (256, 1024)}
+    # Twice the requests, arriving twice as fast: enough to fill the larger 8-bit pools too.
+    results["kv_dtypes"] = kv_dtypes(dataclasses.replace(TRACES["sharegpt"], num_requests=1200,
+                                                         arrival_rate=4.0))
     results["seconds"] = time.perf_counter() - t0
 
     text = markdown(results)

@@ -9,6 +9,11 @@ gather-everything version (``pallas_kernels.reference``). ``"auto"`` takes the k
 a GPU when it accepts the configuration and the XLA path everywhere else; it does not
 pick "mosaic" until a GPU run has measured it.
 
+8-bit pages (int8 or float8_e4m3fn codes) come with ``k_scale`` / ``v_scale``, the pages'
+shape minus head_dim (``KVCache.k_scale``); the XLA path and the reference dequantize
+them inside the loop. The Triton kernel does not read them yet: ``impl="pallas"`` refuses
+an 8-bit pool and ``"auto"`` takes the XLA path for it.
+
 Inputs are checked on the host before anything is launched; values that are only known
 inside jit (page ids, lengths, a traced layer) are checked when they are concrete.
 """
@@ -22,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.cache import KVCache, PageTable, check_table_arrays, write
+from jpaged.cache import KVCache, PageTable, check_pages, check_table_arrays, write
 from jpaged.shapes import check_positive
 from pallas_kernels import reference, xla_attention
+from pallas_kernels.quantization import is_quantized
 
 IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
 # Knobs of the Triton decode kernel that prefill does not take.
@@ -32,19 +38,22 @@ PALLAS_ONLY_OPTIONS = ("num_splits",)
 
 
 def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "auto",
-                    layer=None, sm_scale=None, soft_cap=None, sliding_window=None,
-                    pages_per_block=None, num_splits=None, interpret=None):
+                    layer=None, k_scale=None, v_scale=None, sm_scale=None, soft_cap=None,
+                    sliding_window=None, pages_per_block=None, num_splits=None,
+                    interpret=None):
     """Decode attention: one query token per sequence (at position ``length - 1``).
 
     q: ``[B, Hq, D]``; k_pages, v_pages: one layer ``[Hkv, P, S, D]``, or the stacked
     ``KVCache.k`` / ``.v`` ``[L, Hkv, P, S, D]`` with ``layer`` (int or traced int32 scalar;
-    nothing is sliced out of the pool). page_table: block tables ``int32[B, W]`` and
-    lengths ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype, zeros for length 0.
+    nothing is sliced out of the pool). 8-bit pages need k_scale, v_scale: the pages'
+    shape minus D (``KVCache.k_scale`` / ``.v_scale``). page_table: block tables
+    ``int32[B, W]`` and lengths ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype, zeros
+    for length 0.
 
     ``pages_per_block`` tunes the XLA and Pallas paths; ``num_splits`` and ``interpret``
     (default: True off GPU) go to the Pallas kernel; ``interpret`` also to the Mosaic one.
     """
-    _validate(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
+    _validate(q, k_pages, v_pages, page_table, layer, impl, k_scale, v_scale, soft_cap=soft_cap,
               sliding_window=sliding_window, pages_per_block=pages_per_block)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
@@ -53,6 +62,7 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
         return _mosaic(q, k_pages, v_pages, page_table, rows, lengths - 1, layer=layer,
                        pages_per_block=pages_per_block, interpret=interpret, **options)
     impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "pallas":
         return _pallas_decode_module().paged_decode(
             q, k_pages, v_pages, tables, lengths, layer=layer, pages_per_block=pages_per_block,
@@ -60,39 +70,43 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
             **options)
     if impl == "xla":
         return xla_attention.paged_decode(q, k_pages, v_pages, tables, lengths, layer=layer,
-                                          pages_per_block=pages_per_block, **options)
-    k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
-    return reference.paged_decode_reference(q, k_pages, v_pages, tables, lengths, **options)
+                                          pages_per_block=pages_per_block, **scales, **options)
+    k_pages, v_pages, scales = _layer_pages(k_pages, v_pages, scales, layer)
+    return reference.paged_decode_reference(q, k_pages, v_pages, tables, lengths, **scales,
+                                            **options)
 
 
 def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q_pos, *,
-                            impl: str = "auto", layer=None, sm_scale=None, soft_cap=None,
-                            sliding_window=None, pages_per_block=None, interpret=None):
+                            impl: str = "auto", layer=None, k_scale=None, v_scale=None,
+                            sm_scale=None, soft_cap=None, sliding_window=None,
+                            pages_per_block=None, interpret=None):
     """Prefill attention: ragged query tokens, each causal over its sequence's pages.
 
     q: ``[T, Hq, D]``; q_seq, q_pos: ``int32[T]`` (page-table row and absolute position
-    of each token); pages and ``layer`` as in ``paged_attention``; page_table lengths count
-    this step's tokens, whose K/V are already written. Returns ``[T, Hq, D]``.
-    "mosaic" runs the Mosaic GPU ragged kernel (``interpret``: default True off GPU; the
-    other implementations ignore it; a row's tokens should be consecutive in the batch,
-    as the engine lays them out). The
-    Triton kernel is decode-only: "auto" and "pallas" run the XLA path, so one ``impl``
-    option can serve both phases of a model.
+    of each token); pages, scales and ``layer`` as in ``paged_attention``; page_table
+    lengths count this step's tokens, whose K/V are already written. Returns
+    ``[T, Hq, D]``. "mosaic" runs the Mosaic GPU ragged kernel (``interpret``: default
+    True off GPU; the other implementations ignore it; a row's tokens should be
+    consecutive in the batch, as the engine lays them out). The Triton kernel is
+    decode-only: "auto" and "pallas" run the XLA path, so one ``impl`` option can serve
+    both phases of a model.
     """
-    _validate(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
-              sliding_window=sliding_window, pages_per_block=pages_per_block, q_seq=q_seq,
-              q_pos=q_pos)
+    _validate(q, k_pages, v_pages, page_table, layer, impl, k_scale, v_scale,
+              soft_cap=soft_cap, sliding_window=sliding_window,
+              pages_per_block=pages_per_block, q_seq=q_seq, q_pos=q_pos)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
     if impl == "mosaic":
         return _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, layer=layer,
                        pages_per_block=pages_per_block, interpret=interpret, **options)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "reference":
-        k_pages, v_pages = _layer_pages(k_pages, v_pages, layer)
+        k_pages, v_pages, scales = _layer_pages(k_pages, v_pages, scales, layer)
         return reference.paged_prefill_reference(q, k_pages, v_pages, tables, lengths, q_seq,
-                                                 q_pos, **options)
+                                                 q_pos, **scales, **options)
     return xla_attention.paged_prefill(q, k_pages, v_pages, tables, lengths, q_seq, q_pos,
-                                       layer=layer, pages_per_block=pages_per_block, **options)
+                                       layer=layer, pages_per_block=pages_per_block, **scales,
+                                       **options)
 
 
 def dense_attention(q, k, v, lengths, *, impl: str = "xla", sm_scale=None, soft_cap=None,
@@ -156,13 +170,16 @@ def cached_attention(q, k, v, cache: KVCache, layer, meta: AttentionMetadata, **
     """
     cache = write(cache, k, v, meta.slot_mapping, layer=layer)
     options = {"impl": meta.attention_impl, **options}
+    scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale)
     if meta.is_decode:
-        out = paged_attention(q, cache.k, cache.v, meta.page_table, layer=layer, **options)
+        out = paged_attention(q, cache.k, cache.v, meta.page_table, layer=layer, **scales,
+                              **options)
     else:
         prefill_options = {name: value for name, value in options.items()
                            if name not in PALLAS_ONLY_OPTIONS}
         out = paged_prefill_attention(q, cache.k, cache.v, meta.page_table, meta.q_seq,
-                                      meta.positions, layer=layer, **prefill_options)
+                                      meta.positions, layer=layer, **scales,
+                                      **prefill_options)
     return out, cache
 
 
@@ -206,6 +223,11 @@ def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
     """Resolve "auto"; for "pallas" let the kernel refuse what Triton cannot take."""
     if impl in ("xla", "reference") or (impl == "auto" and not _on_gpu()):
         return "xla" if impl == "auto" else impl
+    if is_quantized(k_pages.dtype):
+        if impl == "pallas":
+            raise ValueError(f"impl='pallas' cannot read {k_pages.dtype} pages (the Triton "
+                             f"kernel reads float pages only); use impl='xla' or 'auto'")
+        return "xla"
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
     config = (q.shape[1], num_kv_heads, head_dim, page_size, k_pages.dtype, pages_per_block)
     if impl == "pallas":
@@ -220,7 +242,8 @@ def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
     return "pallas"
 
 
-def _validate(q, k_pages, v_pages, page_table: PageTable, layer, impl, *, soft_cap,
+def _validate(q, k_pages, v_pages, page_table: PageTable, layer, impl, k_scale=None,
+              v_scale=None, *, soft_cap,
               sliding_window, pages_per_block, q_seq=None, q_pos=None) -> None:
     """Every check of one paged attention call, once, each naming the offending value.
 
@@ -228,7 +251,8 @@ def _validate(q, k_pages, v_pages, page_table: PageTable, layer, impl, *, soft_c
     options are static (checked at trace time too), values (page ids, lengths, the layer,
     q_seq rows) only when concrete. Decode passes no q_seq / q_pos (one token per row).
     """
-    _check_static(q, k_pages, v_pages, page_table, layer, impl, soft_cap=soft_cap,
+    _check_static(q, k_pages, v_pages, page_table, layer, impl, k_scale, v_scale,
+                  soft_cap=soft_cap,
                   sliding_window=sliding_window, pages_per_block=pages_per_block,
                   q_seq=q_seq, q_pos=q_pos)
     num_layers, num_pages, page_size = (k_pages.shape[0] if k_pages.ndim == 5 else None,
@@ -245,17 +269,15 @@ def _validate(q, k_pages, v_pages, page_table: PageTable, layer, impl, *, soft_c
                              f"[0, {page_table.batch})")
 
 
-def _check_static(q, k_pages, v_pages, page_table, layer, impl, *, soft_cap, sliding_window,
-                  pages_per_block, q_seq, q_pos) -> None:
+def _check_static(q, k_pages, v_pages, page_table, layer, impl, k_scale, v_scale, *,
+                  soft_cap, sliding_window, pages_per_block, q_seq, q_pos) -> None:
     """Shapes, dtypes and options: what is known at trace time."""
     check_impl(impl)
     if q.ndim != 3:
         raise ValueError(f"q must be rank 3 [tokens, Hq, D], got shape {tuple(q.shape)}")
     if not jnp.issubdtype(q.dtype, jnp.floating):
         raise ValueError(f"q must be a float array, got dtype {q.dtype}")
-    if k_pages.shape != v_pages.shape or k_pages.dtype != v_pages.dtype:
-        raise ValueError(f"k_pages and v_pages must match, got {tuple(k_pages.shape)} "
-                         f"{k_pages.dtype} and {tuple(v_pages.shape)} {v_pages.dtype}")
+    check_pages(k_pages, v_pages, k_scale, v_scale)
     if k_pages.ndim == 5:
         _check_layer(layer, k_pages.shape[0])
     elif k_pages.ndim == 4:
@@ -312,8 +334,9 @@ def _concrete(x):
     return np.asarray(x)
 
 
-def _layer_pages(k_pages, v_pages, layer):
-    """One layer's pages for the reference (it may copy: it is not the fast path)."""
+def _layer_pages(k_pages, v_pages, scales, layer):
+    """One layer's pages and scales for the reference (it may copy: not the fast path)."""
     if layer is None:
-        return k_pages, v_pages
-    return k_pages[layer], v_pages[layer]
+        return k_pages, v_pages, scales
+    return k_pages[layer], v_pages[layer], {name: None if scale is None else scale[layer]
+                                            for name, scale in scales.items()}

@@ -5,11 +5,17 @@ Layout of one pool (K or V): ``[num_layers, num_kv_heads, num_pages, page_size, 
 head-major so one page of one head is contiguous and the kv-head axis is the one
 tensor parallelism shards. Page 0 is the null page: never handed out, the target of
 padded table entries and padded writes, so every gather and scatter index is in range.
+
+8-bit pools (``int8`` or ``float8_e4m3fn``) also hold one bfloat16 scale per token and kv
+head, ``[num_layers, num_kv_heads, num_pages, page_size]``: the pages' layout minus
+head_dim, so every page operation (copy, swap, tensor-parallel split over kv heads) moves
+the scales with their pages. ``pallas_kernels.quantization`` says why this granularity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -17,15 +23,50 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.shapes import check_positive
+from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized, quantize
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 
 
-def _check_float_dtype(dtype) -> jnp.dtype:
+def _check_dtype(dtype) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
-    if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES]:
-        raise ValueError(f"cache dtype must be float32, bfloat16 or float16, got {dtype}")
+    if dtype not in [jnp.dtype(d) for d in FLOAT_DTYPES] and not is_quantized(dtype):
+        raise ValueError(f"cache dtype must be float32, bfloat16 or float16, got {dtype} "
+                         f"(8-bit pools: int8 or float8_e4m3fn)")
+    if dtype.name == "float8_e4m3fn":
+        _check_fp8_backend()
     return dtype
+
+
+def kv_cache_dtype(name, model_dtype) -> jnp.dtype:
+    """The pool's dtype for ``kv_cache_dtype=name``: "auto" (the model's dtype), "int8"
+    (symmetric int8 codes) or "fp8" (float8_e4m3fn codes), both with per-token scales."""
+    if not isinstance(name, str) or name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={name!r} is not one of {KV_CACHE_DTYPES}")
+    if name == "auto":
+        return _check_dtype(model_dtype)
+    if name not in FORMATS:
+        raise ValueError(f"kv_cache_dtype={name!r} needs jnp.float8_e4m3fn, which jax "
+                         f"{jax.__version__} does not have")
+    return _check_dtype(FORMATS[name])
+
+
+@functools.cache
+def _fp8_works(backend: str) -> bool:
+    try:
+        x = jnp.arange(4, dtype=jnp.float32)
+        return bool(jnp.array_equal(jax.jit(lambda a: a.astype(FORMATS["fp8"])
+                                            .astype(jnp.float32))(x), x))
+    except Exception:  # any lowering or runtime failure means: not on this device
+        return False
+
+
+def _check_fp8_backend() -> None:
+    backend = jax.default_backend()
+    if not _fp8_works(backend):
+        raise ValueError(f"kv_cache_dtype='fp8' (float8_e4m3fn) does not run on this "
+                         f"{backend!r} device with jax {jax.__version__}; use 'int8'")
 
 
 @jax.tree_util.register_dataclass
@@ -33,11 +74,16 @@ def _check_float_dtype(dtype) -> jnp.dtype:
 class KVCache:
     """The page pool for every layer.
 
-    k, v: ``[num_layers, num_kv_heads, num_pages, page_size, head_dim]``, any float dtype.
+    k, v: ``[num_layers, num_kv_heads, num_pages, page_size, head_dim]``, a float dtype, or
+    int8 / float8_e4m3fn codes with k_scale, v_scale ``bfloat16[num_layers, num_kv_heads,
+    num_pages, page_size]`` (None for float pages). Every leaf is indexed
+    ``[layer, kv head, page, ...]``, so page operations map over the leaves.
     """
 
     k: jax.Array
     v: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
     def create(cls, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
@@ -48,19 +94,37 @@ class KVCache:
         if not isinstance(num_pages, (int, np.integer)) or num_pages < 2:
             raise ValueError(f"num_pages must be an integer >= 2 (page 0 is the null page), "
                              f"got {num_pages!r}")
-        dtype = _check_float_dtype(dtype)
+        dtype = _check_dtype(dtype)
         shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return cls(k=zeros(), v=zeros())
+
+        def zeros():
+            if not is_quantized(dtype):
+                return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+            return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       k_scale=jnp.zeros(shape[:-1], SCALE_DTYPE),
+                       v_scale=jnp.zeros(shape[:-1], SCALE_DTYPE))
+
+        # One sharding for every leaf: scales split over kv heads like their pages.
+        return jax.jit(zeros, out_shardings=sharding)()
 
     @staticmethod
-    def pages_for_memory(memory_bytes: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                         page_size: int, dtype=jnp.float32) -> int:
-        """How many pages (null page included) fit in ``memory_bytes`` of K plus V."""
+    def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int,
+                       dtype=jnp.float32) -> int:
+        """Bytes of one page in every layer: K and V, and their scales when 8-bit."""
         check_positive(num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
                         page_size=page_size)
-        dtype = _check_float_dtype(dtype)
-        page_bytes = 2 * num_layers * num_kv_heads * page_size * head_dim * dtype.itemsize
+        dtype = _check_dtype(dtype)
+        token_bytes = head_dim * dtype.itemsize
+        if is_quantized(dtype):
+            token_bytes += SCALE_DTYPE.itemsize
+        return 2 * num_layers * num_kv_heads * page_size * token_bytes
+
+    @classmethod
+    def pages_for_memory(cls, memory_bytes: int, num_layers: int, num_kv_heads: int,
+                         head_dim: int, page_size: int, dtype=jnp.float32) -> int:
+        """How many pages (null page included) fit in ``memory_bytes`` of K plus V (plus
+        their scales for an 8-bit pool)."""
+        page_bytes = cls.bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype)
         num_pages = int(memory_bytes) // page_bytes
         if num_pages < 2:
             raise ValueError(f"memory budget {memory_bytes} bytes holds {num_pages} pages of "
@@ -101,13 +165,43 @@ class KVCache:
         return self.k.dtype
 
     @property
+    def quantized(self) -> bool:
+        """Whether the pages hold 8-bit codes with scales."""
+        return is_quantized(self.k.dtype)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by K and V together."""
-        return self.k.size * self.k.dtype.itemsize + self.v.size * self.v.dtype.itemsize
+        """Bytes held by K and V together, scales included."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     def layer(self, i) -> tuple[jax.Array, jax.Array]:
         """K and V pages of layer ``i`` (int or traced scalar): each ``[Hkv, P, S, D]``."""
         return self.k[i], self.v[i]
+
+
+def check_pages(k, v, k_scale=None, v_scale=None) -> None:
+    """K/V pages ``[..., S, D]`` and their scales: float pages without scales, or 8-bit
+    pages with scales ``[..., S]`` (the pages' shape minus head_dim)."""
+    if k.shape != v.shape or k.dtype != v.dtype:
+        raise ValueError(f"k_pages and v_pages must match, got {tuple(k.shape)} {k.dtype} and "
+                         f"{tuple(v.shape)} {v.dtype}")
+    if not is_quantized(k.dtype):
+        if not jnp.issubdtype(k.dtype, jnp.floating):
+            raise ValueError(f"pages must be float, int8 or float8_e4m3fn, got {k.dtype}")
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if scale is not None:
+                raise ValueError(f"{name} given for {k.dtype} pages; scales go with 8-bit "
+                                 f"(int8, float8_e4m3fn) pages only")
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None:
+            raise ValueError(f"{k.dtype} pages need {name} of shape {tuple(k.shape[:-1])}, "
+                             f"got None")
+        if tuple(scale.shape) != tuple(k.shape[:-1]):
+            raise ValueError(f"{name} must have the pages' shape minus head_dim "
+                             f"{tuple(k.shape[:-1])}, got {tuple(scale.shape)}")
+        if not jnp.issubdtype(scale.dtype, jnp.floating) or scale.dtype.itemsize < 2:
+            raise ValueError(f"{name} must be a 16- or 32-bit float array, got {scale.dtype}")
 
 
 @jax.tree_util.register_dataclass
@@ -231,18 +325,33 @@ def write(cache: KVCache, k: jax.Array, v: jax.Array, slots: jax.Array,
     def scatter(pool, new):
         new = new.astype(pool.dtype)
         if all_layers:
-            # Adjacent advanced indices keep their place: the target is [L, Hkv, T, D].
+            # Adjacent advanced indices keep their place: the target is [L, Hkv, T(, D)].
             return pool.at[:, :, pages, offsets].set(jnp.swapaxes(new, 1, 2))
-        # Advanced indices split by a slice move to the front: the target is [T, Hkv, D].
+        # Advanced indices split by a slice move to the front: the target is [T, Hkv(, D)].
         return pool.at[layer, :, pages, offsets].set(new)
 
-    return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
+    if not cache.quantized:
+        return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v))
+    (k, k_scale), (v, v_scale) = quantize(k, cache.dtype), quantize(v, cache.dtype)
+    return KVCache(k=scatter(cache.k, k), v=scatter(cache.v, v),
+                   k_scale=scatter(cache.k_scale, k_scale),
+                   v_scale=scatter(cache.v_scale, v_scale))
 
 
 def copy_pages(cache: KVCache, src: jax.Array, dst: jax.Array) -> KVCache:
-    """Copy whole pages ``src[i] -> dst[i]`` in every layer (copy-on-write, swap-in).
+    """Copy whole pages ``src[i] -> dst[i]`` in every layer (copy-on-write), scales with
+    their pages.
 
     src, dst: ``int32[N]``; pad both with 0 (null page onto itself) to keep shapes bucketed.
     """
-    return KVCache(k=cache.k.at[:, :, dst].set(cache.k[:, :, src]),
-                   v=cache.v.at[:, :, dst].set(cache.v[:, :, src]))
+    return jax.tree.map(lambda pool: pool.at[:, :, dst].set(pool[:, :, src]), cache)
+
+
+def take_pages(cache: KVCache, pages: jax.Array) -> KVCache:
+    """Pages ``int32[N]`` of every layer (swap-out) as a KVCache of N pages, scales included."""
+    return jax.tree.map(lambda pool: pool[:, :, pages], cache)
+
+
+def put_pages(cache: KVCache, pages: jax.Array, taken: KVCache) -> KVCache:
+    """Write ``taken`` (from ``take_pages``, any array type) into ``pages`` (swap-in)."""
+    return jax.tree.map(lambda pool, new: pool.at[:, :, pages].set(new), cache, taken)

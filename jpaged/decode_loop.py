@@ -43,7 +43,7 @@ from jax import lax
 
 from jpaged.attention import AttentionMetadata, check_impl
 from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache, PageTable
+from jpaged.cache import KVCache, PageTable, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.interfaces import Model
 from jpaged.sampling import (GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, derive_seed,
                              sample)
@@ -153,14 +153,16 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
             page_size: int = 16, num_pages: int | None = None, memory: int | None = None,
             dense: bool = False, chunk_size: int = 256,
             sampling: SamplingParams | Seq[SamplingParams] | None = None, seed: int = 0,
-            dtype=None, attention_impl: str = "auto") -> tuple[KVCache, PageTable, jax.Array]:
+            dtype=None, kv_cache_dtype: str = "auto", attention_impl: str = "auto"
+            ) -> tuple[KVCache, PageTable, jax.Array]:
     """Prompts -> (cache, page_table, first_tokens) ready for ``decode_loop``.
 
     Reserves pages for prompt + ``num_steps`` tokens per sequence (see ``reserve``),
     prefills the prompts in chunks of ``chunk_size`` flattened tokens (one compiled shape
     per batch geometry, whatever the prompt lengths) and samples output token 0 of each
     row on the device (pass the same ``sampling`` and ``seed`` to ``decode_loop``).
-    params: default ``model.params``; dtype: of the pool, default the params' dtype.
+    params: default ``model.params``; dtype: of the pool, default the params' dtype;
+    kv_cache_dtype: "auto" (that dtype), or "int8" / "fp8" for 8-bit pages with scales.
     attention_impl: as in ``decode_loop``.
     """
     check_impl(attention_impl)
@@ -168,7 +170,8 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
     params = model.params if params is None else params
     prompts = _check_prompts(prompts, config.vocab_size)
     check_positive(chunk_size=chunk_size)
-    dtype = jax.tree.leaves(params)[0].dtype if dtype is None else dtype
+    dtype = resolve_kv_cache_dtype(kv_cache_dtype, jax.tree.leaves(params)[0].dtype
+                                   if dtype is None else dtype)
     cache, page_table = reserve(config, [len(p) for p in prompts], num_steps=num_steps,
                                 page_size=page_size, num_pages=num_pages, memory=memory,
                                 dense=dense, dtype=dtype)

@@ -21,7 +21,7 @@ import numpy as np
 from jpaged import beam_search, model_loading, parallel
 from jpaged.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache
+from jpaged.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.interfaces import Engine, Model
 from jpaged.request import (CompletionOutput, Request, RequestOutput, Stream, finished_copy,
                             prompt_token_ids)
@@ -279,6 +279,10 @@ class LLM:
 
     ``attention_impl``: the paged attention every layer runs (``jpaged.attention``'s
     ``impl``: "auto", "pallas", "mosaic", "xla", "reference").
+
+    ``kv_cache_dtype``: "auto" stores K/V in the model's dtype; "int8" or "fp8"
+    (float8_e4m3fn) store 8-bit codes with a bfloat16 scale per token and kv head, about
+    twice the tokens in the same ``kv_cache_bytes`` (``kv_cache_info()`` tells the pool).
     """
 
     def __init__(self, model: str | Model = "tiny", *, page_size: int = 16, num_pages: int | None = None,
@@ -289,7 +293,7 @@ class LLM:
                  static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
                  data_parallel: int | None = None, prefix_routing: bool = False,
-                 attention_impl: str = "auto"):
+                 attention_impl: str = "auto", kv_cache_dtype: str = "auto"):
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
         if isinstance(model, str) and layout is None:
             model = model_loading.load_model(model, dtype)
@@ -300,11 +304,15 @@ class LLM:
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        dtype = jnp.dtype(dtype or jax.tree.leaves(model.params)[0].dtype)
+        dtype = resolve_kv_cache_dtype(kv_cache_dtype,
+                                       dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
         if num_pages is None:
             budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
+        self._kv_cache_info = dict(num_pages=num_pages, page_size=page_size,
+                                   kv_cache_dtype=dtype.name,
+                                   bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))
         engines = []
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, dtype, sharding)
@@ -320,6 +328,13 @@ class LLM:
                                      attention_impl=attention_impl))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, prefix_routing))
+
+    def kv_cache_info(self) -> dict:
+        """The KV pool of each replica: num_pages (null page included), page_size,
+        kv_cache_dtype (the pages' dtype name: "bfloat16", "int8", "float8_e4m3fn", ...)
+        and bytes_per_page (one page of every layer, K and V and their scales, summed over
+        the tensor-parallel devices)."""
+        return dict(self._kv_cache_info)
 
     def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:

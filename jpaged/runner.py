@@ -15,7 +15,7 @@ import numpy as np
 
 from jpaged.attention import check_impl
 from jpaged.batch import StepBatch
-from jpaged.cache import KVCache, copy_pages
+from jpaged.cache import KVCache, copy_pages, put_pages, take_pages
 from jpaged.sampling import SamplerOutput, sample
 from jpaged.scheduler import PageMoves
 from jpaged.shapes import bucket
@@ -38,15 +38,6 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
     return sample(logits, batch.sampling, batch.num_top), cache
 
 
-def _put_pages(cache: KVCache, pages, k, v) -> KVCache:
-    """Write whole pages (swap-in): pages ``int32[N]``; k, v ``[L, Hkv, N, S, D]``."""
-    return KVCache(k=cache.k.at[:, :, pages].set(k), v=cache.v.at[:, :, pages].set(v))
-
-
-def _take_pages(cache: KVCache, pages):
-    return cache.k[:, :, pages], cache.v[:, :, pages]
-
-
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split (src, dst) pairs ``int32[N, 2]`` into two arrays padded to a bucket with
     page 0 -> 0."""
@@ -57,12 +48,23 @@ def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class HostPool:
-    """Pages swapped out of the device: numpy K and V ``[L, Hkv, num_pages, S, D]``."""
+    """Pages swapped out of the device: ``pages``, a KVCache of numpy arrays laid out like
+    the device pool with ``num_pages`` pages (K, V ``[L, Hkv, num_pages, S, D]``, and the
+    scales of an 8-bit pool)."""
 
     def __init__(self, cache: KVCache, num_pages: int):
-        shape = cache.k.shape[:2] + (num_pages,) + cache.k.shape[3:]
-        self.k = np.zeros(shape, cache.dtype)
-        self.v = np.zeros(shape, cache.dtype)
+        self.pages = jax.tree.map(
+            lambda pool: np.zeros(pool.shape[:2] + (num_pages,) + pool.shape[3:], pool.dtype),
+            cache)
+
+    def store(self, pages: np.ndarray, taken: KVCache) -> None:
+        """Write ``taken`` (numpy, from ``take_pages``) into host ``pages`` ``int[N]``."""
+        for pool, new in zip(jax.tree.leaves(self.pages), jax.tree.leaves(taken)):
+            pool[:, :, pages] = new
+
+    def load(self, pages: np.ndarray) -> KVCache:
+        """Host ``pages`` ``int[N]`` as a KVCache of numpy arrays, for ``put_pages``."""
+        return jax.tree.map(lambda pool: pool[:, :, pages], self.pages)
 
 
 class ModelRunner:
@@ -81,8 +83,8 @@ class ModelRunner:
         self.cache = cache
         self.host = HostPool(cache, num_host_pages) if num_host_pages else None
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
-        self._put = jax.jit(_put_pages, donate_argnums=(0,))
-        self._take = jax.jit(_take_pages)
+        self._put = jax.jit(put_pages, donate_argnums=(0,))
+        self._take = jax.jit(take_pages)
 
     @property
     def num_compilations(self) -> int:
@@ -101,21 +103,24 @@ class ModelRunner:
         """Swap-out, swap-in, then copy-on-write copies, in the order the plan needs."""
         if len(moves.swap_out):
             device, host = _padded_pairs(moves.swap_out)
-            k, v = jax.device_get(self._take(self.cache, device))
             n = len(moves.swap_out)
-            self.host.k[:, :, host[:n]] = k[:, :, :n]
-            self.host.v[:, :, host[:n]] = v[:, :, :n]
+            taken = jax.device_get(self._take(self.cache, device))
+            self.host.store(host[:n], jax.tree.map(lambda pool: pool[:, :, :n], taken))
         if len(moves.swap_in):
             host, device = _padded_pairs(moves.swap_in)
             # Padding rewrites the null page with host page 0: the null page is never read.
-            self.cache = self._put(self.cache, device, self.host.k[:, :, host],
-                                   self.host.v[:, :, host])
+            self.cache = self._put(self.cache, device, self.host.load(host))
         if len(moves.copies):
             self.cache = self._copy(self.cache, *_padded_pairs(moves.copies))
 
     def poison_free_pages(self, pages) -> None:
-        """Fill ``pages`` with NaN (tests: a recycled page must never leak into outputs)."""
+        """Fill ``pages`` with NaN (tests: a recycled page must never leak into outputs);
+        int8 codes, which have no NaN, get -128, a code quantization never writes."""
         pages = np.asarray(list(pages), np.int32)
         if pages.size:
-            self.cache = KVCache(k=self.cache.k.at[:, :, pages].set(jnp.nan),
-                                 v=self.cache.v.at[:, :, pages].set(jnp.nan))
+            self.cache = jax.tree.map(lambda pool: pool.at[:, :, pages].set(_poison(pool.dtype)),
+                                      self.cache)
+
+
+def _poison(dtype):
+    return jnp.nan if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype).min

@@ -3,11 +3,15 @@
 They favour clarity over speed: pages are gathered into contiguous K/V first and the
 softmax is computed in float32 (or float64 inputs stay float64). Masked positions are
 excluded from both the logits and the values, so NaN in unused slots cannot leak.
+8-bit pages (with ``k_scale`` / ``v_scale``, see ``quantization``) are dequantized after
+the gather, in the compute dtype.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from pallas_kernels.quantization import dequantize
 
 
 def causal_mask(q_pos, key_pos, sliding_window=None):
@@ -53,11 +57,21 @@ def attend(q, k, v, q_pos, kv_len, *, sm_scale=None, soft_cap=None, sliding_wind
 
 def gather_pages(pages, block_tables):
     """Contiguous K or V of each sequence: pages ``[Hkv, P, S, D]``, block_tables ``[B, W]``
-    -> ``[B, Hkv, W * S, D]``."""
-    num_kv_heads, _, page_size, head_dim = pages.shape
+    -> ``[B, Hkv, W * S, D]``; scales ``[Hkv, P, S]`` -> ``[B, Hkv, W * S]`` likewise."""
+    num_kv_heads, _, page_size = pages.shape[:3]
     batch, width = block_tables.shape
-    gathered = pages[:, block_tables]  # [Hkv, B, W, S, D]
-    return gathered.reshape(num_kv_heads, batch, width * page_size, head_dim).swapaxes(0, 1)
+    gathered = pages[:, block_tables]  # [Hkv, B, W, S(, D)]
+    return gathered.reshape((num_kv_heads, batch, width * page_size)
+                            + pages.shape[3:]).swapaxes(0, 1)
+
+
+def gather_kv(q, pages, scale, block_tables):
+    """``gather_pages``, then dequantized in q's compute dtype when ``scale`` is given."""
+    gathered = gather_pages(pages, block_tables)
+    if scale is None:
+        return gathered
+    return dequantize(gathered, gather_pages(scale, block_tables),
+                      jnp.promote_types(q.dtype, jnp.float32))
 
 
 def dense_decode_reference(q, k, v, lengths, **options):
@@ -69,24 +83,27 @@ def dense_decode_reference(q, k, v, lengths, **options):
     return attend(q, k, v, lengths - 1, lengths, **options)
 
 
-def paged_decode_reference(q, k_pages, v_pages, block_tables, lengths, **options):
+def paged_decode_reference(q, k_pages, v_pages, block_tables, lengths, *, k_scale=None,
+                           v_scale=None, **options):
     """Decode attention over paged K/V.
 
-    q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]``; block_tables: ``int32[B, W]``;
-    lengths: ``int32[B]``. Returns ``[B, Hq, D]``.
+    q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]`` (8-bit with k_scale, v_scale
+    ``[Hkv, P, S]``); block_tables: ``int32[B, W]``; lengths: ``int32[B]``. Returns
+    ``[B, Hq, D]``.
     """
-    return dense_decode_reference(q, gather_pages(k_pages, block_tables),
-                                  gather_pages(v_pages, block_tables), lengths, **options)
+    return dense_decode_reference(q, gather_kv(q, k_pages, k_scale, block_tables),
+                                  gather_kv(q, v_pages, v_scale, block_tables), lengths,
+                                  **options)
 
 
-def paged_prefill_reference(q, k_pages, v_pages, block_tables, lengths, q_seq, q_pos,
-                            **options):
+def paged_prefill_reference(q, k_pages, v_pages, block_tables, lengths, q_seq, q_pos, *,
+                            k_scale=None, v_scale=None, **options):
     """Many query tokens per sequence, causal over the sequence's pages.
 
     q: ``[T, Hq, D]``; q_seq, q_pos: ``int32[T]`` (table row and absolute position of each
-    query); lengths: ``int32[B]``, context lengths with this step's K/V already written.
-    Returns ``[T, Hq, D]``.
+    query); lengths: ``int32[B]``, context lengths with this step's K/V already written;
+    pages and scales as in ``paged_decode_reference``. Returns ``[T, Hq, D]``.
     """
-    k = gather_pages(k_pages, block_tables)[q_seq]
-    v = gather_pages(v_pages, block_tables)[q_seq]
+    k = gather_kv(q, k_pages, k_scale, block_tables)[q_seq]
+    v = gather_kv(q, v_pages, v_scale, block_tables)[q_seq]
     return attend(q, k, v, q_pos, lengths[q_seq], **options)

@@ -9,7 +9,10 @@ sequence's whole context, and the loop only visits blocks some query can see.
 Shapes: q ``[N, Hq, D]`` (N sequences for decode, N flattened tokens for prefill); a page
 pool is one layer ``[Hkv, P, S, D]`` or the stacked cache ``[L, Hkv, P, S, D]`` with
 ``layer=`` (int or traced scalar), gathered from directly so no layer slice is copied.
-Query head h uses kv head ``h // (Hq // Hkv)``.
+Query head h uses kv head ``h // (Hq // Hkv)``. 8-bit pages come with ``k_scale`` /
+``v_scale`` (the pool's shape minus head_dim, see ``quantization``): each block's scales
+are gathered beside its pages and dequantized to float32 inside the loop, so only the
+8-bit codes and their scales are read from the pool.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.quantization import dequantize
 
 # Keys per loop step of the paged path, measured on a 2-core CPU (benchmarks/attention.py,
 # 8 kv heads, head_dim 128): about BLOCK_TOKENS, more (up to MAX_BLOCK_TOKENS) while a
@@ -49,15 +54,18 @@ def default_pages_per_block(page_size: int, num_queries: int, num_kv_heads: int,
 
 
 @functools.partial(jax.jit, static_argnames=OPTIONS + ("pages_per_block",))
-def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None,
-                 soft_cap=None, sliding_window=None, pages_per_block=None):
+def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_scale=None,
+                 v_scale=None, sm_scale=None, soft_cap=None, sliding_window=None,
+                 pages_per_block=None):
     """Decode attention: one query per sequence at position ``lengths - 1``.
 
     q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]`` or ``[L, Hkv, P, S, D]`` with
-    ``layer``; block_tables: ``int32[B, W]``; lengths: ``int32[B]``. Returns ``[B, Hq, D]``
-    in q's dtype (zeros for length 0).
+    ``layer`` (8-bit with k_scale, v_scale ``[(L,) Hkv, P, S]``); block_tables:
+    ``int32[B, W]``; lengths: ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype (zeros for
+    length 0).
     """
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    pools = (k_pages, v_pages, k_scale, v_scale)
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
     # On a CPU with big heads, one sequence at a time: its gathered block stays in cache (a
     # block of every sequence at once does not), and each sequence visits only its own
@@ -67,14 +75,14 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
     # wants the whole batch in flight. Both keep the batched loop.
     if (jax.default_backend() != "cpu"
             or num_kv_heads * head_dim * 4 < SEQUENCE_MIN_KEY_BYTES):
-        return _paged_attend(q, k_pages, v_pages, block_tables, lengths - 1, lengths, layer,
+        return _paged_attend(q, pools, block_tables, lengths - 1, lengths, layer,
                              pages_per_block, **options)
     pages_per_block = pages_per_block or max(
         1, SEQUENCE_BLOCK_BYTES // (num_kv_heads * head_dim * 4) // page_size)
 
     def one_sequence(args):
         q_row, table_row, length = args
-        return _paged_attend(q_row[None], k_pages, v_pages, table_row[None], length[None] - 1,
+        return _paged_attend(q_row[None], pools, table_row[None], length[None] - 1,
                              length[None], layer, pages_per_block, **options)[0]
 
     return lax.map(one_sequence, (q, block_tables, lengths))
@@ -82,22 +90,26 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
 
 @functools.partial(jax.jit, static_argnames=OPTIONS + ("pages_per_block",))
 def paged_prefill(q, k_pages, v_pages, block_tables, lengths, q_seq, q_pos, *, layer=None,
-                  sm_scale=None, soft_cap=None, sliding_window=None, pages_per_block=None):
+                  k_scale=None, v_scale=None, sm_scale=None, soft_cap=None,
+                  sliding_window=None, pages_per_block=None):
     """Ragged prefill: each query token attends causally to its sequence's pages.
 
     q: ``[T, Hq, D]``; q_seq, q_pos: ``int32[T]`` (table row and absolute position of each
-    token); lengths: ``int32[B]``, context lengths with this step's K/V already written.
-    Each step gathers one block of pages per token, so memory is O(T * block), not
-    O(T * context). Returns ``[T, Hq, D]`` in q's dtype.
+    token); lengths: ``int32[B]``, context lengths with this step's K/V already written;
+    pages and scales as in ``paged_decode``. Each step gathers one block of pages per
+    token, so memory is O(T * block), not O(T * context). Returns ``[T, Hq, D]`` in q's
+    dtype.
     """
-    return _paged_attend(q, k_pages, v_pages, jnp.take(block_tables, q_seq, axis=0), q_pos,
+    return _paged_attend(q, (k_pages, v_pages, k_scale, v_scale),
+                         jnp.take(block_tables, q_seq, axis=0), q_pos,
                          jnp.take(lengths, q_seq), layer, pages_per_block, sm_scale=sm_scale,
                          soft_cap=soft_cap, sliding_window=sliding_window)
 
 
-def _paged_attend(q, k_pages, v_pages, rows, q_pos, kv_len, layer, pages_per_block,
-                  **options):
-    """Queries ``[N, Hq, D]`` over the pages of their own table rows ``int32[N, W]``."""
+def _paged_attend(q, pools, rows, q_pos, kv_len, layer, pages_per_block, **options):
+    """Queries ``[N, Hq, D]`` over the pages of their own table rows ``int32[N, W]``;
+    pools: (k_pages, v_pages, k_scale, v_scale), the scales None for float pages."""
+    k_pages, v_pages, k_scale, v_scale = pools
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
     width = rows.shape[1]
     pages_per_block = min(width, pages_per_block or default_pages_per_block(
@@ -111,7 +123,7 @@ def _paged_attend(q, k_pages, v_pages, rows, q_pos, kv_len, layer, pages_per_blo
         pages = lax.dynamic_slice_in_dim(rows, i * pages_per_block, pages_per_block, axis=1)
         index = _page_index(pages, k_pages, layer)
         key_pos = i * pages_per_block * page_size + jnp.arange(pages_per_block * page_size)
-        return _gather_pages(k_pages, index), _gather_pages(v_pages, index), key_pos
+        return _load_kv(k_pages, k_scale, index), _load_kv(v_pages, v_scale, index), key_pos
 
     return _attend_blocks(q, load_block, num_kv_heads, num_blocks, pages_per_block * page_size,
                           q_pos, kv_len, **options)
@@ -151,23 +163,30 @@ def _page_index(pages, pool, layer):
     return jnp.stack(coords, axis=-1)
 
 
+def _load_kv(pool, scale, index):
+    """One block of K or V ``[N, H, n * S, D]``: as stored, or dequantized to float32."""
+    pages = _gather_pages(pool, index)
+    return pages if scale is None else dequantize(pages, _gather_pages(scale, index))
+
+
 def _gather_pages(pool, index):
     """pool ``[(L,) Hkv, P, S, D]``, index ``int32[N, H, n, pool.ndim - 2]`` (see
-    ``_page_index``) -> ``[N, H, n * S, D]``.
+    ``_page_index``) -> ``[N, H, n * S, D]``; a scale pool ``[(L,) Hkv, P, S]`` with the
+    same index -> ``[N, H, n * S]``.
 
     Gathered from the pool as it is, not from a reshape: at one token per step the write
     into the pool (the scan carry) is a dynamic-update-slice, which XLA then also fuses
     into the reshape, and two in-place updates of one buffer cost copies of the whole
     pool. The index is in bounds by construction (validated page ids).
     """
-    lead = tuple(range(pool.ndim - 2))
-    page_size, head_dim = pool.shape[-2:]
-    dims = lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=lead,
-                                      start_index_map=lead)
-    pages = lax.gather(pool, index, dims, (1,) * len(lead) + (page_size, head_dim),
+    lead = tuple(range(index.shape[-1]))
+    tail = pool.shape[len(lead):]  # (S, D) for pages, (S,) for scales
+    dims = lax.GatherDimensionNumbers(offset_dims=tuple(range(3, 3 + len(tail))),
+                                      collapsed_slice_dims=lead, start_index_map=lead)
+    pages = lax.gather(pool, index, dims, (1,) * len(lead) + tail,
                        mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
     n, h, count, _ = index.shape
-    return pages.reshape(n, h, count * page_size, head_dim)
+    return pages.reshape((n, h, count * tail[0]) + tail[1:])
 
 
 def _attend_blocks(q, load_block, num_kv_heads, num_blocks, block, q_pos, kv_len, *,
