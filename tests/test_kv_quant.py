@@ -7,7 +7,6 @@ attention over the unquantized values within a bound derived from the quantizati
 (see ``quantization_bound``). Free and stale slots hold NaN, as in test_attention.
 """
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from jpaged.cache import KVCache, PageTable, copy_pages, kv_cache_dtype, write
 from jpaged.engine import LLM
 from jpaged.runner import ModelRunner
 from jpaged.sampling import SamplingParams
+from jpaged.scheduler import PageMoves
 from models import Model, init_params, tiny_config
 from pallas_kernels.quantization import FORMATS, dequantize, qmax, quantize
 
@@ -250,12 +250,13 @@ def test_copy_on_write_and_swaps_carry_scales():
         np.testing.assert_array_equal(got, want)
 
     runner = ModelRunner(model=None, cache=cache, num_host_pages=4)
-    plan = dict(swap_out=[], swap_in=[], copies=[])
-    runner.move_pages(types.SimpleNamespace(**{**plan, "swap_out": [(3, 1), (5, 2)]}))
+    none = np.zeros((0, 2), np.int32)
+    runner.move_pages(PageMoves(swap_out=np.array([(3, 1), (5, 2)], np.int32), swap_in=none,
+                                copies=none))
     runner.poison_free_pages([3, 5])
     assert np.isnan(page(runner.cache, 3)[2]).all()   # leaves: k, v, k_scale, v_scale
-    runner.move_pages(types.SimpleNamespace(**{**plan, "swap_in": [(2, 7), (1, 4)],
-                                               "copies": [(7, 1)]}))
+    runner.move_pages(PageMoves(swap_out=none, swap_in=np.array([(2, 7), (1, 4)], np.int32),
+                                copies=np.array([(7, 1)], np.int32)))
     for device, original in ((7, 5), (4, 3), (1, 5)):
         for got, want in zip(page(runner.cache, device), before[original]):
             np.testing.assert_array_equal(got, want)
