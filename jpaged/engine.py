@@ -20,6 +20,8 @@ import numpy as np
 from jpaged import parallel
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache
+from jpaged.llm_options import (FALLBACK_KV_BYTES, accepts_vllm_names,
+                                 kv_bytes_from_utilization)
 from jpaged.runner import ModelRunner
 from jpaged.sampling import SamplingParams, SamplingTensors, beam_candidates, beam_score
 from jpaged.scheduler import Scheduler, SchedulerOutput, bucket
@@ -495,13 +497,25 @@ class LLM:
     pool and scheduler, requests going to the least loaded (to the one holding their
     prefix with ``prefix_routing``); or ``mesh=`` a ``jax.sharding.Mesh`` with axes
     ``"data"`` and/or ``"model"``. ``kv_cache_bytes`` is then per device.
+
+    ``memory_utilization``: size the pool instead from that fraction of each device's
+    memory, less what the weights use (``jpaged.llm_options.kv_bytes_from_utilization``;
+    64 MiB per device where the device reports no memory, as a CPU). ``host_cache_bytes``:
+    the swap pool in bytes per device, instead of ``num_host_pages``.
+
+    vLLM's names work too, with vLLM's meaning (``jpaged.llm_options.VLLM_NAMES``):
+    ``tensor_parallel_size``, ``data_parallel_size``, ``block_size``,
+    ``gpu_memory_utilization``, ``swap_space`` (GiB).
     """
 
+    @accepts_vllm_names
     def __init__(self, model="tiny", *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, dtype=None, max_num_seqs: int = 64,
+                 kv_cache_bytes: int | None = None, memory_utilization: float | None = None,
+                 dtype=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
-                 num_host_pages: int = 0, watermark: float = 0.01,
+                 num_host_pages: int | None = None, host_cache_bytes: int | None = None,
+                 watermark: float = 0.01,
                  static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
                  data_parallel: int | None = None, prefix_routing: bool = False):
@@ -517,9 +531,26 @@ class LLM:
                              f"max_position_embeddings={config.max_position_embeddings}")
         dtype = jnp.dtype(dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
+        model_size = layout.model_size if layout else 1
+        if sum(x is not None for x in (num_pages, kv_cache_bytes, memory_utilization)) > 1:
+            raise ValueError(f"pass one of num_pages={num_pages}, kv_cache_bytes="
+                             f"{kv_cache_bytes}, memory_utilization={memory_utilization}")
+        if memory_utilization is not None:
+            devices = {d for replica, _ in replicas
+                       for leaf in jax.tree.leaves(replica.params) for d in leaf.devices()}
+            kv_cache_bytes = kv_bytes_from_utilization(
+                memory_utilization, sorted(devices, key=lambda d: d.id))
         if num_pages is None:
-            budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
+            budget = (kv_cache_bytes or FALLBACK_KV_BYTES) * model_size
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
+        if num_host_pages is not None and host_cache_bytes is not None:
+            raise ValueError(f"pass one of num_host_pages={num_host_pages}, "
+                             f"host_cache_bytes={host_cache_bytes}")
+        num_host_pages = num_host_pages or 0
+        if host_cache_bytes:
+            num_host_pages = KVCache.pages_for_memory(host_cache_bytes * model_size,
+                                                      *geometry, dtype)
+        self.max_model_len = max_model_len
         engines = []
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, dtype, sharding)
