@@ -1,4 +1,4 @@
-"""The ``jpaged`` command: ``jpaged generate`` and ``jpaged bench``."""
+"""The ``jpaged`` command: ``jpaged generate``, ``jpaged bench`` and ``jpaged serve``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def _bench(args) -> None:
             json.dump(results, f, indent=2)
 
 
+def _serve(args) -> None:
+    from jpaged.serve import main
+
+    main(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="jpaged", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +73,39 @@ def main(argv=None) -> None:
     bench.add_argument("--page-size", type=int, default=16)
     bench.add_argument("--json", default=None, help="also write the figures here")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                                description="Serve a model over OpenAI's HTTP API: "
+                                "/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                                "/metrics. Needs the [serve] extra (starlette, uvicorn, "
+                                "prometheus-client, jinja2).")
+    serve.add_argument("--model", default="tiny",
+                       help="checkpoint directory, or 'tiny' for the embedded random model")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: --model)")
+    serve.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template file (default: the checkpoint's)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None)
+    serve.add_argument("--data-parallel-size", type=int, default=None)
+    serve.add_argument("--block-size", type=int, default=None, help="tokens per KV page")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="fraction of device memory for weights + KV pool (CPU: 64 MiB pool)")
+    serve.add_argument("--swap-space", type=float, default=None,
+                       help="GiB of host memory per device for swapped-out pages (turns on "
+                       "swap preemption)")
+    serve.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=None)
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    serve.add_argument("--seed", type=int, default=None)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
     try:

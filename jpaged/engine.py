@@ -209,6 +209,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def metrics(self) -> dict:
+        """Queue lengths, pool use, prefix-cache and preemption counters (see
+        ``Scheduler.metrics``); ``num_pages``: the pool's pages, the null page included."""
+        return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages}
+
     @property
     def num_compilations(self) -> int:
         return self.runner.num_compilations

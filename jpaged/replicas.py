@@ -82,6 +82,7 @@ class Replicas:
         self.owner: dict[str, int] = {}   # unfinished request id -> replica
         self._ids = itertools.count()
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="replica")
+        self.tokenizer = self.engines[0].tokenizer
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
                     priority: int = 0) -> str:
@@ -105,6 +106,15 @@ class Replicas:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines)
 
+    def metrics(self) -> dict:
+        """The replicas' ``LLMEngine.metrics`` summed; the ratios recomputed over all of them."""
+        each = [e.metrics() for e in self.engines]
+        total = {key: sum(m[key] for m in each) for key in each[0]}
+        queries = total["prefix_query_tokens"]
+        total["prefix_hit_rate"] = total["prefix_hit_tokens"] / queries if queries else 0.0
+        total["kv_utilization"] = sum(m["kv_utilization"] for m in each) / len(each)
+        return total
+
     def step(self) -> list:
         """One step of every replica with work; their outputs, together."""
         busy = [e for e in self.engines if e.has_unfinished_requests()]
@@ -126,7 +136,6 @@ class Replicas:
 
     def _token_ids(self, prompt) -> list[int]:
         """The prompt's ids for routing; the engine validates and reports bad prompts."""
-        tokenizer = self.engines[0].tokenizer
         if isinstance(prompt, str):
-            return tokenizer.encode(prompt).ids if tokenizer is not None else []
+            return self.tokenizer.encode(prompt).ids if self.tokenizer is not None else []
         return list(prompt) if hasattr(prompt, "__iter__") else []
