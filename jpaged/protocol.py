@@ -67,10 +67,11 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _param_of(message: str) -> str | None:
-    """The field a ``SamplingParams`` ValueError names (its messages start with it)."""
-    match = re.match(r"(\w+)", message)
-    return match.group(1) if match else None
+def _param_of(message: str, body: dict) -> str | None:
+    """The first field of ``body`` that a ``SamplingParams`` ValueError names."""
+    named = [(match.start(), name) for name in body
+             if (match := re.search(rf"\b{re.escape(name)}\b", message))]
+    return min(named)[1] if named else None
 
 
 def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
@@ -89,7 +90,7 @@ def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
                               n=1 if n is None else n, best_of=best_of, **fields)
     except (ValueError, TypeError) as error:
-        raise RequestError(str(error), param=_param_of(str(error))) from None
+        raise RequestError(str(error), param=_param_of(str(error), body)) from None
 
 
 def _count(body: dict, name: str, default=None, maximum: int | None = None):

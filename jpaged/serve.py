@@ -21,6 +21,7 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -330,6 +331,7 @@ class Server:
             exception_handlers={HTTPException: self._http_error},
             lifespan=self._lifespan)
 
+    @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         self.engine_thread.start()
         yield
