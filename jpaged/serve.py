@@ -58,6 +58,9 @@ class Engine(Protocol):
 
     def metrics(self) -> dict: ...
 
+    @property
+    def num_compilations(self) -> int: ...
+
 
 class Submission:
     """The requests of one HTTP call (one per prompt) and the asyncio queue their outputs
@@ -139,6 +142,7 @@ class EngineThread:
     # -- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        self._snapshot()
         while not self._stopping:
             busy = self.engine.has_unfinished_requests()
             try:
@@ -155,7 +159,11 @@ class EngineThread:
                 break
             if self.engine.has_unfinished_requests():
                 self._step()
-            self.metrics.observe_engine(self.engine.metrics())
+            self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.metrics.observe_engine({**self.engine.metrics(),
+                                     "num_compilations": self.engine.num_compilations})
 
     def _apply(self, kind: str, submission: Submission | None) -> None:
         if kind == "add":
@@ -284,6 +292,8 @@ class _EngineCollector:
                               "prefix cache"),
         "prefix_query_tokens": ("jpaged_prefix_cache_queries", "Prompt tokens looked up in "
                                 "the prefix cache"),
+        "num_compilations": ("jpaged_step_compilations", "Step programs compiled (a new "
+                             "shape bucket); each costs a pause"),
     }
 
     def __init__(self, metrics: ServerMetrics):
