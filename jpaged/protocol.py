@@ -81,14 +81,14 @@ def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
     fields = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
     if body.get("stop") is not None:
         fields["stop"] = body["stop"]
-    n = body.get("n")
+    n = 1 if body.get("n") is None else body["n"]
     best_of = body.get("best_of")
     if best_of is not None and best_of != n and not fields.get("use_beam_search"):
         raise RequestError(f"best_of={best_of!r} differs from n={n!r}: best_of is supported "
                            f"with use_beam_search only", param="best_of")
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                              n=1 if n is None else n, best_of=best_of, **fields)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, n=n, best_of=best_of,
+                              **fields)
     except (ValueError, TypeError) as error:
         raise RequestError(str(error), param=_param_of(str(error), body)) from None
 

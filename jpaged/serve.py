@@ -144,22 +144,29 @@ class EngineThread:
     def _run(self) -> None:
         self._snapshot()
         while not self._stopping:
-            busy = self.engine.has_unfinished_requests()
             try:
-                command = self.inbox.get_nowait() if busy else self.inbox.get()
+                self._iterate()
+            except Exception as error:   # noqa: BLE001 - the thread must outlive any request
+                self._fail_all("the engine failed", error)
+
+    def _iterate(self) -> None:
+        """Apply the queued commands (waiting for one when idle), then step once."""
+        busy = self.engine.has_unfinished_requests()
+        try:
+            command = self.inbox.get_nowait() if busy else self.inbox.get()
+        except queue.Empty:
+            command = None
+        while command is not None:
+            self._apply(*command)
+            try:
+                command = self.inbox.get_nowait()
             except queue.Empty:
                 command = None
-            while command is not None:
-                self._apply(*command)
-                try:
-                    command = self.inbox.get_nowait()
-                except queue.Empty:
-                    command = None
-            if self._stopping:
-                break
-            if self.engine.has_unfinished_requests():
-                self._step()
-            self._snapshot()
+        if self._stopping:
+            return
+        if self.engine.has_unfinished_requests():
+            self._step()
+        self._snapshot()
 
     def _snapshot(self) -> None:
         self.metrics.observe_engine({**self.engine.metrics(),
@@ -179,10 +186,15 @@ class EngineThread:
             for request_id, prompt in zip(submission.request_ids, submission.prompts):
                 self.engine.add_request(prompt, submission.params, request_id)
                 added.append(request_id)
-        except ValueError as error:
+        except Exception as error:   # noqa: BLE001 - a ValueError is the request's fault
             for request_id in added:
                 self.engine.abort(request_id)
-            submission.put(RequestError(str(error), param="prompt"))
+            if isinstance(error, ValueError):
+                submission.put(RequestError(str(error), param="prompt"))
+            else:
+                log.exception("adding a request failed")
+                submission.put(RequestError(f"adding the request failed: {error}", status=500,
+                                            kind="internal_server_error"))
             return
         for index, request_id in enumerate(added):
             self.owners[request_id] = (submission, index)
@@ -198,12 +210,7 @@ class EngineThread:
         try:
             outputs = self.engine.step()
         except Exception as error:   # noqa: BLE001 - every waiting client gets the error
-            log.exception("engine step failed; failing its requests")
-            failed = RequestError(f"the engine failed: {error}", status=500,
-                                  kind="internal_server_error")
-            for request_id, (submission, _) in list(self.owners.items()):
-                submission.put(failed)
-                self._abort(request_id)
+            self._fail_all("the engine step failed", error)
             return
         for output in outputs:
             owner = self.owners.get(output.request_id)
@@ -215,6 +222,17 @@ class EngineThread:
             if output.finished:
                 del self.owners[output.request_id]
                 self.seen_tokens.pop(output.request_id, None)
+
+    def _fail_all(self, what: str, error: Exception) -> None:
+        """Answer every unfinished request with a 500 and abort it."""
+        log.exception("%s; failing its requests", what)
+        failed = RequestError(f"{what}: {error}", status=500, kind="internal_server_error")
+        for request_id, (submission, _) in list(self.owners.items()):
+            submission.put(failed)
+            try:
+                self._abort(request_id)
+            except ValueError:   # the engine had already dropped it
+                pass
 
     def _count(self, output) -> None:
         """Token counters and latency histograms from one output."""
@@ -400,7 +418,7 @@ class Server:
     # -- generation ----------------------------------------------------------------------
 
     async def _generate(self, request, body: dict, prompts: list, params, kind: str):
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse, Response, StreamingResponse
 
         stream = protocol.flag(body, "stream")
         if stream and params.use_beam_search:
@@ -423,11 +441,13 @@ class Server:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         outputs = await self._collect(request, submission)
+        if outputs is None:   # nobody is listening any more
+            return Response(status_code=499)
         return JSONResponse(renderer.response(outputs))
 
-    async def _collect(self, request, submission: Submission) -> list:
-        """The finished output of every prompt; the requests are aborted if the client
-        goes away first."""
+    async def _collect(self, request, submission: Submission) -> list | None:
+        """The finished output of every prompt, or None (the requests aborted) if the
+        client goes away first."""
         last: dict[int, Any] = {}
         try:
             while not submission.done:
@@ -435,7 +455,7 @@ class Server:
                     index, output = await submission.next(DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        raise asyncio.CancelledError from None
+                        return None
                     continue
                 last[index] = output
         finally:

@@ -81,3 +81,14 @@ def test_bad_completion_fields_name_their_param(body, param):
     with pytest.raises(RequestError) as error:
         completion_request(body)
     assert error.value.param == param and error.value.status == 400
+
+
+def test_import_jpaged_leaves_the_server_stack_unloaded():
+    import subprocess
+    import sys
+
+    code = ("import sys, jpaged; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'starlette', 'uvicorn', 'prometheus_client', 'jinja2', 'openai', 'httpx'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.stdout.strip() == "[]"
