@@ -9,12 +9,12 @@ request with ``ignore_eos``) is played three ways on the same model and engine o
   ``LLM.generate`` drives, without HTTP): TTFT and TPOT from the engine's request metrics;
 - ``LLM.generate``: every request of the trace at once (the offline ceiling).
 
-Each is played untimed until a pass compiles no new step shape (at most 10 times), so
-compilation stays out of the figures (``compilations_while_timed`` says if one slipped in); prefix caching is
+Each is played untimed until two passes in a row compile no new step shape (at most 12
+passes), so compilation stays out of the figures (``compilations_while_timed`` says if one slipped in); prefix caching is
 off, so the repeat finds nothing cached (random prompts share no prefix anyway). Writes
 benchmarks/results/serve.{json,md}.
 
-    python benchmarks/serve.py                       # 64 requests at 4/s, ~2 min on 2 cores
+    python benchmarks/serve.py                       # 48 requests at 4/s, ~10 min on 2 cores
     python benchmarks/serve.py --num-requests 200 --rate 8
 """
 
@@ -117,17 +117,20 @@ def server_compilations(url: str) -> int:
 
 
 def warm_up(play_once, compilations) -> int:
-    """Play the trace until a pass compiles nothing new (every step shape its timing
-    produces is compiled), at most ``MAX_WARMUP_PASSES`` times; returns the passes played."""
+    """Play the trace until two passes in a row compile nothing new (the step shapes its
+    timing produces are compiled), at most ``MAX_WARMUP_PASSES`` times; returns the passes
+    played."""
+    clean = 0
     for passes in range(1, MAX_WARMUP_PASSES + 1):
         before = compilations()
         play_once()
-        if compilations() == before:
-            return passes
-    return MAX_WARMUP_PASSES
+        clean = clean + 1 if compilations() == before else 0
+        if clean == 2:
+            break
+    return passes
 
 
-MAX_WARMUP_PASSES = 10
+MAX_WARMUP_PASSES = 12
 
 
 def run_server(model: str, trace: list[dict], options: list[str]) -> dict:
@@ -221,25 +224,30 @@ def ratios(runs: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-requests", type=int, default=48)
     parser.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals, requests/s")
-    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128))
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 96))
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-num-seqs", type=int, default=64)
+    # A small batch and token budget keep the number of step shapes (buckets) small, so
+    # the warm-up passes compile them all.
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
 
     from jpaged import LLM
 
-    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, enable_prefix_caching=False)
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
     trace = make_trace(args.num_requests, args.rate, tuple(args.prompt_len), args.max_tokens,
                        llm.engine.model.config.vocab_size, args.seed)
     print(f"{args.num_requests} streaming requests, Poisson {args.rate}/s, prompts of "
           f"{args.prompt_len[0]}..{args.prompt_len[1]} tokens, {args.max_tokens} output tokens "
           f"each, model {args.model!r}", file=sys.stderr)
-    runs = {"server": run_server(args.model, trace, ["--max-num-seqs", str(args.max_num_seqs),
-                                                     "--no-enable-prefix-caching"])}
+    runs = {"server": run_server(args.model, trace, [
+        "--max-num-seqs", str(args.max_num_seqs), "--no-enable-prefix-caching",
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens)])}
     engine = llm.engine
     for name, play_once in (("in-process", lambda: replay(llm, trace)),
                             ("LLM.generate", lambda: generate_all(llm, trace))):
@@ -259,7 +267,8 @@ def main() -> None:
     (args.out / "serve.json").write_text(json.dumps(report, indent=2))
     (args.out / "serve.md").write_text(
         f"# jpaged serve vs in-process engine\n\n`python benchmarks/serve.py "
-        f"--num-requests {args.num_requests} --rate {args.rate}` on {platform.machine()}, "
+        f"--num-requests {args.num_requests} --rate {args.rate} --max-num-seqs "
+        f"{args.max_num_seqs} --max-num-batched-tokens {args.max_num_batched_tokens}` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f} at the end), model "
         f"{args.model!r}: {args.num_requests} streaming requests, Poisson arrivals at "
         f"{args.rate}/s, prompts of {args.prompt_len[0]}..{args.prompt_len[1]} random token "
