@@ -38,6 +38,11 @@ def _bench(args) -> None:
 
 
 def _serve(args) -> None:
+    try:
+        import jinja2, prometheus_client, starlette, uvicorn  # noqa: F401, E401
+    except ImportError as error:
+        raise ValueError(f"jpaged serve needs the server extra: pip install 'jpaged[serve]' "
+                         f"({error})") from None
     from jpaged.serve import main
 
     main(args)

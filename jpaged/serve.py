@@ -79,7 +79,10 @@ class Submission:
 
     def put(self, item) -> None:
         """Called from the engine thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop has closed: the server is shutting down
+            pass
 
     @property
     def done(self) -> bool:
