@@ -337,22 +337,28 @@ BAD_CHATS = [
 
 
 def test_bad_requests_get_400_while_a_stream_completes(server, reference, checkpoint):
-    want = greedy(reference, [PROMPTS[1]], 200)[0]
+    want = greedy(reference, [PROMPTS[1]], 400)[0]
     lines, first = [], threading.Event()
     streamer = threading.Thread(target=_stream_lines, args=(server, {
-        "model": checkpoint, "prompt": PROMPTS[1], "max_tokens": 200, "temperature": 0,
+        "model": checkpoint, "prompt": PROMPTS[1], "max_tokens": 400, "temperature": 0,
         "stream": True}, lines, first))
     streamer.start()
     assert first.wait(120), "the stream never started"
-    for endpoint, cases in (("completions", BAD_COMPLETIONS), ("chat/completions", BAD_CHATS)):
-        for body, param in cases:
-            if isinstance(body, dict):
-                body = json.dumps({"model": checkpoint, **body})
-            answer = httpx.post(f"{server}/v1/{endpoint}", content=body, timeout=30)
-            assert answer.status_code == 400, (body[:80], answer.text)
-            error = answer.json()["error"]
-            assert error["type"] == "invalid_request_error" and error["message"]
-            assert param in (error["param"], error["code"]), (body[:80], error)
+    cases = [("completions", body, param) for body, param in BAD_COMPLETIONS]
+    cases += [("chat/completions", body, param) for body, param in BAD_CHATS]
+
+    async def send_all():   # at once, so they all land while the stream runs
+        async with httpx.AsyncClient(timeout=60) as http:
+            return await asyncio.gather(*(http.post(
+                f"{server}/v1/{endpoint}", content=body if isinstance(body, str)
+                else json.dumps({"model": checkpoint, **body})) for endpoint, body, _ in cases))
+
+    answers = asyncio.run(send_all())
+    for (_, body, param), answer in zip(cases, answers):
+        assert answer.status_code == 400, (str(body)[:80], answer.text)
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        assert param in (error["param"], error["code"]), (str(body)[:80], error)
     assert streamer.is_alive(), "the stream finished before the bad requests: make it longer"
     streamer.join(120)
     assert not streamer.is_alive()
