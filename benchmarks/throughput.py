@@ -16,7 +16,7 @@ import platform
 import jax
 
 from jpaged.bench import Trace, compare, table
-from jpaged.engine import load_model
+from jpaged.model_loading import load_model
 
 
 def plot(runs: dict, path: pathlib.Path) -> None:

@@ -1,42 +1,60 @@
 """Bring your own model: a minimal Flax decoder on jpaged's paged KV cache, decoded by the
-jitted loop.
+jitted loop and served by the engine, on one device or tensor-parallel.
 
-The only jpaged-specific part is one line in the attention layer:
-``jpaged.cached_attention`` writes this step's K/V into the pool and attends over the
-pages (decode or prefill, as ``meta`` says). Everything else is ordinary Flax, and
-``forward`` has the signature the engine and ``decode_loop`` drive, so this model also
-runs in ``jpaged.engine.LLMEngine``.
+The jpaged-specific parts are one line in the attention layer and the dense layers:
+``cached_attention`` writes this step's K/V into the pool and attends over the pages
+(decode or prefill, as ``meta`` says); ``jpaged.layers``' column- and row-parallel
+layers declare how their params split and all-reduce themselves, so the same model runs
+tensor-parallel with ``LLM(model, tensor_parallel=N)``. Everything else is ordinary Flax,
+and the bundle is a ``jpaged.interfaces.Model``, which the engine and ``decode_loop`` drive.
 
-    python examples/custom_model.py [--steps 32] [--batch 4]
+    python examples/custom_model.py [--steps 32] [--batch 4] [--tensor-parallel 2]
+
+With ``--tensor-parallel N`` on a CPU, JAX is started with 8 host devices.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import time
-from typing import Any, Callable, NamedTuple
+import os
+import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
+if __name__ == "__main__" and any(a.startswith("--tensor-parallel") for a in sys.argv):
+    # Must be set before JAX starts; a CPU shows one device otherwise.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jpaged
-from jpaged.decode_loop import decode_loop, prepare
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jpaged.attention import AttentionMetadata, cached_attention  # noqa: E402
+from jpaged.cache import KVCache, PageTable  # noqa: E402
+from jpaged.decode_loop import decode_loop, prepare  # noqa: E402
+from jpaged.engine import LLM  # noqa: E402
+from jpaged.layers import (HEADS, KV_HEADS, MLP, ColumnParallelDense,  # noqa: E402
+                           RowParallelDense, logical_axes)
+from jpaged.sampling import SamplingParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Hashable (a static jit argument); decode_loop reads the four cache/vocab fields."""
+    """Hashable (a static jit argument): a ``jpaged.interfaces.ModelConfig``. Tensor
+    parallelism runs each device with its share of the three counts it splits (heads, kv
+    heads, intermediate_size)."""
 
     vocab_size: int = 256
     hidden_size: int = 64
+    intermediate_size: int = 256
     num_layers: int = 2
     num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 16
-    max_len: int = 1024
+    max_position_embeddings: int = 1024
 
 
 class PagedSelfAttention(nn.Module):
@@ -47,11 +65,17 @@ class PagedSelfAttention(nn.Module):
         """x: ``[T, E]`` (this step's tokens, flattened); layer: this layer's index in the
         pool. Returns (``[T, E]``, the cache with this step's K/V written)."""
         c = self.config
-        q = nn.DenseGeneral((c.num_heads, c.head_dim), name="q")(x)       # [T, Hq, D]
-        k = nn.DenseGeneral((c.num_kv_heads, c.head_dim), name="k")(x)    # [T, Hkv, D]
-        v = nn.DenseGeneral((c.num_kv_heads, c.head_dim), name="v")(x)
-        out, cache = jpaged.cached_attention(q, k, v, cache, layer, meta)
-        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="o")(out), cache
+
+        def project(name, heads, axis):   # [T, heads, D]
+            y = ColumnParallelDense(heads * c.head_dim, axis, use_bias=True, name=name)(x)
+            return y.reshape(-1, heads, c.head_dim)
+
+        q = project("q", c.num_heads, HEADS)
+        k, v = project("k", c.num_kv_heads, KV_HEADS), project("v", c.num_kv_heads, KV_HEADS)
+        out, cache = cached_attention(q, k, v, cache, layer, meta)
+        out = RowParallelDense(x.shape[-1], HEADS, use_bias=True, name="o")(
+            out.reshape(out.shape[0], -1))
+        return out, cache
 
 
 class Decoder(nn.Module):
@@ -63,13 +87,14 @@ class Decoder(nn.Module):
     def __call__(self, token_ids, cache, meta, logits_indices):
         c = self.config
         x = (nn.Embed(c.vocab_size, c.hidden_size, name="tokens")(token_ids)
-             + nn.Embed(c.max_len, c.hidden_size, name="positions")(meta.positions))
+             + nn.Embed(c.max_position_embeddings, c.hidden_size, name="positions")(
+                 meta.positions))
         for layer in range(c.num_layers):
             h, cache = PagedSelfAttention(c, name=f"attention_{layer}")(
                 nn.LayerNorm()(x), cache, layer, meta)
             x = x + h
-            x = x + nn.Dense(c.hidden_size)(nn.gelu(nn.Dense(4 * c.hidden_size)(
-                nn.LayerNorm()(x))))
+            up = ColumnParallelDense(c.intermediate_size, MLP, use_bias=True)(nn.LayerNorm()(x))
+            x = x + RowParallelDense(c.hidden_size, MLP, use_bias=True)(nn.gelu(up))
         return nn.Dense(c.vocab_size)(nn.LayerNorm()(x[logits_indices])), cache
 
 
@@ -79,30 +104,41 @@ def forward(params, config: Config, cache, token_ids, meta, logits_indices):
     return Decoder(config).apply({"params": params}, token_ids, cache, meta, logits_indices)
 
 
-class Model(NamedTuple):
-    """The bundle decode_loop, prepare and the engine take."""
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The bundle decode_loop, prepare and the engine take (a ``jpaged.interfaces.Model``)."""
 
     config: Config
     params: Any
+    param_axes: dict   # how tensor parallelism splits the params, declared by the layers
     forward: Callable = forward
+    tokenizer: Any = None
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def init_model(config: Config, seed: int = 0) -> Model:
     """Random params, traced through one decode step on a one-page pool."""
-    cache = jpaged.KVCache.create(config.num_layers, config.num_kv_heads, config.head_dim,
-                                  page_size=1, num_pages=2)
+    cache = KVCache.create(config.num_layers, config.num_kv_heads, config.head_dim,
+                           page_size=1, num_pages=2)
     one = jnp.zeros(1, jnp.int32)
-    meta = jpaged.AttentionMetadata(slot_mapping=one + 1, q_seq=one, positions=one,
-                                    page_table=jpaged.PageTable.from_lists([[1]], [1]),
-                                    is_decode=True)
-    params = Decoder(config).init(jax.random.key(seed), one, cache, meta, one)["params"]
-    return Model(config, params)
+    meta = AttentionMetadata(slot_mapping=one + 1, q_seq=one, positions=one,
+                             page_table=PageTable.from_lists([[1]], [1]), is_decode=True)
+    boxed = Decoder(config).init(jax.random.key(seed), one, cache, meta, one)["params"]
+    # Random biases (init makes them zero), so that a bias added once per device would show.
+    params = nn.unbox(boxed)
+    keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 * jax.random.normal(next(keys), x.shape)
+        if path[-1].key == "bias" else x, params)
+    return Model(config, params, logical_axes(boxed))
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tensor-parallel", type=int, default=None,
+                        help="the engine splits the model over this many devices")
     args = parser.parse_args(argv)
 
     model = init_model(Config())
@@ -124,6 +160,14 @@ def main(argv=None) -> dict:
               f"{tokens[0, :12].tolist()}...")
     same = bool((results["paged"] == results["dense"]).all())
     print(f"paged and dense tokens equal: {same}")
+    # The engine, on one device or split over --tensor-parallel devices.
+    llm = LLM(model, tensor_parallel=args.tensor_parallel, page_size=8, num_pages=64,
+              max_num_seqs=args.batch)
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=args.steps, temperature=0.0,
+                                                   ignore_eos=True))
+    results["engine"] = np.array([o.token_ids for o in outputs])
+    for row, tokens in enumerate(results["engine"]):
+        print(f"engine tokens {row}: {tokens.tolist()}")
     return {"prompts": prompts, "model": model, **results}
 
 

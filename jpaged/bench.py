@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 
-from jpaged.engine import LLM, load_model
+from jpaged.engine import LLM
+from jpaged.model_loading import load_model
 from jpaged.sampling import SamplingParams
 
 

@@ -1,4 +1,5 @@
-"""The ``jpaged`` command: ``jpaged generate``, ``jpaged bench`` and ``jpaged serve``."""
+"""The ``jpaged`` command (``jpaged generate``, ``jpaged bench``, ``jpaged serve``) and
+``python -m jpaged.distributed`` (``distributed_main``)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,47 @@ def _serve(args) -> None:
     from jpaged.serve import main
 
     main(args)
+
+
+def distributed_main(argv=None) -> None:
+    """Greedy generation with one tensor-parallel engine over every process's devices;
+    run the same command on each process (only ``--process-id`` differs). Process 0
+    prints one JSON line per prompt."""
+    parser = argparse.ArgumentParser(prog="python -m jpaged.distributed",
+                                     description=distributed_main.__doc__.split(";")[0])
+    parser.add_argument("--coordinator", help="host:port of process 0 (default: detected "
+                        "by jax.distributed, e.g. under SLURM)")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    parser.add_argument("--cpu-collectives", choices=["gloo", "mpi"],
+                        help="collectives between CPU processes (CPU-only runs)")
+    parser.add_argument("--model", default="tiny", help='"tiny" or a checkpoint directory')
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="text, or comma-separated token ids; repeat for several")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    import jax
+
+    from jpaged import distributed
+    from jpaged.engine import LLM
+    from jpaged.sampling import SamplingParams
+
+    if args.cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    llm = LLM(args.model, tensor_parallel=jax.device_count())
+    if jax.process_index():
+        distributed.serve(llm)
+        return
+    prompts = [[int(t) for t in p.split(",")] if p.replace(",", "").isdigit() else p
+               for p in args.prompt]
+    try:
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens,
+                                                       temperature=0.0))
+    finally:
+        distributed.stop()
+    for prompt, output in zip(args.prompt, outputs):
+        print(json.dumps(dict(prompt=prompt, token_ids=output.token_ids, text=output.text)))
 
 
 def main(argv=None) -> None:

@@ -15,10 +15,9 @@ soon as every row has produced an end-of-sequence id::
 ``max(prompt) + num_steps`` tokens per sequence, row b owning page b + 1), so the same
 model and the same loop run paged and dense on identical inputs.
 
-A model is what the engine drives: an object with ``config`` (hashable, with
-``num_layers``, ``num_kv_heads``, ``head_dim``, ``vocab_size``) and ``forward(params,
-config, cache, token_ids, meta, logits_indices) -> (logits, cache)`` (``models.Model``, or
-your own: see examples/custom_model.py). ``decode_loop`` also takes a bare step function
+A model is what the engine drives, a ``jpaged.interfaces.Model`` (``models.Model``, or
+your own: see examples/custom_model.py); the loop uses its ``config`` and ``forward``.
+``decode_loop`` also takes a bare step function
 ``step(params, cache, token_ids int32[B], meta) -> (logits [B, V], cache)``.
 
 Transformations: ``decode_loop`` has no Python side effects once its inputs are checked,
@@ -45,6 +44,7 @@ from jax import lax
 from jpaged.attention import AttentionMetadata
 from jpaged.block_manager import BlockManager, cdiv
 from jpaged.cache import KVCache, PageTable
+from jpaged.interfaces import Model
 from jpaged.sampling import GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, sample
 from jpaged.scheduler import flat_layout
 from jpaged.sequence import Sequence
@@ -258,14 +258,17 @@ def _all_greedy(tensors: SamplingTensors) -> bool:
     return bool(np.all(np.asarray(tensors.temperature) < GREEDY_TEMPERATURE))
 
 
-def _model_step(model) -> Callable:
-    """The decode step function of a model bundle, or ``model`` itself if it is one."""
-    if hasattr(model, "forward") and hasattr(model, "config"):
-        return ModelStep(model.forward, model.config)
+def _model_step(model: Model | Callable) -> Callable:
+    """The decode step function of a model bundle (a ``jpaged.interfaces.Model``), or
+    ``model`` itself if it is a step function (a bundle is data, never callable)."""
     if callable(model):
         return model
-    raise ValueError(f"model must have config and forward (like models.Model) or be a step "
-                     f"function, got {type(model).__name__}")
+    try:
+        return ModelStep(model.forward, model.config)
+    except AttributeError as error:
+        raise ValueError(f"model must be a model bundle (jpaged.interfaces.Model: config, "
+                         f"forward, ...) or a step function, got {type(model).__name__}"
+                         ) from error
 
 
 def sampling_tensors(sampling, batch: int, seed: int = 0) -> SamplingTensors:

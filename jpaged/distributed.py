@@ -21,14 +21,12 @@ call ``serve``, which receives plans and runs the same steps until process 0 cal
 
 A process that dies leaves the others blocked in a collective until JAX's distributed
 runtime notices (its heartbeat timeout). ``python -m jpaged.distributed`` is that script
-as a command (see ``main``).
+as a command (see ``jpaged.cli.distributed_main``).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 
 import jax
 import numpy as np
@@ -122,43 +120,9 @@ def _broadcast(plan: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | No
     return multihost_utils.broadcast_one_to_all(plan)
 
 
-def main(argv=None) -> None:
-    """Greedy generation with one tensor-parallel engine over every process's devices;
-    run the same command on each process (only ``--process-id`` differs). Process 0
-    prints one JSON line per prompt."""
-    parser = argparse.ArgumentParser(prog="python -m jpaged.distributed",
-                                     description=main.__doc__.split(";")[0])
-    parser.add_argument("--coordinator", help="host:port of process 0 (default: detected "
-                        "by jax.distributed, e.g. under SLURM)")
-    parser.add_argument("--num-processes", type=int)
-    parser.add_argument("--process-id", type=int)
-    parser.add_argument("--cpu-collectives", choices=["gloo", "mpi"],
-                        help="collectives between CPU processes (CPU-only runs)")
-    parser.add_argument("--model", default="tiny", help='"tiny" or a checkpoint directory')
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="text, or comma-separated token ids; repeat for several")
-    parser.add_argument("--max-tokens", type=int, default=16)
-    args = parser.parse_args(argv)
-    if args.cpu_collectives:
-        jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from jpaged.engine import LLM
-    from jpaged.sampling import SamplingParams
-
-    llm = LLM(args.model, tensor_parallel=jax.device_count())
-    if jax.process_index():
-        serve(llm)
-        return
-    prompts = [[int(t) for t in p.split(",")] if p.replace(",", "").isdigit() else p
-               for p in args.prompt]
-    try:
-        outputs = llm.generate(prompts, SamplingParams(max_tokens=args.max_tokens,
-                                                       temperature=0.0))
-    finally:
-        stop()
-    for prompt, output in zip(args.prompt, outputs):
-        print(json.dumps(dict(prompt=prompt, token_ids=output.token_ids, text=output.text)))
-
-
 if __name__ == "__main__":
-    main()
+    # ``python -m jpaged.distributed`` runs this file as a new module, ``__main__``; the
+    # command itself lives at the engine end (jpaged.cli), which imports this module.
+    from jpaged.cli import distributed_main
+
+    distributed_main()

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged import parallel
+from jpaged import model_loading, parallel
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache
+from jpaged.interfaces import Engine, Model
 from jpaged.llm_options import (FALLBACK_KV_BYTES, accepts_vllm_names,
                                  kv_bytes_from_utilization)
 from jpaged.runner import ModelRunner
@@ -155,17 +156,16 @@ def _finished_variant(seq: Sequence, seq_id: str, token: int, reason: str) -> Se
 class LLMEngine:
     """Continuous batching over a paged KV cache: ``add_request``, ``abort``, ``step``.
 
-    model: see ``ModelRunner`` (``config``, ``params``, ``forward``), plus optional
-    ``tokenizer`` (a ``tokenizers.Tokenizer``) and ``eos_token_ids``.
+    model: see ``jpaged.interfaces.Model``. An ``jpaged.interfaces.Engine``.
     """
 
-    def __init__(self, model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
+    def __init__(self, model: Model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
                  num_host_pages: int = 0):
         self.model = model
         self.scheduler = scheduler
         self.runner = ModelRunner(model, cache, num_host_pages)
-        self.tokenizer = getattr(model, "tokenizer", None)
-        self.eos_token_ids = set(getattr(model, "eos_token_ids", None) or ())
+        self.tokenizer = model.tokenizer
+        self.eos_token_ids = set(model.eos_token_ids)
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -475,21 +475,11 @@ class LLMEngine:
                              request.metrics)
 
 
-def load_model(spec, dtype=None):
-    """``"tiny"`` (the embedded random model) or a checkpoint directory -> a model bundle.
-
-    Imported lazily: ``jpaged`` never imports ``models`` at module level.
-    """
-    import models
-
-    return models.load_model(spec, dtype=dtype)
-
-
 class LLM:
     """Offline generation: ``LLM("tiny").generate(prompts, SamplingParams(...))``.
 
-    model: ``"tiny"``, a checkpoint directory, or a model bundle (``config``, ``params``,
-    ``forward``, optional ``tokenizer`` and ``eos_token_ids``). The KV pool holds
+    model: ``"tiny"``, a checkpoint directory, or a model bundle (a
+    ``jpaged.interfaces.Model``). The KV pool holds
     ``num_pages`` pages of ``page_size`` tokens, or as many as fit in ``kv_cache_bytes``.
     ``watermark``: the fraction of the pool that admitting new prompts leaves free for the
     running sequences to grow into; higher means fewer preemptions and a smaller batch.
@@ -514,9 +504,9 @@ class LLM:
     """
 
     @accepts_vllm_names
-    def __init__(self, model="tiny", *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, memory_utilization: float | None = None,
-                 dtype=None, max_num_seqs: int = 64,
+    def __init__(self, model: str | Model = "tiny", *, page_size: int = 16,
+                 num_pages: int | None = None, kv_cache_bytes: int | None = None,
+                 memory_utilization: float | None = None, dtype=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
                  num_host_pages: int | None = None, host_cache_bytes: int | None = None,
@@ -526,7 +516,7 @@ class LLM:
                  data_parallel: int | None = None, prefix_routing: bool = False):
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
         if isinstance(model, str) and layout is None:
-            model = load_model(model, dtype)
+            model = model_loading.load_model(model, dtype)
         replicas = [(model, None)] if layout is None else layout.load(model, dtype)
         model = replicas[0][0]
         config = model.config
@@ -568,7 +558,8 @@ class LLM:
                                   static_batching=static_batching)
             engines.append(LLMEngine(replica, cache, scheduler, seed=seed + len(engines),
                                      num_host_pages=num_host_pages))
-        self.engine = engines[0] if layout is None else layout.engine(engines, prefix_routing)
+        self.engine: Engine = (engines[0] if layout is None
+                               else layout.engine(engines, prefix_routing))
 
     def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:

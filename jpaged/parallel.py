@@ -4,10 +4,12 @@ A mesh has up to two axes: ``"data"`` (replicas, each a whole engine with its ow
 block manager and scheduler; see ``jpaged.replicas``) and ``"model"`` (tensor parallelism
 inside a replica, Megatron style):
 
-- q/k/v and gate/up projections are split by output features (heads, MLP hidden units),
-  o_proj and down_proj by input features; each device computes a partial o_proj and
-  down_proj output, and one all-reduce (``psum``) after each completes it: the only two
-  collectives of a layer. Embeddings, norms and the LM head are replicated.
+- The model is built from ``jpaged.layers``: column-parallel layers (Llama's q/k/v and
+  gate/up projections) are split by output features, row-parallel ones (o_proj,
+  down_proj) by input features and complete their partial outputs with one all-reduce
+  inside the layer: the only two collectives of a Llama layer. Which dims are split is
+  declared by the layers as logical axes (the model's ``param_axes``), mapped to mesh
+  axes by ``RULES``; everything else (embeddings, norms, the LM head) is replicated.
 - The KV pool ``[L, Hkv, P, S, D]`` is split over its kv-head axis: every device holds
   its heads of every page, so one block table serves all devices and the host-side
   block manager is the same as on one device.
@@ -15,7 +17,8 @@ inside a replica, Megatron style):
   (its local head and hidden counts), so attention, the Pallas kernel included, sees
   local shapes and nothing in it communicates.
 - When the model axis has more devices than there are kv heads, kv heads are replicated
-  (the k/v projections repeated head by head) until every device holds whole heads.
+  (params with a ``"kv_heads"`` axis repeated head by head) until every device holds
+  whole heads.
 
 Checkpoints are placed straight into this layout: ``placer`` is ``models.load_hf``'s
 ``place`` hook, and each device receives only its shard.
@@ -26,21 +29,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Mapping
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jpaged import distributed
+from jpaged import distributed, model_loading
+from jpaged.interfaces import HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig
 from jpaged.replicas import Replicas
 
-DATA, MODEL = "data", "model"
+DATA, MODEL = "data", MODEL_AXIS
 AXES = (DATA, MODEL)
-# Flax layer names (Llama family): split by output features, or by input features.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROW_PARALLEL = ("o_proj", "down_proj")
-KV_PROJECTIONS = ("k_proj", "v_proj")
+# Logical axis (declared by the model's layers, see jpaged.layers) -> mesh axis; a logical
+# axis not listed is replicated. The one place that decides what tensor parallelism splits.
+RULES = {HEADS: MODEL, KV_HEADS: MODEL, MLP: MODEL}
 CACHE_SPEC = P(None, MODEL)   # KVCache k, v: [L, Hkv, P, S, D], split over kv heads
 
 
@@ -108,60 +111,53 @@ def local_config(config, model_size: int):
                                intermediate_size=config.intermediate_size // model_size)
 
 
-def _layer_name(name: str) -> str:
-    """The Flax layer a param belongs to: "q_proj" for "layers/self_attn/q_proj/kernel"."""
-    parts = name.split("/")
-    return parts[-2] if len(parts) >= 2 else ""
-
-
-def param_spec(name: str, ndim: int) -> P:
-    """PartitionSpec of the param at Flax path ``name`` ("/"-joined), of rank ``ndim``."""
-    layer = _layer_name(name)
-    if layer in COLUMN_PARALLEL:            # kernel [L, E, F], bias [L, F]: split F
-        return P(*[None] * (ndim - 1), MODEL)
-    if layer in ROW_PARALLEL and name.endswith("/kernel"):   # kernel [L, F, E]: split F
-        return P(*[None] * (ndim - 2), MODEL, None)
-    return P()
+def param_spec(axes: tuple[str | None, ...] | None) -> P:
+    """The PartitionSpec of a param whose dims have logical ``axes`` (None: replicated)."""
+    return P(*(RULES.get(axis) for axis in axes or ()))
 
 
 def _path_name(path) -> str:
     return "/".join(str(getattr(key, "key", key)) for key in path)
 
 
-def param_specs(params):
-    """The PartitionSpec tree of a params tree."""
+def param_specs(params, param_axes: Mapping[str, tuple]):
+    """The PartitionSpec tree of a params tree, from the model's ``param_axes``."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: param_spec(_path_name(path), np.ndim(x)), params)
+        lambda path, x: param_spec(param_axes.get(_path_name(path))), params)
 
 
-def replicate_kv_heads(name: str, array: np.ndarray, head_dim: int, copies: int) -> np.ndarray:
-    """Repeat each kv head of a k/v projection ``copies`` times (new head j = old j // copies).
-
-    array: kernel ``[L, E, Hkv * D]`` or bias ``[L, Hkv * D]``; other params pass through.
-    """
-    if copies == 1 or _layer_name(name) not in KV_PROJECTIONS:
+def replicate_kv_heads(array: np.ndarray, axes: tuple | None, head_dim: int,
+                       copies: int) -> np.ndarray:
+    """Repeat each kv head of a param with a ``"kv_heads"`` axis ``copies`` times (new head
+    j = old j // copies), e.g. a k projection kernel ``[L, E, Hkv * D]``; others pass
+    through."""
+    if copies == 1 or KV_HEADS not in (axes or ()):
         return array
-    heads = array.reshape(array.shape[:-1] + (-1, head_dim))
-    return np.repeat(heads, copies, axis=-2).reshape(array.shape[:-1] + (-1,))
+    dim = axes.index(KV_HEADS)
+    heads = array.reshape(array.shape[:dim] + (-1, head_dim) + array.shape[dim + 1:])
+    return np.repeat(heads, copies, axis=dim).reshape(
+        array.shape[:dim] + (-1,) + array.shape[dim + 1:])
 
 
-def placer(config, mesh: Mesh):
+def placer(config: ModelConfig, param_axes: Mapping[str, tuple], mesh: Mesh):
     """``place(name, host_array) -> jax.Array`` for ``models.load_hf``: kv heads replicated
     for ``mesh``'s model axis, then each device of ``mesh`` (2-D, see ``check_mesh``) gets
-    only its shard. ``config`` is the checkpoint's config."""
+    only its shard. ``config`` is the checkpoint's config; ``param_axes`` the model's
+    declared logical axes (see ``jpaged.interfaces.Model``)."""
     copies = kv_replication(config, mesh.shape[MODEL])
 
     def place(name: str, array: np.ndarray) -> jax.Array:
-        array = replicate_kv_heads(name, np.asarray(array), config.head_dim, copies)
-        sharding = NamedSharding(mesh, param_spec(name, array.ndim))
+        axes = param_axes.get(name)
+        array = replicate_kv_heads(np.asarray(array), axes, config.head_dim, copies)
+        sharding = NamedSharding(mesh, param_spec(axes))
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     return place
 
 
-def place_params(params, config, mesh: Mesh):
+def place_params(params, config: ModelConfig, param_axes: Mapping[str, tuple], mesh: Mesh):
     """Params already in memory (e.g. the random demo model) -> the sharded layout."""
-    place = placer(config, mesh)
+    place = placer(config, param_axes, mesh)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: place(_path_name(path), np.asarray(x)), params)
 
@@ -188,21 +184,14 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, CACHE_SPEC)
 
 
-def _reduce_row_parallel(next_fun, args, kwargs, context):
-    """Flax interceptor: complete each row-parallel layer's partial output with a psum."""
-    out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and context.module.name in ROW_PARALLEL:
-        return jax.lax.psum(out, MODEL)
-    return out
+def shard_forward(forward, param_axes: Mapping[str, tuple], mesh: Mesh):
+    """Run a model's ``forward`` (``jpaged.interfaces.Forward``) per device of the 1-D
+    ``mesh`` under ``shard_map``.
 
-
-def shard_forward(forward, mesh: Mesh):
-    """Run ``forward(params, config, cache, token_ids, meta, logits_indices)`` (see
-    ``models.llama.forward``) per device of the 1-D ``mesh`` under ``shard_map``.
-
-    Params are split by ``param_specs``, the cache by ``CACHE_SPEC``, the batch and the
-    returned logits are replicated. ``config`` is the global (``sharded_config``) one;
-    each device runs ``local_config`` of it.
+    Params are split by their declared ``param_axes``, the cache by ``CACHE_SPEC``, the
+    batch and the returned logits are replicated. ``config`` is the global
+    (``sharded_config``) one; each device runs ``local_config`` of it. The model's
+    row-parallel layers (``jpaged.layers.RowParallelDense``) do the all-reduces.
     """
     size = mesh.shape[MODEL]
 
@@ -210,35 +199,24 @@ def shard_forward(forward, mesh: Mesh):
         local = local_config(config, size)
 
         def per_device(params, cache, token_ids, meta, logits_indices):
-            with nn.intercept_methods(_reduce_row_parallel):
-                return forward(params, local, cache, token_ids, meta, logits_indices)
+            return forward(params, local, cache, token_ids, meta, logits_indices)
 
         # check_vma=False: a pallas_call's output declares no varying mesh axes, which
-        # check_vma=True refuses. The psums make the returned logits replicated.
+        # check_vma=True refuses. The row-parallel layers' psums make the logits replicated.
         run = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=(param_specs(params), CACHE_SPEC, P(), P(), P()),
+                            in_specs=(param_specs(params, param_axes), CACHE_SPEC, P(), P(),
+                                      P()),
                             out_specs=(P(), CACHE_SPEC), check_vma=False)
         return run(params, cache, token_ids, meta, logits_indices)
 
     return sharded
 
 
-def shard_model(model, config, params, mesh: Mesh):
+def shard_model(model: Model, config: ModelConfig, params, mesh: Mesh) -> Model:
     """A model bundle running tensor parallel on the 1-D ``mesh``: ``config`` the
     ``sharded_config``, ``params`` already placed for it."""
     return dataclasses.replace(model, config=config, params=params,
-                               forward=shard_forward(model.forward, mesh))
-
-
-def checkpoint_config(model):
-    """The config of ``model`` ("tiny", a checkpoint directory, or a bundle), read without
-    loading any weight."""
-    from models import tiny_config
-    from models.loader import load_config
-
-    if not isinstance(model, str):
-        return model.config
-    return tiny_config() if model == "tiny" else load_config(model)
+                               forward=shard_forward(model.forward, model.param_axes, mesh))
 
 
 class Layout:
@@ -274,7 +252,7 @@ class Layout:
             tensor_parallel = mesh.shape[MODEL]
         tensor_parallel = 1 if tensor_parallel is None else tensor_parallel
         _check_count("tensor_parallel", tensor_parallel)
-        config = checkpoint_config(model)
+        config = model_loading.model_config(model)
         sharded = sharded_config(config, tensor_parallel)
         if mesh is None:
             mesh = make_mesh(tensor_parallel, 1 if data_parallel is None else data_parallel)
@@ -288,18 +266,18 @@ class Layout:
     def num_replicas(self) -> int:
         return self.mesh.shape[DATA]
 
-    def load(self, model, dtype=None) -> list[tuple[object, NamedSharding]]:
+    def load(self, model, dtype=None) -> list[tuple[Model, NamedSharding]]:
         """(model bundle, KV pool sharding) of each replica. A checkpoint directory is read
         once and each device receives only its shard; "tiny" and bundles are placed from
         memory."""
-        import models
-
         if isinstance(model, str) and model != "tiny":
-            model = models.load_model(model, dtype, place=placer(self.config, self.mesh))
+            axes = model_loading.param_axes(self.config)
+            model = model_loading.load_model(model, dtype,
+                                             place=placer(self.config, axes, self.mesh))
         else:
-            model = models.load_model(model, dtype) if isinstance(model, str) else model
-            model = dataclasses.replace(model, params=place_params(model.params, self.config,
-                                                                   self.mesh))
+            model = model_loading.load_model(model, dtype)
+            model = dataclasses.replace(model, params=place_params(
+                model.params, self.config, model.param_axes, self.mesh))
         return [(shard_model(model, self.sharded, params, mesh), cache_sharding(mesh))
                 for params, mesh in zip(split_replicas(model.params, self.mesh),
                                         replica_meshes(self.mesh))]

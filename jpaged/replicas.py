@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from jpaged.interfaces import Engine
 
 # A prefix match is ignored when its replica has this many more unfinished requests than
 # the least loaded one: a shared system prompt must not pin every request to one replica.
@@ -70,11 +74,21 @@ class Router:
             held.popitem(last=False)
 
 
-class Replicas:
-    """``LLMEngine``\\ s on disjoint devices, driven like one: ``add_request`` routes,
-    ``abort`` finds the owner, ``step`` advances every replica with work."""
+class Replica(Engine, Protocol):
+    """What ``Replicas`` reads of each engine beyond ``Engine`` (an ``LLMEngine`` has it):
+    its unfinished ``requests``, its ``tokenizer`` (routing by prompt tokens) and its
+    ``scheduler.block_manager``'s ``page_size`` and ``num_usable_pages``."""
 
-    def __init__(self, engines, prefix_routing: bool = False):
+    requests: dict
+    tokenizer: Any
+    scheduler: Any
+
+
+class Replicas:
+    """``LLMEngine``\\ s on disjoint devices, driven like one (an ``Engine``): ``add_request``
+    routes, ``abort`` finds the owner, ``step`` advances every replica with work."""
+
+    def __init__(self, engines: Sequence[Replica], prefix_routing: bool = False):
         self.engines = list(engines)
         block_manager = self.engines[0].scheduler.block_manager
         self.router = Router(len(self.engines), block_manager.page_size,

@@ -28,9 +28,10 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 from jpaged import protocol
+from jpaged.interfaces import Engine
 from jpaged.protocol import RequestError
 
 log = logging.getLogger("jpaged.serve")
@@ -40,26 +41,6 @@ DISCONNECT_POLL_S = 0.5
 # TTFT / TPOT histogram buckets, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
-
-
-class Engine(Protocol):
-    """What the server drives: ``LLMEngine`` or data-parallel ``Replicas``."""
-
-    tokenizer: Any
-
-    def add_request(self, prompt, params=None, request_id: str | None = None,
-                    priority: int = 0) -> str: ...
-
-    def abort(self, request_id: str) -> None: ...
-
-    def step(self) -> list: ...
-
-    def has_unfinished_requests(self) -> bool: ...
-
-    def metrics(self) -> dict: ...
-
-    @property
-    def num_compilations(self) -> int: ...
 
 
 class Submission:

@@ -2,8 +2,8 @@
 
 from models.checkpoint import restore_params, save_params
 from models.config import ModelConfig, RopeScaling, tiny_config
-from models.llama import forward, forward_no_cache, init_params
-from models.loader import Model, load_hf, load_model, load_tokenizer
+from models.llama import forward, forward_no_cache, init_params, param_axes
+from models.loader import Model, load_config, load_hf, load_model, load_tokenizer
 
 __all__ = [
     "Model",
@@ -12,6 +12,8 @@ __all__ = [
     "forward",
     "forward_no_cache",
     "init_params",
+    "param_axes",
+    "load_config",
     "load_hf",
     "load_model",
     "load_tokenizer",

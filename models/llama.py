@@ -3,7 +3,12 @@
 Each layer is a linen module applied with one layer's slice of the stacked params inside a
 ``jax.lax.scan``, so compile time does not grow with depth. The layer never sees the cache:
 it calls an ``attend(q, k, v)`` function, which for the paged forward is one call to
-``jpaged.cached_attention`` with the whole cache in the scan carry and a traced layer index.
+``jpaged.attention.cached_attention`` with the whole cache in the scan carry and a traced
+layer index.
+
+The projections are ``jpaged.layers``' column- and row-parallel layers, so the model runs
+tensor-parallel (``jpaged.parallel``) as it is: with a per-device config, the o_proj and
+down_proj layers all-reduce their partial outputs themselves.
 
 Params (a plain dict; ``L`` layers, ``E`` hidden, ``I`` intermediate, ``V`` vocab)::
 
@@ -25,8 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jpaged
+from jpaged.attention import AttentionMetadata, cached_attention
+from jpaged.cache import KVCache
+from jpaged.layers import HEADS, KV_HEADS, MLP as MLP_AXIS, ColumnParallelDense, \
+    RowParallelDense, logical_axes
 from models.config import ModelConfig
+from pallas_kernels.reference import causal_mask
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -76,15 +85,16 @@ class Attention(nn.Module):
         c = self.config
         lead = x.shape[:-1]
 
-        def project(name, heads):
-            y = nn.Dense(heads * c.head_dim, use_bias=c.attention_bias, name=name)(x)
+        def project(name, heads, axis):
+            y = ColumnParallelDense(heads * c.head_dim, axis, use_bias=c.attention_bias,
+                                    name=name)(x)
             return y.reshape(*lead, heads, c.head_dim)
 
         inv_freq = rope_frequencies(c)
-        q = apply_rope(project("q_proj", c.num_heads), positions, inv_freq)
-        k = apply_rope(project("k_proj", c.num_kv_heads), positions, inv_freq)
-        out, state = attend(q, k, project("v_proj", c.num_kv_heads))
-        out = nn.Dense(c.hidden_size, use_bias=False, name="o_proj")(out.reshape(*lead, -1))
+        q = apply_rope(project("q_proj", c.num_heads, HEADS), positions, inv_freq)
+        k = apply_rope(project("k_proj", c.num_kv_heads, KV_HEADS), positions, inv_freq)
+        out, state = attend(q, k, project("v_proj", c.num_kv_heads, KV_HEADS))
+        out = RowParallelDense(c.hidden_size, HEADS, name="o_proj")(out.reshape(*lead, -1))
         return out, state
 
 
@@ -94,9 +104,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        gate = nn.Dense(c.intermediate_size, use_bias=False, name="gate_proj")(x)
-        up = nn.Dense(c.intermediate_size, use_bias=False, name="up_proj")(x)
-        return nn.Dense(c.hidden_size, use_bias=False, name="down_proj")(nn.silu(gate) * up)
+        gate = ColumnParallelDense(c.intermediate_size, MLP_AXIS, name="gate_proj")(x)
+        up = ColumnParallelDense(c.intermediate_size, MLP_AXIS, name="up_proj")(x)
+        return RowParallelDense(c.hidden_size, MLP_AXIS, name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -145,9 +155,9 @@ def _logits(params, config: ModelConfig, x):
     return jnp.matmul(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def forward(params, config: ModelConfig, cache: jpaged.KVCache, token_ids,
-            meta: jpaged.AttentionMetadata, logits_indices):
-    """One engine step over the paged cache.
+def forward(params, config: ModelConfig, cache: KVCache, token_ids,
+            meta: AttentionMetadata, logits_indices):
+    """One engine step over the paged cache (a ``jpaged.interfaces.Forward``).
 
     token_ids: ``int32[T]`` (prefill chunks and/or decode tokens, flattened; meta.positions
     give their absolute positions); logits_indices: ``int32[B]``, which tokens need logits.
@@ -160,15 +170,15 @@ def forward(params, config: ModelConfig, cache: jpaged.KVCache, token_ids,
                          f"{tuple(token_ids.shape)} and {tuple(logits_indices.shape)}")
 
     def attend(q, k, v, cache, layer):
-        return jpaged.cached_attention(q, k, v, cache, layer, meta,
-                                       sliding_window=config.sliding_window)
+        return cached_attention(q, k, v, cache, layer, meta,
+                                sliding_window=config.sliding_window)
 
     x, cache = _run_layers(params, config, _embed(params, token_ids), meta.positions, attend,
                            cache)
     return _logits(params, config, x[logits_indices]), cache
 
 
-def _check_cache(config: ModelConfig, cache: jpaged.KVCache) -> None:
+def _check_cache(config: ModelConfig, cache: KVCache) -> None:
     expected = (config.num_layers, config.num_kv_heads, config.head_dim)
     got = (cache.num_layers, cache.num_kv_heads, cache.head_dim)
     if got != expected:
@@ -186,9 +196,7 @@ def causal_attention(q, k, v, sliding_window=None):
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * q.shape[-1] ** -0.5
     pos = jnp.arange(q.shape[1])
-    visible = pos[None, :] <= pos[:, None]
-    if sliding_window is not None:
-        visible &= pos[None, :] > pos[:, None] - sliding_window
+    visible = causal_mask(pos, pos, sliding_window)
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(jnp.float32)).astype(q.dtype)
 
@@ -205,8 +213,9 @@ def forward_no_cache(params, config: ModelConfig, token_ids):
     return _logits(params, config, x)
 
 
-def param_shapes(config: ModelConfig) -> dict:
-    """The params tree as float32 ``jax.ShapeDtypeStruct``s, declared by the modules."""
+def _boxed_shapes(config: ModelConfig) -> dict:
+    """The params tree as float32 ``jax.ShapeDtypeStruct``s, declared by the modules, the
+    parallel layers' params boxed with their logical axes; per-layer params unstacked."""
     x = jnp.zeros((1, config.hidden_size), jnp.float32)
     positions = jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0)
@@ -221,7 +230,18 @@ def param_shapes(config: ModelConfig) -> dict:
             params["lm_head"] = nn.Dense(config.vocab_size, use_bias=False).init(key, x)["params"]
         return params
 
-    shapes = jax.eval_shape(init)
+    return jax.eval_shape(init)
+
+
+def param_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of the params the parallel layers split (``jpaged.interfaces.Model``);
+    the stacked layer axis is never split."""
+    return logical_axes(_boxed_shapes(config), leading={"layers": (None,)})
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params tree as float32 ``jax.ShapeDtypeStruct``s, declared by the modules."""
+    shapes = nn.unbox(_boxed_shapes(config))
     shapes["layers"] = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct((config.num_layers,) + s.shape, s.dtype), shapes["layers"])
     return shapes

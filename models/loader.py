@@ -13,7 +13,7 @@ import numpy as np
 from safetensors import safe_open
 
 from models.config import ModelConfig, tiny_config
-from models.llama import forward, init_params, param_shapes
+from models.llama import forward, init_params, param_axes, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,14 +148,17 @@ def load_tokenizer(directory: str):
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """What the engine drives: ``forward(params, config, cache, token_ids, meta,
-    logits_indices)`` with ``config`` static, plus the optional tokenizer and EOS ids."""
+    """A Llama-family model bundle: a ``jpaged.interfaces.Model``."""
 
     config: ModelConfig
     params: Any
     forward: Callable = forward
     tokenizer: Any = None
     eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def param_axes(self) -> dict[str, tuple[str | None, ...]]:
+        return param_axes(self.config)
 
 
 def load_model(spec: str, dtype=None, seed: int = 0, place=None) -> Model:

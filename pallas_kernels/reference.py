@@ -10,6 +10,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
+def causal_mask(q_pos, key_pos, sliding_window=None):
+    """Which keys each query sees: key positions ``int32[..., L]`` against query positions
+    ``int32[..., N]`` -> bool ``[..., N, L]``: ``key <= query`` and, with a window w,
+    ``key > query - w``. The one causal / sliding-window rule every reference uses."""
+    q_pos, key_pos = q_pos[..., :, None], key_pos[..., None, :]
+    visible = key_pos <= q_pos
+    if sliding_window is not None:
+        visible &= key_pos > q_pos - sliding_window
+    return visible
+
+
 def attend(q, k, v, q_pos, kv_len, *, sm_scale=None, soft_cap=None, sliding_window=None):
     """Masked attention of queries at absolute positions over contiguous keys.
 
@@ -27,10 +38,9 @@ def attend(q, k, v, q_pos, kv_len, *, sm_scale=None, soft_cap=None, sliding_wind
     logits = jnp.einsum("nhgd,nhld->nhgl", qg, k.astype(compute)) * scale
     if soft_cap is not None:
         logits = soft_cap * jnp.tanh(logits / soft_cap)
-    key_pos = jnp.arange(seq_len)[None, :]
-    visible = (key_pos < kv_len[:, None]) & (key_pos <= q_pos[:, None])
-    if sliding_window is not None:
-        visible &= key_pos > q_pos[:, None] - sliding_window
+    key_pos = jnp.arange(seq_len)
+    visible = (key_pos[None, :] < kv_len[:, None]) & causal_mask(q_pos, key_pos,
+                                                                  sliding_window)
     visible = visible[:, None, None, :]
     logits = jnp.where(visible, logits, -jnp.inf)
     row_max = jnp.max(logits, axis=-1, keepdims=True)

@@ -1,7 +1,9 @@
 """examples/custom_model.py runs, and its loop's tokens agree with a recompute."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -23,8 +25,28 @@ def test_custom_model_example(capsys):
     result = load_example().main(["--steps", "6", "--batch", "3"])
     assert "paged and dense tokens equal: True" in capsys.readouterr().out
     np.testing.assert_array_equal(result["paged"], result["dense"])
+    np.testing.assert_array_equal(result["engine"], result["paged"][:, :-1])
     # Greedy: prefilling each prompt with all its generated tokens but the last predicts it.
     sequences = [prompt + result["paged"][row, :-1].tolist()
                  for row, prompt in enumerate(result["prompts"])]
     _, _, last = prepare(result["model"], sequences, num_steps=1)
     np.testing.assert_array_equal(last, result["paged"][:, -1])
+
+
+def engine_lines(*flags) -> list[str]:
+    """The example's engine tokens, run as a command (the TP run needs 8 host devices,
+    which JAX must be given before it starts: the example sets them itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(EXAMPLE.parents[1]))
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "6", "--batch", "3",
+                           *flags], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [line for line in proc.stdout.splitlines() if line.startswith("engine tokens")]
+
+
+def test_custom_model_tensor_parallel():
+    """The user's model, built from jpaged.layers, runs tensor-parallel unchanged: the
+    engine over 2 devices prints the single-device tokens."""
+    single = engine_lines()
+    assert len(single) == 3, single
+    assert engine_lines("--tensor-parallel", "2") == single

@@ -172,6 +172,48 @@ def pallas_under_shard_map() -> float:
     return float(np.abs(np.asarray(out) - np.asarray(expected)).max())
 
 
+def row_parallel_layers() -> dict:
+    """A column-parallel then a row-parallel layer, both with random biases, on 2 devices
+    under ``shard_map`` (params split by their declared axes) against the same layers on
+    one device, on random inputs: the max error, and how far off a bias added per device
+    and a missing psum would be."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from jpaged import parallel
+    from jpaged.layers import MLP, ColumnParallelDense, RowParallelDense, logical_axes
+
+    class Block(nn.Module):
+        hidden: int   # this device's hidden units: 64 on one device, 32 on each of two
+
+        @nn.compact
+        def __call__(self, x):
+            h = ColumnParallelDense(self.hidden, MLP, use_bias=True, name="up")(x)
+            return RowParallelDense(32, MLP, use_bias=True, name="down")(jnp.tanh(h))
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(keys[0], (5, 32))
+    boxed = Block(64).init(keys[1], x)["params"]
+    params = jax.tree_util.tree_map_with_path(   # random biases (init makes them zero)
+        lambda path, p: p + jax.random.normal(keys[2], p.shape) if path[-1].key == "bias"
+        else p, nn.unbox(boxed))
+    axes = logical_axes(boxed)
+    expected = Block(64).apply({"params": params}, x)
+    mesh = parallel.replica_meshes(parallel.make_mesh(2))[0]
+    sharded = jax.jit(jax.shard_map(lambda p, x: Block(32).apply({"params": p}, x), mesh=mesh,
+                                    in_specs=(parallel.param_specs(params, axes), P()),
+                                    out_specs=P()))(params, x)
+    bias = params["down"]["bias"]
+    # One device's partial sum (what a layer without its psum would return) + the bias.
+    half = {"up": {k: v[..., :32] for k, v in params["up"].items()},
+            "down": {"kernel": params["down"]["kernel"][:32], "bias": bias}}
+    partial = Block(32).apply({"params": half}, x)
+    error = lambda y: float(np.abs(np.asarray(y) - np.asarray(expected)).max())
+    return dict(axes={k: list(v) for k, v in axes.items()}, max_error=error(sharded),
+                bias_twice_error=error(sharded + bias), partial_error=error(partial))
+
+
 def mesh_axes_reordered() -> bool:
     """A ("model", "data") mesh is read as its ("data", "model") transpose."""
     from jpaged import parallel
@@ -195,6 +237,7 @@ def case_tp2() -> dict:
                                               "layers/mlp/down_proj/kernel"),
                 hlo=collectives(hlo), hlo_seconds=time.perf_counter() - start,
                 num_layers=model.config.num_layers, pallas_error=pallas_under_shard_map(),
+                row_parallel=row_parallel_layers(),
                 mesh_axes_reordered=bool(mesh_axes_reordered()))
 
 
@@ -288,6 +331,18 @@ def test_mesh_axes_in_any_order(tp2):
 
 def test_pallas_kernel_on_local_heads(tp2):
     assert tp2["pallas_error"] < TOLERANCE
+
+
+def test_row_parallel_bias_added_once(tp2):
+    """TP=2 layers give the one-device output: the row-parallel bias is added once, after
+    the all-reduce. The psum is inside the layer, so no model built from it can return
+    one device's partial sum; the last two checks show this test would see either fault."""
+    result = tp2["row_parallel"]
+    assert result["axes"] == {"up/kernel": ["embed", "mlp"], "up/bias": ["mlp"],
+                              "down/kernel": ["mlp", "embed"], "down/bias": ["embed"]}
+    assert result["max_error"] < TOLERANCE, result
+    assert result["bias_twice_error"] > 0.1, result
+    assert result["partial_error"] > 0.1, result
 
 
 def test_tp2_decode_step_collectives(tp2):
