@@ -236,6 +236,8 @@ class BlockManager:
             "cached_pages": len(self.page_keys),
             "host_used_pages": self.num_host_pages - len(self.host_free),
             "prefix_hit_rate": self.hit_tokens / self.query_tokens if self.query_tokens else 0.0,
+            "prefix_hit_tokens": self.hit_tokens,
+            "prefix_query_tokens": self.query_tokens,
             "kv_utilization": self.kv_utilization(seqs),
         }
 

@@ -1,4 +1,4 @@
-"""The ``jpaged`` command (``jpaged generate``, ``jpaged bench``) and
+"""The ``jpaged`` command (``jpaged generate``, ``jpaged bench``, ``jpaged serve``) and
 ``python -m jpaged.distributed`` (``distributed_main``)."""
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def _bench(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def _serve(args) -> None:
+    try:
+        import jinja2, prometheus_client, starlette, uvicorn  # noqa: F401, E401
+    except ImportError as error:
+        raise ValueError(f"jpaged serve needs the server extra: pip install 'jpaged[serve]' "
+                         f"({error})") from None
+    from jpaged.serve import main
+
+    main(args)
 
 
 def distributed_main(argv=None) -> None:
@@ -109,6 +120,39 @@ def main(argv=None) -> None:
     bench.add_argument("--page-size", type=int, default=16)
     bench.add_argument("--json", default=None, help="also write the figures here")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server",
+                                description="Serve a model over OpenAI's HTTP API: "
+                                "/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                                "/metrics. Needs the [serve] extra (starlette, uvicorn, "
+                                "prometheus-client, jinja2).")
+    serve.add_argument("--model", default="tiny",
+                       help="checkpoint directory, or 'tiny' for the embedded random model")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: --model)")
+    serve.add_argument("--chat-template", default=None,
+                       help="a Jinja chat template file (default: the checkpoint's)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None)
+    serve.add_argument("--data-parallel-size", type=int, default=None)
+    serve.add_argument("--block-size", type=int, default=None, help="tokens per KV page")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="fraction of device memory for weights + KV pool (CPU: 64 MiB pool)")
+    serve.add_argument("--swap-space", type=float, default=None,
+                       help="GiB of host memory per device for swapped-out pages (turns on "
+                       "swap preemption)")
+    serve.add_argument("--preemption-mode", choices=("recompute", "swap"), default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                       default=None)
+    serve.add_argument("--dtype", default=None, help="float32, bfloat16, float16")
+    serve.add_argument("--seed", type=int, default=None)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -23,6 +23,8 @@ from jpaged.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.interfaces import Engine, Model
+from jpaged.llm_options import (FALLBACK_KV_BYTES, accepts_vllm_names,
+                                 kv_bytes_from_utilization)
 from jpaged.request import (CompletionOutput, Request, RequestOutput, Stream, finished_copy,
                             prompt_token_ids)
 from jpaged.runner import ModelRunner
@@ -93,6 +95,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def metrics(self) -> dict:
+        """Queue lengths, pool use, prefix-cache and preemption counters (see
+        ``Scheduler.metrics``); ``num_pages``: the pool's pages, the null page included."""
+        return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages}
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -283,13 +290,25 @@ class LLM:
     ``kv_cache_dtype``: "auto" stores K/V in the model's dtype; "int8" or "fp8"
     (float8_e4m3fn) store 8-bit codes with a bfloat16 scale per token and kv head, about
     twice the tokens in the same ``kv_cache_bytes`` (``kv_cache_info()`` tells the pool).
+
+    ``memory_utilization``: size the pool instead from that fraction of each device's
+    memory, less what the weights use (``jpaged.llm_options.kv_bytes_from_utilization``;
+    64 MiB per device where the device reports no memory, as a CPU). ``host_cache_bytes``:
+    the swap pool in bytes per device, instead of ``num_host_pages``.
+
+    vLLM's names work too, with vLLM's meaning (``jpaged.llm_options.VLLM_NAMES``):
+    ``tensor_parallel_size``, ``data_parallel_size``, ``block_size``,
+    ``gpu_memory_utilization``, ``swap_space`` (GiB).
     """
 
-    def __init__(self, model: str | Model = "tiny", *, page_size: int = 16, num_pages: int | None = None,
-                 kv_cache_bytes: int | None = None, dtype=None, max_num_seqs: int = 64,
+    @accepts_vllm_names
+    def __init__(self, model: str | Model = "tiny", *, page_size: int = 16,
+                 num_pages: int | None = None, kv_cache_bytes: int | None = None,
+                 memory_utilization: float | None = None, dtype=None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, preemption_mode: str = "recompute",
-                 num_host_pages: int = 0, watermark: float = 0.01,
+                 num_host_pages: int | None = None, host_cache_bytes: int | None = None,
+                 watermark: float = 0.01,
                  static_batching: bool = False, seed: int = 0,
                  mesh=None, tensor_parallel: int | None = None,
                  data_parallel: int | None = None, prefix_routing: bool = False,
@@ -307,9 +326,26 @@ class LLM:
         dtype = resolve_kv_cache_dtype(kv_cache_dtype,
                                        dtype or jax.tree.leaves(model.params)[0].dtype)
         geometry = (config.num_layers, config.num_kv_heads, config.head_dim, page_size)
+        model_size = layout.model_size if layout else 1
+        if sum(x is not None for x in (num_pages, kv_cache_bytes, memory_utilization)) > 1:
+            raise ValueError(f"pass one of num_pages={num_pages}, kv_cache_bytes="
+                             f"{kv_cache_bytes}, memory_utilization={memory_utilization}")
+        if memory_utilization is not None:
+            devices = {d for replica, _ in replicas
+                       for leaf in jax.tree.leaves(replica.params) for d in leaf.devices()}
+            kv_cache_bytes = kv_bytes_from_utilization(
+                memory_utilization, sorted(devices, key=lambda d: d.id))
         if num_pages is None:
-            budget = (kv_cache_bytes or 64 * 2**20) * (layout.model_size if layout else 1)
+            budget = (kv_cache_bytes or FALLBACK_KV_BYTES) * model_size
             num_pages = KVCache.pages_for_memory(budget, *geometry, dtype)
+        if num_host_pages is not None and host_cache_bytes is not None:
+            raise ValueError(f"pass one of num_host_pages={num_host_pages}, "
+                             f"host_cache_bytes={host_cache_bytes}")
+        num_host_pages = num_host_pages or 0
+        if host_cache_bytes:
+            num_host_pages = KVCache.pages_for_memory(host_cache_bytes * model_size,
+                                                      *geometry, dtype)
+        self.max_model_len = max_model_len
         self._kv_cache_info = dict(num_pages=num_pages, page_size=page_size,
                                    kv_cache_dtype=dtype.name,
                                    bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))

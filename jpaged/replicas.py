@@ -98,6 +98,7 @@ class Replicas:
         self.owner: dict[str, int] = {}   # unfinished request id -> replica
         self._ids = itertools.count()
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="replica")
+        self.tokenizer = self.engines[0].tokenizer
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
                     priority: int = 0) -> str:
@@ -106,7 +107,7 @@ class Replicas:
         if request_id in self.owner:
             raise ValueError(f"request id {request_id!r} is already in use")
         # The engine's own rule: a bad prompt is refused here, before any replica sees it.
-        _, token_ids = prompt_token_ids(prompt, self.engines[0].tokenizer)
+        _, token_ids = prompt_token_ids(prompt, self.tokenizer)
         replica = self.router.choose(token_ids, [len(e.requests) for e in self.engines])
         self.engines[replica].add_request(prompt, params, request_id, priority)
         self.router.record(replica, token_ids)
@@ -121,6 +122,15 @@ class Replicas:
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines)
+
+    def metrics(self) -> dict:
+        """The replicas' ``LLMEngine.metrics`` summed; the ratios recomputed over all of them."""
+        each = [e.metrics() for e in self.engines]
+        total = {key: sum(m[key] for m in each) for key in each[0]}
+        queries = total["prefix_query_tokens"]
+        total["prefix_hit_rate"] = total["prefix_hit_tokens"] / queries if queries else 0.0
+        total["kv_utilization"] = sum(m["kv_utilization"] for m in each) / len(each)
+        return total
 
     def step(self) -> list:
         """One step of every replica with work; their outputs, together."""
