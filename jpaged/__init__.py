@@ -3,7 +3,7 @@
 The paged KV cache and attention (``KVCache``, ``PageTable``, ``write``,
 ``paged_attention``, ``cached_attention``), the host side (``BlockManager``,
 ``Scheduler``), the engine (``LLM``, ``LLMEngine``, ``SamplingParams``) and the jitted
-decoding loop (``decode_loop``, ``prepare``). Models live in the separate ``models``
+decoding loop (``decode_loop``, ``prepare``), and a picture of the pool (``plot_pool``). Models live in the separate ``models``
 package, which ``LLM("tiny")`` or ``LLM(checkpoint_dir)`` loads lazily.
 """
 
@@ -13,6 +13,7 @@ from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable, copy_pages, write
 from jpaged.decode_loop import DecodeOutput, decode_loop, prepare, reserve
 from jpaged.engine import LLM, LLMEngine
+from jpaged.pool_plot import plot_pool
 from jpaged.request import CompletionOutput, RequestOutput
 from jpaged.sampling import SamplingParams
 from jpaged.scheduler import Scheduler
@@ -35,6 +36,7 @@ __all__ = [
     "dense_attention",
     "paged_attention",
     "paged_prefill_attention",
+    "plot_pool",
     "prepare",
     "reserve",
     "write",
