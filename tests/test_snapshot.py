@@ -157,6 +157,16 @@ def test_restore_on_two_devices_reshards_the_pool(saved):
 
 
 @pytest.mark.slow
+def test_reshard_with_replicated_kv_heads_and_back(saved, tmp_path):
+    """4 devices for 2 kv heads: each head is stored twice in the pool; a snapshot of that
+    pool holds each once, and restores on one device."""
+    path, want, _ = saved
+    result = _run_in_subprocess("reshard", str(path), str(tmp_path / "tp4"), devices=8)
+    _compare(result["tp4"], want)
+    _compare(result["tp1"], want)
+
+
+@pytest.mark.slow
 def test_data_parallel_replicas_each_restore(tmp_path):
     result = _run_in_subprocess("data_parallel", str(tmp_path / "s"), devices=8)
     assert result["replicas"] == 2 and result["equal"], result
@@ -287,5 +297,11 @@ if __name__ == "__main__":
     if sys.argv[1] == "restore":
         overrides = {"tensor_parallel": int(sys.argv[3])} if len(sys.argv) > 3 else {}
         print(json.dumps(_outputs(LLM.from_snapshot(sys.argv[2], **overrides))))
+    elif sys.argv[1] == "reshard":
+        tp4 = LLM.from_snapshot(sys.argv[2], tensor_parallel=4)
+        tp4.save_snapshot(sys.argv[3])
+        result = {"tp4": _outputs(tp4)}
+        result["tp1"] = _outputs(LLM.from_snapshot(sys.argv[3], tensor_parallel=1))
+        print(json.dumps(result))
     elif sys.argv[1] == "data_parallel":
         print(json.dumps(_data_parallel(sys.argv[2])))
