@@ -268,15 +268,14 @@ def _replicas_state(replicas: Replicas) -> dict:
 
 # -- restoring -------------------------------------------------------------------------
 
-def restore(path, **overrides):
-    """A new ``LLM`` holding the snapshot at ``path``; see ``LLM.from_snapshot``."""
-    from jpaged.engine import LLM
-
+def restore(llm_class, path, **overrides):
+    """A new ``llm_class`` (``LLM``) holding the snapshot at ``path``; see
+    ``LLM.from_snapshot``."""
     path = Path(path)
     host, arrays = _read(path)
     options = _options(host, overrides)
     _check_model(host, options["model"])
-    llm = LLM(**options)
+    llm = llm_class(**options)
     _check_geometry(host["geometry"], _geometry(llm), "the restored LLM")
     engines = _engines(llm.engine)
     if len(engines) != len(host["replicas"]):
