@@ -125,8 +125,11 @@ def _write(directory: Path, host: dict, arrays: dict) -> None:
 
     directory.mkdir()
     ocp.PyTreeCheckpointer().save((directory / ARRAYS_DIR).absolute(), arrays)
-    # Last: a directory without it is a save that did not finish.
-    (directory / HOST_FILE).write_text(json.dumps(host))
+    # Last, and on disk before the rename: a directory without it is an unfinished save.
+    with open(directory / HOST_FILE, "w") as f:
+        f.write(json.dumps(host))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -272,6 +275,14 @@ def restore(llm_class, path, **overrides):
     """A new ``llm_class`` (``LLM``) holding the snapshot at ``path``; see
     ``LLM.from_snapshot``."""
     path = Path(path)
+    try:
+        return _restore(llm_class, path, overrides)
+    except (KeyError, IndexError, TypeError) as error:   # valid JSON, not our layout
+        raise ValueError(f"{path} is a malformed snapshot ({type(error).__name__}: "
+                         f"{error})") from error
+
+
+def _restore(llm_class, path: Path, overrides: dict):
     host, arrays = _read(path)
     options = _options(host, overrides)
     _check_model(host, options["model"])

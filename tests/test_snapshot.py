@@ -257,6 +257,10 @@ def test_foreign_snapshots_are_refused(saved, tmp_path):
     (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
     with pytest.raises(ValueError, match="geometry says"):
         LLM.from_snapshot(forged)
+    del host["geometry"]["head_dim"], host["replicas"]
+    (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
+    with pytest.raises(ValueError, match="malformed snapshot"):
+        LLM.from_snapshot(forged)
     host["format"] = "something-else"
     (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
     with pytest.raises(ValueError, match="not a jpaged-snapshot"):
