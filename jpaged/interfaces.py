@@ -91,6 +91,14 @@ class Model(Protocol):
     def param_axes(self) -> Mapping[str, tuple[str | None, ...]]: ...
 
 
+def param_path(path) -> str:
+    """The ``param_axes`` key of a param: its pytree path (from
+    ``jax.tree_util.tree_flatten_with_path``) as ``"/"``-joined keys, e.g.
+    ``"layers/self_attn/q_proj/kernel"``. Declaring (``jpaged.layers.logical_axes``) and
+    reading (``jpaged.parallel``) both name params with it, so the two always agree."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelBundle:
     """A ``Model`` from its parts: ``ModelBundle(config, params, forward)`` runs in the

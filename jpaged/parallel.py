@@ -36,7 +36,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpaged import distributed, model_loading
-from jpaged.interfaces import HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig
+from jpaged.interfaces import (HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig,
+                               param_path)
 from jpaged.replicas import Replicas
 from jpaged.shapes import check_positive
 
@@ -111,14 +112,10 @@ def param_spec(axes: tuple[str | None, ...] | None) -> P:
     return P(*(RULES.get(axis) for axis in axes or ()))
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
 def param_specs(params, param_axes: Mapping[str, tuple]):
     """The PartitionSpec tree of a params tree, from the model's ``param_axes``."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: param_spec(param_axes.get(_path_name(path))), params)
+        lambda path, x: param_spec(param_axes.get(param_path(path))), params)
 
 
 def replicate_kv_heads(array: np.ndarray, axes: tuple | None, head_dim: int,
@@ -154,7 +151,7 @@ def place_params(params, config: ModelConfig, param_axes: Mapping[str, tuple], m
     """Params already in memory (e.g. the random demo model) -> the sharded layout."""
     place = placer(config, param_axes, mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: place(_path_name(path), np.asarray(x)), params)
+        lambda path, x: place(param_path(path), np.asarray(x)), params)
 
 
 def replica_meshes(mesh: Mesh) -> list[Mesh]:
