@@ -3,9 +3,10 @@ what a driver (``LLM``, the benchmarks, ``Replicas``) needs of an engine.
 
 ``models.Model`` (the Llama family) and ``ModelBundle`` (a user's own model, see
 ``examples/custom_model.py``) satisfy ``Model``; ``LLMEngine`` and ``Replicas`` satisfy
-``Engine``. ``Model`` and ``DecodeStep`` are runtime-checkable: ``decode_loop`` and
-``load_model`` tell them apart with ``isinstance``. Nothing here imports Flax or
-``models``: jpaged drives any object with these attributes.
+``Engine``. ``Model`` and ``DecodeStep`` are runtime-checkable: ``decode_loop`` tells
+them apart with ``isinstance``, and ``check_model`` refuses anything that is not a
+``Model``. Nothing here imports Flax or ``models``: jpaged drives any object with these
+attributes.
 """
 
 from __future__ import annotations
