@@ -16,6 +16,10 @@ Each Mosaic row also carries its error against the float32 reference
 (``||out - ref|| / ||ref||``), so a fast wrong kernel shows. Every row runs in its own
 try/except: a failure is recorded in the row, not raised.
 
+``benchmarks/gpu_check.py`` runs this beside its Triton checks, timing each call with its
+own in-jit loop (``seconds=``); alone it times with ``median_seconds``. Needs only jax,
+numpy and this repository's ``pallas_kernels`` (the GPU machine has no Flax).
+
 CPU smoke test of the same code paths (interpret mode, tiny shapes):
 ``python benchmarks/gpu_mosaic.py --tiny``. Nobody has run the GPU rows yet.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -37,7 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jpaged
+from pallas_kernels import paged_decode as pd
+from pallas_kernels import ragged_attention as ra
+from pallas_kernels import xla_attention
 from pallas_kernels.reference import paged_prefill_reference
 
 CONTEXTS = (4096, 8192, 16384, 32768)
@@ -61,7 +68,9 @@ TINY = Shape(num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16, dtype="fl
 
 
 def median_seconds(fn, *args, samples=7, min_sample_s=0.02) -> float:
-    """Median seconds per call: warm-up, then timed loops long enough to hide dispatch."""
+    """Median seconds per call of ``jax.jit(fn)``: warm-up, then timed loops long enough
+    to hide dispatch."""
+    fn = jax.jit(fn)
     jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -77,16 +86,14 @@ def median_seconds(fn, *args, samples=7, min_sample_s=0.02) -> float:
     return statistics.median(times)
 
 
-def ceilings(tiny: bool) -> dict:
+def ceilings(tiny: bool, seconds=median_seconds) -> dict:
     """Measured copy bandwidth (bytes read + written per second) and bf16 matmul FLOP/s."""
     n = (16 if tiny else 2048) * 2**20 // 2
     x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    copy = jax.jit(lambda a: a + jnp.bfloat16(1))
     size = 256 if tiny else 8192
     a = jax.random.normal(jax.random.key(1), (size, size), jnp.bfloat16)
-    matmul = jax.jit(lambda m: m @ m)
-    return dict(copy_bytes_per_s=2 * x.size * 2 / median_seconds(copy, x),
-                matmul_flop_per_s=2 * size ** 3 / median_seconds(matmul, a))
+    return dict(copy_bytes_per_s=2 * x.size * 2 / seconds(lambda x: x + jnp.bfloat16(1), x),
+                matmul_flop_per_s=2 * size ** 3 / seconds(lambda m: m @ m, a))
 
 
 def make_pool(shape: Shape, lengths, seed: int):
@@ -111,11 +118,11 @@ def relative_error(out, expected) -> float:
     return float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
 
 
-def decode_rows(shape: Shape, context: int, batch: int, impls, interpret: bool, limits):
+def decode_rows(shape: Shape, context: int, batch: int, impls, interpret: bool, limits,
+                seconds=median_seconds):
     k, v, tables, lengths = make_pool(shape, [context] * batch, seed=context)
     q = jax.random.normal(jax.random.key(2), (batch, shape.num_q_heads, shape.head_dim),
                           shape.dtype)
-    table = jpaged.PageTable(tables, lengths)
     kv_bytes = 2 * batch * context * shape.num_kv_heads * shape.head_dim * shape.itemsize
     flops = 4 * batch * context * shape.num_q_heads * shape.head_dim
     rows = []
@@ -123,16 +130,17 @@ def decode_rows(shape: Shape, context: int, batch: int, impls, interpret: bool, 
         row = dict(phase="decode", impl=impl, batch=batch, context=context, tokens=batch,
                    bytes=kv_bytes, flops=flops)
         try:
-            fn = _decode_fn(impl, table, interpret)
-            seconds = median_seconds(fn, q, k, v)
-            row.update(seconds=seconds, bytes_per_s=kv_bytes / seconds,
-                       bandwidth_fraction=kv_bytes / seconds / limits["copy_bytes_per_s"])
+            fn = _decode_fn(impl, interpret)
+            args = (q, k, v, tables, lengths)
+            took = seconds(fn, *args)
+            row.update(seconds=took, bytes_per_s=kv_bytes / took,
+                       bandwidth_fraction=kv_bytes / took / limits["copy_bytes_per_s"])
             if impl == "mosaic":
                 rows_seq = jnp.arange(batch, dtype=jnp.int32)
                 expected = paged_prefill_reference(
                     q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
                     tables, lengths, rows_seq, lengths - 1)
-                row["relative_error"] = relative_error(fn(q, k, v), expected)
+                row["relative_error"] = relative_error(jax.jit(fn)(*args), expected)
         except Exception as err:  # recorded, not raised: one failure loses one row
             row["error"] = f"{type(err).__name__}: {err}"[:500]
             traceback.print_exc()
@@ -140,25 +148,37 @@ def decode_rows(shape: Shape, context: int, batch: int, impls, interpret: bool, 
     return rows
 
 
-def _decode_fn(impl: str, table, interpret: bool):
+def _decode_fn(impl: str, interpret: bool):
+    """``fn(q, k, v, tables, lengths)`` of one decode implementation."""
     if impl == "jax":
         from jax.experimental.pallas.ops.gpu import paged_attention as peer
-        width = table.block_tables.shape[1]
-        k_splits = math.gcd(16, width)
-        options = dict(k_splits=k_splits, pages_per_compute_block=math.gcd(8, width // k_splits))
-        return jax.jit(lambda q, k, v: peer.paged_attention(
-            q, k, v, table.block_tables, table.lengths, interpret=interpret, **options))
-    extra = dict(interpret=interpret) if impl in ("mosaic", "pallas") else {}
-    return jax.jit(lambda q, k, v: jpaged.paged_attention(q, k, v, table, impl=impl, **extra))
+
+        def jax_peer(q, k, v, tables, lengths):
+            width = tables.shape[1]
+            k_splits = math.gcd(16, width)
+            return peer.paged_attention(
+                q, k, v, tables, lengths, interpret=interpret, k_splits=k_splits,
+                pages_per_compute_block=math.gcd(8, width // k_splits))
+        return jax_peer
+    if impl == "mosaic":
+        return lambda q, k, v, tables, lengths: ra.paged_attention_tokens(
+            q, k, v, tables, lengths, jnp.arange(q.shape[0], dtype=jnp.int32), lengths - 1,
+            interpret=interpret)
+    if impl == "pallas":
+        return lambda q, k, v, tables, lengths: pd.paged_decode(
+            q, k, v, tables, lengths, interpret=interpret)
+    if impl == "xla":
+        return xla_attention.paged_decode
+    raise ValueError(f"decode impl={impl!r} is not one of mosaic, pallas, xla, jax")
 
 
-def prefill_rows(shape: Shape, context: int, chunk: int, impls, interpret: bool, limits):
+def prefill_rows(shape: Shape, context: int, chunk: int, impls, interpret: bool, limits,
+                 seconds=median_seconds):
     k, v, tables, lengths = make_pool(shape, [context], seed=context + chunk)
     q = jax.random.normal(jax.random.key(3), (chunk, shape.num_q_heads, shape.head_dim),
                           shape.dtype)
     q_seq = jnp.zeros(chunk, jnp.int32)
     q_pos = jnp.arange(context - chunk, context, dtype=jnp.int32)
-    table = jpaged.PageTable(tables, lengths)
     visible = int(np.sum(np.arange(context - chunk, context) + 1))  # causal keys, summed
     flops = 4 * visible * shape.num_q_heads * shape.head_dim
     kv_bytes = 2 * context * shape.num_kv_heads * shape.head_dim * shape.itemsize
@@ -167,18 +187,17 @@ def prefill_rows(shape: Shape, context: int, chunk: int, impls, interpret: bool,
         row = dict(phase="prefill", impl=impl, batch=1, context=context, tokens=chunk,
                    bytes=kv_bytes, flops=flops)
         try:
-            extra = dict(interpret=interpret) if impl == "mosaic" else {}
-            fn = jax.jit(lambda q, k, v, impl=impl, extra=extra: jpaged.paged_prefill_attention(
-                q, k, v, table, q_seq, q_pos, impl=impl, **extra))
-            seconds = median_seconds(fn, q, k, v)
-            row.update(seconds=seconds, flop_per_s=flops / seconds,
-                       flop_fraction=flops / seconds / limits["matmul_flop_per_s"])
+            fn = _prefill_fn(impl, interpret)
+            args = (q, k, v, tables, lengths, q_seq, q_pos)
+            took = seconds(fn, *args)
+            row.update(seconds=took, flop_per_s=flops / took,
+                       flop_fraction=flops / took / limits["matmul_flop_per_s"])
             if impl == "mosaic":   # the reference gathers a context per token: check 8
                 some = jnp.asarray([0, 1, 2, 3, chunk - 4, chunk - 3, chunk - 2, chunk - 1])
                 expected = paged_prefill_reference(
                     q[some].astype(jnp.float32), k.astype(jnp.float32),
                     v.astype(jnp.float32), tables, lengths, q_seq[some], q_pos[some])
-                row["relative_error"] = relative_error(fn(q, k, v)[some], expected)
+                row["relative_error"] = relative_error(jax.jit(fn)(*args)[some], expected)
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {err}"[:500]
             traceback.print_exc()
@@ -186,21 +205,36 @@ def prefill_rows(shape: Shape, context: int, chunk: int, impls, interpret: bool,
     return rows
 
 
+def _prefill_fn(impl: str, interpret: bool):
+    """``fn(q, k, v, tables, lengths, q_seq, q_pos)`` of one prefill implementation."""
+    if impl == "mosaic":
+        return functools.partial(ra.paged_attention_tokens, interpret=interpret)
+    if impl == "xla":
+        return xla_attention.paged_prefill
+    raise ValueError(f"prefill impl={impl!r} is not one of mosaic, xla")
+
+
 def run(*, contexts=CONTEXTS, chunks=CHUNKS, batch: int = 8, shape: Shape = Shape(),
         decode_impls=("mosaic", "pallas", "xla", "jax"), prefill_impls=("mosaic", "xla"),
-        interpret: bool | None = None, tiny: bool = False) -> list[dict]:
+        interpret: bool | None = None, tiny: bool = False, seconds=median_seconds,
+        time_left=lambda: math.inf) -> list[dict]:
     """Time every (phase, shape, impl); rows as dicts (``seconds``, ``bytes``, ``flops``,
     ``bandwidth_fraction`` or ``flop_fraction``, ``relative_error`` for Mosaic rows,
-    ``error`` where a row failed). The first row holds the measured ceilings."""
+    ``error`` where a row failed). The first row holds the measured ceilings.
+    ``seconds(fn, *args)`` times one call; no context starts once ``time_left() < 0``."""
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
-    limits = ceilings(tiny)
+    limits = ceilings(tiny, seconds)
     rows = [dict(phase="ceilings", device=str(jax.devices()[0].device_kind),
                  jax=jax.__version__, **limits)]
     for context in contexts:
-        rows += decode_rows(shape, context, batch, decode_impls, interpret, limits)
+        if time_left() < 0:
+            rows.append(dict(phase="skipped", context=context))
+            continue
+        rows += decode_rows(shape, context, batch, decode_impls, interpret, limits, seconds)
         for chunk in chunks:
             if chunk <= context:
-                rows += prefill_rows(shape, context, chunk, prefill_impls, interpret, limits)
+                rows += prefill_rows(shape, context, chunk, prefill_impls, interpret, limits,
+                                     seconds)
     return rows
 
 
@@ -212,6 +246,9 @@ def markdown(rows: list[dict]) -> str:
              "| phase | impl | batch | context | tokens | time (us) | GB/s or TFLOP/s | "
              "fraction of ceiling | rel. error |", "|---" * 9 + "|"]
     for row in rows[1:]:
+        if row["phase"] == "skipped":
+            lines.append(f"| skipped: over the time budget | | | {row['context']} | | | | | |")
+            continue
         if "error" in row:
             lines.append(f"| {row['phase']} | {row['impl']} | {row['batch']} | "
                          f"{row['context']} | {row['tokens']} | failed: "

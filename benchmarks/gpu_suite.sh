@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One command for the GPU: the Pallas decode kernel's verdict (checks against a float64
-# reference) and its timing against the XLA path, JAX's Pallas paged attention and cuDNN
-# dense attention (see benchmarks/gpu_check.py). Needs only python3 with jax and numpy
+# One command for the GPU: the verdict on the Pallas kernels (the Triton decode kernel on
+# 16-bit, float32 and 8-bit pages, the Mosaic GPU ragged kernel on decode and prefill
+# chunks; checks against a float64 reference) and their timing against the XLA path,
+# JAX's Pallas paged attention and cuDNN dense attention (see benchmarks/gpu_check.py and
+# benchmarks/gpu_mosaic.py). Needs only python3 with jax and numpy
 # and this repository: no Flax, no package registry.
 # Finishes within ~8 minutes: the checks run first, no timed shape or tuning point starts
 # after --budget-s, and this wrapper stops it at 470 s; every result is written to $OUT

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import lowering
 from pallas_kernels import paged_decode as pd
+from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
 
 ARCH = "9.0"
 PTXAS_ARCH = "sm_90a"  # Triton targets sm_90a on Hopper
@@ -52,6 +53,10 @@ PAGE_SIZES = (8, 16, 32, 64, 128)
 # Every GQA group up to 16 pads to the same 16-row kernel, so one stands for all of them.
 GROUPS = (8,)
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# 8-bit pages are read with bfloat16 queries (what models run) and float32 ones (TF32x3
+# dots over the dequantized tile).
+FORMATS_8BIT = tuple(FORMATS.values())
+QUERY_DTYPES_8BIT = (jnp.bfloat16, jnp.float32)
 NUM_KV_HEADS = 2
 RESULTS = Path(__file__).parent / "results"
 
@@ -142,26 +147,37 @@ def compile_kernel(kernel: lowering.TritonKernel, compile_fn, ptxas: str) -> Res
 
 def configurations():
     """(label, config) for every shape check_config accepts with the default tuning, each
-    with one split (the in-kernel output path) and with several (partials + merge)."""
-    for head_dim, page_size, group, dtype in itertools.product(HEAD_DIMS, PAGE_SIZES, GROUPS,
-                                                               DTYPES):
+    with one split (the in-kernel output path) and with several (partials + merge): float
+    pages with queries of their dtype, 8-bit pages with each of QUERY_DTYPES_8BIT."""
+    kinds = [(d, d) for d in DTYPES] + list(itertools.product(FORMATS_8BIT,
+                                                              QUERY_DTYPES_8BIT))
+    for head_dim, page_size, group, (dtype, q_dtype) in itertools.product(
+            HEAD_DIMS, PAGE_SIZES, GROUPS, kinds):
         try:
-            pd.check_config(NUM_KV_HEADS * group, NUM_KV_HEADS, head_dim, page_size, dtype)
+            pd.check_config(NUM_KV_HEADS * group, NUM_KV_HEADS, head_dim, page_size, dtype,
+                            q_dtype=q_dtype)
         except ValueError:
             continue
         for num_splits in (1, 3):
             yield dict(head_dim=head_dim, page_size=page_size, group=group,
-                       dtype=jnp.dtype(dtype).name, num_splits=num_splits)
+                       dtype=jnp.dtype(dtype).name, q_dtype=jnp.dtype(q_dtype).name,
+                       num_splits=num_splits)
 
 
-def export_config(head_dim, page_size, group, dtype, num_splits):
+def export_config(head_dim, page_size, group, dtype, q_dtype, num_splits):
     batch, num_pages, width = 2, 64, 16
     pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, num_pages, page_size, head_dim), dtype)
-    args = (jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype), pool, pool,
-            jax.ShapeDtypeStruct((batch, width), jnp.int32),
-            jax.ShapeDtypeStruct((batch,), jnp.int32))
-    return lowering.export_for_cuda(
-        lambda q, k, v, t, n: pd.paged_decode(q, k, v, t, n, num_splits=num_splits), *args)
+    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), q_dtype), pool,
+            pool, jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    if is_quantized(dtype):
+        args += [jax.ShapeDtypeStruct(pool.shape[:-1], SCALE_DTYPE)] * 2
+
+    def decode(q, k, v, tables, lengths, *scales):
+        return pd.paged_decode(q, k, v, tables, lengths, num_splits=num_splits,
+                               **dict(zip(("k_scale", "v_scale"), scales)))
+
+    return lowering.export_for_cuda(decode, *args)
 
 
 def measure(compile_fn, ptxas, log=print) -> list[dict]:
@@ -205,14 +221,15 @@ def markdown(rows, title) -> str:
              f"flagged when it spills or needs more than {SMEM_PER_BLOCK // 1024} KiB of "
              f"shared memory. GQA groups 1-16 share one 16-row kernel (listed as group "
              f"{GROUPS[0]}); programs/SM counts registers, shared memory and warps on one "
-             f"sm_90 SM.", "",
-             "| head_dim | page | group | dtype | splits | warps | stages | regs | "
+             f"sm_90 SM. dtype is the pages' (8-bit pages carry bfloat16 scales), q the "
+             f"queries' and the dots' operands'.", "",
+             "| head_dim | page | group | dtype | q | splits | warps | stages | regs | "
              "spill st/ld B | stack B | smem KiB | programs/SM | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['head_dim']} | {r['page_size']} | {r['group']} | {r['dtype']} | "
-            f"{r['num_splits']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
+            f"{r['q_dtype']} | {r['num_splits']} | {r['num_warps']} | {r['num_stages']} | {r['registers']} | "
             f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['stack_bytes']} | "
             f"{r['smem_bytes'] / 1024:.1f} | {r['programs_per_sm']} | "
             f"{'ok' if r['ok'] else 'FAIL'} |")

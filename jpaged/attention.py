@@ -10,9 +10,10 @@ a GPU when it accepts the configuration and the XLA path everywhere else; it doe
 pick "mosaic" until a GPU run has measured it.
 
 8-bit pages (int8 or float8_e4m3fn codes) come with ``k_scale`` / ``v_scale``, the pages'
-shape minus head_dim (``KVCache.k_scale``); the XLA path and the reference dequantize
-them inside the loop. The Triton kernel does not read them yet: ``impl="pallas"`` refuses
-an 8-bit pool and ``"auto"`` takes the XLA path for it.
+shape minus head_dim (``KVCache.k_scale``); the Triton kernel, the XLA path and the
+reference dequantize them inside the loop, so "auto" on a GPU takes the Triton kernel for
+an 8-bit pool as for a float one. The Mosaic kernel does not read them yet: "mosaic"
+refuses an 8-bit pool with a ValueError.
 
 Inputs are checked on the host before anything is launched; values that are only known
 inside jit (page ids, lengths, a traced layer) are checked when they are concrete.
@@ -30,7 +31,6 @@ import numpy as np
 from jpaged.cache import KVCache, PageTable, check_pages, check_table_arrays, write
 from jpaged.shapes import check_positive
 from pallas_kernels import reference, xla_attention
-from pallas_kernels.quantization import is_quantized
 
 IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
 # Knobs of the Triton decode kernel that prefill does not take.
@@ -67,7 +67,7 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
         return _pallas_decode_module().paged_decode(
             q, k_pages, v_pages, tables, lengths, layer=layer, pages_per_block=pages_per_block,
             num_splits=num_splits, interpret=not _on_gpu() if interpret is None else interpret,
-            **options)
+            **scales, **options)
     if impl == "xla":
         return xla_attention.paged_decode(q, k_pages, v_pages, tables, lengths, layer=layer,
                                           pages_per_block=pages_per_block, **scales, **options)
@@ -223,18 +223,13 @@ def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:
     """Resolve "auto"; for "pallas" let the kernel refuse what Triton cannot take."""
     if impl in ("xla", "reference") or (impl == "auto" and not _on_gpu()):
         return "xla" if impl == "auto" else impl
-    if is_quantized(k_pages.dtype):
-        if impl == "pallas":
-            raise ValueError(f"impl='pallas' cannot read {k_pages.dtype} pages (the Triton "
-                             f"kernel reads float pages only); use impl='xla' or 'auto'")
-        return "xla"
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
     config = (q.shape[1], num_kv_heads, head_dim, page_size, k_pages.dtype, pages_per_block)
     if impl == "pallas":
-        _pallas_decode_module().check_config(*config)
+        _pallas_decode_module().check_config(*config, q_dtype=q.dtype)
         return "pallas"
     try:
-        _pallas_decode_module().check_config(*config)
+        _pallas_decode_module().check_config(*config, q_dtype=q.dtype)
     except ValueError as err:
         warnings.warn(f"paged_attention: the Pallas kernel cannot take this configuration "
                       f"({err}); using the XLA path", stacklevel=3)

@@ -12,6 +12,14 @@ The pool may be one layer ``[Hkv, P, S, D]`` or the whole stack ``[L, Hkv, P, S,
 with ``layer=`` (int or traced scalar): the layer is a kernel input used in the ref
 index, so no layer slice is copied.
 
+8-bit pages (``int8`` or ``float8_e4m3fn`` codes, see ``quantization``) come with their
+scales ``[(L,) Hkv, P, S]``: the kernel loads each tile's ``[T]`` scale vector beside its
+``[T, D]`` codes, dequantizes them in float32 with ``quantization.dequantize`` and feeds
+the dots in the query's dtype (16-bit queries: the matrix unit's native input, as vLLM
+and FlashInfer do; float32 queries: the float32 dots below). Only codes and scales cross
+the memory bus: ``D + 2`` bytes per token and kv head for K or V, against ``2 D`` for a
+bfloat16 pool.
+
 Matches ``pallas_kernels.reference.paged_decode_reference``; on CPU run with
 ``interpret=True``.
 """
@@ -28,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import lowering
+from pallas_kernels.quantization import dequantize, is_quantized
 
 try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
     from jax.experimental.pallas import triton as pltriton
@@ -35,6 +44,8 @@ except ImportError:  # pragma: no cover - depends on the installed jax
     pltriton = None
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# Queries over 8-bit pages meet the dequantized K/V in their own dtype, one of these.
+QUERY_DTYPES = DTYPES
 # tl.dot needs at least 16 rows and a contraction of at least 16; a GQA group is padded to
 # 16 query rows (groups of 1-2 included: the resource check shows the elementwise
 # alternative spilling at 191-255 registers, the padded dot not).
@@ -85,13 +96,24 @@ def default_num_stages(tokens: int, head_dim: int, dtype) -> int:
     return 2 if _tile_bytes(tokens, head_dim, dtype) <= PIPELINED_TILE_BYTES else 1
 
 
+def operand_dtype(cache_dtype, q_dtype=None):
+    """The dtype K/V tiles and the query meet in the dots: the cache dtype for float
+    pages; for 8-bit pages the query's dtype (bfloat16 when it is not known), the codes
+    dequantized to it."""
+    if not is_quantized(cache_dtype):
+        return jnp.dtype(cache_dtype)
+    return jnp.dtype(jnp.bfloat16 if q_dtype is None else q_dtype)
+
+
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-                 pages_per_block=None) -> None:
+                 pages_per_block=None, q_dtype=None) -> None:
     """Raise ValueError naming the value if the Triton kernel cannot take this config.
 
     Triton tensors must have power-of-two sizes and tl.dot needs 16+ along each side, so
     head_dim and page_size must be powers of two and a block of pages must hold 16 to
-    MAX_BLOCK_TOKENS tokens; one K tile must also fit the shared-memory budget.
+    MAX_BLOCK_TOKENS tokens; one K tile must also fit the shared-memory budget. ``dtype``
+    is the pages' dtype (float, or 8-bit with scales); the tile limits apply to the dots'
+    operand dtype (``operand_dtype(dtype, q_dtype)``).
     """
     if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
             and isinstance(num_q_heads, numbers.Integral) and num_q_heads > 0
@@ -104,8 +126,14 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not _is_power_of_two(page_size) or page_size > MAX_BLOCK_TOKENS:
         raise ValueError(f"page_size={page_size} must be a power of two <= {MAX_BLOCK_TOKENS} "
                          f"for the Triton kernel")
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES]:
-        raise ValueError(f"dtype={jnp.dtype(dtype)} must be float32, bfloat16 or float16")
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in DTYPES] and not is_quantized(dtype):
+        raise ValueError(f"dtype={jnp.dtype(dtype)} must be float32, bfloat16, float16, "
+                         f"int8 or float8_e4m3fn")
+    if is_quantized(dtype) and q_dtype is not None and jnp.dtype(q_dtype) not in [
+            jnp.dtype(d) for d in QUERY_DTYPES]:
+        raise ValueError(f"q dtype {jnp.dtype(q_dtype)} over {jnp.dtype(dtype)} pages must be "
+                         f"float32, bfloat16 or float16")
+    dtype = operand_dtype(dtype, q_dtype)
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size, head_dim, dtype)
     if not _is_power_of_two(pages_per_block):
@@ -162,10 +190,16 @@ def _visible_range(split, length, *, split_tokens, sliding_window):
     return lo, hi
 
 
-def _load_kv(k_ref, v_ref, layer, head, slots):
-    """K and V rows ``[T, D]`` (cache dtype) of the given slots: the one place the kernel
-    reads the pool."""
-    return k_ref[layer, head, slots], v_ref[layer, head, slots]
+def _load_kv(k_ref, v_ref, scale_refs, layer, head, slots, dtype):
+    """K and V rows ``[T, D]`` of the given slots in the dots' dtype: the one place the
+    kernel reads the pool. 8-bit codes come with ``scale_refs`` (K's and V's): the ``[T]``
+    scales of the same slots are loaded beside them and the pair dequantized in float32."""
+    k, v = k_ref[layer, head, slots], v_ref[layer, head, slots]
+    if scale_refs:
+        k_scale_ref, v_scale_ref = scale_refs
+        k = dequantize(k, k_scale_ref[layer, head, slots])
+        v = dequantize(v, v_scale_ref[layer, head, slots])
+    return k.astype(dtype), v.astype(dtype)
 
 
 def _mask_values(v, visible):
@@ -174,16 +208,19 @@ def _mask_values(v, visible):
     return jnp.where(visible[:, None], v, jnp.zeros_like(v))
 
 
-def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *lse_ref,
-                   sm_scale, soft_cap, sliding_window, page_size, pages_per_block,
+def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *refs,
+                   quantized, sm_scale, soft_cap, sliding_window, page_size, pages_per_block,
                    split_tokens, precision):
     """One (sequence, kv head, split) program.
 
     layer_ref ``int32[1]``; lengths_ref ``int32[B]``; tables_ref ``int32[B, W]``; q_ref
-    ``[G', D]``; k_ref, v_ref ``[L, Hkv, P * S, D]`` (whole pool, global memory). With
-    several splits: o_ref float32 ``[G', D]`` and lse_ref float32 ``[G']``, merged later;
-    with one split, o_ref is the final output ``[G', D]`` in the output dtype.
+    ``[G', D]`` (the dots' dtype); k_ref, v_ref ``[L, Hkv, P * S, D]`` (whole pool, global
+    memory); with ``quantized``, k_scale_ref, v_scale_ref ``[L, Hkv, P * S]`` next. Then
+    the outputs: with several splits o_ref float32 ``[G', D]`` and lse_ref float32
+    ``[G']``, merged later; with one split, o_ref is the final output ``[G', D]`` in the
+    output dtype.
     """
+    scale_refs, (o_ref, *lse_ref) = (refs[:2], refs[2:]) if quantized else ((), refs)
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     length = lengths_ref[seq]
@@ -204,7 +241,7 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_re
         # are masked, so any in-range page id will do.
         pages = tables_ref[seq, jnp.minimum(lax.div(positions, page_size), last_page)]
         slots = pages * page_size + lax.rem(positions, page_size)
-        k, v = _load_kv(k_ref, v_ref, layer, head, slots)  # [T, D] each
+        k, v = _load_kv(k_ref, v_ref, scale_refs, layer, head, slots, q.dtype)  # [T, D]
         visible = (positions >= lo) & (positions < hi)
         logits = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32) * sm_scale  # [G', T]
@@ -214,7 +251,7 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, o_re
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         correction = jnp.exp(m - m_new)
         p = jnp.where(visible[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
-        # Probabilities go to the matrix unit in the cache dtype, as in flash attention.
+        # Probabilities go to the matrix unit in the dots' dtype, as in flash attention.
         values = lax.dot_general(p.astype(v.dtype), _mask_values(v, visible),
                                  (((1,), (0,)), ((), ())), precision=precision,
                                  preferred_element_type=jnp.float32)  # [G', D]
@@ -264,14 +301,33 @@ def dot_precision(dtype, interpret: bool):
     return lax.Precision.HIGHEST if interpret else lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_scale=None,
-                 soft_cap=None, sliding_window=None, pages_per_block=None, num_splits=None,
-                 interpret=False, num_warps=None, num_stages=None):
+def _check_scales(k_pages, k_scale, v_scale) -> None:
+    """8-bit pages need both scales, the pages' shape minus head_dim; float pages none."""
+    if not is_quantized(k_pages.dtype):
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"k_scale / v_scale given for {k_pages.dtype} pages; scales go "
+                             f"with 8-bit (int8, float8_e4m3fn) pages only")
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if scale is None or tuple(scale.shape) != tuple(k_pages.shape[:-1]):
+            raise ValueError(f"{k_pages.dtype} pages need {name} of shape "
+                             f"{tuple(k_pages.shape[:-1])}, got "
+                             f"{None if scale is None else tuple(scale.shape)}")
+        if not jnp.issubdtype(scale.dtype, jnp.floating) or scale.dtype.itemsize < 2:
+            raise ValueError(f"{name} must be a 16- or 32-bit float array, got {scale.dtype}")
+
+
+def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_scale=None,
+                 v_scale=None, sm_scale=None, soft_cap=None, sliding_window=None,
+                 pages_per_block=None, num_splits=None, interpret=False, num_warps=None,
+                 num_stages=None):
     """Paged decode attention with the Pallas Triton kernel.
 
     q: ``[B, Hq, D]``; k_pages, v_pages: ``[Hkv, P, S, D]``, or ``[L, Hkv, P, S, D]`` with
-    ``layer`` (int or traced int32 scalar); block_tables: ``int32[B, W]``; lengths:
-    ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype (q meets K in the cache dtype).
+    ``layer`` (int or traced int32 scalar); 8-bit pages (int8, float8_e4m3fn) with
+    k_scale, v_scale: the pages' shape minus D; block_tables: ``int32[B, W]``; lengths:
+    ``int32[B]``. Returns ``[B, Hq, D]`` in q's dtype (q meets K in ``operand_dtype``: the
+    cache dtype, or q's own over 8-bit pages).
     ``num_splits`` (default ``choose_num_splits`` over the blocks the lengths need when
     they are concrete, else over the table width), ``pages_per_block``, ``num_warps`` and
     ``num_stages`` are tuning knobs; ``interpret=True`` runs the kernel on CPU.
@@ -302,10 +358,12 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
                          f"{block_tables.shape}")
     if lengths.shape != (q.shape[0],):
         raise ValueError(f"lengths must be [B={q.shape[0]}], got shape {lengths.shape}")
+    _check_scales(k_pages, k_scale, v_scale)
     check_config(q.shape[1], num_kv_heads, head_dim, page_size, k_pages.dtype,
-                 pages_per_block)
+                 pages_per_block, q_dtype=q.dtype)
+    tile_dtype = operand_dtype(k_pages.dtype, q.dtype)
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, head_dim, k_pages.dtype)
+        pages_per_block = default_pages_per_block(page_size, head_dim, tile_dtype)
     if num_splits is not None and not (isinstance(num_splits, numbers.Integral)
                                        and num_splits > 0):
         raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
@@ -327,44 +385,51 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, sm_s
     tokens = pages_per_block * page_size
     with lowering.triton_deprecation_silenced():
         return _paged_decode(
-            q, k_pages, v_pages, block_tables, lengths, layer,
+            q, k_pages, v_pages, block_tables, lengths, layer, k_scale, v_scale,
             sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
             soft_cap=None if soft_cap is None else float(soft_cap),
             sliding_window=None if sliding_window is None else int(sliding_window),
             pages_per_block=pages_per_block, num_splits=int(num_splits),
             split_tokens=blocks_per_split * tokens, interpret=interpret,
-            num_warps=(default_num_warps(tokens, head_dim, k_pages.dtype)
+            num_warps=(default_num_warps(tokens, head_dim, tile_dtype)
                        if num_warps is None else num_warps),
-            num_stages=(default_num_stages(tokens, head_dim, k_pages.dtype)
+            num_stages=(default_num_stages(tokens, head_dim, tile_dtype)
                         if num_stages is None else num_stages))
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_splits", "split_tokens",
     "interpret", "num_warps", "num_stages"))
-def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale, soft_cap,
-                  sliding_window, pages_per_block, num_splits, split_tokens, interpret,
-                  num_warps, num_stages):
+def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, k_scale, v_scale, *,
+                  sm_scale, soft_cap, sliding_window, pages_per_block, num_splits,
+                  split_tokens, interpret, num_warps, num_stages):
     """Arguments as ``paged_decode``, already checked; layer a scalar (0 for 4-D pages);
-    split ``s`` covers positions ``[s * split_tokens, (s + 1) * split_tokens)``."""
+    scales None for float pages; split ``s`` covers positions
+    ``[s * split_tokens, (s + 1) * split_tokens)``."""
     batch, num_q_heads, head_dim = q.shape
+    quantized = k_scale is not None
     if k_pages.ndim == 4:
         k_pages, v_pages = k_pages[None], v_pages[None]
+        k_scale, v_scale = (None, None) if not quantized else (k_scale[None], v_scale[None])
     num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
     rows = max(MIN_DOT_SIZE, pl.next_power_of_2(group))
     out_dtype = q.dtype
-    # tl.dot takes one element type; the cache dtype keeps K/V loads at their size.
-    q = q.astype(k_pages.dtype).reshape(batch, num_kv_heads, group, head_dim)
+    # tl.dot takes one element type: the cache dtype keeps float K/V loads at their size;
+    # 8-bit codes are dequantized in the kernel to q's dtype.
+    dot_dtype = operand_dtype(k_pages.dtype, q.dtype)
+    q = q.astype(dot_dtype).reshape(batch, num_kv_heads, group, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     # Merging (page, offset) into one slot axis is a free reshape; the kernel gathers slots.
     pool_shape = (num_layers, num_kv_heads, num_pages * page_size, head_dim)
-    k_pages, v_pages = k_pages.reshape(pool_shape), v_pages.reshape(pool_shape)
+    pools = [k_pages.reshape(pool_shape), v_pages.reshape(pool_shape)]
+    if quantized:
+        pools += [k_scale.reshape(pool_shape[:-1]), v_scale.reshape(pool_shape[:-1])]
 
     kernel = functools.partial(
-        _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        page_size=page_size, pages_per_block=pages_per_block, split_tokens=split_tokens,
-        precision=dot_precision(k_pages.dtype, interpret))
+        _decode_kernel, quantized=quantized, sm_scale=sm_scale, soft_cap=soft_cap,
+        sliding_window=sliding_window, page_size=page_size, pages_per_block=pages_per_block,
+        split_tokens=split_tokens, precision=dot_precision(dot_dtype, interpret))
     whole = pl.BlockSpec()  # no blocking: the kernel indexes the array in global memory
     # One split writes the final output; several write float32 partials and their LSE.
     if num_splits == 1:
@@ -386,15 +451,15 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, layer, *, sm_scale
         kernel,
         grid=(batch, num_kv_heads, num_splits),
         in_specs=[whole, whole, whole,
-                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0)),
-                  whole, whole],
+                  pl.BlockSpec((None, None, rows, head_dim), lambda b, h, s: (b, h, 0, 0))]
+        + [whole] * len(pools),
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=compiler_params,
         interpret=interpret,
         name="jpaged_paged_decode",
     )(jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32),
-      block_tables.astype(jnp.int32), q, k_pages, v_pages)
+      block_tables.astype(jnp.int32), q, *pools)
     if num_splits == 1:
         out = result[:, :, :group]
     else:

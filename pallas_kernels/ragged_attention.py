@@ -41,7 +41,7 @@ The price of queries as M is paid by decode: a decode block has ``group`` useful
 MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
 
 What it takes on a GPU (``check_config``): bf16 or f16 pages and queries (float32 runs in
-interpret mode only), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
+interpret mode only; 8-bit pages not yet, refused with a ValueError), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
 a GQA group dividing 64, 64-256 keys per step, and the ring within 227 KiB of shared
 memory (one slot instead of two where two do not fit).
 
@@ -74,6 +74,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from pallas_kernels.quantization import is_quantized
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
     from jax.experimental import pallas as pl
@@ -125,6 +127,11 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if plgpu is None:
         raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
                          "jax does not provide")
+    if is_quantized(dtype):
+        raise ValueError(f"dtype={jnp.dtype(dtype)}: the Mosaic kernel does not read 8-bit "
+                         f"pages yet (their codes would need dequantizing into a 16-bit "
+                         f"shared-memory tile before each wgmma); use impl='pallas' for "
+                         f"decode, or 'xla' / 'auto'")
     allowed = INTERPRET_DTYPES if interpret else DTYPES
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
         raise ValueError(f"dtype={jnp.dtype(dtype)} must be one of "

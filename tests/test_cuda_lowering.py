@@ -21,6 +21,7 @@ from jax._src.lib.mlir import ir
 
 from pallas_kernels import lowering
 from pallas_kernels import paged_decode as pd
+from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
 
 try:  # private helper: an MLIR context with the Triton dialect, to verify the kernel IR
     from jax._src.pallas.triton.lowering import _new_ir_context as triton_ir_context
@@ -32,6 +33,9 @@ HEAD_DIMS = (64, 128)
 PAGE_SIZES = (8, 16, 32, 64, 128)
 GROUPS = (1, 2, 4, 8)
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+# 8-bit pages (int8, and float8_e4m3fn where jax has it) with the queries models use.
+FORMATS_8BIT = tuple(FORMATS.values())
+QUERY_DTYPES_8BIT = (jnp.bfloat16, jnp.float32)
 NUM_KV_HEADS = 2
 
 
@@ -47,28 +51,39 @@ def valid_pages_per_block(head_dim, page_size, dtype):
     return choices
 
 
-def decode_args(head_dim, page_size, group, dtype, num_layers=None):
-    """Shape/dtype structs: q, k, v, block_tables, lengths (and a traced layer)."""
+def decode_args(head_dim, page_size, group, dtype, num_layers=None, q_dtype=None):
+    """Shape/dtype structs: q (in q_dtype, default the pool's dtype; bfloat16 over 8-bit
+    pages), k, v, block_tables, lengths, then k_scale, v_scale for 8-bit pages and a
+    traced layer for a stacked pool."""
     batch, num_pages, width = 3, 64, 8
     pool = (NUM_KV_HEADS, num_pages, page_size, head_dim)
-    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype),
-            jax.ShapeDtypeStruct(pool if num_layers is None else (num_layers, *pool), dtype),
-            jax.ShapeDtypeStruct(pool if num_layers is None else (num_layers, *pool), dtype),
+    pool = pool if num_layers is None else (num_layers, *pool)
+    if q_dtype is None:
+        q_dtype = jnp.bfloat16 if is_quantized(dtype) else dtype
+    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), q_dtype),
+            jax.ShapeDtypeStruct(pool, dtype), jax.ShapeDtypeStruct(pool, dtype),
             jax.ShapeDtypeStruct((batch, width), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    if is_quantized(dtype):
+        args += [jax.ShapeDtypeStruct(pool[:-1], SCALE_DTYPE)] * 2
     if num_layers is not None:
         args.append(jax.ShapeDtypeStruct((), jnp.int32))
     return args
 
 
 @functools.cache
-def export_decode(head_dim, page_size, group, dtype, num_layers=None, **options):
+def export_decode(head_dim, page_size, group, dtype, num_layers=None, q_dtype=None,
+                  **options):
     """jax.export of paged_decode for CUDA; options go to the launcher."""
-    def decode(q, k, v, tables, lengths, layer=None):
-        return pd.paged_decode(q, k, v, tables, lengths, layer=layer, **options)
+    quantized = is_quantized(dtype)
+
+    def decode(q, k, v, tables, lengths, *rest):
+        scales = dict(k_scale=rest[0], v_scale=rest[1]) if quantized else {}
+        layer = rest[-1] if num_layers is not None else None
+        return pd.paged_decode(q, k, v, tables, lengths, layer=layer, **scales, **options)
 
     return lowering.export_for_cuda(decode, *decode_args(head_dim, page_size, group, dtype,
-                                                         num_layers))
+                                                         num_layers, q_dtype))
 
 
 def triton_ir_text(kernel):
@@ -119,6 +134,9 @@ def full_matrix():
     configs += [dict(head_dim=d, page_size=s, group=4, dtype=t, pages_per_block=p)
                 for d, s, t in itertools.product(HEAD_DIMS, PAGE_SIZES, DTYPES)
                 for p in valid_pages_per_block(d, s, t)]
+    configs += [dict(head_dim=d, page_size=s, group=4, dtype=t, q_dtype=qt)
+                for d, s, t, qt in itertools.product(HEAD_DIMS, PAGE_SIZES, FORMATS_8BIT,
+                                                     QUERY_DTYPES_8BIT)]
     return configs
 
 
@@ -137,6 +155,13 @@ def representative_matrix():
         dict(head_dim=64, page_size=32, group=2, dtype=jnp.float32, num_layers=2,
              sliding_window=7),
     ]
+    # 8-bit pages: each format at both head dims and a small and a large page, bfloat16
+    # queries (models) and float32 ones (TF32x3 dots), one stacked with a traced layer.
+    configs += [dict(head_dim=d, page_size=s, group=g, dtype=t, q_dtype=qt)
+                for (d, s, g, qt), t in itertools.product(
+                    [(128, 16, 4, jnp.bfloat16), (64, 128, 8, jnp.float32)], FORMATS_8BIT)]
+    configs.append(dict(head_dim=128, page_size=16, group=8, dtype=FORMATS_8BIT[0],
+                        num_layers=4, num_splits=3))
     return configs
 
 
@@ -175,10 +200,11 @@ def test_check_config_refuses_what_does_not_lower(head_dim, page_size, pages_per
     with pytest.raises(ValueError, match=message):
         pd.check_config(8, 2, head_dim, page_size, jnp.bfloat16, pages_per_block)
     # The same configuration, past the check, really does fail to lower.
-    args = decode_args(head_dim, page_size, 4, jnp.bfloat16, num_layers=1)
+    q, k, v, tables, lengths, layer = decode_args(head_dim, page_size, 4, jnp.bfloat16,
+                                                  num_layers=1)
     with lowering.cuda_device_context(), lowering.triton_deprecation_silenced():
         traced = pd._paged_decode.trace(
-            *args, sm_scale=1.0, soft_cap=None, sliding_window=None,
+            q, k, v, tables, lengths, layer, None, None, sm_scale=1.0, soft_cap=None, sliding_window=None,
             pages_per_block=pages_per_block or 1, num_splits=2, split_tokens=4 * page_size,
             interpret=False, num_warps=4, num_stages=2)
         with pytest.raises(Exception, match="power of 2"):
@@ -194,7 +220,8 @@ def test_check_config_refuses_what_does_not_lower(head_dim, page_size, pages_per
     ((8, 2, 64, 8, jnp.bfloat16, 1), "pages_per_block=1"),
     ((8, 2, 64, 128, jnp.bfloat16, 4), "pages_per_block=4"),
     ((8, 2, 256, 128, jnp.float32), "pages_per_block=1"),
-    ((8, 2, 64, 16, jnp.int8), "dtype=int8"),
+    ((8, 2, 64, 16, jnp.int32), "dtype=int32"),
+    ((8, 2, 64, 16, jnp.int8, None, jnp.int8), "q dtype int8 over int8 pages"),
     ((6, 4, 64, 16, jnp.bfloat16), "num_q_heads=6"),
 ])
 def test_check_config_refuses_what_triton_cannot_compile(args, message):

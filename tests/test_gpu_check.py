@@ -1,8 +1,9 @@
 """The GPU suite's CPU dry run: it passes for the kernel as it is and fails for kernels
 broken on purpose, so its verdict cannot rot into a check that passes anything.
 
-The breakages are injected into ``pallas_kernels.paged_decode`` with monkeypatch (the
-kernel looks its helpers up at trace time); jax's caches are cleared around each so no
+The breakages are injected into ``pallas_kernels.paged_decode`` (the Triton kernel, its
+8-bit read included) and ``pallas_kernels.ragged_attention`` (the Mosaic kernel) with
+monkeypatch (the kernels look their helpers up at trace time); jax's caches are cleared around each so no
 trace of the healthy kernel is reused.
 """
 
@@ -18,6 +19,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import paged_decode as pd
+from pallas_kernels import ragged_attention as ra
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -43,9 +45,21 @@ def test_dry_run_passes(tmp_path, monkeypatch, fresh_jax):
     status, report = dry_run(tmp_path, monkeypatch)
     assert status == 0 and report["ok"]
     names = [c["case"] for c in report["checks"]]
-    assert names == [c.name for c in gpu_check.TINY_CHECKS] + ["2x64"]
+    expected = [c.name for c in gpu_check.TINY_CHECKS
+                if c.dtype != "fp8" or "fp8" in gpu_check.FORMATS_8BIT]
+    assert names == expected + ["2x64"]
+    assert {"int8", "mosaic-decode", "mosaic-prefill"} <= set(names)
     assert all(c["rel_errors"] and not c["nan"] for c in report["checks"])
     assert report["timings"] and report["timings"][0]["ours_s"] > 0
+    timed_8bit = {r.get("dtype") for r in report["timings"] if r["ours_s"]}
+    assert set(gpu_check.FORMATS_8BIT) <= timed_8bit
+    # The Mosaic kernel beside its peers, decode and prefill, each Mosaic row checked.
+    mosaic = {(r["phase"], r["impl"]): r for r in report["mosaic"][1:]}
+    assert set(mosaic) == {("decode", "mosaic"), ("decode", "pallas"), ("decode", "xla"),
+                           ("prefill", "mosaic"), ("prefill", "xla")}
+    assert all(r["seconds"] > 0 and "error" not in r for r in mosaic.values())
+    assert mosaic["decode", "mosaic"]["relative_error"] <= gpu_check.MOSAIC_ERROR_BOUND
+    assert report["mosaic_ok"]
 
 
 def dropped_last_split(split, length, **options):
@@ -59,19 +73,30 @@ def unweighted_merge(o, lse):
         jnp.sum(seen, axis=-3), 1)
 
 
+def halved_values(a, b_ref, transpose_b=False):
+    """The Mosaic kernel's P @ V at half weight (a lost accumulation), Q K^T intact."""
+    product = ORIGINAL_MATMUL(a, b_ref, transpose_b)
+    return product if transpose_b else 0.5 * product
+
+
 ORIGINAL_RANGE = pd._visible_range
+ORIGINAL_MATMUL = ra._interpreted_matmul
+# name: (module, attribute, replacement, the check case it must fail)
 BREAKAGES = {
-    "dropped-split": ("_visible_range", dropped_last_split),
-    "unweighted-merge": ("merge_splits", unweighted_merge),
-    "unmasked-v": ("_mask_values", lambda v, visible: v),
+    "dropped-split": (pd, "_visible_range", dropped_last_split, "odd-splits"),
+    "unweighted-merge": (pd, "merge_splits", unweighted_merge, "odd-splits"),
+    "unmasked-v": (pd, "_mask_values", lambda v, visible: v, "odd-splits"),
+    "scales-ignored": (pd, "dequantize", lambda codes, scales: codes.astype(jnp.float32),
+                       "int8"),
+    "mosaic-halved-values": (ra, "_interpreted_matmul", halved_values, "mosaic-prefill"),
 }
 
 
 @pytest.mark.parametrize("breakage", BREAKAGES)
 def test_dry_run_fails_for_broken_kernel(breakage, tmp_path, monkeypatch, fresh_jax):
-    name, broken = BREAKAGES[breakage]
-    monkeypatch.setattr(pd, name, broken)
-    status, report = dry_run(tmp_path, monkeypatch, "--case", "odd-splits")
+    module, name, broken, case = BREAKAGES[breakage]
+    monkeypatch.setattr(module, name, broken)
+    status, report = dry_run(tmp_path, monkeypatch, "--case", case)
     [check] = report["checks"]
     assert status == 1 and not report["ok"] and not check["ok"], check
     if breakage == "unmasked-v":

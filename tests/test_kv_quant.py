@@ -138,16 +138,28 @@ def small_8bit(fmt="int8", num_layers=None):
     return jnp.ones((2, 4, 8)), codes, scales, table
 
 
-def test_dispatch_refuses_pallas_and_auto_takes_xla(monkeypatch):
-    q, codes, scales, table = small_8bit()
-    with pytest.raises(ValueError, match="impl='pallas' cannot read int8 pages"):
-        paged_attention(q, codes, codes, table, impl="pallas", k_scale=scales, v_scale=scales)
-    expected = paged_attention(q, codes, codes, table, impl="xla", k_scale=scales,
-                               v_scale=scales)
+def test_dispatch_pallas_reads_8bit_and_auto_takes_it_on_gpu(monkeypatch):
+    """impl="pallas" reads 8-bit pages (interpret mode here); "auto" on a GPU takes the
+    Triton kernel for them, falls back to XLA (with a warning) where the kernel refuses the
+    shape; "mosaic" refuses 8-bit pages by name."""
+    rng = np.random.default_rng(4)
+    codes, scales = quantize(jnp.asarray(rng.standard_normal((2, 6, 16, 64)), jnp.float32),
+                             FORMATS["int8"])
+    table = PageTable(jnp.array([[1, 2], [4, 5]], jnp.int32), jnp.array([20, 9], jnp.int32))
+    q = jnp.asarray(rng.standard_normal((2, 4, 64)), jnp.float32)
+    pools = dict(k_scale=scales, v_scale=scales)
+    expected = paged_attention(q, codes, codes, table, impl="xla", **pools)
+    out = paged_attention(q, codes, codes, table, impl="pallas", **pools)
+    np.testing.assert_allclose(out, expected, rtol=2e-5, atol=2e-5)
     monkeypatch.setattr(attention, "_on_gpu", lambda: True)
-    out = paged_attention(q, codes, codes, table, k_scale=scales, v_scale=scales)
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_allclose(out, np.ones((2, 4, 8)), rtol=2.0 ** -9)   # bf16 scale
+    assert attention._choose_decode_impl("auto", q, codes, None) == "pallas"
+    with pytest.raises(ValueError, match="Mosaic kernel does not read 8-bit pages"):
+        paged_attention(q, codes, codes, table, impl="mosaic", interpret=True, **pools)
+    q, codes, scales, table = small_8bit()   # head_dim 8: under tl.dot's 16
+    with pytest.raises(ValueError, match="head_dim=8"):
+        paged_attention(q, codes, codes, table, impl="pallas", k_scale=scales, v_scale=scales)
+    with pytest.warns(UserWarning, match="head_dim=8"):
+        assert attention._choose_decode_impl("auto", q, codes, None) == "xla"
 
 
 BAD_SCALES = [

@@ -1,7 +1,8 @@
 """The Pallas decode kernel (interpret mode) against the pure-jnp reference.
 
-Every unused slot and every free page of the pool is NaN, so a masking bug shows up as
-NaN rather than as a small numeric error. Shapes are tiny: each distinct static
+Every unused slot and every free page of the pool is NaN (on 8-bit pages: NaN scales,
+and NaN codes where the format has them), so a masking bug shows up as NaN rather than
+as a small numeric error. Shapes are tiny: each distinct static
 configuration costs an interpret-mode compile of a couple of seconds on CPU.
 """
 
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from pallas_kernels import paged_decode as pd
+from pallas_kernels.quantization import FORMATS, qmax, quantize
 from pallas_kernels.reference import paged_decode_reference
 
 # Reference in float32 from the same rounded inputs; the kernel feeds bf16/f16
@@ -250,3 +252,81 @@ def test_bad_input(change, message):
     with pytest.raises(ValueError, match=message):
         pd.paged_decode(q, pages, pages, tables, jnp.zeros((2,), jnp.int32), interpret=True,
                         **change)
+
+
+# -- 8-bit pages -------------------------------------------------------------------------
+
+def quantized_case(rng, fmt, *, q_dtype, layer_count=1, **shape):
+    """``make_case``'s pool quantized as ``KVCache.write`` stores it, every free or stale
+    slot poisoned: scale NaN, fp8 codes NaN, int8 codes at the limit (int8 has no NaN).
+    Returns q, (k codes, v codes), (k scales, v scales), tables, lengths and the float64
+    dequantized K/V the reference attends over."""
+    q, k, v, tables, lengths = make_case(rng, num_layers=layer_count, dtype=jnp.float32,
+                                         **shape)
+    free = jnp.isnan(k[..., 0])                               # [L, Hkv, P, S]
+    codes, scales = [], []
+    for pool in (k, v):
+        c, s = quantize(jnp.where(jnp.isnan(pool), 0.0, pool), FORMATS[fmt])
+        poison = jnp.nan if fmt == "fp8" else qmax(FORMATS[fmt])
+        codes.append(jnp.where(free[..., None], jnp.asarray(poison, c.dtype), c))
+        scales.append(jnp.where(free, jnp.nan, s).astype(s.dtype))
+    assert jnp.isnan(scales[0]).any(), "the pool must hold poisoned free slots"
+    return q.astype(q_dtype), codes, scales, tables, lengths
+
+
+QUANTIZED = [  # fmt, q dtype, page_size, head_dim, group, num_splits
+    ("int8", jnp.float32, 16, 64, 4, 2),
+    ("fp8", jnp.float32, 8, 128, 1, None),
+    ("int8", jnp.bfloat16, 8, 128, 8, 1),
+    ("fp8", jnp.float16, 16, 64, 2, 3),
+]
+FORMAT_NAMES = sorted(FORMATS)
+
+
+@pytest.mark.parametrize("fmt,q_dtype,page_size,head_dim,group,num_splits",
+                         [c for c in QUANTIZED if c[0] in FORMAT_NAMES])
+def test_8bit_pages(fmt, q_dtype, page_size, head_dim, group, num_splits):
+    """The kernel on int8 / fp8 pages against the reference over the dequantized values
+    (float32 queries: tight, the dots in float32; 16-bit queries: their own rounding)."""
+    width = 3
+    q, codes, scales, tables, lengths = quantized_case(
+        np.random.default_rng(page_size + head_dim + group), fmt, q_dtype=q_dtype,
+        lengths=special_lengths(page_size, width), width=width, page_size=page_size,
+        head_dim=head_dim, num_kv_heads=2, group=group, q_scale=2.0)
+    out = pd.paged_decode(q, codes[0][0], codes[1][0], tables, lengths, k_scale=scales[0][0],
+                          v_scale=scales[1][0], num_splits=num_splits, interpret=True)
+    assert out.dtype == q.dtype
+    expected = paged_decode_reference(q.astype(jnp.float32), codes[0][0], codes[1][0], tables,
+                                      lengths, k_scale=scales[0][0], v_scale=scales[1][0])
+    assert_matches(out, expected, q_dtype)
+
+
+def test_8bit_stacked_pool_with_traced_layer():
+    fmt = FORMAT_NAMES[-1]
+    q, codes, scales, tables, lengths = quantized_case(
+        np.random.default_rng(5), fmt, q_dtype=jnp.float32, layer_count=2, lengths=[7, 0, 32],
+        width=2, page_size=16, head_dim=64, num_kv_heads=2, group=4)
+    step = jax.jit(lambda layer: pd.paged_decode(
+        q, *codes, tables, lengths, layer=layer, k_scale=scales[0], v_scale=scales[1],
+        interpret=True))
+    expected = paged_decode_reference(q, codes[0][1], codes[1][1], tables, lengths,
+                                      k_scale=scales[0][1], v_scale=scales[1][1])
+    assert_matches(step(jnp.int32(1)), expected, jnp.float32)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k_scale=None), r"int8 pages need k_scale of shape \(2, 5, 16\), got None"),
+    (dict(v_scale=jnp.ones((2, 5, 8), jnp.bfloat16)), r"need v_scale of shape \(2, 5, 16\)"),
+    (dict(k_scale=jnp.ones((2, 5, 16), jnp.int8)), "k_scale must be a 16- or 32-bit float"),
+    (dict(pages=jnp.zeros((2, 5, 16, 64), jnp.bfloat16)), "scales go with 8-bit"),
+    (dict(q=jnp.zeros((2, 4, 64), jnp.int32)), "q dtype int32 over int8 pages"),
+])
+def test_8bit_bad_input(change, message):
+    change = dict(change)
+    q = change.pop("q", jnp.zeros((2, 4, 64), jnp.bfloat16))
+    pages = change.pop("pages", jnp.zeros((2, 5, 16, 64), jnp.int8))
+    scales = {"k_scale": jnp.ones((2, 5, 16), jnp.bfloat16),
+              "v_scale": jnp.ones((2, 5, 16), jnp.bfloat16), **change}
+    with pytest.raises(ValueError, match=message):
+        pd.paged_decode(q, pages, pages, jnp.zeros((2, 2), jnp.int32),
+                        jnp.zeros((2,), jnp.int32), interpret=True, **scales)
