@@ -48,8 +48,8 @@ def kv_dtype_runs(model_name: str, trace: Trace, *, kv_tokens: int, max_model_le
                   watermark=0.1, enable_prefix_caching=False)
         info = llm.kv_cache_info()
         print(f"{kv_cache_dtype}: {info}")
-        run_trace(llm, requests)   # warm-up: compiles every bucket the trace reaches
-        runs[info["kv_cache_dtype"]] = {**run_trace(llm, requests), **info}
+        run_trace(llm.engine, requests)   # warm-up: compiles every bucket the trace reaches
+        runs[info["kv_cache_dtype"]] = {**run_trace(llm.engine, requests), **info}
     return dict(kv_cache_bytes=budget, runs=runs)
 
 

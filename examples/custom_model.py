@@ -5,8 +5,10 @@ The jpaged-specific parts are one line in the attention layer and the dense laye
 ``cached_attention`` writes this step's K/V into the pool and attends over the pages
 (decode or prefill, as ``meta`` says); ``jpaged.layers``' column- and row-parallel
 layers declare how their params split and all-reduce themselves, so the same model runs
-tensor-parallel with ``LLM(model, tensor_parallel=N)``. Everything else is ordinary Flax,
-and the bundle is a ``jpaged.interfaces.Model``, which the engine and ``decode_loop`` drive.
+tensor-parallel with ``LLM(model, tensor_parallel=N)``. Everything else is ordinary Flax.
+``ModelBundle(config, params, forward)`` makes it a ``jpaged.interfaces.Model``, which the
+engine and ``decode_loop`` drive (add ``tokenizer=`` for text prompts, ``eos_token_ids=``
+to stop at an end-of-sequence id).
 
     python examples/custom_model.py [--steps 32] [--batch 4] [--tensor-parallel 2]
 
@@ -25,7 +27,6 @@ if __name__ == "__main__" and any(a.startswith("--tensor-parallel") for a in sys
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import time  # noqa: E402
-from typing import Any, Callable  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -36,6 +37,7 @@ from jpaged.attention import AttentionMetadata, cached_attention  # noqa: E402
 from jpaged.cache import KVCache, PageTable  # noqa: E402
 from jpaged.decode_loop import decode_loop, prepare  # noqa: E402
 from jpaged.engine import LLM  # noqa: E402
+from jpaged.interfaces import ModelBundle  # noqa: E402
 from jpaged.layers import (HEADS, KV_HEADS, MLP, ColumnParallelDense,  # noqa: E402
                            RowParallelDense, logical_axes)
 from jpaged.sampling import SamplingParams  # noqa: E402
@@ -104,19 +106,7 @@ def forward(params, config: Config, cache, token_ids, meta, logits_indices):
     return Decoder(config).apply({"params": params}, token_ids, cache, meta, logits_indices)
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """The bundle decode_loop, prepare and the engine take (a ``jpaged.interfaces.Model``)."""
-
-    config: Config
-    params: Any
-    param_axes: dict   # how tensor parallelism splits the params, declared by the layers
-    forward: Callable = forward
-    tokenizer: Any = None
-    eos_token_ids: tuple[int, ...] = ()
-
-
-def init_model(config: Config, seed: int = 0) -> Model:
+def init_model(config: Config, seed: int = 0) -> ModelBundle:
     """Random params, traced through one decode step on a one-page pool."""
     cache = KVCache.create(config.num_layers, config.num_kv_heads, config.head_dim,
                            page_size=1, num_pages=2)
@@ -130,7 +120,8 @@ def init_model(config: Config, seed: int = 0) -> Model:
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.1 * jax.random.normal(next(keys), x.shape)
         if path[-1].key == "bias" else x, params)
-    return Model(config, params, logical_axes(boxed))
+    # param_axes: how tensor parallelism splits the params, as the layers declared them.
+    return ModelBundle(config, params, forward, param_axes=logical_axes(boxed))
 
 
 def main(argv=None) -> dict:

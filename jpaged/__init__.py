@@ -3,8 +3,11 @@
 The paged KV cache and attention (``KVCache``, ``PageTable``, ``write``,
 ``paged_attention``, ``cached_attention``), the host side (``BlockManager``,
 ``Scheduler``), the engine (``LLM``, ``LLMEngine``, ``SamplingParams``) and the jitted
-decoding loop (``decode_loop``, ``prepare``), and a picture of the pool (``plot_pool``). Models live in the separate ``models``
-package, which ``LLM("tiny")`` or ``LLM(checkpoint_dir)`` loads lazily.
+decoding loop (``decode_loop``, ``prepare``), and a picture of the pool (``plot_pool``).
+Models live in the separate ``models`` package, which ``LLM("tiny")`` or
+``LLM(checkpoint_dir)`` loads lazily; a model of your own is a
+``jpaged.interfaces.ModelBundle(config, params, forward)``. The map of the code:
+docs/architecture.md.
 """
 
 from jpaged.attention import (AttentionMetadata, cached_attention, dense_attention,

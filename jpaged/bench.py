@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from jpaged.engine import LLM
+from jpaged.interfaces import Engine
 from jpaged.model_loading import load_model
 from jpaged.sampling import SamplingParams
 
@@ -51,14 +52,14 @@ class Trace:
                 for t, p, o in zip(np.cumsum(gaps), prompts, outputs)]
 
 
-def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
-    """Replay ``requests`` through ``llm``'s engine in real time; returns the figures."""
-    engine = llm.engine
+def run_trace(engine: Engine, requests: list[dict], progress: bool = False) -> dict:
+    """Replay ``requests`` through ``engine`` (an ``LLM``'s ``.engine``) in real time;
+    returns the figures."""
     compiled_before = engine.num_compilations
     pending = sorted(requests, key=lambda r: r["arrival"])
     outputs, max_in_flight, next_request = [], 0, 0
     start = time.perf_counter()
-    host_before, step_before = engine.host_time, engine.step_time
+    before = engine.metrics()
     while next_request < len(pending) or engine.has_unfinished_requests():
         now = time.perf_counter() - start
         while next_request < len(pending) and pending[next_request]["arrival"] <= now:
@@ -74,12 +75,13 @@ def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
                 outputs.append(output)
                 if progress:
                     _progress(len(outputs), len(pending))
-        max_in_flight = max(max_in_flight, len(engine.scheduler.running))
+        max_in_flight = max(max_in_flight, engine.metrics()["num_running"])
     elapsed = time.perf_counter() - start
+    after = engine.metrics()
     ttft = np.array([o.metrics.time_to_first_token for o in outputs])
     tpot = np.array([o.metrics.time_per_output_token for o in outputs])
     tokens = sum(len(o.token_ids) for o in outputs)
-    step_time = engine.step_time - step_before
+    step_time = after["step_seconds"] - before["step_seconds"]
     return dict(
         requests=len(outputs), seconds=elapsed, requests_per_s=len(outputs) / elapsed,
         output_tokens_per_s=tokens / elapsed, max_in_flight=max_in_flight,
@@ -87,8 +89,9 @@ def run_trace(llm: LLM, requests: list[dict], progress: bool = False) -> dict:
         ttft_p99=float(np.percentile(ttft, 99)), tpot_mean=float(tpot.mean()),
         tpot_p50=float(np.median(tpot)), tpot_p99=float(np.percentile(tpot, 99)),
         compilations=engine.num_compilations - compiled_before,
-        host_share=(engine.host_time - host_before) / step_time if step_time else 0.0,
-        preemptions=engine.scheduler.num_preemptions)
+        host_share=(after["host_seconds"] - before["host_seconds"]) / step_time
+        if step_time else 0.0,
+        preemptions=after["num_preemptions"])
 
 
 def _progress(done: int, total: int) -> None:
@@ -138,10 +141,10 @@ def compare(model="tiny", trace: Trace = Trace(), *, kv_tokens: int = 8192,
             # CPU, which would swamp a short run); the timed pass then measures steady state.
             if progress:
                 sys.stderr.write(f"{name}, warm-up pass (compiles):\n")
-            compiled = run_trace(llm, requests, progress)["compilations"]
+            compiled = run_trace(llm.engine, requests, progress)["compilations"]
         if progress:
             sys.stderr.write(f"{name}, timed pass:\n")
-        results[name] = run_trace(llm, requests, progress)
+        results[name] = run_trace(llm.engine, requests, progress)
         results[name]["compilations"] += compiled
     paged, dense = results["paged"], results["dense"]
     results["ratio"] = dict(

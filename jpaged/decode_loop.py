@@ -16,9 +16,11 @@ soon as every row has produced an end-of-sequence id::
 model and the same loop run paged and dense on identical inputs.
 
 A model is what the engine drives, a ``jpaged.interfaces.Model`` (``models.Model``, or
-your own: see examples/custom_model.py); the loop uses its ``config`` and ``forward``.
-``decode_loop`` also takes a bare step function
-``step(params, cache, token_ids int32[B], meta) -> (logits [B, V], cache)``.
+your own as a ``jpaged.interfaces.ModelBundle``: see examples/custom_model.py); the loop
+uses its ``config`` and ``forward``. ``decode_loop`` also takes a bare step function (a
+``jpaged.interfaces.DecodeStep``:
+``step(params, cache, token_ids int32[B], meta) -> (logits [B, V], cache)``); a model is
+told from a step function by ``isinstance`` against the two runtime-checkable protocols.
 
 Transformations: ``decode_loop`` has no Python side effects once its inputs are checked,
 so it can be called inside a user's ``jax.jit`` (checks on values are skipped there; only
@@ -30,6 +32,7 @@ carry (and write) a whole copy of it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import numbers
@@ -44,7 +47,7 @@ from jax import lax
 from jpaged.attention import AttentionMetadata, check_impl
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable, kv_cache_dtype as resolve_kv_cache_dtype
-from jpaged.interfaces import Model
+from jpaged.interfaces import DecodeStep, Model, ModelConfig, check_model
 from jpaged.sampling import (GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, derive_seed,
                              sample)
 from jpaged.sequence import Sequence
@@ -54,6 +57,9 @@ from jpaged.shapes import cdiv, check_positive, flat_layout
 PAD_TOKEN = -1
 # Token ids never below 0, so this EOS array matches nothing: "no EOS" compiles like one EOS.
 NO_EOS = (-1,)
+# Traces of the jitted loop and prefill chunk in this process, by name: Python runs their
+# bodies only while tracing, so each count is the number of programs compiled.
+_traces = collections.Counter()
 
 
 class DecodeOutput(NamedTuple):
@@ -86,8 +92,8 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     """Decode up to ``num_steps`` tokens for every row in one jitted call; ``cache`` is
     donated (updated in place: use the returned one).
 
-    model: a model bundle (``config`` + ``forward``) or a step function, see the module
-    docstring. page_table: ``int32[B, W]`` tables whose rows own pages for ``lengths +
+    model: a ``jpaged.interfaces.Model`` or a ``jpaged.interfaces.DecodeStep``, see the
+    module docstring. page_table: ``int32[B, W]`` tables whose rows own pages for ``lengths +
     num_steps`` tokens, lengths = tokens whose K/V are already in ``cache``.
     first_tokens: ``int32[B]``, output token 0 of each row (sampled after the prompt; not
     yet in the cache). A row whose first token is an EOS id does nothing (use it to pad).
@@ -99,10 +105,10 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     (``jpaged.attention``'s ``impl``).
     """
     check_impl(attention_impl)
-    step = _model_step(model)
+    step, config = _model_step(model)
     first_tokens = jnp.asarray(first_tokens)
     eos_ids = _eos_ids(eos_id)
-    _check_inputs(step, cache, page_table, first_tokens, num_steps, eos_ids)
+    _check_inputs(config, cache, page_table, first_tokens, num_steps, eos_ids)
     tensors = sampling_tensors(sampling, page_table.batch, seed)
     return _decode(step, num_steps, _all_greedy(tensors), params, cache, page_table,
                    first_tokens.astype(jnp.int32), jnp.asarray(eos_ids, jnp.int32), tensors,
@@ -113,6 +119,7 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
                    donate_argnames=("cache",))
 def _decode(step, num_steps, greedy, params, cache, page_table, first_tokens, eos_ids,
             tensors, attention_impl="auto"):
+    _traces["loop"] += 1
     batch = first_tokens.shape[0]
     rows = jnp.arange(batch, dtype=jnp.int32)
     tables, page_size = page_table.block_tables, cache.page_size
@@ -166,6 +173,7 @@ def prepare(model, prompts: Seq[Seq[int]], *, num_steps: int, params=None,
     attention_impl: as in ``decode_loop``.
     """
     check_impl(attention_impl)
+    model = check_model(model)
     config = model.config
     params = model.params if params is None else params
     prompts = _check_prompts(prompts, config.vocab_size)
@@ -255,6 +263,7 @@ def _prefill(forward, config, params, cache, page_table, prompts, chunk_size, at
                    donate_argnames=("cache", "last_logits"))
 def _prefill_chunk(forward, config, params, cache, token_ids, meta, logits_indices, here,
                    last_logits):
+    _traces["prefill"] += 1
     logits, cache = forward(params, config, cache, token_ids, meta, logits_indices)
     return cache, jnp.where(here[:, None], logits, last_logits)
 
@@ -268,17 +277,23 @@ def _all_greedy(tensors: SamplingTensors) -> bool:
     return bool(np.all(np.asarray(tensors.temperature) < GREEDY_TEMPERATURE))
 
 
-def _model_step(model: Model | Callable) -> Callable:
-    """The decode step function of a model bundle (a ``jpaged.interfaces.Model``), or
-    ``model`` itself if it is a step function (a bundle is data, never callable)."""
-    if callable(model):
-        return model
-    try:
-        return ModelStep(model.forward, model.config)
-    except AttributeError as error:
-        raise ValueError(f"model must be a model bundle (jpaged.interfaces.Model: config, "
-                         f"forward, ...) or a step function, got {type(model).__name__}"
-                         ) from error
+def num_compilations() -> int:
+    """Decode loops and prefill chunks compiled so far in this process (one per model,
+    shape and static option): compare before and after."""
+    return sum(_traces.values())
+
+
+def _model_step(model: Model | DecodeStep) -> tuple[DecodeStep, ModelConfig | None]:
+    """The decode step of a ``Model`` and its config, or a ``DecodeStep`` itself and None
+    (its config is unknown: the cache geometry and token ids are then not checked against
+    one). A model is checked first: a bundle that also happens to be callable is a model."""
+    if isinstance(model, Model):
+        return ModelStep(model.forward, model.config), model.config
+    if isinstance(model, DecodeStep):
+        return model, None
+    raise ValueError(f"model must be a jpaged.interfaces.Model (e.g. ModelBundle(config, "
+                     f"params, forward)) or a step function (jpaged.interfaces.DecodeStep), "
+                     f"got {type(model).__name__}")
 
 
 def sampling_tensors(sampling, batch: int, seed: int = 0) -> SamplingTensors:
@@ -302,12 +317,12 @@ def sampling_tensors(sampling, batch: int, seed: int = 0) -> SamplingTensors:
     return SamplingTensors.from_params(rows, seeds, [0] * batch)
 
 
-def _check_inputs(step, cache: KVCache, page_table: PageTable, first_tokens, num_steps: int,
-                 eos_ids=NO_EOS) -> None:
+def _check_inputs(config: ModelConfig | None, cache: KVCache, page_table: PageTable,
+                  first_tokens, num_steps: int, eos_ids=NO_EOS) -> None:
     """Host-side checks before tracing, each naming the bad value. Values (page ids,
-    lengths, tokens) are checked when concrete, shapes always."""
+    lengths, tokens) are checked when concrete, shapes always; the cache geometry and the
+    token ids against ``config`` when the model has one."""
     check_positive(num_steps=num_steps)
-    config = getattr(step, "config", None)
     if config is not None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
             if getattr(cache, name) != getattr(config, name):
@@ -323,7 +338,7 @@ def _check_inputs(step, cache: KVCache, page_table: PageTable, first_tokens, num
                                                     page_table.lengths, first_tokens)):
         return
     tokens = np.asarray(first_tokens)
-    vocab = getattr(config, "vocab_size", None) or np.iinfo(np.int32).max
+    vocab = np.iinfo(np.int32).max if config is None else config.vocab_size
     bad = (tokens < 0) | (tokens >= vocab)
     if bad.any():
         row = int(np.argmax(bad))

@@ -98,8 +98,11 @@ class LLMEngine:
 
     def metrics(self) -> dict:
         """Queue lengths, pool use, prefix-cache and preemption counters (see
-        ``Scheduler.metrics``); ``num_pages``: the pool's pages, the null page included."""
-        return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages}
+        ``Scheduler.metrics``); ``num_pages``: the pool's pages, the null page included;
+        ``step_seconds``: wall time spent in ``step`` so far, ``host_seconds`` the part of
+        it outside the device call."""
+        return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages,
+                "step_seconds": self.step_time, "host_seconds": self.host_time}
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -270,7 +273,8 @@ class LLM:
     """Offline generation: ``LLM("tiny").generate(prompts, SamplingParams(...))``.
 
     model: ``"tiny"``, a checkpoint directory, or a model bundle (a
-    ``jpaged.interfaces.Model``). The KV pool holds
+    ``jpaged.interfaces.Model``, e.g. ``ModelBundle(config, params, forward)``). The KV
+    pool holds
     ``num_pages`` pages of ``page_size`` tokens, or as many as fit in ``kv_cache_bytes``.
     ``watermark``: the fraction of the pool that admitting new prompts leaves free for the
     running sequences to grow into; higher means fewer preemptions and a smaller batch.
@@ -316,7 +320,7 @@ class LLM:
         spec, dtype_name = (model if isinstance(model, str) else None,
                             None if dtype is None else jnp.dtype(dtype).name)
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
-        if isinstance(model, str) and layout is None:
+        if layout is None:   # a bundle is checked and kept; a name is loaded
             model = model_loading.load_model(model, dtype)
         replicas = [(model, None)] if layout is None else layout.load(model, dtype)
         model = replicas[0][0]

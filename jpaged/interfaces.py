@@ -1,15 +1,19 @@
 """The declared interfaces between jpaged's parts: what the engine needs of a model, and
 what a driver (``LLM``, the benchmarks, ``Replicas``) needs of an engine.
 
-``models.Model`` (the Llama family) and the bundle in ``examples/custom_model.py`` satisfy
-``Model``; ``LLMEngine`` and ``Replicas`` satisfy ``Engine``. Nothing here imports Flax or
-``models``: jpaged drives any object with these attributes.
+``models.Model`` (the Llama family) and ``ModelBundle`` (a user's own model, see
+``examples/custom_model.py``) satisfy ``Model``; ``LLMEngine`` and ``Replicas`` satisfy
+``Engine``. ``Model`` and ``DecodeStep`` are runtime-checkable: ``decode_loop`` tells
+them apart with ``isinstance``, and ``check_model`` refuses anything that is not a
+``Model``. Nothing here imports Flax or ``models``: jpaged drives any object with these
+attributes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:   # annotations only: host-side users (replicas) stay free of JAX
     import jax
@@ -62,8 +66,10 @@ class Forward(Protocol):
                  logits_indices: jax.Array) -> tuple[jax.Array, KVCache]: ...
 
 
+@runtime_checkable
 class Model(Protocol):
-    """What the engine, ``decode_loop`` and ``jpaged.parallel`` drive.
+    """What the engine, ``decode_loop`` and ``jpaged.parallel`` drive (``ModelBundle`` is
+    one: a user's model needs only its config, params and forward).
 
     ``params``: any pytree ``forward`` takes. ``tokenizer``: a ``tokenizers.Tokenizer`` or
     None (prompts are then token ids); ``eos_token_ids``: may be empty. ``param_axes``:
@@ -84,6 +90,50 @@ class Model(Protocol):
     def eos_token_ids(self) -> tuple[int, ...]: ...
     @property
     def param_axes(self) -> Mapping[str, tuple[str | None, ...]]: ...
+
+
+def param_path(path) -> str:
+    """The ``param_axes`` key of a param: its pytree path (from
+    ``jax.tree_util.tree_flatten_with_path``) as ``"/"``-joined keys, e.g.
+    ``"layers/self_attn/q_proj/kernel"``. Declaring (``jpaged.layers.logical_axes``) and
+    reading (``jpaged.parallel``) both name params with it, so the two always agree."""
+    return "/".join(str(getattr(key, "key", key)) for key in path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundle:
+    """A ``Model`` from its parts: ``ModelBundle(config, params, forward)`` runs in the
+    engine and ``decode_loop``; give ``tokenizer`` (a ``tokenizers.Tokenizer``) for text
+    prompts, ``eos_token_ids`` to stop at an end-of-sequence id, and ``param_axes`` (from
+    ``jpaged.layers.logical_axes``) to run tensor-parallel."""
+
+    config: ModelConfig
+    params: Any
+    forward: Forward
+    tokenizer: Any = None
+    eos_token_ids: tuple[int, ...] = ()
+    param_axes: Mapping[str, tuple[str | None, ...]] = dataclasses.field(default_factory=dict)
+
+
+def check_model(model) -> Model:
+    """``model`` if it is a ``Model``, else a ValueError naming what was passed."""
+    if not isinstance(model, Model):
+        raise ValueError(f"expected a model (jpaged.interfaces.Model: config, params, "
+                         f"forward, tokenizer, eos_token_ids, param_axes; "
+                         f"jpaged.interfaces.ModelBundle(config, params, forward) builds "
+                         f"one), got {type(model).__name__}")
+    return model
+
+
+@runtime_checkable
+class DecodeStep(Protocol):
+    """What ``decode_loop`` runs each iteration, when given a step function rather than a
+    ``Model``: token_ids ``int32[B]`` (one decode token per row), ``meta`` in decode mode;
+    returns (logits ``float32[B, V]``, the cache with their K/V written). It must be
+    hashable (a static jit argument): a module-level function or a frozen dataclass."""
+
+    def __call__(self, params: Any, cache: KVCache, token_ids: jax.Array,
+                 meta: AttentionMetadata) -> tuple[jax.Array, KVCache]: ...
 
 
 class Engine(Protocol):

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax
 
-from jpaged.interfaces import EMBED, HEADS, KV_HEADS, MLP, MODEL_AXIS as MODEL
+from jpaged.interfaces import EMBED, HEADS, KV_HEADS, MLP, MODEL_AXIS as MODEL, param_path
 
 __all__ = ["EMBED", "HEADS", "KV_HEADS", "MLP", "ColumnParallelDense", "RowParallelDense",
            "logical_axes", "model_axis_size"]
@@ -56,9 +56,7 @@ class ColumnParallelDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (self.in_axis, self.axis)),
-            (x.shape[-1], self.features))
+        kernel = _kernel(self, x.shape[-1], (self.in_axis, self.axis))
         bias = _bias(self, self.axis) if self.use_bias else None
         return _dense(x, kernel, bias)
 
@@ -79,14 +77,19 @@ class RowParallelDense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.with_logical_partitioning(
-            nn.initializers.lecun_normal(), (self.axis, self.out_axis)),
-            (x.shape[-1], self.features))
+        kernel = _kernel(self, x.shape[-1], (self.axis, self.out_axis))
         bias = _bias(self, self.out_axis) if self.use_bias else None
         y = _dense(x, kernel, None)
         if model_axis_size() > 1:
             y = jax.lax.psum(y, MODEL)
         return y if bias is None else _dense(y, None, bias)
+
+
+def _kernel(layer: nn.Module, in_features: int, axes: tuple[str, str]):
+    """The ``[in_features, layer.features]`` kernel, its dims named ``axes``."""
+    return layer.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                              axes),
+                       (in_features, layer.features))
 
 
 def _bias(layer: nn.Module, axis: str):
@@ -114,6 +117,6 @@ def logical_axes(boxed_params, leading: Mapping[str, tuple] | None = None
     for path, spec in jax.tree_util.tree_flatten_with_path(
             specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]:
         if len(spec):
-            keys = [str(getattr(k, "key", k)) for k in path]
-            axes["/".join(keys)] = tuple(leading.get(keys[0], ())) + tuple(spec)
+            name = param_path(path)
+            axes[name] = tuple(leading.get(name.split("/")[0], ())) + tuple(spec)
     return axes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from jpaged.interfaces import Model, ModelConfig
+from jpaged.interfaces import Model, ModelConfig, check_model
 
 
 def _models():
@@ -22,9 +22,9 @@ def _models():
 
 def load_model(model: str | Model, dtype=None, place=None) -> Model:
     """``"tiny"`` (the embedded random model), a HF checkpoint directory (``place``: see
-    ``models.load_hf``), or a bundle, returned as it is."""
+    ``models.load_hf``), or a bundle (a ``jpaged.interfaces.Model``), returned as it is."""
     if not isinstance(model, str):
-        return model
+        return check_model(model)
     return _models().load_model(model, dtype=dtype, place=place)
 
 
@@ -32,7 +32,7 @@ def model_config(model: str | Model) -> ModelConfig:
     """The config of ``model`` ("tiny", a checkpoint directory, or a bundle), read without
     loading any weight."""
     if not isinstance(model, str):
-        return model.config
+        return check_model(model).config
     models = _models()
     return models.tiny_config() if model == "tiny" else models.load_config(model)
 

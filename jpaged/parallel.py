@@ -36,8 +36,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jpaged import distributed, model_loading
-from jpaged.interfaces import HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig
+from jpaged.interfaces import (HEADS, KV_HEADS, MLP, MODEL_AXIS, Model, ModelConfig,
+                               param_path)
 from jpaged.replicas import Replicas
+from jpaged.shapes import check_positive
 
 DATA, MODEL = "data", MODEL_AXIS
 AXES = (DATA, MODEL)
@@ -51,18 +53,12 @@ def make_mesh(tensor_parallel: int = 1, data_parallel: int = 1, devices=None) ->
     """A ``("data", "model")`` mesh over the first ``data_parallel * tensor_parallel``
     devices (default ``jax.devices()``): replica i holds devices ``i*T .. i*T + T - 1``."""
     devices = jax.devices() if devices is None else list(devices)
-    _check_count("tensor_parallel", tensor_parallel)
-    _check_count("data_parallel", data_parallel)
+    check_positive(tensor_parallel=tensor_parallel, data_parallel=data_parallel)
     needed = tensor_parallel * data_parallel
     if needed > len(devices):
         raise ValueError(f"data_parallel={data_parallel} x tensor_parallel={tensor_parallel} "
                          f"needs {needed} devices, only {len(devices)} are available")
     return Mesh(np.asarray(devices[:needed]).reshape(data_parallel, tensor_parallel), AXES)
-
-
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def check_mesh(mesh: Mesh) -> Mesh:
@@ -116,14 +112,10 @@ def param_spec(axes: tuple[str | None, ...] | None) -> P:
     return P(*(RULES.get(axis) for axis in axes or ()))
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(key, "key", key)) for key in path)
-
-
 def param_specs(params, param_axes: Mapping[str, tuple]):
     """The PartitionSpec tree of a params tree, from the model's ``param_axes``."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: param_spec(param_axes.get(_path_name(path))), params)
+        lambda path, x: param_spec(param_axes.get(param_path(path))), params)
 
 
 def replicate_kv_heads(array: np.ndarray, axes: tuple | None, head_dim: int,
@@ -159,7 +151,7 @@ def place_params(params, config: ModelConfig, param_axes: Mapping[str, tuple], m
     """Params already in memory (e.g. the random demo model) -> the sharded layout."""
     place = placer(config, param_axes, mesh)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: place(_path_name(path), np.asarray(x)), params)
+        lambda path, x: place(param_path(path), np.asarray(x)), params)
 
 
 def replica_meshes(mesh: Mesh) -> list[Mesh]:
@@ -251,7 +243,7 @@ class Layout:
             mesh = check_mesh(mesh)
             tensor_parallel = mesh.shape[MODEL]
         tensor_parallel = 1 if tensor_parallel is None else tensor_parallel
-        _check_count("tensor_parallel", tensor_parallel)
+        check_positive(tensor_parallel=tensor_parallel)
         config = model_loading.model_config(model)
         sharded = sharded_config(config, tensor_parallel)
         if mesh is None:
@@ -276,6 +268,12 @@ class Layout:
                                              place=placer(self.config, axes, self.mesh))
         else:
             model = model_loading.load_model(model, dtype)
+            if self.model_size > 1 and not model.param_axes:
+                # Every param would be replicated while each device runs its share of the
+                # heads: a wrong answer, not a slow one.
+                raise ValueError(f"tensor parallelism over {self.model_size} devices needs "
+                                 f"the model's param_axes (jpaged.layers.logical_axes of its "
+                                 f"params); this {type(model).__name__} declares none")
             model = dataclasses.replace(model, params=place_params(
                 model.params, self.config, model.param_axes, self.mesh))
         return [(shard_model(model, self.sharded, params, mesh), cache_sharding(mesh))

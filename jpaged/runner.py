@@ -70,9 +70,8 @@ class HostPool:
 class ModelRunner:
     """Owns the KV pool on the device and runs the model's step on it.
 
-    model: an object with ``config`` (hashable: it is a static jit argument), ``params`` and
-    ``forward(params, config, cache, token_ids int32[T], meta, logits_indices int32[R]) ->
-    (logits float32[R, V], cache)``; see ``models.llama.forward``.
+    model: a ``jpaged.interfaces.Model``; the runner uses its ``config`` (a static jit
+    argument), ``params`` and ``forward`` (a ``jpaged.interfaces.Forward``).
     """
 
     def __init__(self, model, cache: KVCache, num_host_pages: int = 0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Callable
@@ -156,7 +157,7 @@ class Model:
     tokenizer: Any = None
     eos_token_ids: tuple[int, ...] = ()
 
-    @property
+    @functools.cached_property   # traces the modules' init: computed once per bundle
     def param_axes(self) -> dict[str, tuple[str | None, ...]]:
         return param_axes(self.config)
 

@@ -2,6 +2,7 @@
 EOS, the cache it leaves, one compilation, donation, jit/vmap, and bad inputs."""
 
 import re
+import types
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +13,8 @@ import models
 from jpaged.batch import StepBatch
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, PageTable
-from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, _prefill_chunk,
-                                decode_loop, prepare, reserve, sampling_tensors)
+from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, decode_loop,
+                                num_compilations, prepare, reserve, sampling_tensors)
 from jpaged.engine import LLMEngine
 from jpaged.runner import _step as runner_step
 from jpaged.sampling import SamplingParams
@@ -169,7 +170,8 @@ def test_one_compilation_and_the_cache_is_donated(model, prompts, greedy):
     absent = next(t for t in range(CONFIG.vocab_size) if t not in out.tokens and t not in first)
     cache, table, first = prepare(model, prompts, num_steps=STEPS, page_size=PAGE_SIZE,
                                   num_pages=NUM_PAGES)
-    loops, prefills = _decode._cache_size(), _prefill_chunk._cache_size()
+    compiled = num_compilations()
+    assert compiled >= 2   # the fixture's loop and prefill were counted
     pointer = cache.k.unsafe_buffer_pointer()
     out = decode_loop(model, model.params, cache, table, first, num_steps=STEPS, eos_id=absent)
     assert cache.k.is_deleted()
@@ -177,7 +179,7 @@ def test_one_compilation_and_the_cache_is_donated(model, prompts, greedy):
     np.testing.assert_array_equal(out.tokens, greedy[2].tokens)
     again = decode_loop(model, model.params, out.cache, table, first[::-1], num_steps=STEPS)
     assert again.cache.k.unsafe_buffer_pointer() == pointer
-    assert (_decode._cache_size(), _prefill_chunk._cache_size()) == (loops, prefills)
+    assert num_compilations() == compiled
 
 
 def test_jit_and_vmap_over_independent_pools(model, prompts, greedy):
@@ -266,7 +268,7 @@ def test_the_loop_and_the_engine_step_write_the_pool_in_place(model, batch):
                            block_tables=table.block_tables, context_lens=table.lengths + 1,
                            logits_indices=rows, sampling=tensors, is_decode=True, num_top=0)
     programs = {
-        "loop": _decode.lower(_model_step(model), STEPS, True, model.params, cache, table,
+        "loop": _decode.lower(_model_step(model)[0], STEPS, True, model.params, cache, table,
                               tokens, jnp.asarray(NO_EOS, jnp.int32), tensors),
         "engine step": runner_step.lower(model.forward, model.config, "auto", model.params, cache,
                                          step_batch)}
@@ -345,6 +347,11 @@ def test_other_bad_loop_inputs(model, empty):
             repetition_penalty=1.2), SamplingParams()])
     with pytest.raises(ValueError, match="got 2 SamplingParams for a batch of 3"):
         loop(model, cache, table, first, sampling=[SamplingParams()] * 2)
+    # Half a model (no params, tokenizer, ...) is neither a Model nor a step function.
+    half = types.SimpleNamespace(config=CONFIG, forward=model.forward)
+    with pytest.raises(ValueError, match=r"model must be a jpaged.interfaces.Model .* or a "
+                                         r"step function .*got SimpleNamespace"):
+        decode_loop(half, model.params, cache, table, first, num_steps=STEPS)
 
 
 def test_bad_prepare_inputs(model, prompts):
@@ -359,3 +366,5 @@ def test_bad_prepare_inputs(model, prompts):
         prepare(model, prompts, num_steps=STEPS, page_size=PAGE_SIZE, num_pages=10)
     with pytest.raises(ValueError, match="pass num_pages or memory, not both"):
         prepare(model, prompts, num_steps=STEPS, num_pages=10, memory=2**20)
+    with pytest.raises(ValueError, match=r"expected a model .*got dict"):
+        prepare({"config": CONFIG, "params": model.params}, prompts, num_steps=STEPS)

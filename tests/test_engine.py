@@ -2,15 +2,19 @@
 does on the way (continuous batching, chunked prefill, preemption, prefix hits, swaps)."""
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jpaged.interfaces
+from jpaged.bench import Trace, run_trace
 from jpaged.engine import LLM, LLMEngine
+from jpaged.interfaces import ModelBundle
 from jpaged.sampling import SamplingParams
-from models import Model, forward_no_cache, init_params, tiny_config
+from models import Model, forward, forward_no_cache, init_params, tiny_config
 
 CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
 REF_LEN = 64   # recompute inputs are right-padded to one shape: one compilation
@@ -104,6 +108,36 @@ def test_dense_baseline_matches(model, references):
     llm = LLM(model, page_size=64, num_pages=4, max_num_seqs=3, max_model_len=64,
               static_batching=True, enable_prefix_caching=False)
     assert engine_outputs(llm, batch) == expected
+
+
+def test_a_bundle_of_config_params_and_forward(model, references):
+    """A user's model needs only its config, params and forward: ModelBundle's defaults
+    (no tokenizer, no EOS, no param_axes) run in the engine. Anything else is refused."""
+    batch, expected = references
+    bundle = ModelBundle(model.config, model.params, forward)
+    assert isinstance(bundle, jpaged.interfaces.Model)
+    llm = LLM(bundle, page_size=4, num_pages=64, max_num_seqs=4, max_model_len=128)
+    assert engine_outputs(llm, batch) == expected
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        llm.generate(["text"], GREEDY)
+    partial = types.SimpleNamespace(config=model.config, params=model.params, forward=forward)
+    for bad in (partial, {"config": model.config}, None):
+        with pytest.raises(ValueError, match=r"expected a model \(jpaged.interfaces.Model.*"
+                                             r"got " + type(bad).__name__):
+            LLM(bad, num_pages=8)
+
+
+def test_bench_replays_a_trace_through_the_engine_protocol(model):
+    """jpaged.bench's figures come from Engine.metrics(): every request finishes with its
+    output length, at most max_num_seqs run at once, the host share is a fraction."""
+    requests = Trace(num_requests=6, prompt_median=8, output_median=5, max_len=32).sample(
+        CONFIG.vocab_size)
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=4, max_model_len=128)
+    figures = run_trace(llm.engine, requests)
+    assert figures["requests"] == 6 and figures["max_in_flight"] == 4
+    assert figures["output_tokens_per_s"] * figures["seconds"] == pytest.approx(
+        sum(r["output_len"] for r in requests))
+    assert 0 < figures["host_share"] < 1 and figures["preemptions"] == 0
 
 
 def test_compilations_are_bounded(model):

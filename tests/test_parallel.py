@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jpaged.batch import StepBatch
 from jpaged.cache import PageTable
 from jpaged.engine import LLM
+from jpaged.interfaces import ModelBundle
 from jpaged.replicas import MAX_IMBALANCE, Replicas, Router
 from jpaged.runner import _step as runner_step
 from jpaged.sampling import SamplingParams, SamplingTensors
@@ -239,7 +240,18 @@ def case_tp2() -> dict:
                 hlo=collectives(hlo), hlo_seconds=time.perf_counter() - start,
                 num_layers=model.config.num_layers, pallas_error=pallas_under_shard_map(),
                 row_parallel=row_parallel_layers(),
-                mesh_axes_reordered=bool(mesh_axes_reordered()))
+                mesh_axes_reordered=bool(mesh_axes_reordered()),
+                no_axes_error=no_param_axes_error(model))
+
+
+def no_param_axes_error(model) -> str:
+    """The error for a bundle that declares no param_axes, asked to run on 2 devices."""
+    try:
+        LLM(ModelBundle(model.config, model.params, model.forward), tensor_parallel=2,
+            **ENGINE)
+    except ValueError as error:
+        return str(error)
+    return "no error"
 
 
 def case_tp4() -> dict:
@@ -328,6 +340,12 @@ def assert_matches_single_device(result):
 
 def test_tp2_matches_single_device(tp2):
     assert_matches_single_device(tp2)
+
+
+def test_tp2_refuses_a_model_without_param_axes(tp2):
+    """Replicated params with each device's share of the heads would be a wrong answer."""
+    assert re.search(r"tensor parallelism over 2 devices needs the model's param_axes.*"
+                     r"this ModelBundle declares none", tp2["no_axes_error"]), tp2
 
 
 def test_tp2_kv_pool_sharding(tp2):
