@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged import beam_search, model_loading, parallel
+from jpaged import beam_search, model_loading, parallel, snapshot
 from jpaged.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.block_manager import BlockManager
 from jpaged.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
@@ -353,6 +353,8 @@ class LLM:
                  mesh=None, tensor_parallel: int | None = None,
                  data_parallel: int | None = None, prefix_routing: bool = False,
                  attention_impl: str = "auto", kv_cache_dtype: str = "auto"):
+        spec, dtype_name = (model if isinstance(model, str) else None,
+                            None if dtype is None else jnp.dtype(dtype).name)
         layout = parallel.Layout.create(model, mesh, tensor_parallel, data_parallel)
         if isinstance(model, str) and layout is None:
             model = model_loading.load_model(model, dtype)
@@ -386,6 +388,19 @@ class LLM:
             num_host_pages = KVCache.pages_for_memory(host_cache_bytes * model_size,
                                                       *geometry, dtype)
         self.max_model_len = max_model_len
+        self.model_config = layout.config if layout else config   # before tensor parallel
+        # What a snapshot needs to build this LLM again (see jpaged.snapshot).
+        self._spec = spec
+        self._options = dict(
+            page_size=page_size, num_pages=num_pages, dtype=dtype_name,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+            preemption_mode=preemption_mode, num_host_pages=num_host_pages,
+            watermark=watermark, static_batching=static_batching, seed=seed,
+            tensor_parallel=layout.model_size if layout else None,
+            data_parallel=layout.num_replicas if layout else None,
+            prefix_routing=prefix_routing, attention_impl=attention_impl,
+            kv_cache_dtype=kv_cache_dtype)
         self._kv_cache_info = dict(num_pages=num_pages, page_size=page_size,
                                    kv_cache_dtype=dtype.name,
                                    bytes_per_page=KVCache.bytes_per_page(*geometry, dtype))
@@ -404,6 +419,23 @@ class LLM:
                                      attention_impl=attention_impl))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, prefix_routing))
+
+    def save_snapshot(self, path, overwrite: bool = False) -> None:
+        """Write the whole engine between two steps to the directory ``path``: the pages in
+        use (device and swap pool), block tables, block manager, scheduler queues and every
+        request with its RNG streams (``jpaged.snapshot``). An existing ``path`` is refused
+        unless ``overwrite``; a failed save leaves it as it was."""
+        snapshot.save(self, path, overwrite)
+
+    @classmethod
+    def from_snapshot(cls, path, **overrides) -> "LLM":
+        """An ``LLM`` resuming the snapshot at ``path``: stepping on gives the tokens the
+        saved one would have. The model is the snapshot's ("tiny" or its checkpoint
+        directory) unless ``model=``; ``tensor_parallel=`` / ``mesh=`` and
+        ``attention_impl=`` may differ, other options must equal the snapshot's. A
+        truncated or foreign snapshot (another model config or pool geometry) raises a
+        ValueError naming what differs."""
+        return snapshot.restore(path, **overrides)
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,
