@@ -10,6 +10,7 @@ import pytest
 
 from jpaged.engine import LLM
 from jpaged.sampling import SamplingParams
+from jpaged.soak import FAULTS, FaultInjector, InjectedDeviceError
 from models import Model, init_params, tiny_config
 
 CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
@@ -18,14 +19,6 @@ SEEDED = SamplingParams(max_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
 SAMPLES = SamplingParams(max_tokens=8, temperature=0.8, n=3, seed=3, ignore_eos=True)
 BEAMS = SamplingParams(max_tokens=6, temperature=0.0, n=2, best_of=3, use_beam_search=True,
                        ignore_eos=True)
-
-
-class Fault(Exception):
-    """The injected host-side error (a bug in the host update)."""
-
-
-class DeviceOOM(RuntimeError):
-    """Stands for the device running out of memory mid-step."""
 
 
 @pytest.fixture(scope="module")
@@ -47,52 +40,6 @@ def workload():
     return list(zip(batch, params))
 
 
-class Injector:
-    """Makes the engine's step fail on the given calls, in one of these ways:
-
-    "interrupt": KeyboardInterrupt as the device step starts (nothing ran);
-    "after": the device step ran (pages moved, K/V written), then KeyboardInterrupt;
-    "consumed": the page moves ran, then the donated pool is consumed and DeviceOOM raised;
-    "apply": Fault raised in the middle of the host update (after tokens were appended,
-        samples forked and beams advanced: from the stop-rule check).
-    ``hit``: the moves (swaps + copies) of the plans that failed, to show they were tested.
-    """
-
-    def __init__(self, engine, kind: str, calls):
-        self.engine, self.kind, self.calls, self.count, self.hit = engine, kind, set(calls), 0, 0
-        self.failed = 0
-        if kind == "apply":
-            check_stop = engine._check_stop
-
-            def failing_check_stop(seq):
-                self.count += 1
-                if self.count in self.calls:
-                    self.failed += 1
-                    raise Fault(f"injected in _apply, call {self.count}")
-                check_stop(seq)
-            engine._check_stop = failing_check_stop
-        else:
-            self.execute = engine.runner.execute
-            engine.runner.execute = self.failing_execute
-
-    def failing_execute(self, moves, batch):
-        self.count += 1
-        if self.count not in self.calls:
-            return self.execute(moves, batch)
-        self.failed += 1
-        self.hit += sum(map(len, moves))
-        runner = self.engine.runner
-        if self.kind == "interrupt":
-            raise KeyboardInterrupt
-        if self.kind == "after":
-            self.execute(moves, batch)
-            raise KeyboardInterrupt
-        runner.move_pages(moves)
-        for pool in jax.tree.leaves(runner.cache):
-            pool.delete()
-        raise DeviceOOM("RESOURCE_EXHAUSTED: out of memory while running the step")
-
-
 def check_all_free(engine):
     bm = engine.scheduler.block_manager
     assert not engine.has_unfinished_requests() and not engine.scheduler.seqs
@@ -112,7 +59,7 @@ def run(engine, work, injector=None):
             break
         try:
             outputs = engine.step()
-        except (KeyboardInterrupt, DeviceOOM, Fault):
+        except FAULTS:
             outputs = []
         engine.scheduler.check()
         done.update({o.request_id: [c.token_ids for c in o.outputs]
@@ -146,13 +93,13 @@ def _work(setup):
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_faults_leave_the_tokens_of_a_clean_run(model, clean, setup, kind):
     llm = LLM(model, page_size=4, max_model_len=128, **SETUPS[setup])
-    injector = Injector(llm.engine, kind, calls=[2, 3, 5, 8, 10])
+    injector = FaultInjector(llm.engine, kind, calls=[2, 3, 5, 8, 10])
     assert run(llm.engine, _work(setup), injector) == clean[setup]
     assert injector.failed == 5
     if setup != "roomy":
         assert llm.engine.scheduler.num_preemptions > 0
     if kind != "apply":
-        assert injector.hit > 0   # some failed steps had swaps or copy-on-write copies
+        assert injector.moves > 0   # some failed steps had swaps or copy-on-write copies
 
 
 def test_keyboard_interrupt_in_generate_leaves_the_engine_empty(model):
@@ -162,7 +109,7 @@ def test_keyboard_interrupt_in_generate_leaves_the_engine_empty(model):
     expected = [[c.token_ids for c in o.outputs] for o in LLM(
         model, page_size=4, num_pages=48, max_model_len=128).generate(batch, params)]
     llm = LLM(model, page_size=4, num_pages=48, max_model_len=128)
-    injector = Injector(llm.engine, "interrupt", calls=[4])
+    injector = FaultInjector(llm.engine, "interrupt", calls=[4])
     with pytest.raises(KeyboardInterrupt):
         llm.generate(batch, params)
     check_all_free(llm.engine)
@@ -175,8 +122,8 @@ def test_device_oom_in_generate_recovers_the_pool(model):
     llm = LLM(model, page_size=4, num_pages=48, max_model_len=128, kv_cache_dtype="int8")
     batch = [p for p, _ in workload()[:3]]
     expected = [o.token_ids for o in llm.generate(batch, GREEDY)]
-    Injector(llm.engine, "consumed", calls=[3])
-    with pytest.raises(DeviceOOM):
+    FaultInjector(llm.engine, "consumed", calls=[3])
+    with pytest.raises(InjectedDeviceError):
         llm.generate(batch, GREEDY)
     check_all_free(llm.engine)
     assert not llm.engine.scheduler.block_manager.cache   # its pages' K/V were lost
