@@ -10,6 +10,7 @@ rules and reports outputs (host). Records live in ``jpaged.request``, beam searc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator, Sequence as Seq
@@ -459,7 +460,10 @@ class LLM:
                 yield from outputs                     # finished ones are no longer abortable
         finally:
             for request_id in pending:
-                self.engine.abort(request_id)
+                # Data-parallel replicas: a replica may have finished a request in a step
+                # whose outputs another replica's failure never let through.
+                with contextlib.suppress(ValueError):
+                    self.engine.abort(request_id)
 
     def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress=None) -> list[RequestOutput]:
