@@ -19,6 +19,9 @@ Traces are synthetic (no dataset download): lognormal lengths with the means the
 reports (ShareGPT: 161 prompt / 338 output tokens, Alpaca: 19 / 58); the spreads (sigma)
 are assumptions, listed in TRACES. Arrivals are Poisson, faster than any system serves.
 
+Each trace's pool is also drawn (``jpaged.plot_pool``) at its busiest step, page 16:
+``memory_pool_<trace>.png``.
+
     python benchmarks/memory.py     # ~1.5 min on 2 busy cores; writes benchmarks/results/
 """
 
@@ -287,6 +290,33 @@ def kv_dtypes(spec: TraceSpec, page_size=16) -> dict:
     return rows
 
 
+def pool_picture(name: str, spec: TraceSpec, path: pathlib.Path, page_size=16) -> dict:
+    """``jpaged.plot_pool`` of the paged pool at the trace's busiest step (most pages
+    held after the step's update): one replay finds the step, a second draws it."""
+    from jpaged import plot_pool
+
+    trace, held, best = make_trace(spec), [], {}
+
+    def count(sched):
+        held.append(sched.block_manager.num_pages - 1 - sched.block_manager.num_free_pages)
+
+    replay(make_paged(page_size, spec.slots), trace, count)
+    busiest = int(np.argmax(held))
+
+    steps = itertools.count()
+
+    def draw(sched):
+        if next(steps) == busiest:
+            bm = sched.block_manager
+            plot_pool(bm, path, seqs=list(sched.seqs.values()),
+                      title=f"{name}-like trace, page {page_size}: busiest step {busiest}")
+            best.update(step=busiest, held_pages=held[busiest], num_pages=bm.num_pages,
+                        running=len(sched.running), waiting=len(sched.waiting))
+
+    replay(make_paged(page_size, spec.slots), trace, draw)
+    return best
+
+
 # -- report -------------------------------------------------------------------------------
 
 def markdown(results: dict) -> str:
@@ -398,6 +428,11 @@ def main():
     (args.out / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "memory.md").write_text(text)
     plot(results, args.out / "memory.png")
+    for name, spec in TRACES.items():
+        busiest = pool_picture(name, spec, args.out / f"memory_pool_{name}.png")
+        print(f"wrote {args.out}/memory_pool_{name}.png: step {busiest['step']}, "
+              f"{busiest['held_pages']} of {busiest['num_pages'] - 1} pages held, "
+              f"{busiest['running']} running, {busiest['waiting']} waiting")
     print(f"wrote {args.out}/memory.{{json,md,png}} in {results['seconds']:.0f} s")
 
 

@@ -436,7 +436,7 @@ class LLM:
         ``attention_impl=`` may differ, other options must equal the snapshot's. A
         truncated or foreign snapshot (another model config or pool geometry) raises a
         ValueError naming what differs."""
-        return snapshot.restore(path, **overrides)
+        return snapshot.restore(cls, path, **overrides)
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,

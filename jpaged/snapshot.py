@@ -52,7 +52,9 @@ HOST_FILE = "snapshot.json"
 ARRAYS_DIR = "arrays"
 LEAVES = ("k", "v", "k_scale", "v_scale")
 # LLM options a restore may change: where and how the same state runs, not what it is.
-OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl")
+# ``dtype``: the params' (a snapshot of dtype=None taken on an accelerator holds bfloat16
+# pages; on a CPU pass dtype="bfloat16"); the pool geometry check still applies.
+OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype")
 
 
 # -- JSON of open-typed values ---------------------------------------------------------
@@ -140,8 +142,10 @@ def _replace(tmp: Path, path: Path) -> None:
         if old is not None:
             old.rename(path)
         raise
-    if old is not None:
+    if old is not None and old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
+    elif old is not None:
+        old.unlink()
 
 
 def _engines(engine) -> list:
@@ -264,15 +268,14 @@ def _replicas_state(replicas: Replicas) -> dict:
 
 # -- restoring -------------------------------------------------------------------------
 
-def restore(path, **overrides):
-    """A new ``LLM`` holding the snapshot at ``path``; see ``LLM.from_snapshot``."""
-    from jpaged.engine import LLM
-
+def restore(llm_class, path, **overrides):
+    """A new ``llm_class`` (``LLM``) holding the snapshot at ``path``; see
+    ``LLM.from_snapshot``."""
     path = Path(path)
     host, arrays = _read(path)
     options = _options(host, overrides)
     _check_model(host, options["model"])
-    llm = LLM(**options)
+    llm = llm_class(**options)
     _check_geometry(host["geometry"], _geometry(llm), "the restored LLM")
     engines = _engines(llm.engine)
     if len(engines) != len(host["replicas"]):

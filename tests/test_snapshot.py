@@ -133,14 +133,19 @@ def test_restore_in_process_continues_exactly(saved, tmp_path):
 
 
 def _restore_in_subprocess(path, *args, devices: int = 1) -> dict:
+    return _run_in_subprocess("restore", str(path), *args, devices=devices)
+
+
+def _run_in_subprocess(*args, devices: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, __file__, "restore", str(path), *args],
+    proc = subprocess.run([sys.executable, __file__, *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow   # the tensor-parallel case below is a fresh process too
 def test_restore_in_a_fresh_process(saved):
     path, want, _ = saved
     _compare(_restore_in_subprocess(path), want)
@@ -151,6 +156,23 @@ def test_restore_on_two_devices_reshards_the_pool(saved):
     _compare(_restore_in_subprocess(path, "2", devices=8), want)
 
 
+@pytest.mark.slow
+def test_reshard_with_replicated_kv_heads_and_back(saved, tmp_path):
+    """4 devices for 2 kv heads: each head is stored twice in the pool; a snapshot of that
+    pool holds each once, and restores on one device."""
+    path, want, _ = saved
+    result = _run_in_subprocess("reshard", str(path), str(tmp_path / "tp4"), devices=8)
+    _compare(result["tp4"], want)
+    _compare(result["tp1"], want)
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_each_restore(tmp_path):
+    result = _run_in_subprocess("data_parallel", str(tmp_path / "s"), devices=8)
+    assert result["replicas"] == 2 and result["equal"], result
+
+
+@pytest.mark.slow
 def test_int8_pool_carries_its_scales(tmp_path):
     llm = _started(kv_cache_dtype="int8")
     llm.save_snapshot(tmp_path / "s")
@@ -257,8 +279,29 @@ def test_bundle_model_needs_model_override(tmp_path):
     assert list(restored.engine.requests) == ["0"]
 
 
+def _data_parallel(path: str) -> dict:
+    """Two replicas saved, restored, stepped on: each replica's queues were busy and the
+    outputs equal the uninterrupted run's."""
+    llm = _started(data_parallel=2)
+    busy = [bool(e.scheduler.running) for e in llm.engine.engines]
+    llm.save_snapshot(path)
+    want = _outputs(llm)
+    restored = LLM.from_snapshot(path)
+    got = _outputs(restored)
+    _compare(got, want)
+    return {"replicas": len(restored.engine.engines), "busy": busy,
+            "equal": all(busy) and got.keys() == want.keys()}
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "restore":
         overrides = {"tensor_parallel": int(sys.argv[3])} if len(sys.argv) > 3 else {}
-        llm = LLM.from_snapshot(sys.argv[2], **overrides)
-        print(json.dumps(_outputs(llm)))
+        print(json.dumps(_outputs(LLM.from_snapshot(sys.argv[2], **overrides))))
+    elif sys.argv[1] == "reshard":
+        tp4 = LLM.from_snapshot(sys.argv[2], tensor_parallel=4)
+        tp4.save_snapshot(sys.argv[3])
+        result = {"tp4": _outputs(tp4)}
+        result["tp1"] = _outputs(LLM.from_snapshot(sys.argv[3], tensor_parallel=1))
+        print(json.dumps(result))
+    elif sys.argv[1] == "data_parallel":
+        print(json.dumps(_data_parallel(sys.argv[2])))
