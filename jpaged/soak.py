@@ -223,7 +223,7 @@ class Soak:
                         self._snapshot_and_restore(Path(scratch) / "snapshot")
             while self.engine.has_unfinished_requests():   # drain: every request ends
                 self._step(False)
-        r.preemptions += self.engine.scheduler.num_preemptions
+        r.preemptions = self.engine.scheduler.num_preemptions
         bm = self.engine.scheduler.block_manager
         r.pages_leaked = (bm.num_pages - 1 - bm.num_free_pages + sum(map(bool, bm.ref_counts))
                           + bm.num_host_pages - len(bm.host_free))
@@ -332,8 +332,7 @@ class Soak:
 
     def _snapshot_and_restore(self, path: Path) -> None:
         """Save, restore into a fresh LLM, carry on with it (the faults follow)."""
-        self.llm.save_snapshot(path, overwrite=True)
-        self.result.preemptions += self.engine.scheduler.num_preemptions
+        self.llm.save_snapshot(path, overwrite=True)   # counters included
         moves = self.injector.moves
         self.llm = LLM.from_snapshot(path, model=self.model)
         self._instrument()
