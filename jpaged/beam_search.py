@@ -43,15 +43,20 @@ def choose(plan: StepPlan, requests: dict[str, Request], sampled, tokens: np.nda
         request = requests[request_id]
         width = request.beam_width
         step = BeamStep(request, [plan.seqs[r] for r in rows])
+        beam_scores = [request.streams[s.seq_id].cumulative_logprob for s in step.beams]
+        # A preemption or a rolled-back step can split a request's beams over steps, so
+        # more than `width` may be live: the best `width` extend, the others are dropped.
+        ranked = np.sort(np.argsort(-np.asarray(beam_scores), kind="stable")[:width])
         # Each live beam's top 2 * width tokens hold the global top 2 * width: rank
         # those, padding the group to `width` rows with beams that do not exist.
         top = np.full((width, 2 * width), -np.inf, np.float32)
-        top[:len(rows)] = sampled.top_logprobs[rows, :2 * width]
+        top[:len(ranked)] = sampled.top_logprobs[np.asarray(rows)[ranked], :2 * width]
         scores = np.full(width, -np.inf, np.float32)
-        scores[:len(rows)] = [request.streams[s.seq_id].cumulative_logprob for s in step.beams]
+        scores[:len(ranked)] = np.asarray(beam_scores)[ranked]
         parents, columns, new_scores = (np.asarray(x)[0] for x in beam_candidates(
             jnp.asarray(top), jnp.asarray(scores), width))
-        ids = sampled.top_ids[np.asarray(rows)[np.minimum(parents, len(rows) - 1)], columns]
+        parents = ranked[np.minimum(parents, len(ranked) - 1)]
+        ids = sampled.top_ids[np.asarray(rows)[parents], columns]
         for parent, token, score in zip(parents, ids, new_scores):
             if len(step.chosen) == width:
                 break

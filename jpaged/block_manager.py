@@ -167,6 +167,13 @@ class BlockManager:
         self.page_keys.clear()
         return True
 
+    def forget_prefix_cache(self) -> None:
+        """Forget every cached page, held or not: their K/V is gone (the device pool was
+        replaced). Unlike ``reset_prefix_cache``, for recovery: the caller frees or
+        re-registers the pages still held."""
+        self.cache.clear()
+        self.page_keys.clear()
+
     def _match(self, seq: Sequence) -> list[tuple[int, int]]:
         """(page, key id) of the cached full pages that start ``seq``, last token excluded."""
         if not self.enable_prefix_caching:

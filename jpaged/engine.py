@@ -10,6 +10,7 @@ rules and reports outputs (host). Records live in ``jpaged.request``, beam searc
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Iterator, Sequence as Seq
@@ -78,12 +79,15 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
                              f"vocabulary [0, {vocab})")
         seq = self.scheduler.add_request(request_id, token_ids, params.max_tokens, priority)
-        request = Request(request_id, text, token_ids, params,
-                          params.sequence_seeds(self.rng), time.perf_counter())
+        self._track(Request(request_id, text, token_ids, params,
+                            params.sequence_seeds(self.rng), time.perf_counter()), seq)
+        return request_id
+
+    def _track(self, request: Request, seq: Sequence) -> None:
+        """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
         request.seqs[seq.seq_id] = seq
         request.streams[seq.seq_id] = Stream(0, request.seeds[0])
-        self.requests[request_id] = request
-        return request_id
+        self.requests[request.request_id] = request
 
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
@@ -117,17 +121,54 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the requests that made progress (finished ones last time).
 
-        The map's four steps: plan (host), build the batch, run it (device), apply it."""
+        The map's four steps: plan (host), build the batch, run it (device), apply it.
+        All or nothing: if anything raises, the step is undone (``_roll_back``, or
+        ``_restart`` once the host update has begun) and the exception re-raised."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.seqs:
+            self.scheduler.roll_back(plan)   # its preemptions' swap-outs will not run
             return self._idle()
-        forks = self._pending_forks(plan)
-        batch = self._build(plan, forks)
-        sampled = self._run(plan, batch)
-        outputs = self._apply(plan, batch, forks, sampled)
+        try:
+            forks = self._pending_forks(plan)
+            batch = self._build(plan, forks)
+            sampled = self._run(plan, batch)
+        except BaseException:
+            self._roll_back(plan)
+            raise
+        sampling = {seq.request_id: (self.requests[seq.request_id], seq)
+                    for seq, sample in zip(plan.seqs, plan.sample) if sample}
+        try:
+            outputs = self._apply(plan, batch, forks, sampled)
+        except BaseException:
+            self._restart(sampling.values())
+            raise
         self._count_step(start)
         return outputs
+
+    def _roll_back(self, plan: StepPlan) -> None:
+        """The step failed before the host update: the scheduler undoes its plan; if the
+        failure consumed the donated pool, a zeroed one replaces it and every running
+        sequence recomputes."""
+        self.scheduler.roll_back(plan)
+        if self.runner.replace_lost_cache():
+            self.scheduler.drop_device_pages()
+
+    def _restart(self, requests) -> None:
+        """The host update failed part way, so the host state of the requests that were
+        sampling (tokens, forks, beams, logprobs, finished or not) cannot be trusted:
+        each ``(request, one of its sequences)`` starts over from its prompt, keeping its
+        seeds, arrival and place in the queue, and so regenerates exactly its tokens. The
+        device step did run: the pages it filled stay in the prefix cache, and the other
+        rows (prefill chunks) keep their progress."""
+        for old, seq in requests:
+            if old.request_id in self.scheduler.requests:
+                self.scheduler.abort(old.request_id)
+            fresh = self.scheduler.add_request(old.request_id, old.prompt_token_ids,
+                                               seq.max_tokens, extra_keys=seq.extra_keys,
+                                               order=seq.order[:2] + (0,))
+            self._track(Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
+                                old.seeds, old.metrics.arrival_time), fresh)
 
     def _idle(self) -> list[RequestOutput]:
         if self.scheduler.waiting or self.scheduler.swapped:
@@ -410,15 +451,23 @@ class LLM:
 
     def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
                ) -> Iterator[RequestOutput]:
-        """Add the prompts, then yield a ``RequestOutput`` each time one makes progress."""
-        ids = self._add(prompts, params)
-        pending = set(ids)
-        while pending:
-            for output in self.engine.step():
-                if output.request_id in pending:
-                    if output.finished:
-                        pending.discard(output.request_id)
-                    yield output
+        """Add the prompts, then yield a ``RequestOutput`` each time one makes progress.
+
+        If the caller stops early (``close()``, a ``break`` that drops the generator, an
+        exception such as ``KeyboardInterrupt``), the requests not yet finished are
+        aborted, so the engine is left as it was before the call."""
+        pending = set(self._add(prompts, params))
+        try:
+            while pending:
+                outputs = [o for o in self.engine.step() if o.request_id in pending]
+                pending -= {o.request_id for o in outputs if o.finished}   # before yielding:
+                yield from outputs                     # finished ones are no longer abortable
+        finally:
+            for request_id in pending:
+                # Data-parallel replicas: a replica may have finished a request in a step
+                # whose outputs another replica's failure never let through.
+                with contextlib.suppress(ValueError):
+                    self.engine.abort(request_id)
 
     def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                  progress=None) -> list[RequestOutput]:

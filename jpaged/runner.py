@@ -80,6 +80,10 @@ class ModelRunner:
         self.model = model
         self.attention_impl = attention_impl
         self.cache = cache
+        # Shapes, dtypes and shardings, to rebuild the pool if a failed step consumed it.
+        self._layout = jax.tree.map(
+            lambda pool: jax.ShapeDtypeStruct(pool.shape, pool.dtype, sharding=pool.sharding),
+            cache)
         self.host = HostPool(cache, num_host_pages) if num_host_pages else None
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._put = jax.jit(put_pages, donate_argnums=(0,))
@@ -111,6 +115,16 @@ class ModelRunner:
             self.cache = self._put(self.cache, device, self.host.load(host))
         if len(moves.copies):
             self.cache = self._copy(self.cache, *_padded_pairs(moves.copies))
+
+    def replace_lost_cache(self) -> bool:
+        """After a failed step: if the pool was consumed (donated to a call that raised),
+        put a zeroed pool of the same layout in its place. Returns whether it did: then
+        every page's K/V is gone and the caller recomputes what they held."""
+        if not any(pool.is_deleted() for pool in jax.tree.leaves(self.cache)):
+            return False
+        self.cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding),
+                                  self._layout)
+        return True
 
     def poison_free_pages(self, pages) -> None:
         """Fill ``pages`` with NaN (tests: a recycled page must never leak into outputs);

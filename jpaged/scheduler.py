@@ -19,6 +19,8 @@ from jpaged.shapes import cdiv
 
 RUNNING, WAITING, SWAPPED, FINISHED = (SequenceStatus.RUNNING, SequenceStatus.WAITING,
                                        SequenceStatus.SWAPPED, SequenceStatus.FINISHED)
+# (device pages, host pages) a live sequence of each status holds.
+HOLDS = {RUNNING: (True, False), SWAPPED: (False, True), WAITING: (False, False)}
 
 
 class TableRows:
@@ -174,9 +176,11 @@ class Scheduler:
     # -- requests --------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt_token_ids, max_tokens: int, priority: int = 0,
-                    extra_keys=None) -> Sequence:
+                    extra_keys=None, order: tuple | None = None) -> Sequence:
         """Queue a prompt. ``extra_keys`` (hashable) joins every prefix-cache key: prompts
-        with different extra keys (adapter, tenant salt) never share cached pages."""
+        with different extra keys (adapter, tenant salt) never share cached pages.
+        ``order``: a restarted request's place in the queues (``Sequence.order``), instead
+        of a new arrival."""
         prompt = [int(t) for t in prompt_token_ids]
         if request_id in self.requests or request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -192,9 +196,9 @@ class Scheduler:
             raise ValueError(f"request {request_id!r}: prompt of {len(prompt)} tokens needs "
                              f"{cdiv(len(prompt), bm.page_size)} pages, the pool can give one "
                              f"sequence {bm.num_usable_pages}")
-        rank = priority if self.policy == "priority" else 0
-        seq = Sequence(request_id, prompt, max_tokens, order=(rank, next(self._arrivals), 0),
-                       extra_keys=extra_keys)
+        if order is None:
+            order = (priority if self.policy == "priority" else 0, next(self._arrivals), 0)
+        seq = Sequence(request_id, prompt, max_tokens, order=order, extra_keys=extra_keys)
         self.seqs[request_id] = seq
         self.requests[request_id] = [seq]
         heapq.heappush(self.waiting, seq)
@@ -233,9 +237,8 @@ class Scheduler:
         if seq.status is WAITING:
             self.waiting.remove(seq)
             heapq.heapify(self.waiting)
-        else:   # sorted by order, which is unique: find it in O(log n)
-            queue = self.running if seq.status is RUNNING else self.swapped
-            del queue[bisect.bisect_left(queue, seq)]
+        else:
+            self._dequeue(seq)
         self.block_manager.free(seq)
         self._tables.release(seq)
         seq.status, seq.finish_reason = FINISHED, reason
@@ -258,9 +261,52 @@ class Scheduler:
     # -- steps -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """Pick this step's rows and reserve their slots."""
-        bm, out = self.block_manager, StepPlan(tables=self._tables.array)
-        running = self.running
+        """Pick this step's rows and reserve their slots. All or nothing: if it raises,
+        what it had planned is rolled back (``roll_back``)."""
+        out = StepPlan(tables=self._tables.array)
+        try:
+            self._plan(out)
+        except BaseException:
+            self.roll_back(out)
+            raise
+        return out
+
+    def roll_back(self, out: StepPlan) -> None:
+        """Undo ``out``, planned by ``schedule``, whose device step did not happen or
+        failed: the state is as if the step had never run, give or take harmless extra
+        work. The plan is the undo record, so planning costs nothing extra.
+
+        A row goes back to its last computed token (``start_positions``) and keeps its
+        pages. A row whose pages were being filled by a page move (swap-in or
+        copy-on-write), and a sequence this step swapped out, cannot trust those pages:
+        it is preempted to recompute (pages and host pages freed, back to the waiting
+        queue). Sequences this step preempted to recompute stay so. The prefix cache is
+        untouched: ``update`` registers pages only after a step succeeded."""
+        moved = {dst for _, dst in out.swap_in} | {dst for _, dst in out.copies}
+        for seq, start in zip(out.seqs, out.start_positions):
+            if seq.status is not RUNNING:
+                continue
+            if moved and not moved.isdisjoint(seq.block_table):
+                self._recompute(seq)
+            else:
+                seq.num_computed_tokens = start
+        for seq in out.preempted:
+            if seq.status is SWAPPED:
+                self._recompute(seq)
+
+    def drop_device_pages(self) -> None:
+        """The device pool was lost (a failed step consumed the donated cache and a zeroed
+        one replaced it): every running sequence recomputes, and the prefix cache, whose
+        pages are gone, is forgotten. Swapped sequences keep their host pages; their prefix
+        keys are forgotten too, so their pages are registered afresh once back."""
+        for seq in list(self.running):
+            self._recompute(seq)
+        for seq in self.swapped:
+            seq.cache_keys = []
+        self.block_manager.forget_prefix_cache()
+
+    def _plan(self, out: StepPlan) -> None:
+        bm, running = self.block_manager, self.running
         while len(running) > self.max_num_seqs:   # forks can overfill: the newest wait
             self._preempt(running.pop(), out)
         # Decodes. Victims come from the end of `running`, which this loop has not reached,
@@ -309,7 +355,6 @@ class Scheduler:
                 seq.num_computed_tokens = bm.allocate(seq)
                 budget -= self._admit(out, seq, budget)
         out.table_rows = [self._tables.row(seq) for seq in out.seqs]
-        return out
 
     def update(self, out: StepPlan, sampled_token_ids) -> list[Sequence]:
         """After the device step: cache the newly computed full pages and append one sampled
@@ -334,6 +379,50 @@ class Scheduler:
                     stopped.append(seq)
         return stopped
 
+    def check(self) -> None:
+        """Check the host state between steps (tests, soaks, debugging): every live
+        sequence sits in the queue of its status holding the pages that status allows, a
+        running one has a token left to compute (else it would never be scheduled again),
+        each page's ref count equals the block tables holding it, the free queue holds
+        exactly the pages nobody holds, and host pages are free or held, once. Raises
+        RuntimeError naming the first broken rule."""
+        bm, holders, host = self.block_manager, [0] * self.block_manager.num_pages, []
+        queues = {RUNNING: self.running, SWAPPED: self.swapped, WAITING: self.waiting}
+        if sum(map(len, queues.values())) != len(self.seqs):
+            raise RuntimeError(f"{len(self.seqs)} live sequences, "
+                               f"{sum(map(len, queues.values()))} queued")
+        where = {id(seq): status for status, queue in queues.items() for seq in queue}
+        for seq in self.seqs.values():
+            if where.get(id(seq)) is not seq.status:
+                raise RuntimeError(f"{seq} is not in the queue of its status")
+            if (bool(seq.block_table), bool(seq.host_table)) != HOLDS[seq.status]:
+                raise RuntimeError(f"{seq} holds {len(seq.block_table)} pages and "
+                                   f"{len(seq.host_table)} host pages")
+            if seq.status is RUNNING and not (
+                    seq.num_computed_tokens < seq.num_tokens
+                    and seq.num_computed_tokens <= len(seq.block_table) * bm.page_size):
+                raise RuntimeError(f"{seq} has nothing left to compute or too few pages "
+                                   f"({len(seq.block_table)})")
+            if seq.status is WAITING and seq.num_computed_tokens:
+                raise RuntimeError(f"{seq} is waiting with computed tokens")
+            for page in seq.block_table:
+                holders[page] += 1
+            host += seq.host_table
+        for page in range(1, bm.num_pages):
+            if bm.ref_counts[page] != holders[page]:
+                raise RuntimeError(f"page {page}: ref count {bm.ref_counts[page]}, held by "
+                                   f"{holders[page]} block tables")
+            if (page in bm.free_queue) != (holders[page] == 0):
+                raise RuntimeError(f"page {page}: held by {holders[page]}, "
+                                   f"{'' if page in bm.free_queue else 'not '}in the free queue")
+        if holders[0] or bm.ref_counts[0]:
+            raise RuntimeError("the null page is held")
+        if sorted(host + bm.host_free) != list(range(bm.num_host_pages)):
+            raise RuntimeError(f"host pages: {sorted(host)} held, {sorted(bm.host_free)} free")
+        for page, key in bm.page_keys.items():
+            if bm.cache.get(key, (None,))[0] != page:
+                raise RuntimeError(f"page {page}: its prefix-cache entry names another page")
+
     def metrics(self) -> dict:
         return {**self.block_manager.metrics(self.running), "num_running": len(self.running),
                 "num_waiting": len(self.waiting), "num_swapped": len(self.swapped),
@@ -356,15 +445,30 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, out: StepPlan) -> None:
         bm = self.block_manager
-        self._tables.release(seq)
         if self.preemption_mode == "swap" and bm.can_swap_out(seq):
+            self._tables.release(seq)
             out.swap_out += bm.swap_out(seq)
             seq.status = SWAPPED
             bisect.insort(self.swapped, seq)
         else:
-            bm.free(seq)
-            seq.num_computed_tokens = 0
-            seq.status = WAITING
-            heapq.heappush(self.waiting, seq)
+            self._requeue(seq)
         out.preempted.append(seq)
         self.num_preemptions += 1
+
+    def _dequeue(self, seq: Sequence) -> None:
+        """Take running or swapped ``seq`` out of its queue: sorted by order, which is
+        unique, so found in O(log n)."""
+        queue = self.running if seq.status is RUNNING else self.swapped
+        del queue[bisect.bisect_left(queue, seq)]
+
+    def _recompute(self, seq: Sequence) -> None:
+        self._dequeue(seq)
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Free ``seq``'s pages and send it back to the waiting queue to recompute."""
+        self._tables.release(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = WAITING
+        heapq.heappush(self.waiting, seq)

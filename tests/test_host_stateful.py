@@ -284,7 +284,10 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), steps=st.integers(1, 4))
     def step(self, data, steps):
         for _ in range(steps):
-            self.one_step(data)
+            if data.draw(st.integers(0, 4), label="fails (0: yes)") == 0:
+                self.failed_step(data, data.draw(st.integers(0, 4)))
+            else:
+                self.one_step(data)
 
     def one_step(self, data):
         s, ps = self.sched, self.bm.page_size
@@ -321,6 +324,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         for seq in s.update(out, sampled):
             assert seq.finish_reason == "length" and seq.token_ids == self.expected[seq.seq_id]
             assert seq.num_output_tokens == seq.max_tokens or seq.num_tokens >= s.max_len
+
+    @rule(data=st.data(), done=st.integers(0, 4))
+    def failed_step(self, data, done):
+        """A step whose device part fails after ``done`` of its stages (swap-outs,
+        swap-ins, copy-on-write copies, the token writes) is rolled back: the invariant's
+        shadow check then proves every computed position still holds its own K/V."""
+        s = self.sched
+        out = s.schedule()
+        batch = self.builder.build(out)
+        stages = [lambda: self.shadow.copy(out.swap_out, "device", "host"),
+                  lambda: self.shadow.copy(out.swap_in, "host", "device"),
+                  lambda: self.shadow.copy(out.copies, "device", "device")]
+        stages.append(lambda: [self.shadow.write(out.seqs[batch.q_seq[j]],
+                                                 int(batch.slot_mapping[j]),
+                                                 int(batch.positions[j]))
+                               for j in range(out.num_tokens)])
+        for stage in stages[:done]:
+            stage()
+        s.roll_back(out)
+        s.check()
 
     def check_arrays(self, out, batch):
         s, ps, n, rows = self.builder, self.bm.page_size, out.num_tokens, out.num_seqs
@@ -365,7 +388,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.expected[child_id] = list(self.expected[parent.seq_id])
         if token is not None:
             self.expected[child_id][-1] = token
-        self.one_step(data)   # the first write after a fork is the copy-on-write
+        # The first write after a fork is the copy-on-write; that step may fail.
+        if data.draw(st.booleans()):
+            self.one_step(data)
+        else:
+            self.failed_step(data, data.draw(st.integers(0, 4)))
 
     @precondition(lambda self: self.sched.seqs)
     @rule(data=st.data(), whole_request=st.booleans())

@@ -1,0 +1,45 @@
+"""The soak (``jpaged.soak``, ``benchmarks/soak.py``) at CI sizes: random adds, aborts and
+steps with faults injected and snapshots restored, every step checked (no page leaked,
+ref counts equal holders, nothing stuck), greedy requests equal to a clean run."""
+
+import jax
+import pytest
+
+from jpaged.soak import Soak, SoakConfig
+from models import Model, init_params, tiny_config
+
+CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model(CONFIG, init_params(CONFIG, jax.random.key(0)))
+
+
+def test_tiny_soak(model):
+    """A few hundred operations, greedy and seeded requests only (two programs to compile)."""
+    config = SoakConfig(operations=250, seed=1, fault_rate=0.08, snapshot_every=70, num_prompts=8,
+                        kinds=dict(greedy=.6, seeded=.4), logprobs=False)
+    result = Soak(model, config).run()
+    assert result.operations == 250 and result.pages_leaked == 0
+    assert result.faults_injected >= 5 and result.faults_survived == result.faults_injected
+    assert result.snapshots >= 2 and result.greedy_checked >= 10
+    assert result.preemptions > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preemption_mode", ["swap", "recompute"])
+def test_soak(model, preemption_mode):
+    """Every request kind (n samples, beams, logprobs), a few thousand operations."""
+    config = SoakConfig(operations=3000, seed=2, fault_rate=0.03, snapshot_every=200,
+                        preemption_mode=preemption_mode)
+    result = Soak(model, config).run()
+    assert result.pages_leaked == 0 and result.faults_survived == result.faults_injected
+    assert all(result.faults_by_kind.values()) and result.fault_moves > 0
+    assert result.snapshots >= 5 and result.greedy_checked >= 100 and result.preemptions > 0
+
+
+def test_soak_refuses_an_unknown_fault(model):
+    soak = Soak(model, SoakConfig(operations=1, snapshot_every=0))
+    with pytest.raises(ValueError, match="unknown fault kind 'meteor'"):
+        soak.injector.arm("meteor")
