@@ -91,8 +91,13 @@ def test_recycled_pages_never_leak(model, references):
     batch, expected = references
     llm = LLM(model, page_size=4, num_pages=20, max_num_seqs=4, max_model_len=128,
               max_num_batched_tokens=32)
-    engine = llm.engine
-    ids = [engine.add_request(p, GREEDY) for p in batch]
+    assert greedy_on_poisoned_pool(llm.engine, batch) == expected
+
+
+def greedy_on_poisoned_pool(engine, prompts) -> list[list[int]]:
+    """Greedy tokens of ``prompts``, with NaN written into every free page (cached prefix
+    pages excepted: they hold live K/V) before every step."""
+    ids = [engine.add_request(p, GREEDY) for p in prompts]
     results = {}
     while engine.has_unfinished_requests():
         bm = engine.scheduler.block_manager
@@ -100,7 +105,7 @@ def test_recycled_pages_never_leak(model, references):
         for output in engine.step():
             if output.finished:
                 results[output.request_id] = output.token_ids
-    assert [results[i] for i in ids] == expected
+    return [results[i] for i in ids]
 
 
 def test_dense_baseline_matches(model, references):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_attention import build_pool, numpy_attention
+from test_engine import greedy_on_poisoned_pool
 
 from jpaged import attention, cache as cache_module
 from jpaged.attention import paged_attention, paged_prefill_attention
@@ -324,17 +325,9 @@ def test_engine_pressure_keeps_scales(model, fmt):
                 max_num_batched_tokens=32, preemption_mode="swap", num_host_pages=64,
                 kv_cache_dtype=fmt)
     engine = tight.engine
-    ids = [engine.add_request(p, GREEDY) for p in batch]
-    results = {}
-    while engine.has_unfinished_requests():
-        bm = engine.scheduler.block_manager
-        engine.runner.poison_free_pages(set(bm.free_queue) - set(bm.page_keys))
-        for output in engine.step():
-            if output.finished:
-                results[output.request_id] = output.token_ids
-    assert [results[i] for i in ids] == expected
+    assert greedy_on_poisoned_pool(engine, batch) == expected
     assert engine.scheduler.num_preemptions > 0
-    assert bm.metrics([])["prefix_hit_rate"] > 0
+    assert engine.scheduler.block_manager.metrics([])["prefix_hit_rate"] > 0
 
 
 @pytest.mark.slow
