@@ -7,10 +7,9 @@ import os
 
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
+import hf_checkpoint
 import models
-from models.loader import hf_names
 
 CONFIG = models.tiny_config(vocab_size=256, max_position_embeddings=1024)
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -32,25 +31,9 @@ def _tokenizer():
 
 def write_checkpoint(directory: str, chat_template: bool = True, seed: int = 0) -> str:
     """A random-weight tiny Llama in Hugging Face's layout; returns ``directory``."""
-    os.makedirs(directory, exist_ok=True)
     params = models.init_params(CONFIG, jax.random.key(seed), np.float32)
-    tensors = {}
-    for name, (path, layer, transpose) in hf_names(CONFIG).items():
-        array = params
-        for key in path:
-            array = array[key]
-        array = np.asarray(array if layer is None else array[layer])
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, os.path.join(directory, "model.safetensors"))
-    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": CONFIG.vocab_size,
-          "hidden_size": CONFIG.hidden_size, "intermediate_size": CONFIG.intermediate_size,
-          "num_hidden_layers": CONFIG.num_layers, "num_attention_heads": CONFIG.num_heads,
-          "num_key_value_heads": CONFIG.num_kv_heads, "head_dim": CONFIG.head_dim,
-          "rms_norm_eps": CONFIG.rms_norm_eps, "rope_theta": CONFIG.rope_theta,
-          "max_position_embeddings": CONFIG.max_position_embeddings,
-          "tie_word_embeddings": False, "hidden_act": "silu"}
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f)
+    hf_checkpoint.write_checkpoint(directory, CONFIG, hf_checkpoint.hf_tensors(CONFIG, params),
+                                   {**hf_checkpoint.hf_config_dict(CONFIG), "hidden_act": "silu"})
     _tokenizer().save(os.path.join(directory, "tokenizer.json"))
     tokenizer_config = {"bos_token": None, "eos_token": "<|end|>"}
     if chat_template:

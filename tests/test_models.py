@@ -7,14 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
+from hf_checkpoint import hf_config_dict, hf_tensors, write_checkpoint
 from jpaged.attention import AttentionMetadata
 from jpaged.cache import KVCache, PageTable, slots_for
 from models import (ModelConfig, RopeScaling, forward, forward_no_cache, init_params, load_hf,
                     load_model, load_tokenizer, restore_params, save_params, tiny_config)
 from models.llama import param_shapes
-from models.loader import hf_names
 
 PAGE_SIZE = 4
 NUM_PAGES = 40
@@ -170,34 +169,6 @@ def test_orbax_round_trip(params, tmp_path):
         restored = restore_params(tmp_path / "ckpt", like=like)
         assert jax.tree.structure(restored) == jax.tree.structure(params)
         np.testing.assert_array_equal(np.asarray(reference(restored, CONFIG, tokens)), expected)
-
-
-def hf_config_dict(config: ModelConfig) -> dict:
-    return {"architectures": [config.architecture], "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_dim,
-            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-            "max_position_embeddings": config.max_position_embeddings,
-            "tie_word_embeddings": config.tie_word_embeddings}
-
-
-def hf_tensors(config, params) -> dict[str, np.ndarray]:
-    """Our params under HF names and layouts (the inverse of the loader's mapping)."""
-    tensors = {}
-    for name, (path, layer, transpose) in hf_names(config).items():
-        array = params
-        for key in path:
-            array = array[key]
-        array = np.asarray(array if layer is None else array[layer])
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    return tensors
-
-
-def write_checkpoint(directory, config, tensors, hf_config=None):
-    directory.mkdir(exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config or hf_config_dict(config)))
-    save_file(tensors, str(directory / "model.safetensors"))
 
 
 def test_load_hf_maps_every_tensor(params, tmp_path):

@@ -16,13 +16,13 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from hf_checkpoint import hf_tensors, write_checkpoint
 from jpaged.batch import StepBatch
 from jpaged.cache import PageTable
 from jpaged.engine import LLM
@@ -31,7 +31,6 @@ from jpaged.replicas import MAX_IMBALANCE, Replicas, Router
 from jpaged.runner import _step as runner_step
 from jpaged.sampling import SamplingParams, SamplingTensors
 from models import Model, init_params, tiny_config
-from models.loader import hf_names
 
 DEVICES = 8
 SMALL = dict(num_layers=2, max_position_embeddings=128)
@@ -129,25 +128,6 @@ def collectives(hlo: str) -> dict:
     loops = {body: int(n) for body, n in
              re.findall(r'body=%([\w.\-]+).*?"known_trip_count":\{"n":"(\d+)"', hlo)}
     return dict(per_computation=per_computation, loop_trip_counts=loops)
-
-
-def write_checkpoint(model: Model, directory: Path) -> None:
-    """A HF-layout checkpoint (config.json + safetensors) of a tiny model."""
-    from safetensors.numpy import save_file
-
-    c = model.config
-    tensors = {}
-    for name, (path, layer, transpose) in hf_names(c).items():
-        array = np.asarray(functools.reduce(operator.getitem, path, model.params))
-        array = array if layer is None else array[layer]
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
-    save_file(tensors, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps(dict(
-        architectures=["LlamaForCausalLM"], vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta,
-        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False)))
 
 
 def pallas_under_shard_map() -> float:
@@ -280,7 +260,7 @@ def case_dp2_tp4() -> dict:
     first = [prompts(vocab, [5], seed=2)[0], shared + [1]]
     second = [shared + [2, 3], shared + [4], prompts(vocab, [7], seed=3)[0]]
     with tempfile.TemporaryDirectory() as directory:
-        write_checkpoint(model, Path(directory))
+        write_checkpoint(directory, model.config, hf_tensors(model.config, model.params))
         reference = LLM(directory, **ENGINE)
         llm = LLM(directory, tensor_parallel=4, data_parallel=2, prefix_routing=True,
                   **ENGINE)
