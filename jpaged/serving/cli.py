@@ -8,6 +8,7 @@ import json
 import sys
 
 from jpaged.engine.config import add_arguments as add_engine_arguments
+from jpaged.serving.limits import add_arguments as add_limit_arguments
 
 
 def _generate(args) -> None:
@@ -147,6 +148,7 @@ def main(argv=None) -> None:
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (default: the checkpoint's)")
     add_engine_arguments(serve)
+    add_limit_arguments(serve)
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
