@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import socket
+import struct
 import typing
 
 from jpaged.engine.config import _check_type, _option
@@ -46,6 +48,9 @@ class ServerLimits:
                                         "open")
     send_timeout: float = _option(30.0, "seconds a client may take no output before its "
                                   "request is aborted and its connection closed")
+    send_buffer_bytes: int = _option(256 * 1024, "send buffer of each connection, in the "
+                                     "kernel and again in the server: a client that stops "
+                                     "reading is noticed once about twice this waits for it")
     max_connections: int = _option(1024, "concurrent connections and requests; beyond "
                                    "them the server answers 503")
 
@@ -97,15 +102,15 @@ class ServerLimits:
         return body
 
     def check_depth(self, value) -> None:
-        """Refuse JSON nested deeper than ``max_json_depth`` (iteratively: any depth)."""
-        level = [value]
-        for depth in range(self.max_json_depth + 1):
+        """Refuse JSON with more than ``max_json_depth`` nested objects / arrays (level by
+        level, so any depth is measured without recursion)."""
+        level, depth = [value], 0
+        while level := [item for item in level if isinstance(item, (dict, list))]:
+            depth += 1
+            if depth > self.max_json_depth:
+                raise self.json_too_deep()
             level = [child for item in level
-                     for child in (item.values() if isinstance(item, dict)
-                                   else item if isinstance(item, list) else ())]
-            if not level:
-                return
-        raise self.json_too_deep()
+                     for child in (item.values() if isinstance(item, dict) else item)]
 
     def json_too_deep(self) -> RequestError:
         return RequestError(f"the request's JSON is nested deeper than max_json_depth="
@@ -157,7 +162,7 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
 
 def guarded_protocol(base: type, limits: ServerLimits) -> type:
     """A subclass of uvicorn's HTTP protocol ``base`` (h11 or httptools) with a header
-    timeout and a send timeout. It relies only on what both protocols have long had:
+    timeout, a send timeout and a bounded kernel send buffer. It relies only on what both protocols have long had:
     ``transport``, ``cycle`` (the request being answered, None before the first),
     ``on_response_complete`` and the transport's ``pause_writing`` / ``resume_writing``."""
 
@@ -167,6 +172,10 @@ def guarded_protocol(base: type, limits: ServerLimits) -> type:
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:   # a fixed size: the kernel would grow it to megabytes
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer_bytes)
+            transport.set_write_buffer_limits(high=limits.send_buffer_bytes)
             self._arm_header_timer()
 
         def on_response_complete(self):
@@ -187,15 +196,26 @@ def guarded_protocol(base: type, limits: ServerLimits) -> type:
 
         def _header_timed_out(self, cycle):
             # Still the cycle of the timer's arming: no new request's headers have arrived.
-            if self.cycle is cycle and not self.transport.is_closing():
-                self.transport.abort()
+            if self.cycle is cycle:
+                self._reset()
+
+        def _reset(self):
+            """Drop the connection now. A plain close would leave the kernel holding the
+            unsent bytes and the FIN for as long as the client keeps its window shut; a
+            zero linger time sends a reset instead."""
+            if self.transport.is_closing():
+                return
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.transport.abort()
 
         def pause_writing(self):
             # The client stopped taking what the server writes: give it send_timeout.
             super().pause_writing()
             if self._send_timer is None:
                 self._send_timer = asyncio.get_running_loop().call_later(
-                    limits.send_timeout, self.transport.abort)
+                    limits.send_timeout, self._reset)
 
         def resume_writing(self):
             super().resume_writing()

@@ -552,7 +552,9 @@ class Server:
     def _error(error: RequestError):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(error.body(), status_code=error.status)
+        # A body refused part way (too large, too slow) is left unread: end the connection.
+        headers = {"connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def _http_error(self, request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
