@@ -42,7 +42,7 @@ import numpy as np
 from jpaged.engine import model_loading
 from jpaged.core.cache import KVCache, put_pages
 from jpaged.parallel.replicas import Replicas
-from jpaged.host.request import Request, Stream
+from jpaged.host.request import Logprob, Request, Stream
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.sequence import Sequence, SequenceStatus
 
@@ -257,7 +257,10 @@ def _request_state(request: Request, ref, saved_at: float) -> dict:
         "metrics": metrics, "finished": request.finished,
         "streams": [[seq_id, {"index": s.index, "seed": s.seed,
                               "cumulative_logprob": s.cumulative_logprob,
-                              "logprobs": _pack(s.logprobs), "text": s.text}]
+                              "logprobs": _pack([{t: dataclasses.astuple(lp)
+                                                  for t, lp in entry.items()}
+                                                 for entry in s.logprobs]),
+                              "text": s.text, "stop_reason": s.stop_reason}]
                     for seq_id, s in request.streams.items()],
         "seqs": [[seq_id, ref(seq)] for seq_id, seq in request.seqs.items()],
         "hypotheses": [[score, ref(seq)] for score, seq in request.hypotheses],
@@ -462,8 +465,10 @@ def _request(state: dict, seqs: list[Sequence], now: float) -> Request:
         setattr(request.metrics, name, value)
     request.finished = state["finished"]
     for seq_id, s in state["streams"]:
+        logprobs = [{t: Logprob(*lp) for t, lp in entry.items()}
+                    for entry in _unpack(s["logprobs"])]
         request.streams[seq_id] = Stream(s["index"], s["seed"], s["cumulative_logprob"],
-                                         _unpack(s["logprobs"]), s["text"])
+                                         logprobs, s["text"], s.get("stop_reason"))
     request.seqs = {seq_id: seqs[i] for seq_id, i in state["seqs"]}
     request.hypotheses = [(score, seqs[i]) for score, i in state["hypotheses"]]
     return request
