@@ -579,6 +579,23 @@ def timed_loop(step, shared, sets, iters: int):
     return loop
 
 
+def switched_loop(step, shared, sets, iters: int):
+    """``timed_loop`` for inputs too large to slice per step (a slice of a stacked K/V
+    would be copied): ``sets`` is a list of R argument tuples, each its own arrays, and
+    step i runs branch ``i % R`` of a ``lax.switch``."""
+    count = len(sets)
+
+    @jax.jit
+    def loop(shared, sets):
+        def body(i, total):
+            branches = [lambda s=s: jnp.sum(step(*shared, *s).astype(jnp.float32))
+                        for s in sets]
+            return total + lax.switch(i % count, branches)
+        return lax.fori_loop(0, iters, body, jnp.float32(0))
+
+    return loop
+
+
 def seconds_per_step(step, shared, sets, *, iters: int, repeats: int = REPEATS,
                      loop=None) -> float:
     """Median seconds of one step (see ``timed_loop``; ``loop`` if already built) over
@@ -610,7 +627,7 @@ def kernel_seconds(loop, shared, sets, *, iters: int, pattern: str) -> dict:
             if not paths:
                 return dict(kernel_s=None, kernel_note="the profiler wrote no trace")
             data = jax.profiler.ProfileData.from_file(paths[0])
-    total_ns, launches, names = 0, 0, set()
+    total_ns, launches, names, seen = 0, 0, set(), {}
     for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
@@ -618,12 +635,15 @@ def kernel_seconds(loop, shared, sets, *, iters: int, pattern: str) -> dict:
             if "stream" not in line.name.lower():  # kernels, not the XLA op summaries
                 continue
             for event in line.events:
+                seen[event.name[:80]] = seen.get(event.name[:80], 0) + event.duration_ns
                 if re.search(pattern, event.name):
                     total_ns += event.duration_ns
                     launches += 1
                     names.add(event.name[:80])
-    if not launches:
-        return dict(kernel_s=None, kernel_note=f"no device event matched {pattern!r}")
+    if not launches:  # name the busiest device events, to fix the pattern from
+        busiest = sorted(seen, key=seen.get, reverse=True)[:4]
+        return dict(kernel_s=None, kernel_note=f"no device event matched {pattern!r}"
+                    + (f" (busiest: {', '.join(busiest)})" if busiest else ""))
     return dict(kernel_s=total_ns * 1e-9 / iters, kernel_launches=launches,
                 kernel_names=sorted(names))
 
@@ -641,15 +661,19 @@ def rotation(step_bytes: int, settings: Settings) -> tuple[int, int]:
 def measure_ceilings(settings: Settings) -> dict:
     """Read bandwidth (a jitted bf16 sum over 1 GiB, read once per step; 1 MiB on the
     dry run) and the bf16 matmul rate, both timed like the kernels."""
+    repeats = 1 if settings.tiny else REPEATS
+
+    def seconds(step, x, iters):
+        loop = switched_loop(step, (), [(x,)], iters)  # one set: no slicing in the loop
+        return seconds_per_step(step, (), [(x,)], iters=iters, repeats=repeats, loop=loop)
+
     size = (2**20 if settings.tiny else GiB) // 2
-    x = jax.random.normal(jax.random.key(0), (1, size), jnp.bfloat16)
-    iters = 2 if settings.tiny else math.ceil(LOOP_BYTES / (size * 2))
-    read = seconds_per_step(lambda a: jnp.sum(a, dtype=jnp.float32), (), [x], iters=iters,
-                            repeats=1 if settings.tiny else REPEATS)
+    x = jax.random.normal(jax.random.key(0), (size,), jnp.bfloat16)
+    read = seconds(lambda a: jnp.sum(a, dtype=jnp.float32), x,
+                   2 if settings.tiny else math.ceil(LOOP_BYTES / (size * 2)))
     n = 256 if settings.tiny else 8192
-    m = jax.random.normal(jax.random.key(1), (1, n, n), jnp.bfloat16)
-    matmul = seconds_per_step(lambda a: a @ a, (), [m], iters=2 if settings.tiny else 20,
-                              repeats=1 if settings.tiny else REPEATS)
+    m = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    matmul = seconds(lambda a: a @ a, m, 2 if settings.tiny else 20)
     return dict(read_bytes_per_s=size * 2 / read, matmul_flop_per_s=2 * n ** 3 / matmul)
 
 
@@ -702,19 +726,21 @@ def jax_peer_options(width: int) -> dict:
 
 def time_cudnn(model, batch, context, dtype, count, iters) -> float:
     """cuDNN dense decode over contiguous K/V ``[B, T, Hkv, D]``, the dense baseline: one
-    K/V copy per set, the loop picking one per step."""
-    keys = jax.random.split(jax.random.key(1), 3)
-    shape = (count, batch, context, model.num_kv_heads, model.head_dim)
-    q = jax.random.normal(keys[0], (count, batch, 1, model.num_q_heads, model.head_dim),
-                          dtype)
-    k, v = (jax.random.normal(key, shape, dtype) for key in keys[1:])
+    q, K, V per set, each step on one set."""
+    keys = jax.random.split(jax.random.key(1), 3 * count)
+    shape = (batch, context, model.num_kv_heads, model.head_dim)
+    sets = [(jax.random.normal(keys[3 * r], (batch, 1, model.num_q_heads, model.head_dim),
+                               dtype),
+             jax.random.normal(keys[3 * r + 1], shape, dtype),
+             jax.random.normal(keys[3 * r + 2], shape, dtype)) for r in range(count)]
     lengths = jnp.full((batch,), context, jnp.int32)
 
     def dense(lengths, q, k, v):
         return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                             implementation="cudnn")
 
-    return seconds_per_step(dense, (lengths,), [q, k, v], iters=iters)
+    loop = switched_loop(dense, (lengths,), sets, iters)
+    return seconds_per_step(dense, (lengths,), sets, iters=iters, loop=loop)
 
 
 class ShapeInputs:
