@@ -72,11 +72,11 @@ import numpy as np
 from jax import lax
 
 import gpu_mosaic
-from pallas_kernels import lowering
-from pallas_kernels import paged_decode as pd
-from pallas_kernels import ragged_attention as ra
-from pallas_kernels import xla_attention
-from pallas_kernels.quantization import FORMATS, quantize
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import xla_attention
+from jpaged.pallas_kernels.quantization import FORMATS, quantize
 
 # Bounds on |out - ref| / |ref| per cache dtype (reference: float64 on the same rounded
 # inputs). float32: IEEE dots land near 1e-7, TF32 near 3e-4. 16-bit: the probabilities

@@ -62,7 +62,7 @@ shared-memory tiles; everything else (TMA, barriers, ring, masks) runs as compil
 Shapes: q ``[T, Hq, D]``; pages ``[Hkv, P, S, D]`` or stacked ``[L, Hkv, P, S, D]`` with
 ``layer``; block_tables ``int32[B, W]``; kv_lens ``int32[B]``; q_seq, q_pos ``int32[T]``.
 Output ``[T, Hq, D]`` in q's dtype, zeros for a token that sees no key. Matches
-``pallas_kernels.reference.paged_prefill_reference``.
+``jpaged.pallas_kernels.reference.paged_prefill_reference``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.quantization import is_quantized
+from jpaged.pallas_kernels.quantization import is_quantized
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
     from jax.experimental import pallas as pl

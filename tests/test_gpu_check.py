@@ -2,8 +2,8 @@
 broken on purpose, so its verdict cannot rot into a check that passes anything; its plan
 fits the device time; its verdict survives the budget and a SIGTERM.
 
-The breakages are injected into ``pallas_kernels.paged_decode`` (the Triton kernel, its
-8-bit read included) and ``pallas_kernels.ragged_attention`` (the Mosaic kernel) with
+The breakages are injected into ``jpaged.pallas_kernels.paged_decode`` (the Triton kernel, its
+8-bit read included) and ``jpaged.pallas_kernels.ragged_attention`` (the Mosaic kernel) with
 monkeypatch (the kernels look their helpers up at trace time); jax's caches are cleared around each so no
 trace of the healthy kernel is reused.
 """
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import paged_decode as pd
-from pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import ragged_attention as ra
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -253,12 +253,15 @@ def test_dry_run_fails_for_broken_kernel(breakage, tmp_path, monkeypatch, fresh_
 
 
 def test_suite_needs_neither_flax_nor_jpaged():
-    """The GPU machine has no package registry: the suite imports jax, numpy and
-    pallas_kernels only (jpaged's package import pulls Flax)."""
+    """The GPU machine has no package registry: the suite imports jax, numpy and the
+    kernels only (``jpaged`` itself is lazy: importing ``jpaged.pallas_kernels`` loads no
+    other layer, and no Flax)."""
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('flax', 'jpaged', 'models', 'torch', 'orbax')); print(bad); "
-            "sys.exit(1 if bad else 0)")
+            "('flax', 'models', 'torch', 'orbax') or (m.startswith('jpaged.') and not "
+            "m.startswith('jpaged.pallas_kernels'))); print(bad); "
+            "sys.exit(1 if bad or 'jpaged.pallas_kernels.paged_decode' not in sys.modules "
+            "else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import pytest
 from jax._src.lib.mlir import ir
 
-from pallas_kernels import lowering
-from pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import paged_decode as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import kernel_resources as kr  # noqa: E402
