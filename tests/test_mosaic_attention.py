@@ -13,6 +13,7 @@ is checked by the CUDA lowering tests.
 import functools
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def mixed_chunks(lengths, page_size, rng):
 
 
 def check_kernel(*, page_size, head_dim, group, dtype, width=3, lengths=None, chunks=None,
-                 layer=None, seed=0, **options):
+                 layer=None, seed=0, num_splits=None, **options):
     rng = np.random.default_rng(seed)
     lengths = special_lengths(page_size, width) if lengths is None else lengths
     chunks = mixed_chunks(lengths, page_size, rng) if chunks is None else chunks
@@ -115,7 +116,8 @@ def check_kernel(*, page_size, head_dim, group, dtype, width=3, lengths=None, ch
         head_dim=head_dim, group=group, dtype=dtype, num_layers=num_layers)
     pages = (k[0], v[0]) if layer is None else (k, v)
     out = ra.paged_attention_tokens(q, *pages, tables, jnp.asarray(lengths), q_seq, q_pos,
-                                    layer=layer, interpret=True, **options)
+                                    layer=layer, num_splits=num_splits, interpret=True,
+                                    **options)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = float64_attention(q, k[num_layers - 1], v[num_layers - 1], tables, lengths,
                                  q_seq, q_pos, **options)
@@ -161,6 +163,52 @@ def test_long_prefill_chunks_and_overflowing_rows():
     chunks = [int(rng.integers(0, n + 1)) for n in lengths]
     check_kernel(page_size=16, head_dim=64, group=2, dtype=jnp.float32, width=8,
                  lengths=lengths, chunks=chunks, sliding_window=50)
+
+
+# --- split-K ------------------------------------------------------------------------
+
+# 16 pages of 16 tokens: 4 steps of 64 keys for the longest rows, so 3 splits take 2, 2
+# and 0 steps and 7 splits leave most empty; the longest row's chunk is a prefill chunk.
+SPLIT_CASES = [
+    dict(num_splits=3, page_size=16, head_dim=32, group=8, dtype=jnp.bfloat16,
+         soft_cap=4.0),
+    dict(num_splits=7, page_size=16, head_dim=32, group=1, dtype=jnp.float32,
+         sliding_window=150),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"splits={c['num_splits']}")
+def test_split_k_matches_float64(case):
+    check_kernel(width=16, lengths=special_lengths(16, 16)[:-1] + [200, 256], **case)
+
+
+def test_split_count_follows_lengths_and_table_width():
+    """Concrete lengths: decode at batch 1 and long context splits until 264 programs
+    (8 kv heads: 33 splits); a full batch does not split; short rows in a wide table do
+    not split past their own steps. Traced: the table width bounds the splits."""
+    plan = functools.partial(ra.plan_num_splits, num_kv_heads=8, group=4, page_size=16,
+                             pages_per_block=4)
+    one = jnp.zeros((1,), jnp.int32)
+    assert plan(one, jnp.asarray([32768]), width=2048) == 33
+    assert plan(jnp.arange(256), jnp.full((256,), 32768), width=2048) == 1
+    assert plan(one, jnp.asarray([300]), width=2048) == 4     # 5 steps -> 8 -> 4 splits
+    assert plan(one, jnp.asarray([0]), width=2048) == 1
+    traced = jax.jit(lambda seq, lens: jnp.asarray(plan(seq, lens, width=64)))
+    assert int(traced(one, jnp.asarray([10]))) == 8           # 16 steps of the table
+    # A prefill chunk of 64 tokens is 4 blocks of 16 tokens: fewer splits than decode.
+    chunk = jnp.zeros((64,), jnp.int32)
+    assert plan(chunk, jnp.asarray([32768]), width=2048) == 9
+
+
+def test_bad_split_count_is_refused():
+    rng = np.random.default_rng(10)
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=[5], chunks=[1], page_size=16, width=1, head_dim=32, group=2,
+        dtype=jnp.float32)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"num_splits={bad}"):
+            ra.paged_attention_tokens(q, k[0], v[0], tables, jnp.asarray(lengths), q_seq,
+                                      q_pos, num_splits=bad, interpret=True)
 
 
 def test_blocks_follow_rows_and_flag_overflow():
@@ -262,12 +310,14 @@ def test_auto_never_picks_mosaic(monkeypatch):
     (dict(dtype=jnp.int8), "int8"),
     (dict(pages_per_block=3), "48 keys per step"),
     (dict(pages_per_block=2), "32 keys per step"),
-    (dict(head_dim=256, pages_per_block=16, num_stages=4), "shared memory"),
+    (dict(head_dim=256, page_size=64, pages_per_block=4, num_stages=4), "shared memory"),
     (dict(num_stages=0), "num_stages=0"),
+    (dict(page_size=8, pages_per_block=32), "32 barriers per group"),
+    (dict(num_splits=0), "num_splits=0"),
 ])
 def test_bad_configurations_name_the_constraint(config, message):
     args = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
-                dtype=jnp.bfloat16, pages_per_block=None, num_stages=2) | config
+                dtype=jnp.bfloat16, pages_per_block=None, num_stages=2, num_splits=1) | config
     with pytest.raises(ValueError, match=message):
         ra.check_config(**args)
 

@@ -72,6 +72,10 @@ def representative_matrix():
         dict(head_dim=64, page_size=16, group=2, dtype=jnp.bfloat16, pages_per_block=16),
         dict(head_dim=128, page_size=64, group=16, dtype=jnp.bfloat16, num_stages=3),
         dict(head_dim=128, page_size=16, group=64, dtype=jnp.float16),
+        # Split-K: float32 partials and log-sum-exp; at head_dim 256 the partial tile
+        # leaves room for one ring slot only.
+        dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, num_splits=4),
+        dict(head_dim=256, page_size=64, group=8, dtype=jnp.float16, num_splits=2),
     ]
     return configs
 
@@ -92,6 +96,25 @@ def test_exports_for_cuda(config):
     ids=config_id)
 def test_exports_for_cuda_full_matrix(config):
     assert_lowers(export(**config))
+
+
+def test_shared_memory_estimate_covers_mosaic_allocation():
+    """The largest configuration smem_bytes admits lowers (Mosaic GPU checks its own
+    allocation against 227 KiB while lowering)."""
+    config = dict(head_dim=256, page_size=64, group=8, dtype=jnp.float16, num_splits=2,
+                  num_stages=1)
+    assert ra.smem_bytes(256, 64, jnp.float16, 1, 1, 2) <= ra.SMEM_BUDGET
+    assert_lowers(export(**config))
+    with pytest.raises(ValueError, match="shared memory"):
+        ra.check_config(16, 2, 256, 64, jnp.float16, 1, 2, num_splits=2)
+
+
+def test_refused_barrier_count_really_does_not_lower(monkeypatch):
+    with pytest.raises(ValueError, match="32 barriers"):
+        ra.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
+    monkeypatch.setattr(ra, "check_config", lambda *args, **kwargs: None)
+    with pytest.raises(Exception, match="32 barriers"):
+        export.__wrapped__(64, 8, 4, jnp.bfloat16, pages_per_block=32, num_stages=2)
 
 
 def test_refused_float32_really_does_not_lower(monkeypatch):
