@@ -86,7 +86,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.lowering import TARGET_NUM_SMS
-from pallas_kernels.quantization import is_quantized
+from pallas_kernels.quantization import FORMATS, is_quantized
 from pallas_kernels.splits import merge_splits
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
@@ -125,27 +125,44 @@ def default_pages_per_block(page_size: int) -> int:
     return max(1, TARGET_BLOCK_KV // page_size)
 
 
-def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits=1) -> int:
-    """Shared memory of one program: the query/output tile, K and V rings, row positions,
-    and with several splits the float32 partial output tile and its log-sum-exp."""
+def compute_dtype(dtype, q_dtype=None):
+    """The dtype wgmma multiplies in: the pages' own, or q's (bfloat16 by default) over
+    8-bit pages, whose codes are widened to it in shared memory."""
+    if is_quantized(dtype):
+        return jnp.dtype(jnp.bfloat16 if q_dtype is None else q_dtype)
+    return jnp.dtype(dtype)
+
+
+def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits=1,
+               q_dtype=None) -> int:
+    """Shared memory of one program, each buffer rounded up to Mosaic GPU's 1 KiB: the
+    query/output tile, K and V rings, row positions; over 8-bit pages the scale rings and
+    the two 16-bit tiles the codes are widened into; with several splits the float32
+    partial output tile and its log-sum-exp."""
     e = jnp.dtype(dtype).itemsize
+    e_q = compute_dtype(dtype, q_dtype).itemsize
     block_kv = pages_per_block * page_size
-    buffers = [BLOCK_ROWS * head_dim * e, num_stages * block_kv * head_dim * e,
-               num_stages * block_kv * head_dim * e, BLOCK_ROWS * 4]
+    ring = num_stages * block_kv * head_dim * e
+    buffers = [BLOCK_ROWS * head_dim * e_q, ring, ring, BLOCK_ROWS * 4]
+    if is_quantized(dtype):
+        scale_ring = num_stages * block_kv * 4    # float32 scales at most
+        buffers += [scale_ring, scale_ring, block_kv * head_dim * e_q,
+                    block_kv * head_dim * e_q]
     if num_splits > 1:
         buffers += [BLOCK_ROWS * head_dim * 4, BLOCK_ROWS * 4]
     return sum(-(-size // SMEM_ALIGN) * SMEM_ALIGN for size in buffers)
 
 
-def default_num_stages(head_dim, page_size, dtype, pages_per_block, num_splits=1) -> int:
+def default_num_stages(head_dim, page_size, dtype, pages_per_block, num_splits=1,
+                       q_dtype=None) -> int:
     """Two ring slots (copies overlap the math) where they fit shared memory, else one."""
     fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, DEFAULT_NUM_STAGES,
-                      num_splits)
+                      num_splits, q_dtype)
     return DEFAULT_NUM_STAGES if fits <= SMEM_BUDGET else 1
 
 
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-                 pages_per_block=None, num_stages=None, *, num_splits=1,
+                 pages_per_block=None, num_stages=None, *, num_splits=1, q_dtype=None,
                  interpret=False) -> None:
     """Raise ValueError naming the constraint if the kernel cannot take this configuration.
 
@@ -157,17 +174,18 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if plgpu is None:
         raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
                          "jax does not provide")
-    if is_quantized(dtype):
-        raise ValueError(f"dtype={jnp.dtype(dtype)}: the Mosaic kernel does not read 8-bit "
-                         f"pages yet (their codes would need dequantizing into a 16-bit "
-                         f"shared-memory tile before each wgmma); use impl='pallas' for "
-                         f"decode, or 'xla' / 'auto'")
     allowed = INTERPRET_DTYPES if interpret else DTYPES
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
+    where = "in interpret mode" if interpret else "on a GPU"
+    if not is_quantized(dtype) and jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
         raise ValueError(f"dtype={jnp.dtype(dtype)} must be one of "
-                         f"{[jnp.dtype(d).name for d in allowed]} for the Mosaic kernel "
-                         f"{'in interpret mode' if interpret else 'on a GPU'} (float32 "
-                         f"needs a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
+                         f"{[jnp.dtype(d).name for d in allowed]} or 8-bit "
+                         f"{sorted(FORMATS)} for the Mosaic kernel {where} (float32 needs "
+                         f"a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
+    if is_quantized(dtype) and compute_dtype(dtype, q_dtype) not in [
+            jnp.dtype(d) for d in allowed]:
+        raise ValueError(f"q dtype {jnp.dtype(q_dtype)} over {jnp.dtype(dtype)} pages must "
+                         f"be one of {[jnp.dtype(d).name for d in allowed]} for the Mosaic "
+                         f"kernel {where} (the codes are widened to q's dtype)")
     if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
             and num_q_heads % num_kv_heads == 0):
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of "
@@ -197,7 +215,7 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
         raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
     if num_stages is None:
         num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block,
-                                        num_splits)
+                                        num_splits, q_dtype)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
     if num_stages * pages_per_block > MAX_BARRIERS:
@@ -205,7 +223,8 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                          f"{num_stages * pages_per_block} page copies in flight, each with "
                          f"its own barrier: Mosaic GPU allows only up to {MAX_BARRIERS} "
                          f"barriers per group")
-    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits)
+    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits,
+                      q_dtype)
     if need > SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, block_kv={block_kv}, num_stages={num_stages} "
                          f"in {jnp.dtype(dtype)} need {need} bytes of shared memory, over "
@@ -256,14 +275,17 @@ def _interpreted_matmul(a, b_ref, transpose_b=False):
 
 
 def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_ref,
-                      tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *out_refs,
+                      tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs,
                       num_kv_heads, page_size, pages_per_block, num_stages, num_splits,
-                      sm_scale, soft_cap, sliding_window, dtype, interpret):
+                      quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
     # layer_ref: int32[1]; blk_*: int32[NB]; row_pos_ref: int32[NB, 64]
     # tables_ref: int32[B, W]; kv_lens_ref: int32[B]
-    # q_ref: [Hkv, NB, 64, D]; k_ref, v_ref: [L * Hkv, P, S, D]
-    # out_refs: o_ref [Hkv, NB, 64, D] in q's dtype (one split), or float32 partial
-    # outputs [Hkv, NB, splits, 64, D] and their log-sum-exp [Hkv, NB, splits, 64].
+    # q_ref: [Hkv, NB, 64, D] in dtype; k_ref, v_ref: [L * Hkv, P, S, D] (dtype, or 8-bit
+    # codes when quantized, then refs start with the rows' scales in key order,
+    # k_scale, v_scale [Hkv, B, W' * S] bfloat16, W' the width rounded up to whole steps). The output refs follow: o_ref [Hkv, NB, 64, D] in dtype
+    # (one split), or float32 partials [Hkv, NB, splits, 64, D] and their log-sum-exp
+    # [Hkv, NB, splits, 64].
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else ((), refs)
     # Interpret mode has no layouts (layout_cast has no CPU rule): casts are identities there.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
     matmul = _interpreted_matmul if interpret else _wgmma_matmul
@@ -287,8 +309,18 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
     first = block_first + split * per_split
     num_steps = jnp.clip(block_steps - split * per_split, 0, per_split)
 
-    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers,
-               *partial_smem):
+    def columns(ref):
+        """A ``[block_kv]`` per-key vector in shared memory -> float32 ``[64, block_kv]``,
+        the same value down each column of the S tile."""
+        x = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return lax.broadcast_in_dim(x.astype(jnp.float32), (BLOCK_ROWS, block_kv), [1])
+
+    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers, *extra):
+        if quantized:   # scale rings, their barriers, and the 16-bit tiles the codes become
+            ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = extra[:6]
+            extra = extra[6:]
+        partial_smem = extra
+
         def issue(step):
             slot = step % num_stages
             for p in range(pages_per_block):
@@ -300,6 +332,26 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
                                         k_barriers.at[barrier])
                 plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
                                         v_barriers.at[barrier])
+            if quantized:   # the step's scales: one [block_kv] box of the row's scales
+                keys = pl.ds((first + step) * block_kv, block_kv)
+                for ref, smem, barriers in zip(scale_refs, (ks_smem, vs_smem),
+                                               (ks_barriers, vs_barriers)):
+                    plgpu.copy_gmem_to_smem(ref.at[h, seq, keys], smem.at[slot],
+                                            barriers.at[slot])
+
+        def wait(barriers, slot):
+            for p in range(pages_per_block):
+                plgpu.barrier_wait(barriers.at[slot * pages_per_block + p])
+
+        def widened(codes_smem, tile_smem):
+            """8-bit codes -> the 16-bit tile wgmma reads (exact: every int8 and e4m3
+            value is a bf16/f16 value; the scales are applied to S and P instead)."""
+            codes = codes_smem[...]
+            if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float16:
+                codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
+            tile_smem[...] = codes.astype(dtype)
+            plgpu.commit_smem()
+            return tile_smem
 
         for step in range(num_stages):
             pl.when(step < num_steps)(functools.partial(issue, step))
@@ -318,10 +370,14 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             acc, m_i, l_i = carry
             slot = step % num_stages
             key0 = (first + step) * block_kv
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(k_barriers.at[slot * pages_per_block + p])
-
-            s = matmul(q_smem, k_smem.at[slot], transpose_b=True)
+            wait(k_barriers, slot)
+            k_tile = k_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(ks_barriers.at[slot])
+                k_tile = widened(k_tile, k16_smem)
+            s = matmul(q_smem, k_tile, transpose_b=True)
+            if quantized:   # S = Q (codes * scale)^T: each key's scale scales its column
+                s = s * columns(ks_smem.at[slot])
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -338,18 +394,23 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
             l_i = l_i * alpha + probs.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(v_barriers.at[slot * pages_per_block + p])
+            wait(v_barriers, slot)
+            v_tile = v_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(vs_barriers.at[slot])
+                v_tile = widened(v_tile, v16_smem)
+                # P (codes * scale) = (P * scale) codes; a stale slot's scale may be NaN.
+                probs = probs * jnp.where(key < kv_len, columns(vs_smem.at[slot]), 0.0)
 
             @pl.when(key0 + block_kv > kv_len)
             def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
-                v_tile = v_smem[slot]
+                v_old = v_tile[...]
                 v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
                                     layout)
-                v_smem[slot] = jnp.where(v_key < kv_len, v_tile, jnp.zeros_like(v_tile))
+                v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
                 plgpu.commit_smem()
 
-            acc = acc + matmul(probs.astype(dtype), v_smem.at[slot])
+            acc = acc + matmul(probs.astype(dtype), v_tile)
             pl.when(step + num_stages < num_steps)(
                 functools.partial(issue, step + num_stages))
             return acc, m_new, l_i
@@ -374,23 +435,50 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
         plgpu.wait_smem_to_gmem(0)
 
     num_barriers = num_stages * pages_per_block
-    partial_scratch = [] if num_splits == 1 else [
-        plgpu.SMEM((BLOCK_ROWS, head_dim), jnp.float32,
-                   transforms=_smem_transforms(head_dim, jnp.float32)),
-        plgpu.SMEM((BLOCK_ROWS,), jnp.float32)]
-    pl.run_scoped(
-        scoped,
+    page_dtype = k_ref.dtype
+    ring = (num_stages, block_kv, head_dim)
+    scratch = [
         plgpu.SMEM((BLOCK_ROWS, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
-        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
-                   transforms=_smem_transforms(head_dim, dtype)),
-        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
-                   transforms=_smem_transforms(head_dim, dtype)),
+        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
+        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
         plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=num_barriers),
         plgpu.Barrier(num_barriers=num_barriers),
-        *partial_scratch,
-    )
+    ]
+    if quantized:
+        scale_dtype = scale_refs[0].dtype
+        scratch += [
+            plgpu.SMEM((num_stages, block_kv), scale_dtype),
+            plgpu.SMEM((num_stages, block_kv), scale_dtype),
+            plgpu.Barrier(num_barriers=num_stages),
+            plgpu.Barrier(num_barriers=num_stages),
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
+        ]
+    if num_splits > 1:
+        scratch += [plgpu.SMEM((BLOCK_ROWS, head_dim), jnp.float32,
+                               transforms=_smem_transforms(head_dim, jnp.float32)),
+                    plgpu.SMEM((BLOCK_ROWS,), jnp.float32)]
+    pl.run_scoped(scoped, *scratch)
+
+
+def row_scales(scales, block_tables, layer, pages_per_block: int):
+    """Each row's per-token scales in key order, for the kernel's one-box-a-step copies.
+
+    scales: ``[L, Hkv, P, S]`` bfloat16; block_tables ``int32[B, W]``; layer: int32
+    scalar. Returns ``[Hkv, B, W' * S]`` with W' = W rounded up to ``pages_per_block``
+    (padding entries read the null page, masked in the kernel). Why a gather here: a TMA
+    copy moves a multiple of 128 bytes, and one page's scales are ``2 S`` bytes (32 at
+    page 16); this gather reads ``4 W S`` bytes per kv head and row, against the
+    ``2 n D`` of codes the kernel reads for n visible keys (a few percent at D = 128 when
+    the table is not much wider than the rows).
+    """
+    batch, width = block_tables.shape
+    padded = -(-width // pages_per_block) * pages_per_block
+    tables = jnp.pad(block_tables, ((0, 0), (0, padded - width)))
+    rows = lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False)[:, tables]
+    return rows.reshape(scales.shape[1], batch, padded * scales.shape[-1])
 
 
 def build_blocks(q_seq, q_pos, num_rows: int, tokens_per_block: int):
@@ -454,14 +542,14 @@ def _concrete(x):
 
 
 def plan_num_splits(q_seq, kv_lens, *, num_kv_heads, group, width, page_size,
-                    pages_per_block, head_dim=128, dtype=jnp.bfloat16) -> int:
+                    pages_per_block, head_dim=128, dtype=jnp.bfloat16, q_dtype=None) -> int:
     """``choose_num_splits`` from what is known: the busy blocks (concrete q_seq: its
     runs cut in blocks; traced: ``min(T, ceil(T / tokens per block) + B)``) and the key
     steps of the longest row (concrete lengths: the longest length rounded up to a power
     of two of steps, so the compiled variants stay few; traced: the table width). One
     split where the float32 partial tile does not fit shared memory beside one ring slot
     (head_dim 256 with 128+ keys a step)."""
-    if smem_bytes(head_dim, page_size, dtype, pages_per_block, 1, 2) > SMEM_BUDGET:
+    if smem_bytes(head_dim, page_size, dtype, pages_per_block, 1, 2, q_dtype) > SMEM_BUDGET:
         return 1
     tokens_per_block = BLOCK_ROWS // group
     block_kv = pages_per_block * page_size
@@ -483,17 +571,32 @@ def plan_num_splits(q_seq, kv_lens, *, num_kv_heads, group, width, page_size,
 
 
 def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
-                           layer=None, sm_scale=None, soft_cap=None, sliding_window=None,
-                           pages_per_block=None, num_stages=None, num_splits=None,
-                           interpret=False):
+                           layer=None, k_scale=None, v_scale=None, sm_scale=None,
+                           soft_cap=None, sliding_window=None, pages_per_block=None,
+                           num_stages=None, num_splits=None, interpret=False):
     """Attention of ragged query tokens over their rows' pages (shapes in the module doc).
 
     Tokens of one row should be consecutive in the batch (each run costs a block); a batch
     with more runs than ``ceil(T / (64 // group)) + B + 1`` blocks gives NaN for the
     tokens that do not fit rather than a silently wrong value. ``num_splits`` cuts each
     block's keys into that many runs merged afterwards (default ``plan_num_splits``).
+    8-bit pages (int8, float8_e4m3fn) need ``k_scale``, ``v_scale``: bfloat16, the pages'
+    shape minus D (``KVCache.k_scale``); q (bf16/f16) sets the dtype they are widened to.
     """
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
+    quantized = is_quantized(k_pages.dtype)
+    if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{k_pages.dtype} pages need k_scale and v_scale exactly when they "
+                         f"are 8-bit; got k_scale {'set' if k_scale is not None else 'None'}, "
+                         f"v_scale {'set' if v_scale is not None else 'None'}")
+    if quantized:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if (scale.shape != k_pages.shape[:-1]
+                    or not jnp.issubdtype(scale.dtype, jnp.floating)
+                    or jnp.dtype(scale.dtype).itemsize not in (2, 4)):
+                raise ValueError(f"{name} must be a 16- or 32-bit float array of shape "
+                                 f"{tuple(k_pages.shape[:-1])} (the pages' shape minus D), "
+                                 f"got {scale.dtype}{list(scale.shape)}")
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size)
     if num_splits is None:
@@ -501,11 +604,12 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
             q_seq, kv_lens, num_kv_heads=num_kv_heads,
             group=max(1, q.shape[1] // num_kv_heads), width=block_tables.shape[1],
             page_size=page_size, pages_per_block=pages_per_block, head_dim=head_dim,
-            dtype=k_pages.dtype)
+            dtype=k_pages.dtype, q_dtype=q.dtype)
     elif not (isinstance(num_splits, numbers.Integral) and num_splits > 0):
         raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
     return _paged_attention_tokens(
-        q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, layer=layer,
+        q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, k_scale, v_scale,
+        layer=layer,
         sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         pages_per_block=pages_per_block, num_stages=num_stages, num_splits=int(num_splits),
         interpret=interpret)
@@ -514,19 +618,23 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "num_splits",
     "interpret"))
-def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
-                            layer, sm_scale, soft_cap, sliding_window, pages_per_block,
-                            num_stages, num_splits, interpret):
+def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos,
+                            k_scale, v_scale, *, layer, sm_scale, soft_cap, sliding_window,
+                            pages_per_block, num_stages, num_splits, interpret):
     num_tokens, num_q_heads, head_dim = q.shape
+    quantized = k_scale is not None
     if k_pages.ndim == 4:
         k_pages, v_pages = k_pages[None], v_pages[None]
+        if quantized:
+            k_scale, v_scale = k_scale[None], v_scale[None]
     num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
     check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
-                 pages_per_block, num_stages, num_splits=num_splits, interpret=interpret)
+                 pages_per_block, num_stages, num_splits=num_splits, q_dtype=q.dtype,
+                 interpret=interpret)
     if num_stages is None:
         num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block,
-                                        num_splits)
-    if q.dtype != k_pages.dtype:
+                                        num_splits, q.dtype)
+    if not quantized and q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     group = num_q_heads // num_kv_heads
@@ -550,7 +658,7 @@ def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q
     kernel = functools.partial(
         _attention_kernel, num_kv_heads=num_kv_heads, page_size=page_size,
         pages_per_block=pages_per_block, num_stages=num_stages, num_splits=num_splits,
-        sm_scale=scale, soft_cap=None if soft_cap is None else float(soft_cap),
+        quantized=quantized, sm_scale=scale, soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=sliding_window, dtype=q.dtype, interpret=interpret)
     if num_splits == 1:
         out_type = jax.ShapeDtypeStruct(q_blocks.shape, q.dtype)
@@ -562,9 +670,11 @@ def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q
         kernel, out_type=out_type, grid=(num_kv_heads, num_blocks, num_splits),
         grid_names=("kv_head", "block", "split"),
         **({"interpret": _interpret_params()} if interpret else {}))
+    scales = () if not quantized else tuple(
+        row_scales(x, block_tables, layer[0], pages_per_block) for x in (k_scale, v_scale))
     result = call(layer, blk_seq, blk_lo, blk_hi, row_pos, block_tables.astype(jnp.int32),
                   kv_lens.astype(jnp.int32), q_blocks, k_pages.reshape(flat),
-                  v_pages.reshape(flat))
+                  v_pages.reshape(flat), *scales)
     out_blocks = result if num_splits == 1 else merge_splits(*result)
     out = out_blocks.reshape(num_kv_heads, num_blocks, tokens_per_block, group, head_dim)
     out = out[:, jnp.minimum(block, num_blocks - 1), slot]        # [Hkv, T, group, D]
