@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jpaged
-from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, quantize
+from jpaged.pallas_kernels.quantization import FORMATS, SCALE_DTYPE, quantize
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3-8B attention
 HEADLINE = (16, 2048, 16)  # batch, context, page size

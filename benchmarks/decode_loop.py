@@ -36,13 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
-from jpaged.attention import dense_attention, paged_attention  # noqa: E402
-from jpaged.block_manager import BlockManager  # noqa: E402
-from jpaged.shapes import cdiv  # noqa: E402
-from jpaged.cache import KVCache, PageTable  # noqa: E402
+from jpaged import models  # noqa: E402
+from jpaged.core.attention import dense_attention, paged_attention  # noqa: E402
+from jpaged.host.block_manager import BlockManager  # noqa: E402
+from jpaged.core.shapes import cdiv  # noqa: E402
+from jpaged.core.cache import KVCache, PageTable  # noqa: E402
 from jpaged.decode_loop import decode_loop, reserve  # noqa: E402
-from jpaged.sequence import Sequence  # noqa: E402
+from jpaged.host.sequence import Sequence  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HEADLINE = (16, 2048)

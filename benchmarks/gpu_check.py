@@ -14,7 +14,7 @@ Checks (each a fresh random draw; the verdict is their conjunction):
   * the pool above 4 GiB (int64 offsets) first, before anything the time limit can cut;
   * 8-bit pages (int8, float8_e4m3fn with bfloat16 scales, bfloat16 queries) against
     float64 attention over the dequantized values, NaN in the free slots' scales;
-  * the Mosaic GPU ragged kernel (``pallas_kernels.ragged_attention``) on decode batches
+  * the Mosaic GPU ragged kernel (``jpaged.pallas_kernels.ragged_attention``) on decode batches
     and prefill chunks of 512 and 2048 tokens that end on partial pages.
 Timing: N steps inside one jit, each step on another of R input sets (R sized so the sets
 overflow the L2), the median of several such calls; bandwidth is the K/V bytes read over
@@ -53,11 +53,11 @@ import numpy as np
 from jax import lax
 
 import gpu_mosaic
-from pallas_kernels import lowering
-from pallas_kernels import paged_decode as pd
-from pallas_kernels import ragged_attention as ra
-from pallas_kernels import xla_attention
-from pallas_kernels.quantization import FORMATS, qmax, quantize
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import xla_attention
+from jpaged.pallas_kernels.quantization import FORMATS, qmax, quantize
 
 # Bounds on |out - ref| / |ref| per cache dtype (reference: float64 on the same rounded
 # inputs). float32: IEEE dots land near 1e-7, TF32 near 3e-4. 16-bit: the probabilities

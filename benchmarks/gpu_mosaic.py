@@ -42,10 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import paged_decode as pd
-from pallas_kernels import ragged_attention as ra
-from pallas_kernels import xla_attention
-from pallas_kernels.reference import paged_prefill_reference
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import xla_attention
+from jpaged.pallas_kernels.reference import paged_prefill_reference
 
 CONTEXTS = (4096, 8192, 16384, 32768)
 CHUNKS = (512, 2048)

@@ -1,7 +1,7 @@
 """Compile every default Triton decode configuration for sm_90 from the CPU and report
 registers, spills, shared memory and the programs that fit one SM.
 
-Triton IR comes from ``jax.export`` for CUDA (``pallas_kernels.lowering``); jaxlib's Triton
+Triton IR comes from ``jax.export`` for CUDA (``jpaged.pallas_kernels.lowering``); jaxlib's Triton
 (the handler the ``jax-cuda12-pjrt`` plugin registers; ``JAX_PLATFORMS=cpu`` lets it load
 without a GPU) turns it into PTX and reports shared memory; ``ptxas -v`` gives registers,
 spills and stack. ptxas is taken from ``$PTXAS``, else the ``nvidia-cuda-nvcc-cu12`` wheel,
@@ -32,9 +32,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import lowering
-from pallas_kernels import paged_decode as pd
-from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
 
 ARCH = "9.0"
 PTXAS_ARCH = "sm_90a"  # Triton targets sm_90a on Hopper

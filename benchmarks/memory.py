@@ -36,11 +36,11 @@ import time
 
 import numpy as np
 
-from jpaged.batch import BatchBuilder
-from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache
-from jpaged.scheduler import Scheduler
-from jpaged.shapes import cdiv
+from jpaged.engine.batch import BatchBuilder
+from jpaged.host.block_manager import BlockManager
+from jpaged.core.cache import KVCache
+from jpaged.host.scheduler import Scheduler
+from jpaged.core.shapes import cdiv
 
 PAGE_SIZES = (8, 16, 32, 64, 128, 256)
 MAX_MODEL_LEN = 2048

@@ -57,8 +57,8 @@ def run_trace(llm, prompts, params) -> tuple[float, int, int]:
 def measure(n: int, model, args, kv_bytes_per_device: int) -> dict:
     import numpy as np
 
-    from jpaged.engine import LLM
-    from jpaged.sampling import SamplingParams
+    from jpaged.engine.engine import LLM
+    from jpaged.host.sampling_params import SamplingParams
 
     llm = LLM(model, tensor_parallel=n, page_size=PAGE_SIZE, kv_cache_bytes=kv_bytes_per_device,
               max_num_seqs=64, max_num_batched_tokens=512, enable_prefix_caching=False,
@@ -138,7 +138,7 @@ def main() -> None:
                                    f"{max(args.devices)}").strip()
     import jax
 
-    from models import Model, init_params, tiny_config
+    from jpaged.models import Model, init_params, tiny_config
 
     config = tiny_config(num_heads=8, num_kv_heads=8, head_dim=16, num_layers=2,
                          max_position_embeddings=256)

@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from jpaged import snapshot
-from jpaged.engine import LLM
-from jpaged.sampling import SamplingParams
+from jpaged.engine import snapshot
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
 
 PAGE_SIZE = 16
 PROMPT = 240   # tokens: 15 full pages and 1 partial page once a token is decoded

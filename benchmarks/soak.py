@@ -1,5 +1,5 @@
 """Soak: random operations through the engine on the tiny model with faults injected into
-its steps and snapshots restored on the way (see ``jpaged/soak.py``). Prints operations,
+its steps and snapshots restored on the way (see ``jpaged/tools/soak.py``). Prints operations,
 faults injected and survived, snapshots and pages leaked (must be 0); writes
 benchmarks/results/soak.{json,md}. Exits non-zero at the first broken rule.
 
@@ -16,8 +16,8 @@ import platform
 
 import jax
 
-from jpaged.soak import Soak, SoakConfig
-from models import Model, init_params, tiny_config
+from jpaged.tools.soak import Soak, SoakConfig
+from jpaged.models import Model, init_params, tiny_config
 
 ROWS = [("operations", "operations"), ("engine steps", "steps"), ("requests added", "adds"),
         ("requests aborted", "aborts"), ("requests finished", "finished"),

@@ -1,7 +1,7 @@
 """Throughput: the paged engine vs a dense-cache engine at the same KV memory.
 
 Both engines run the embedded model (or ``--model DIR``) on the same request trace, with
-arrivals all at once and, with ``--rate``, Poisson arrivals; see ``jpaged/bench.py`` for the
+arrivals all at once and, with ``--rate``, Poisson arrivals; see ``jpaged/tools/bench.py`` for the
 trace and the baseline. Writes benchmarks/results/throughput.{json,md,png}.
 
     python benchmarks/throughput.py             # both arrival patterns, ~5 min on 2 cores
@@ -18,10 +18,10 @@ import platform
 import jax
 import jax.numpy as jnp
 
-from jpaged.bench import Trace, compare, run_trace, table
-from jpaged.cache import KVCache
-from jpaged.engine import LLM
-from jpaged.model_loading import load_model
+from jpaged.tools.bench import Trace, compare, run_trace, table
+from jpaged.core.cache import KVCache
+from jpaged.engine.engine import LLM
+from jpaged.engine.model_loading import load_model
 
 KV_DTYPES = ("auto", "int8", "fp8")   # "auto": the bfloat16 model's dtype
 KV_ROWS = [("pool pages", "num_pages", "{:d}"), ("bytes per page", "bytes_per_page", "{:d}"),

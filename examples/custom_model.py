@@ -3,10 +3,10 @@ jitted loop and served by the engine, on one device or tensor-parallel.
 
 The jpaged-specific parts are one line in the attention layer and the dense layers:
 ``cached_attention`` writes this step's K/V into the pool and attends over the pages
-(decode or prefill, as ``meta`` says); ``jpaged.layers``' column- and row-parallel
+(decode or prefill, as ``meta`` says); ``jpaged.parallel.layers``' column- and row-parallel
 layers declare how their params split and all-reduce themselves, so the same model runs
 tensor-parallel with ``LLM(model, tensor_parallel=N)``. Everything else is ordinary Flax.
-``ModelBundle(config, params, forward)`` makes it a ``jpaged.interfaces.Model``, which the
+``ModelBundle(config, params, forward)`` makes it a ``jpaged.core.interfaces.Model``, which the
 engine and ``decode_loop`` drive (add ``tokenizer=`` for text prompts, ``eos_token_ids=``
 to stop at an end-of-sequence id).
 
@@ -33,19 +33,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jpaged.attention import AttentionMetadata, cached_attention  # noqa: E402
-from jpaged.cache import KVCache, PageTable  # noqa: E402
+from jpaged.core.attention import AttentionMetadata, cached_attention  # noqa: E402
+from jpaged.core.cache import KVCache, PageTable  # noqa: E402
 from jpaged.decode_loop import decode_loop, prepare  # noqa: E402
-from jpaged.engine import LLM  # noqa: E402
-from jpaged.interfaces import ModelBundle  # noqa: E402
-from jpaged.layers import (HEADS, KV_HEADS, MLP, ColumnParallelDense,  # noqa: E402
+from jpaged.engine.engine import LLM  # noqa: E402
+from jpaged.core.interfaces import ModelBundle  # noqa: E402
+from jpaged.parallel.layers import (HEADS, KV_HEADS, MLP, ColumnParallelDense,  # noqa: E402
                            RowParallelDense, logical_axes)
-from jpaged.sampling import SamplingParams  # noqa: E402
+from jpaged.host.sampling_params import SamplingParams  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Hashable (a static jit argument): a ``jpaged.interfaces.ModelConfig``. Tensor
+    """Hashable (a static jit argument): a ``jpaged.core.interfaces.ModelConfig``. Tensor
     parallelism runs each device with its share of the three counts it splits (heads, kv
     heads, intermediate_size)."""
 

@@ -1,3 +1,3 @@
-from jpaged.cli import main
+from jpaged.serving.cli import main
 
 main()

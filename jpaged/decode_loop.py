@@ -1,6 +1,6 @@
 """A whole generation for a fixed batch in one jitted call, on the paged KV cache.
 
-The engine (``jpaged.engine``) serves requests step by step from the host. Here the host
+The engine (``jpaged.engine.engine``) serves requests step by step from the host. Here the host
 reserves every page a run needs up front (prompt + ``num_steps`` tokens per sequence, from
 a ``BlockManager``) and prefills; then one jitted ``lax.while_loop`` decodes: each
 iteration feeds every row's last token through the model in decode mode (its K/V written
@@ -15,10 +15,10 @@ soon as every row has produced an end-of-sequence id::
 ``max(prompt) + num_steps`` tokens per sequence, row b owning page b + 1), so the same
 model and the same loop run paged and dense on identical inputs.
 
-A model is what the engine drives, a ``jpaged.interfaces.Model`` (``models.Model``, or
-your own as a ``jpaged.interfaces.ModelBundle``: see examples/custom_model.py); the loop
+A model is what the engine drives, a ``jpaged.core.interfaces.Model`` (``models.Model``, or
+your own as a ``jpaged.core.interfaces.ModelBundle``: see examples/custom_model.py); the loop
 uses its ``config`` and ``forward``. ``decode_loop`` also takes a bare step function (a
-``jpaged.interfaces.DecodeStep``:
+``jpaged.core.interfaces.DecodeStep``:
 ``step(params, cache, token_ids int32[B], meta) -> (logits [B, V], cache)``); a model is
 told from a step function by ``isinstance`` against the two runtime-checkable protocols.
 
@@ -44,14 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jpaged.attention import AttentionMetadata, check_impl
-from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache, PageTable, kv_cache_dtype as resolve_kv_cache_dtype
-from jpaged.interfaces import DecodeStep, Model, ModelConfig, check_model
-from jpaged.sampling import (GREEDY_TEMPERATURE, SamplingParams, SamplingTensors, derive_seed,
-                             sample)
-from jpaged.sequence import Sequence
-from jpaged.shapes import cdiv, check_positive, flat_layout
+from jpaged.core.attention import AttentionMetadata, check_impl
+from jpaged.host.block_manager import BlockManager
+from jpaged.core.cache import KVCache, PageTable, kv_cache_dtype as resolve_kv_cache_dtype
+from jpaged.core.interfaces import DecodeStep, Model, ModelConfig, check_model
+from jpaged.engine.sampler import GREEDY_TEMPERATURE, SamplingTensors, sample
+from jpaged.host.sampling_params import SamplingParams, derive_seed
+from jpaged.host.sequence import Sequence
+from jpaged.core.shapes import cdiv, check_positive, flat_layout
 
 # Output token of a row after it stopped (its logprob is 0).
 PAD_TOKEN = -1
@@ -92,7 +92,7 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     """Decode up to ``num_steps`` tokens for every row in one jitted call; ``cache`` is
     donated (updated in place: use the returned one).
 
-    model: a ``jpaged.interfaces.Model`` or a ``jpaged.interfaces.DecodeStep``, see the
+    model: a ``jpaged.core.interfaces.Model`` or a ``jpaged.core.interfaces.DecodeStep``, see the
     module docstring. page_table: ``int32[B, W]`` tables whose rows own pages for ``lengths +
     num_steps`` tokens, lengths = tokens whose K/V are already in ``cache``.
     first_tokens: ``int32[B]``, output token 0 of each row (sampled after the prompt; not
@@ -102,7 +102,7 @@ def decode_loop(model, params, cache: KVCache, page_table: PageTable, first_toke
     min_p and seed are used (penalties are refused). Output token i of a row is drawn
     with the key of its seed (the params' seed, else one derived from ``seed`` and the
     row) and i, as the engine draws it. attention_impl: the paged attention each layer runs
-    (``jpaged.attention``'s ``impl``).
+    (``jpaged.core.attention``'s ``impl``).
     """
     check_impl(attention_impl)
     step, config = _model_step(model)
@@ -291,8 +291,8 @@ def _model_step(model: Model | DecodeStep) -> tuple[DecodeStep, ModelConfig | No
         return ModelStep(model.forward, model.config), model.config
     if isinstance(model, DecodeStep):
         return model, None
-    raise ValueError(f"model must be a jpaged.interfaces.Model (e.g. ModelBundle(config, "
-                     f"params, forward)) or a step function (jpaged.interfaces.DecodeStep), "
+    raise ValueError(f"model must be a jpaged.core.interfaces.Model (e.g. ModelBundle(config, "
+                     f"params, forward)) or a step function (jpaged.core.interfaces.DecodeStep), "
                      f"got {type(model).__name__}")
 
 

@@ -3,11 +3,11 @@
 Each layer is a linen module applied with one layer's slice of the stacked params inside a
 ``jax.lax.scan``, so compile time does not grow with depth. The layer never sees the cache:
 it calls an ``attend(q, k, v)`` function, which for the paged forward is one call to
-``jpaged.attention.cached_attention`` with the whole cache in the scan carry and a traced
+``jpaged.core.attention.cached_attention`` with the whole cache in the scan carry and a traced
 layer index.
 
-The projections are ``jpaged.layers``' column- and row-parallel layers, so the model runs
-tensor-parallel (``jpaged.parallel``) as it is: with a per-device config, the o_proj and
+The projections are ``jpaged.parallel.layers``' column- and row-parallel layers, so the model runs
+tensor-parallel (``jpaged.parallel.mesh``) as it is: with a per-device config, the o_proj and
 down_proj layers all-reduce their partial outputs themselves.
 
 Params (a plain dict; ``L`` layers, ``E`` hidden, ``I`` intermediate, ``V`` vocab)::
@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.attention import AttentionMetadata, cached_attention
-from jpaged.cache import KVCache
-from jpaged.layers import HEADS, KV_HEADS, MLP as MLP_AXIS, ColumnParallelDense, \
+from jpaged.core.attention import AttentionMetadata, cached_attention
+from jpaged.core.cache import KVCache
+from jpaged.parallel.layers import HEADS, KV_HEADS, MLP as MLP_AXIS, ColumnParallelDense, \
     RowParallelDense, logical_axes
-from models.config import ModelConfig
-from pallas_kernels.reference import causal_mask
+from jpaged.models.config import ModelConfig
+from jpaged.pallas_kernels.reference import causal_mask
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -157,7 +157,7 @@ def _logits(params, config: ModelConfig, x):
 
 def forward(params, config: ModelConfig, cache: KVCache, token_ids,
             meta: AttentionMetadata, logits_indices):
-    """One engine step over the paged cache (a ``jpaged.interfaces.Forward``).
+    """One engine step over the paged cache (a ``jpaged.core.interfaces.Forward``).
 
     token_ids: ``int32[T]`` (prefill chunks and/or decode tokens, flattened; meta.positions
     give their absolute positions); logits_indices: ``int32[B]``, which tokens need logits.
@@ -234,7 +234,7 @@ def _boxed_shapes(config: ModelConfig) -> dict:
 
 
 def param_axes(config: ModelConfig) -> dict[str, tuple[str | None, ...]]:
-    """Logical axes of the params the parallel layers split (``jpaged.interfaces.Model``);
+    """Logical axes of the params the parallel layers split (``jpaged.core.interfaces.Model``);
     the stacked layer axis is never split."""
     return logical_axes(_boxed_shapes(config), leading={"layers": (None,)})
 

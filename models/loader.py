@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from models.config import ModelConfig, tiny_config
-from models.llama import forward, init_params, param_axes, param_shapes
+from jpaged.models.config import ModelConfig, tiny_config
+from jpaged.models.llama import forward, init_params, param_axes, param_shapes
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -149,7 +149,7 @@ def load_tokenizer(directory: str):
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-    """A Llama-family model bundle: a ``jpaged.interfaces.Model``."""
+    """A Llama-family model bundle: a ``jpaged.core.interfaces.Model``."""
 
     config: ModelConfig
     params: Any

@@ -20,7 +20,7 @@ and FlashInfer do; float32 queries: the float32 dots below). Only codes and scal
 the memory bus: ``D + 2`` bytes per token and kv head for K or V, against ``2 D`` for a
 bfloat16 pool.
 
-Matches ``pallas_kernels.reference.paged_decode_reference``; on CPU run with
+Matches ``jpaged.pallas_kernels.reference.paged_decode_reference``; on CPU run with
 ``interpret=True``.
 """
 
@@ -35,9 +35,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import lowering
-from pallas_kernels.quantization import dequantize, is_quantized
-from pallas_kernels.splits import merge_splits
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels.quantization import dequantize, is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
 
 try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
     from jax.experimental.pallas import triton as pltriton

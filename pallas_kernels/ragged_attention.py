@@ -72,7 +72,7 @@ shared-memory tiles; everything else (TMA, barriers, ring, masks) runs as compil
 Shapes: q ``[T, Hq, D]``; pages ``[Hkv, P, S, D]`` or stacked ``[L, Hkv, P, S, D]`` with
 ``layer``; block_tables ``int32[B, W]``; kv_lens ``int32[B]``; q_seq, q_pos ``int32[T]``.
 Output ``[T, Hq, D]`` in q's dtype, zeros for a token that sees no key. Matches
-``pallas_kernels.reference.paged_prefill_reference``.
+``jpaged.pallas_kernels.reference.paged_prefill_reference``.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from pallas_kernels.lowering import TARGET_NUM_SMS
-from pallas_kernels.quantization import FORMATS, is_quantized
-from pallas_kernels.splits import merge_splits
+from jpaged.pallas_kernels.lowering import TARGET_NUM_SMS
+from jpaged.pallas_kernels.quantization import FORMATS, is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
     from jax.experimental import pallas as pl

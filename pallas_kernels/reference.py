@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.quantization import dequantize
+from jpaged.pallas_kernels.quantization import dequantize
 
 
 def causal_mask(q_pos, key_pos, sliding_window=None):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.quantization import dequantize
+from jpaged.pallas_kernels.quantization import dequantize
 
 # Keys per loop step of the paged path, measured on a 2-core CPU (benchmarks/attention.py,
 # 8 kv heads, head_dim 128): about BLOCK_TOKENS, more (up to MAX_BLOCK_TOKENS) while a

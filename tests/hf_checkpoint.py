@@ -1,5 +1,5 @@
 """A model's params and config in Hugging Face's checkpoint layout (the inverse of
-``models.loader``'s mapping), written without torch: what the loader, parity and server
+``jpaged.models.loader``'s mapping), written without torch: what the loader, parity and server
 tests read."""
 
 import json
@@ -8,8 +8,8 @@ import pathlib
 import numpy as np
 from safetensors.numpy import save_file
 
-from models import ModelConfig
-from models.loader import hf_names
+from jpaged.models import ModelConfig
+from jpaged.models.loader import hf_names
 
 
 def hf_config_dict(config: ModelConfig) -> dict:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 import hf_checkpoint
-import models
+from jpaged import models
 
 CONFIG = models.tiny_config(vocab_size=256, max_position_embeddings=1024)
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")

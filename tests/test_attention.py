@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jpaged import attention
-from jpaged.attention import (AttentionMetadata, cached_attention, dense_attention,
+from jpaged.core import attention
+from jpaged.core.attention import (AttentionMetadata, cached_attention, dense_attention,
                               paged_attention, paged_prefill_attention)
-from jpaged.cache import KVCache, PageTable
-from pallas_kernels import reference, xla_attention
+from jpaged.core.cache import KVCache, PageTable
+from jpaged.pallas_kernels import reference, xla_attention
 
-HAS_PALLAS_DECODE = importlib.util.find_spec("pallas_kernels.paged_decode") is not None
+HAS_PALLAS_DECODE = importlib.util.find_spec("jpaged.pallas_kernels.paged_decode") is not None
 OPTIONS = ("sm_scale", "soft_cap", "sliding_window")
 # Jitted: one compile per configuration, reused by every example drawn for it.
 decode_reference = jax.jit(reference.paged_decode_reference, static_argnames=OPTIONS)
@@ -148,7 +148,7 @@ def test_xla_decode_matches_reference(case, data):
     assert not np.asarray(out, np.float32)[np.asarray(lengths) == 0].any()
 
 
-@pytest.mark.skipif(not HAS_PALLAS_DECODE, reason="pallas_kernels.paged_decode not written yet")
+@pytest.mark.skipif(not HAS_PALLAS_DECODE, reason="jpaged.pallas_kernels.paged_decode not written yet")
 @pytest.mark.parametrize("case, lengths", [
     (config(16, 2, num_kv_heads=2, group=4, head_dim=64, dtype=jnp.float32, stacked=True),
      [0, 17]),

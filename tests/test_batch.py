@@ -6,11 +6,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from jpaged import distributed
-from jpaged.batch import SamplingRow, StepBatch
-from jpaged.sampling import SamplingParams
-from jpaged.scheduler import PageMoves
-from jpaged.shapes import bucket, cdiv, check_positive, flat_layout
+from jpaged.parallel import distributed
+from jpaged.engine.batch import SamplingRow, StepBatch
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.scheduler import PageMoves
+from jpaged.core.shapes import bucket, cdiv, check_positive, flat_layout
 from test_scheduler import builder, make
 
 import pytest
@@ -88,7 +88,7 @@ def test_histories_only_when_a_penalty_reads_them():
 def test_every_batch_field_travels_through_the_broadcast():
     """What multi-process sends is the flattened pytree: every field of StepBatch (and of
     its sampling tensors), static ones included, comes back equal, so a new field is
-    written only in jpaged/batch.py (the dataclass and BatchBuilder.build)."""
+    written only in jpaged/engine/batch.py (the dataclass and BatchBuilder.build)."""
     sched = make()
     sched.add_request("a", [1, 2, 3, 4, 5], 4)
     out = sched.schedule()

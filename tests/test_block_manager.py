@@ -2,8 +2,8 @@
 
 import pytest
 
-from jpaged.block_manager import BlockManager
-from jpaged.sequence import Sequence
+from jpaged.host.block_manager import BlockManager
+from jpaged.host.sequence import Sequence
 
 
 def seq(seq_id, tokens, extra_keys=None):

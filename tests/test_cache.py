@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jpaged.cache import KVCache, PageTable, copy_pages, slots_for, write
+from jpaged.core.cache import KVCache, PageTable, copy_pages, slots_for, write
 
 LAYERS, HEADS, HEAD_DIM, PAGE, PAGES = 2, 2, 8, 4, 6
 

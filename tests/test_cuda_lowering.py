@@ -2,7 +2,7 @@
 take fails here and not on a user's GPU.
 
 ``jax.export`` with ``platforms=["cuda"]`` runs the Pallas Triton lowering without a GPU
-(on jax >= 0.11 under an abstract H200, see ``pallas_kernels.lowering``). The kernel
+(on jax >= 0.11 under an abstract H200, see ``jpaged.pallas_kernels.lowering``). The kernel
 travels as Triton IR inside the custom call; that IR is parsed back and run through the
 Triton dialect's verifier as well. Registers, spills and shared memory of the compiled
 kernels are checked by ``benchmarks/kernel_resources.py``. What only the GPU's
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import pytest
 from jax._src.lib.mlir import ir
 
-from pallas_kernels import lowering
-from pallas_kernels import paged_decode as pd
-from pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
+from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels.quantization import FORMATS, SCALE_DTYPE, is_quantized
 
 try:  # private helper: an MLIR context with the Triton dialect, to verify the kernel IR
     from jax._src.pallas.triton.lowering import _new_ir_context as triton_ir_context

@@ -9,17 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from jpaged.batch import StepBatch
-from jpaged.block_manager import BlockManager
-from jpaged.cache import KVCache, PageTable
+from jpaged import models
+from jpaged.engine.batch import StepBatch
+from jpaged.host.block_manager import BlockManager
+from jpaged.core.cache import KVCache, PageTable
 from jpaged.decode_loop import (NO_EOS, PAD_TOKEN, _decode, _model_step, decode_loop,
                                 num_compilations, prepare, reserve, sampling_tensors)
-from jpaged.engine import LLMEngine
-from jpaged.runner import _step as runner_step
-from jpaged.sampling import SamplingParams
-from jpaged.scheduler import Scheduler
-from pallas_kernels.xla_attention import MAX_BLOCK_TOKENS
+from jpaged.engine.engine import LLMEngine
+from jpaged.engine.runner import _step as runner_step
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.scheduler import Scheduler
+from jpaged.pallas_kernels.xla_attention import MAX_BLOCK_TOKENS
 
 CONFIG = models.tiny_config(num_layers=2)
 LENGTHS = (5, 17, 9)
@@ -349,7 +349,7 @@ def test_other_bad_loop_inputs(model, empty):
         loop(model, cache, table, first, sampling=[SamplingParams()] * 2)
     # Half a model (no params, tokenizer, ...) is neither a Model nor a step function.
     half = types.SimpleNamespace(config=CONFIG, forward=model.forward)
-    with pytest.raises(ValueError, match=r"model must be a jpaged.interfaces.Model .* or a "
+    with pytest.raises(ValueError, match=r"model must be a jpaged.core.interfaces.Model .* or a "
                                          r"step function .*got SimpleNamespace"):
         decode_loop(half, model.params, cache, table, first, num_steps=STEPS)
 

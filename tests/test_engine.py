@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jpaged.interfaces
-from jpaged.bench import Trace, run_trace
-from jpaged.engine import LLM, LLMEngine
-from jpaged.interfaces import ModelBundle
-from jpaged.sampling import SamplingParams
-from models import Model, forward, forward_no_cache, init_params, tiny_config
+import jpaged.core.interfaces
+from jpaged.tools.bench import Trace, run_trace
+from jpaged.engine.engine import LLM, LLMEngine
+from jpaged.core.interfaces import ModelBundle
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.models import Model, forward, forward_no_cache, init_params, tiny_config
 
 CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
 REF_LEN = 64   # recompute inputs are right-padded to one shape: one compilation
@@ -120,20 +120,20 @@ def test_a_bundle_of_config_params_and_forward(model, references):
     (no tokenizer, no EOS, no param_axes) run in the engine. Anything else is refused."""
     batch, expected = references
     bundle = ModelBundle(model.config, model.params, forward)
-    assert isinstance(bundle, jpaged.interfaces.Model)
+    assert isinstance(bundle, jpaged.core.interfaces.Model)
     llm = LLM(bundle, page_size=4, num_pages=64, max_num_seqs=4, max_model_len=128)
     assert engine_outputs(llm, batch) == expected
     with pytest.raises(ValueError, match="needs a tokenizer"):
         llm.generate(["text"], GREEDY)
     partial = types.SimpleNamespace(config=model.config, params=model.params, forward=forward)
     for bad in (partial, {"config": model.config}, None):
-        with pytest.raises(ValueError, match=r"expected a model \(jpaged.interfaces.Model.*"
+        with pytest.raises(ValueError, match=r"expected a model \(jpaged.core.interfaces.Model.*"
                                              r"got " + type(bad).__name__):
             LLM(bad, num_pages=8)
 
 
 def test_bench_replays_a_trace_through_the_engine_protocol(model):
-    """jpaged.bench's figures come from Engine.metrics(): every request finishes with its
+    """jpaged.tools.bench's figures come from Engine.metrics(): every request finishes with its
     output length, at most max_num_seqs run at once, the host share is a fraction."""
     requests = Trace(num_requests=6, prompt_median=8, output_median=5, max_len=32).sample(
         CONFIG.vocab_size)
@@ -309,8 +309,8 @@ def test_replicas_refuse_prompts_by_the_engines_rule(prompt, message):
     engine refuses is refused by the router with the same message, before any replica."""
     from types import SimpleNamespace
 
-    from jpaged.replicas import Replicas
-    from jpaged.request import prompt_token_ids
+    from jpaged.parallel.replicas import Replicas
+    from jpaged.host.request import prompt_token_ids
 
     with pytest.raises(ValueError, match=message):
         prompt_token_ids(prompt, None)

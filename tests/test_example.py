@@ -45,7 +45,7 @@ def engine_lines(*flags) -> list[str]:
 
 
 def test_custom_model_tensor_parallel():
-    """The user's model, built from jpaged.layers, runs tensor-parallel unchanged: the
+    """The user's model, built from jpaged.parallel.layers, runs tensor-parallel unchanged: the
     engine over 2 devices prints the single-device tokens."""
     single = engine_lines()
     assert len(single) == 3, single

@@ -1,8 +1,8 @@
 """The GPU suite's CPU dry run: it passes for the kernel as it is and fails for kernels
 broken on purpose, so its verdict cannot rot into a check that passes anything.
 
-The breakages are injected into ``pallas_kernels.paged_decode`` (the Triton kernel, its
-8-bit read included) and ``pallas_kernels.ragged_attention`` (the Mosaic kernel) with
+The breakages are injected into ``jpaged.pallas_kernels.paged_decode`` (the Triton kernel, its
+8-bit read included) and ``jpaged.pallas_kernels.ragged_attention`` (the Mosaic kernel) with
 monkeypatch (the kernels look their helpers up at trace time); jax's caches are cleared around each so no
 trace of the healthy kernel is reused.
 """
@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import paged_decode as pd
-from pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels import ragged_attention as ra
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from test_models import PagedRun, reference  # noqa: E402 (after the skips)
 
-from models import load_hf  # noqa: E402
+from jpaged.models import load_hf  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
-from jpaged.batch import BatchBuilder
-from jpaged.block_manager import BlockManager
-from jpaged.scheduler import Scheduler
-from jpaged.sequence import Sequence, SequenceStatus
+from jpaged.engine.batch import BatchBuilder
+from jpaged.host.block_manager import BlockManager
+from jpaged.host.scheduler import Scheduler
+from jpaged.host.sequence import Sequence, SequenceStatus
 
 RUNNING, WAITING, SWAPPED = SequenceStatus.RUNNING, SequenceStatus.WAITING, SequenceStatus.SWAPPED
 

@@ -15,15 +15,16 @@ import pytest
 from test_attention import build_pool, numpy_attention
 from test_engine import greedy_on_poisoned_pool
 
-from jpaged import attention, cache as cache_module
-from jpaged.attention import paged_attention, paged_prefill_attention
-from jpaged.cache import KVCache, PageTable, copy_pages, kv_cache_dtype, write
-from jpaged.engine import LLM
-from jpaged.runner import ModelRunner
-from jpaged.sampling import SamplingParams
-from jpaged.scheduler import PageMoves
-from models import Model, init_params, tiny_config
-from pallas_kernels.quantization import FORMATS, dequantize, qmax, quantize
+from jpaged.core import attention
+from jpaged.core import cache as cache_module
+from jpaged.core.attention import paged_attention, paged_prefill_attention
+from jpaged.core.cache import KVCache, PageTable, copy_pages, kv_cache_dtype, write
+from jpaged.engine.engine import LLM
+from jpaged.engine.runner import ModelRunner
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.scheduler import PageMoves
+from jpaged.models import Model, init_params, tiny_config
+from jpaged.pallas_kernels.quantization import FORMATS, dequantize, qmax, quantize
 
 FMTS = sorted(FORMATS)   # "fp8" (where jax has it), "int8"
 

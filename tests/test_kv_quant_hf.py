@@ -19,9 +19,9 @@ pytest.importorskip("transformers")
 
 from test_hf_parity import hf_model  # noqa: E402 (after the skips)
 
-from jpaged.engine import LLM  # noqa: E402
-from jpaged.sampling import SamplingParams  # noqa: E402
-from models import forward_no_cache, load_model  # noqa: E402
+from jpaged.engine.engine import LLM  # noqa: E402
+from jpaged.host.sampling_params import SamplingParams  # noqa: E402
+from jpaged.models import forward_no_cache, load_model  # noqa: E402
 
 NEW_TOKENS = 64
 NUM_PROMPTS = 6

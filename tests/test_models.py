@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from hf_checkpoint import hf_config_dict, hf_tensors, write_checkpoint
-from jpaged.attention import AttentionMetadata
-from jpaged.cache import KVCache, PageTable, slots_for
-from models import (ModelConfig, RopeScaling, forward, forward_no_cache, init_params, load_hf,
+from jpaged.core.attention import AttentionMetadata
+from jpaged.core.cache import KVCache, PageTable, slots_for
+from jpaged.models import (ModelConfig, RopeScaling, forward, forward_no_cache, init_params, load_hf,
                     load_model, load_tokenizer, restore_params, save_params, tiny_config)
-from models.llama import param_shapes
+from jpaged.models.llama import param_shapes
 
 PAGE_SIZE = 4
 NUM_PAGES = 40

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 import jpaged
-from jpaged.attention import (AttentionMetadata, cached_attention, paged_attention,
+from jpaged.core.attention import (AttentionMetadata, cached_attention, paged_attention,
                               paged_prefill_attention)
-from jpaged.cache import KVCache, PageTable
-from pallas_kernels import ragged_attention as ra
+from jpaged.core.cache import KVCache, PageTable
+from jpaged.pallas_kernels import ragged_attention as ra
 
 # ||out - ref|| / ||ref|| bounds: float32 math; bf16/f16 operands and probabilities.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
@@ -258,7 +258,7 @@ def test_ragged_form_matches_tokens_form():
     assert not np.asarray(out[-2:]).any()
 
 
-# --- impl="mosaic" through jpaged.attention ---------------------------------------------
+# --- impl="mosaic" through jpaged.core.attention ---------------------------------------------
 
 def test_dispatch_decode_prefill_and_cached_attention():
     rng = np.random.default_rng(7)
@@ -338,4 +338,4 @@ def test_float32_runs_only_in_interpret_mode():
 
 def test_bad_impl_is_refused_early():
     with pytest.raises(ValueError, match="impl='triton'"):
-        jpaged.attention.check_impl("triton")
+        jpaged.core.attention.check_impl("triton")

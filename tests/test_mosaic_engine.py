@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-import models
+from jpaged import models
 from jpaged.decode_loop import decode_loop, prepare
-from jpaged.engine import LLM
-from jpaged.sampling import SamplingParams
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
 
 # head_dim 32, 4 query heads over 2 kv heads; pages of 16 tokens (the kernel takes >= 8).
 CONFIG = models.tiny_config(num_layers=2, max_position_embeddings=128)

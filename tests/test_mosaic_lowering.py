@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels import ragged_attention as ra
 
 HEAD_DIMS = ra.HEAD_DIMS
 PAGE_SIZES = (8, 16, 32, 64, 128)

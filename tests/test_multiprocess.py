@@ -1,5 +1,5 @@
 """Two processes on localhost run one tensor-parallel engine: the README's
-``python -m jpaged.distributed`` commands (``jax.distributed``, gloo CPU collectives, one
+``jpaged distributed`` commands (``python -m jpaged distributed``) (``jax.distributed``, gloo CPU collectives, one
 device per process). Process 0 schedules and broadcasts every step, process 1 serves;
 the tokens equal a single-device engine's in this process.
 """
@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from jpaged.engine import LLM
-from jpaged.sampling import SamplingParams
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
 
 PROMPTS = ["5,17,3,250,9,41", "7,7,300"]
 MAX_TOKENS = 8
@@ -29,7 +29,7 @@ def free_port() -> int:
 @pytest.mark.slow
 def test_two_processes_generate_like_one():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    command = [sys.executable, "-m", "jpaged.distributed", "--coordinator",
+    command = [sys.executable, "-m", "jpaged", "distributed", "--coordinator",
                f"127.0.0.1:{free_port()}", "--num-processes", "2", "--cpu-collectives", "gloo",
                "--max-tokens", str(MAX_TOKENS)]
     for prompt in PROMPTS:

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from pallas_kernels import paged_decode as pd
-from pallas_kernels.quantization import FORMATS, qmax, quantize
-from pallas_kernels.reference import paged_decode_reference
+from jpaged.pallas_kernels import paged_decode as pd
+from jpaged.pallas_kernels.quantization import FORMATS, qmax, quantize
+from jpaged.pallas_kernels.reference import paged_decode_reference
 
 # Reference in float32 from the same rounded inputs; the kernel feeds bf16/f16
 # probabilities to the matrix unit and rounds the output to the input dtype.

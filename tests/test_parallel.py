@@ -23,14 +23,15 @@ import pytest
 from jax.sharding import Mesh
 
 from hf_checkpoint import hf_tensors, write_checkpoint
-from jpaged.batch import StepBatch
-from jpaged.cache import PageTable
-from jpaged.engine import LLM
-from jpaged.interfaces import ModelBundle
-from jpaged.replicas import MAX_IMBALANCE, Replicas, Router
-from jpaged.runner import _step as runner_step
-from jpaged.sampling import SamplingParams, SamplingTensors
-from models import Model, init_params, tiny_config
+from jpaged.engine.batch import StepBatch
+from jpaged.core.cache import PageTable
+from jpaged.engine.engine import LLM
+from jpaged.core.interfaces import ModelBundle
+from jpaged.parallel.replicas import MAX_IMBALANCE, Replicas, Router
+from jpaged.engine.runner import _step as runner_step
+from jpaged.engine.sampler import SamplingTensors
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.models import Model, init_params, tiny_config
 
 DEVICES = 8
 SMALL = dict(num_layers=2, max_position_embeddings=128)
@@ -135,8 +136,8 @@ def pallas_under_shard_map() -> float:
     sharded pool, as the model's step runs it on a GPU: max error against the reference."""
     from jax.sharding import PartitionSpec as P
 
-    from jpaged import parallel
-    from jpaged.attention import paged_attention
+    from jpaged.parallel import mesh as parallel
+    from jpaged.core.attention import paged_attention
 
     mesh = parallel.replica_meshes(parallel.make_mesh(2))[0]
     keys = jax.random.split(jax.random.key(0), 3)
@@ -163,8 +164,8 @@ def row_parallel_layers() -> dict:
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
-    from jpaged import parallel
-    from jpaged.layers import MLP, ColumnParallelDense, RowParallelDense, logical_axes
+    from jpaged.parallel import mesh as parallel
+    from jpaged.parallel.layers import MLP, ColumnParallelDense, RowParallelDense, logical_axes
 
     class Block(nn.Module):
         hidden: int   # this device's hidden units: 64 on one device, 32 on each of two
@@ -198,7 +199,7 @@ def row_parallel_layers() -> dict:
 
 def mesh_axes_reordered() -> bool:
     """A ("model", "data") mesh is read as its ("data", "model") transpose."""
-    from jpaged import parallel
+    from jpaged.parallel import mesh as parallel
 
     devices = np.array(jax.devices()).reshape(4, 2)
     mesh = parallel.check_mesh(Mesh(devices, ("model", "data")))

@@ -5,9 +5,9 @@ import random
 import numpy as np
 import pytest
 
-from jpaged.block_manager import BlockManager
-from jpaged.pool_plot import PoolView, plot_pool
-from jpaged.sequence import Sequence
+from jpaged.host.block_manager import BlockManager
+from jpaged.tools.pool_plot import PoolView, plot_pool
+from jpaged.host.sequence import Sequence
 
 pytest.importorskip("matplotlib")
 

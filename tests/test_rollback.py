@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jpaged.engine import LLM
-from jpaged.sampling import SamplingParams
-from jpaged.soak import FAULTS, FaultInjector, InjectedDeviceError
-from models import Model, init_params, tiny_config
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.tools.soak import FAULTS, FaultInjector, InjectedDeviceError
+from jpaged.models import Model, init_params, tiny_config
 
 CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)

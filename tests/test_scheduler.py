@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from jpaged.batch import BatchBuilder
-from jpaged.block_manager import BlockManager
-from jpaged.scheduler import Scheduler
-from jpaged.sequence import SequenceStatus
+from jpaged.engine.batch import BatchBuilder
+from jpaged.host.block_manager import BlockManager
+from jpaged.host.scheduler import Scheduler
+from jpaged.host.sequence import SequenceStatus
 
 BUCKETS = {"min_token_bucket": 8, "min_seq_bucket": 2, "min_page_bucket": 2}
 
@@ -328,7 +328,7 @@ def test_host_side_imports_neither_jax_nor_the_model():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    seen, todo, external = set(), ["jpaged.block_manager", "jpaged.scheduler"], set()
+    seen, todo, external = set(), ["jpaged.host.block_manager", "jpaged.host.scheduler"], set()
     while todo:
         module = todo.pop()
         if module in seen:
@@ -343,5 +343,5 @@ def test_host_side_imports_neither_jax_nor_the_model():
                     todo.append(name)
                 else:
                     external.add(name.split(".")[0])
-    assert seen >= {"jpaged.sequence", "jpaged.shapes"}
+    assert seen >= {"jpaged.host.sequence", "jpaged.core.shapes"}
     assert not external & {"jax", "jaxlib", "flax", "models", "jpaged"}, external

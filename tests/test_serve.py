@@ -218,7 +218,7 @@ def test_chat_uses_the_checkpoint_template(client, reference, checkpoint):
 def test_chat_without_a_template_is_a_400():
     from starlette.testclient import TestClient
 
-    from jpaged.serve import Server
+    from jpaged.serving.server import Server
 
     server = Server(LLM("tiny", num_pages=16, max_num_seqs=4,
                         max_num_batched_tokens=16).engine, "tiny")

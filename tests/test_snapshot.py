@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jpaged import snapshot
-from jpaged.engine import LLM
-from jpaged.sampling import SamplingParams
+from jpaged.engine import snapshot
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
 # A pool small enough that swapping and preemption happen within a few steps.
@@ -239,7 +239,7 @@ def test_truncated_snapshots_are_refused(saved, tmp_path):
 def test_foreign_snapshots_are_refused(saved, tmp_path):
     import shutil
 
-    from models import Model, init_params, tiny_config
+    from jpaged.models import Model, init_params, tiny_config
     import jax
 
     path, _, _ = saved
@@ -268,7 +268,7 @@ def test_foreign_snapshots_are_refused(saved, tmp_path):
 
 
 def test_bundle_model_needs_model_override(tmp_path):
-    from models import Model, init_params, tiny_config
+    from jpaged.models import Model, init_params, tiny_config
     import jax
 
     config = tiny_config(num_layers=2)

@@ -1,12 +1,12 @@
-"""The soak (``jpaged.soak``, ``benchmarks/soak.py``) at CI sizes: random adds, aborts and
+"""The soak (``jpaged.tools.soak``, ``benchmarks/soak.py``) at CI sizes: random adds, aborts and
 steps with faults injected and snapshots restored, every step checked (no page leaked,
 ref counts equal holders, nothing stuck), greedy requests equal to a clean run."""
 
 import jax
 import pytest
 
-from jpaged.soak import Soak, SoakConfig
-from models import Model, init_params, tiny_config
+from jpaged.tools.soak import Soak, SoakConfig
+from jpaged.models import Model, init_params, tiny_config
 
 CONFIG = tiny_config(num_layers=2, max_position_embeddings=128)
 

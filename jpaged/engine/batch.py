@@ -1,0 +1,157 @@
+"""Plan -> ``StepBatch``: the one place that turns a step's plan into device arrays.
+
+The scheduler decides (``StepPlan``: rows, token counts, page moves); ``BatchBuilder``
+lays the plan out as a few padded arrays whose shapes come from a small set of buckets,
+so a long run compiles a bounded number of programs; the runner feeds the ``StepBatch``
+to one jitted step, and ``jpaged.parallel.distributed`` broadcasts it as a flattened pytree.
+A new batch field is written here only: a field of ``StepBatch`` and its value in
+``BatchBuilder.build`` (tests/test_batch.py checks that every field travels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from jpaged.core.attention import AttentionMetadata
+from jpaged.core.cache import PageTable
+from jpaged.engine.sampler import SamplingTensors
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.scheduler import Scheduler, StepPlan
+from jpaged.host.sequence import Sequence
+from jpaged.core.shapes import bucket, flat_layout
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepBatch:
+    """Everything one jitted step reads (a pytree). Padded shapes: T tokens, B rows,
+    W pages per row, R sampling rows, each a bucket.
+
+    token_ids, positions, slot_mapping, q_seq: ``int32[T]``, the rows' tokens one after
+        the other; padding: token 0, position 0, slot 0 (the null page), row 0.
+    block_tables: ``int32[B, W]`` padded with 0. context_lens: ``int32[B]``, each row's
+        length after this step's tokens are written, 0 for padded rows.
+    logits_indices: ``int32[R]``, the flat token whose logits sampling row r uses: rows
+        0..B-1 are the plan's rows (0 when padded), the rest extra samples of a row's
+        logits (the first tokens of parallel samples). sampling: its ``R`` rows.
+    is_decode (static): every row has one token and token i belongs to row i (T == B).
+    num_top (static): top logprobs to return per sampling row.
+    """
+
+    token_ids: jax.Array
+    positions: jax.Array
+    slot_mapping: jax.Array
+    q_seq: jax.Array
+    block_tables: jax.Array
+    context_lens: jax.Array
+    logits_indices: jax.Array
+    sampling: SamplingTensors
+    is_decode: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    num_top: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    def attention_metadata(self, attention_impl: str = "auto") -> AttentionMetadata:
+        """The model's view of this batch; ``attention_impl`` is the runner's choice."""
+        return AttentionMetadata(slot_mapping=self.slot_mapping, q_seq=self.q_seq,
+                                 positions=self.positions,
+                                 page_table=PageTable(self.block_tables, self.context_lens),
+                                 is_decode=self.is_decode, attention_impl=attention_impl)
+
+
+class SamplingRow(NamedTuple):
+    """One token to sample: from the logits of plan row ``row``, with ``params`` and
+    ``seed``, continuing ``seq`` (its output count is the step index; its tokens feed
+    the penalties)."""
+
+    row: int
+    params: SamplingParams
+    seed: int
+    seq: Sequence
+
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class BatchBuilder:
+    """Lays plans out as ``StepBatch``\\ es. Token, row and page-per-row counts are padded
+    to powers of two, at least ``min_token_bucket`` / ``min_seq_bucket`` /
+    ``min_page_bucket`` and at most the scheduler's limits."""
+
+    def __init__(self, page_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_pages_per_seq: int, *, min_token_bucket: int = 16,
+                 min_seq_bucket: int = 8, min_page_bucket: int = 4):
+        self.page_size = page_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_pages_per_seq = max_pages_per_seq
+        self.min_token_bucket = min_token_bucket
+        self.min_seq_bucket = min_seq_bucket
+        self.min_page_bucket = min_page_bucket
+
+    @classmethod
+    def for_scheduler(cls, scheduler: Scheduler, **buckets) -> "BatchBuilder":
+        return cls(scheduler.block_manager.page_size, scheduler.max_num_seqs,
+                   scheduler.max_num_batched_tokens, scheduler.max_pages_per_seq, **buckets)
+
+    def build(self, plan: StepPlan, sampling: list[SamplingRow] | None = None,
+              num_top: int = 0) -> StepBatch:
+        """The batch of ``plan``. sampling: one ``SamplingRow`` per plan row, in order, then
+        any extra rows; default: every row greedy."""
+        seqs, num_rows, num_tokens = plan.seqs, plan.num_seqs, plan.num_tokens
+        counts = np.array(plan.num_new_tokens, np.int32)
+        starts = np.array(plan.start_positions, np.int32)
+        is_decode = plan.is_decode
+        rows = bucket(num_rows, self.min_seq_bucket, self.max_num_seqs)
+        tokens = rows if is_decode else bucket(num_tokens, self.min_token_bucket,
+                                               self.max_num_batched_tokens)
+        width = bucket(max((len(s.block_table) for s in seqs), default=0),
+                       self.min_page_bucket, self.max_pages_per_seq)
+        padding = len(plan.tables) - 1   # the mirror's all-zero row
+        block_tables = plan.tables[plan.table_rows + [padding] * (rows - num_rows), :width]
+        row, pos, slots = flat_layout(starts, counts, block_tables, self.page_size)
+
+        token_ids = np.zeros(tokens, np.int32)
+        token_ids[:num_tokens] = (   # one token per row is the common step: no slicing
+            [s.token_ids[a] for s, a in zip(seqs, plan.start_positions)] if is_decode
+            else list(itertools.chain.from_iterable(s.token_ids[a:a + n] for s, a, n in zip(
+                seqs, plan.start_positions, plan.num_new_tokens))))
+        context_lens = _padded(starts + counts, rows)
+        last = np.cumsum(counts) - 1   # flat index of each row's last token
+        if sampling is None:
+            sampling = [SamplingRow(i, GREEDY, 0, s) for i, s in enumerate(seqs)]
+        extra = sampling[num_rows:]
+        size = bucket(rows + len(extra), rows)
+        logits_indices = np.zeros(size, np.int32)
+        logits_indices[:num_rows] = last
+        logits_indices[rows:rows + len(extra)] = last[[r.row for r in extra]]
+        return StepBatch(
+            token_ids=token_ids, positions=_padded(pos, tokens),
+            slot_mapping=_padded(slots, tokens), q_seq=_padded(row, tokens),
+            block_tables=block_tables, context_lens=context_lens,
+            logits_indices=logits_indices,
+            sampling=_sampling_tensors(sampling[:num_rows] + [None] * (rows - num_rows)
+                                       + extra, size),
+            is_decode=is_decode, num_top=num_top)
+
+
+def _padded(values, size: int) -> np.ndarray:
+    out = np.zeros(size, np.int32)
+    out[:len(values)] = values
+    return out
+
+
+def _sampling_tensors(rows: list[SamplingRow | None], size: int) -> SamplingTensors:
+    """Padded (None) rows are greedy; histories are copied only when a penalty reads them."""
+    params = [r.params if r else GREEDY for r in rows]
+    histories = {}
+    if any(p.uses_penalties for p in params):
+        histories = dict(
+            prompt_tokens=[r.seq.token_ids[:r.seq.num_prompt_tokens] if r else [] for r in rows],
+            output_tokens=[r.seq.output_token_ids if r else [] for r in rows])
+    return SamplingTensors.from_params(
+        params, [r.seed if r else 0 for r in rows],
+        [r.seq.num_output_tokens if r else 0 for r in rows], batch=size, **histories)

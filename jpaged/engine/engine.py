@@ -1,0 +1,491 @@
+"""LLMEngine and LLM: the step loop that joins the scheduler, the model and the cache.
+
+Each ``LLMEngine.step()`` is the map's four steps: the scheduler plans the rows and
+reserves their slots (host), the batch builder lays the plan out as a ``StepBatch``, the
+runner moves pages and runs one jitted step that samples on the device, and the engine
+applies the sampled ids: appends them, forks parallel samples and beams, applies the stop
+rules and reports outputs (host). Records live in ``jpaged.host.request``, beam search in
+``jpaged.engine.beam_search``, stop rules in ``jpaged.host.stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Iterator, Sequence as Seq
+
+import jax
+import numpy as np
+
+from jpaged.engine import beam_search
+from jpaged.engine import model_loading
+from jpaged.parallel import mesh as parallel
+from jpaged.engine import snapshot
+from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
+from jpaged.host.block_manager import BlockManager
+from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
+from jpaged.core.interfaces import Engine, Model
+from jpaged.engine.config import (FALLBACK_KV_BYTES, EngineConfig,
+                                 kv_bytes_from_utilization)
+from jpaged.host.request import (CompletionOutput, Request, RequestOutput, Stream, finished_copy,
+                            prompt_token_ids)
+from jpaged.engine.runner import ModelRunner
+from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.scheduler import Scheduler, StepPlan
+from jpaged.host.sequence import Sequence, SequenceStatus
+from jpaged.core.shapes import bucket
+from jpaged.host.stop import StopRules
+
+RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+
+__all__ = ["LLM", "CompletionOutput", "LLMEngine", "RequestOutput"]
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache: ``add_request``, ``abort``, ``step``.
+
+    model: see ``jpaged.core.interfaces.Model``. An ``jpaged.core.interfaces.Engine``.
+    """
+
+    def __init__(self, model: Model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
+                 num_host_pages: int = 0, attention_impl: str = "auto"):
+        self.model = model
+        self.scheduler = scheduler
+        self.batcher = BatchBuilder.for_scheduler(scheduler)
+        self.runner = ModelRunner(model, cache, num_host_pages, attention_impl)
+        self.tokenizer = model.tokenizer
+        self.stop = StopRules(model.eos_token_ids, self.tokenizer)
+        self.rng = np.random.default_rng(seed)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        self.host_time = 0.0
+        self.step_time = 0.0
+
+    # -- requests --------------------------------------------------------------------
+
+    def add_request(self, prompt, params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = prompt_token_ids(prompt, self.tokenizer)
+        vocab = self.model.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
+                             f"vocabulary [0, {vocab})")
+        seq = self.scheduler.add_request(request_id, token_ids, params.max_tokens, priority)
+        self._track(Request(request_id, text, token_ids, params,
+                            params.sequence_seeds(self.rng), time.perf_counter()), seq)
+        return request_id
+
+    def _track(self, request: Request, seq: Sequence) -> None:
+        """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
+        request.seqs[seq.seq_id] = seq
+        request.streams[seq.seq_id] = Stream(0, request.seeds[0])
+        self.requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> None:
+        request_id = str(request_id)
+        if request_id not in self.requests:
+            raise ValueError(f"unknown request id {request_id!r}")
+        self.requests.pop(request_id)
+        if request_id in self.scheduler.requests:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def metrics(self) -> dict:
+        """Queue lengths, pool use, prefix-cache and preemption counters (see
+        ``Scheduler.metrics``); ``num_pages``: the pool's pages, the null page included;
+        ``step_seconds``: wall time spent in ``step`` so far, ``host_seconds`` the part of
+        it outside the device call."""
+        return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages,
+                "step_seconds": self.step_time, "host_seconds": self.host_time}
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.stop.eos_token_ids
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+    # -- one step --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns the requests that made progress (finished ones last time).
+
+        The map's four steps: plan (host), build the batch, run it (device), apply it.
+        All or nothing: if anything raises, the step is undone (``_roll_back``, or
+        ``_restart`` once the host update has begun) and the exception re-raised."""
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.seqs:
+            self.scheduler.roll_back(plan)   # its preemptions' swap-outs will not run
+            return self._idle()
+        try:
+            forks = self._pending_forks(plan)
+            batch = self._build(plan, forks)
+            sampled = self._run(plan, batch)
+        except BaseException:
+            self._roll_back(plan)
+            raise
+        sampling = {seq.request_id: (self.requests[seq.request_id], seq)
+                    for seq, sample in zip(plan.seqs, plan.sample) if sample}
+        try:
+            outputs = self._apply(plan, batch, forks, sampled)
+        except BaseException:
+            self._restart(sampling.values())
+            raise
+        self._count_step(start)
+        return outputs
+
+    def _roll_back(self, plan: StepPlan) -> None:
+        """The step failed before the host update: the scheduler undoes its plan; if the
+        failure consumed the donated pool, a zeroed one replaces it and every running
+        sequence recomputes."""
+        self.scheduler.roll_back(plan)
+        if self.runner.replace_lost_cache():
+            self.scheduler.drop_device_pages()
+
+    def _restart(self, requests) -> None:
+        """The host update failed part way, so the host state of the requests that were
+        sampling (tokens, forks, beams, logprobs, finished or not) cannot be trusted:
+        each ``(request, one of its sequences)`` starts over from its prompt, keeping its
+        seeds, arrival and place in the queue, and so regenerates exactly its tokens. The
+        device step did run: the pages it filled stay in the prefix cache, and the other
+        rows (prefill chunks) keep their progress."""
+        for old, seq in requests:
+            if old.request_id in self.scheduler.requests:
+                self.scheduler.abort(old.request_id)
+            fresh = self.scheduler.add_request(old.request_id, old.prompt_token_ids,
+                                               seq.max_tokens, extra_keys=seq.extra_keys,
+                                               order=seq.order[:2] + (0,))
+            self._track(Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
+                                old.seeds, old.metrics.arrival_time), fresh)
+
+    def _idle(self) -> list[RequestOutput]:
+        if self.scheduler.waiting or self.scheduler.swapped:
+            raise RuntimeError("the scheduler could not run anything: the pool is too "
+                               "small for the waiting requests")
+        return []
+
+    def _build(self, plan: StepPlan, forks: list[tuple[int, int]]) -> StepBatch:
+        """The step's batch: the plan's rows, each sampling with its sequence's params and
+        seed, then one extra row per pending fork (see ``_pending_forks``)."""
+        rows = []
+        for row, seq in enumerate(plan.seqs):
+            request = self.requests[seq.request_id]
+            rows.append(SamplingRow(row, request.params, request.streams[seq.seq_id].seed, seq))
+        for row, index in forks:
+            request = self.requests[plan.seqs[row].request_id]
+            rows.append(SamplingRow(row, request.params, request.seeds[index], plan.seqs[row]))
+        # Top logprobs: 2 * width candidates per beam, or what the requests ask for.
+        wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
+                      for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
+                     default=0)
+        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0)
+
+    def _run(self, plan: StepPlan, batch: StepBatch):
+        device_start = time.perf_counter()
+        sampled = self.runner.execute(plan.moves, batch)
+        self.host_time -= time.perf_counter() - device_start   # _count_step adds it back
+        return sampled
+
+    def _count_step(self, start: float) -> None:
+        elapsed = time.perf_counter() - start
+        self.num_steps += 1
+        self.step_time += elapsed
+        self.host_time += elapsed
+
+    def _pending_forks(self, plan: StepPlan) -> list[tuple[int, int]]:
+        """(row, completion index) for every parallel sample beyond the first whose first
+        token comes from a prompt finishing in this step: they share its logits row."""
+        forks = []
+        for row, seq in enumerate(plan.seqs):
+            request = self.requests[seq.request_id]
+            if (plan.sample[row] and not request.beam_width and request.params.n > 1
+                    and len(request.streams) == 1 and seq.num_output_tokens == 0):
+                forks += [(row, index) for index in range(1, request.params.n)]
+        return forks
+
+    def _apply(self, plan: StepPlan, batch: StepBatch, forks, sampled) -> list[RequestOutput]:
+        """Append sampled tokens, fork samples and beams, stop sequences; host side."""
+        for row, seq in enumerate(plan.seqs):
+            metrics = self.requests[seq.request_id].metrics
+            if not metrics.scheduled:
+                # A prefix-cache hit starts the first chunk past the cached pages.
+                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+        rows = len(batch.context_lens)   # the forks' samples follow the padded rows
+        tokens = np.array(sampled.tokens[:rows])
+        beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)
+        now = time.perf_counter()
+        appended = [(row, seq) for row, seq in enumerate(plan.seqs)
+                    if plan.sample[row] and seq.status is RUNNING]
+        for row, seq in appended:
+            self._record(seq, int(tokens[row]), sampled, row)
+        self.scheduler.update(plan, tokens)
+        touched = {id(self.requests[s.request_id]): self.requests[s.request_id]
+                   for _, s in appended}
+        children = []
+        for i, (row, index) in enumerate(forks, rows):
+            children.append(self._fork(plan.seqs[row], index, int(sampled.tokens[i]), sampled,
+                                       i))
+        for step in beams:
+            children += beam_search.advance(step, self.scheduler, self._new_seq_id(step))
+        for seq in [seq for _, seq in appended] + children:
+            self._check_stop(seq)
+        for request in touched.values():
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            self._maybe_finish(request, now)
+        return [self._output(r) for r in touched.values()]
+
+    def _new_seq_id(self, step):
+        request_id = step.request.request_id
+        return lambda: f"{request_id}#{next(self._ids)}"
+
+    def _record(self, seq: Sequence, token: int, sampled, row: int) -> None:
+        """Logprob bookkeeping of a token about to be appended to ``seq``."""
+        request = self.requests[seq.request_id]
+        if request.beam_width:   # a beam's score comes from its chosen candidate
+            return
+        stream = request.streams[seq.seq_id]
+        stream.cumulative_logprob += float(sampled.logprobs[row])
+        if request.params.logprobs is not None:
+            top = {int(t): float(lp) for t, lp in zip(
+                sampled.top_ids[row, :request.params.logprobs],
+                sampled.top_logprobs[row, :request.params.logprobs])}
+            top[token] = float(sampled.logprobs[row])
+            stream.logprobs.append(top)
+
+    def _fork(self, parent: Sequence, index: int, token: int, sampled, row: int):
+        """Completion ``index`` of a parallel-sampling request starts as a fork of ``parent``
+        (sharing its pages), with its own first token."""
+        request = self.requests[parent.request_id]
+        child_id = f"{parent.request_id}#{index}"
+        request.streams[child_id] = Stream(index, request.seeds[index])
+        if parent.status is RUNNING:
+            child = self.scheduler.fork(parent, child_id, token)
+        else:   # the parent stopped at once (max_tokens=1): the child is done too
+            child = finished_copy(parent, child_id, token, parent.finish_reason)
+        request.seqs[child_id] = child
+        self._record(child, token, sampled, row)
+        return child
+
+    def _check_stop(self, seq: Sequence) -> None:
+        """A sequence meeting a stop rule finishes with reason "stop", also when the length
+        limit stopped it in the same step. Beams stop through their candidates and are
+        detokenized when they finish."""
+        request = self.requests[seq.request_id]
+        if request.beam_width or not self.stop.check(request.params, seq,
+                                                     request.streams[seq.seq_id]):
+            return
+        if seq.status is FINISHED:
+            seq.finish_reason = "stop"
+        else:
+            self.scheduler.finish(seq, "stop")
+
+    # -- outputs ---------------------------------------------------------------------
+
+    def _maybe_finish(self, request: Request, now: float) -> None:
+        if any(s.status is not FINISHED for s in request.seqs.values()):
+            return
+        request.finished = True
+        request.metrics.finished_time = now
+        request.metrics.num_output_tokens = max(
+            (s.num_output_tokens for s in request.seqs.values()), default=0)
+        self.requests.pop(request.request_id, None)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = (beam_search.completions(request, self.stop.decode) if request.beam_width
+                   else request.sampled_completions())
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
+                             outputs, request.finished, request.metrics)
+
+
+class LLM:
+    """Offline generation: ``LLM("tiny").generate(prompts, SamplingParams(...))``.
+
+    model: ``"tiny"``, a checkpoint directory, or a model bundle (a
+    ``jpaged.core.interfaces.Model``, e.g. ``ModelBundle(config, params, forward)``). The KV
+    pool holds
+    ``num_pages`` pages of ``page_size`` tokens, or as many as fit in ``kv_cache_bytes``.
+    ``watermark``: the fraction of the pool that admitting new prompts leaves free for the
+    running sequences to grow into; higher means fewer preemptions and a smaller batch.
+    ``static_batching`` admits new prompts only while the batch is still filling, then runs
+    it to completion (the dense-cache baseline sets it, with one page of ``max_model_len``
+    tokens per sequence).
+
+    Several devices (``jpaged.parallel.mesh``): ``tensor_parallel=N`` splits heads, the MLP and
+    the KV pool over N devices; ``data_parallel=R`` runs R such replicas, each with its own
+    pool and scheduler, requests going to the least loaded (to the one holding their
+    prefix with ``prefix_routing``); or ``mesh=`` a ``jax.sharding.Mesh`` with axes
+    ``"data"`` and/or ``"model"``. ``kv_cache_bytes`` is then per device.
+
+    ``attention_impl``: the paged attention every layer runs (``jpaged.core.attention``'s
+    ``impl``: "auto", "pallas", "mosaic", "xla", "reference").
+
+    ``kv_cache_dtype``: "auto" stores K/V in the model's dtype; "int8" or "fp8"
+    (float8_e4m3fn) store 8-bit codes with a bfloat16 scale per token and kv head, about
+    twice the tokens in the same ``kv_cache_bytes`` (``kv_cache_info()`` tells the pool).
+
+    ``memory_utilization``: size the pool instead from that fraction of each device's
+    memory, less what the weights use (``jpaged.engine.config.kv_bytes_from_utilization``;
+    64 MiB per device where the device reports no memory, as a CPU). ``host_cache_bytes``:
+    the swap pool in bytes per device, instead of ``num_host_pages``.
+
+    vLLM's names work too, with vLLM's meaning (``jpaged.engine.config.VLLM_NAMES``):
+    ``tensor_parallel_size``, ``data_parallel_size``, ``block_size``,
+    ``gpu_memory_utilization``, ``swap_space`` (GiB).
+    """
+
+    def __init__(self, model: str | Model = "tiny", *, mesh=None,
+                 config: EngineConfig | None = None, **options):
+        if config is None:
+            config = EngineConfig.from_options(**options)
+        elif options:
+            config = EngineConfig.from_options(**{**config.to_dict(), **options})
+        spec = model if isinstance(model, str) else None
+        layout = parallel.Layout.create(model, mesh, config.tensor_parallel,
+                                        config.data_parallel)
+        if layout is None:   # a bundle is checked and kept; a name is loaded
+            model = model_loading.load_model(model, config.dtype)
+        replicas = [(model, None)] if layout is None else layout.load(model, config.dtype)
+        model = replicas[0][0]
+        model_config = model.config
+        max_model_len = config.max_model_len or model_config.max_position_embeddings
+        if max_model_len > model_config.max_position_embeddings:
+            raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                             f"max_position_embeddings={model_config.max_position_embeddings}")
+        pool_dtype = resolve_kv_cache_dtype(
+            config.kv_cache_dtype, config.dtype or jax.tree.leaves(model.params)[0].dtype)
+        geometry = (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim,
+                    config.page_size)
+        model_size = layout.model_size if layout else 1
+        kv_cache_bytes, num_pages = config.kv_cache_bytes, config.num_pages
+        if config.memory_utilization is not None:
+            devices = {d for replica, _ in replicas
+                       for leaf in jax.tree.leaves(replica.params) for d in leaf.devices()}
+            kv_cache_bytes = kv_bytes_from_utilization(
+                config.memory_utilization, sorted(devices, key=lambda d: d.id))
+        if num_pages is None:
+            budget = (kv_cache_bytes or FALLBACK_KV_BYTES) * model_size
+            num_pages = KVCache.pages_for_memory(budget, *geometry, pool_dtype)
+        num_host_pages = config.num_host_pages or 0
+        if config.host_cache_bytes:
+            num_host_pages = KVCache.pages_for_memory(config.host_cache_bytes * model_size,
+                                                      *geometry, pool_dtype)
+        self.max_model_len = max_model_len
+        self.model_config = layout.config if layout else model_config  # before tensor parallel
+        # What a snapshot needs to build this LLM again (see jpaged.engine.snapshot): the
+        # options with every size resolved.
+        self._spec = spec
+        self.config = config.replace(
+            num_pages=num_pages, kv_cache_bytes=None, memory_utilization=None,
+            num_host_pages=num_host_pages, host_cache_bytes=None, max_model_len=max_model_len,
+            tensor_parallel=layout.model_size if layout else None,
+            data_parallel=layout.num_replicas if layout else None)
+        self._kv_cache_info = dict(num_pages=num_pages, page_size=config.page_size,
+                                   kv_cache_dtype=pool_dtype.name,
+                                   bytes_per_page=KVCache.bytes_per_page(*geometry, pool_dtype))
+        engines = []
+        for replica, sharding in replicas:
+            cache = KVCache.create(*geometry, num_pages, pool_dtype, sharding)
+            block_manager = BlockManager(num_pages, config.page_size, num_host_pages=num_host_pages,
+                                         watermark=config.watermark,
+                                         enable_prefix_caching=config.enable_prefix_caching)
+            scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=max_model_len, preemption_mode=config.preemption_mode,
+                                  static_batching=config.static_batching)
+            engines.append(LLMEngine(replica, cache, scheduler, seed=config.seed + len(engines),
+                                     num_host_pages=num_host_pages,
+                                     attention_impl=config.attention_impl))
+        self.engine: Engine = (engines[0] if layout is None
+                               else layout.engine(engines, config.prefix_routing))
+
+    def save_snapshot(self, path, overwrite: bool = False) -> None:
+        """Write the whole engine between two steps to the directory ``path``: the pages in
+        use (device and swap pool), block tables, block manager, scheduler queues and every
+        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is refused
+        unless ``overwrite``; a failed save leaves it as it was."""
+        snapshot.save(self, path, overwrite)
+
+    @classmethod
+    def from_snapshot(cls, path, **overrides) -> "LLM":
+        """An ``LLM`` resuming the snapshot at ``path``: stepping on gives the tokens the
+        saved one would have. The model is the snapshot's ("tiny" or its checkpoint
+        directory) unless ``model=``; ``tensor_parallel=`` / ``mesh=`` and
+        ``attention_impl=`` may differ, other options must equal the snapshot's. A
+        truncated or foreign snapshot (another model config or pool geometry) raises a
+        ValueError naming what differs."""
+        return snapshot.restore(cls, path, **overrides)
+
+    def kv_cache_info(self) -> dict:
+        """The KV pool of each replica: num_pages (null page included), page_size,
+        kv_cache_dtype (the pages' dtype name: "bfloat16", "int8", "float8_e4m3fn", ...)
+        and bytes_per_page (one page of every layer, K and V and their scales, summed over
+        the tensor-parallel devices)."""
+        return dict(self._kv_cache_info)
+
+    def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
+               ) -> Iterator[RequestOutput]:
+        """Add the prompts, then yield a ``RequestOutput`` each time one makes progress.
+
+        If the caller stops early (``close()``, a ``break`` that drops the generator, an
+        exception such as ``KeyboardInterrupt``), the requests not yet finished are
+        aborted, so the engine is left as it was before the call."""
+        pending = set(self._add(prompts, params))
+        try:
+            while pending:
+                outputs = [o for o in self.engine.step() if o.request_id in pending]
+                pending -= {o.request_id for o in outputs if o.finished}   # before yielding:
+                yield from outputs                     # finished ones are no longer abortable
+        finally:
+            for request_id in pending:
+                # Data-parallel replicas: a replica may have finished a request in a step
+                # whose outputs another replica's failure never let through.
+                with contextlib.suppress(ValueError):
+                    self.engine.abort(request_id)
+
+    def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
+                 progress=None) -> list[RequestOutput]:
+        """Finished outputs in the order of ``prompts``. ``progress`` (e.g. a tqdm bar) gets
+        ``update(1)`` per finished request."""
+        finished = {}
+        for output in self.stream(prompts, params):
+            if output.finished:
+                finished[output.request_id] = output
+                if progress is not None:
+                    progress.update(1)
+        return sorted(finished.values(), key=lambda o: self._order[o.request_id])
+
+    def _add(self, prompts, params) -> list[str]:
+        """Add every prompt, or none: a bad one aborts those this call already added."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], (int, np.integer))):
+            prompts = [prompts]
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        else:
+            params = [params] * len(prompts)
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort(request_id)
+            raise
+        self._order = {request_id: i for i, request_id in enumerate(ids)}
+        return ids

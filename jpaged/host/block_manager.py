@@ -1,0 +1,282 @@
+"""Host-side page allocator: free queue, ref counts, copy-on-write, prefix cache, swap.
+
+Pure Python over integers; the device only ever sees the block tables and the page-copy
+plans this module returns.
+"""
+
+import itertools
+from collections import OrderedDict
+
+from jpaged.host.sequence import Sequence
+from jpaged.core.shapes import cdiv
+
+
+class BlockManager:
+    """Hands out the pages of a pool of ``num_pages`` pages of ``page_size`` slots.
+
+    Page 0 is the null page and is never handed out. Every page has a reference count (the
+    number of block tables holding it). Pages with count 0 sit in ``free_queue``, an ordered
+    dict used as an O(1) queue: pages holding nothing at the front, then pages the prefix
+    cache still remembers, least recently released first, so a cached page is evicted only
+    when no empty page is left.
+
+    Prefix caching: a full page whose K/V has been computed is registered under the key
+    ``(parent key id, its token ids, extra keys)``, where the parent key id names the
+    previous page's entry. Hashing the key thus chains the hashes over the whole prefix,
+    and the dict compares the whole key on a hit (token ids included), so a hash collision
+    can never serve another prompt's K/V. Key ids are never reused.
+
+    Swap: a host pool of ``num_host_pages`` pages; ``swap_out`` / ``swap_in`` return the
+    ``(src, dst)`` page copies the device must perform.
+
+    ``watermark``: fraction of the pool that admission of new prompts leaves free, so a
+    burst of prompts cannot take the pages running sequences need to grow.
+    """
+
+    def __init__(self, num_pages: int, page_size: int, *, num_host_pages: int = 0,
+                 watermark: float = 0.01, enable_prefix_caching: bool = True):
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages}: need at least 2 (page 0 is the null page)")
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} must be >= 1")
+        if num_host_pages < 0:
+            raise ValueError(f"num_host_pages={num_host_pages} must be >= 0")
+        if not 0 <= watermark < 1:
+            raise ValueError(f"watermark={watermark} must be in [0, 1)")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.num_host_pages = num_host_pages
+        self.watermark_pages = int(watermark * num_pages)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_counts = [0] * num_pages
+        self.free_queue = OrderedDict.fromkeys(range(1, num_pages))
+        self.cache: dict[tuple, tuple[int, int]] = {}   # key -> (page, key id)
+        self.page_keys: dict[int, tuple] = {}            # cached page -> its key
+        self._key_ids = itertools.count(1)               # 0 is the root: no parent page
+        self.host_free = list(range(num_host_pages))
+        self.hit_tokens = 0
+        self.query_tokens = 0
+
+    @property
+    def num_free_pages(self) -> int:
+        """Pages with ref count 0, cached ones included (they are evicted on demand)."""
+        return len(self.free_queue)
+
+    @property
+    def num_usable_pages(self) -> int:
+        """Pages one sequence may ever hold: the pool less the null page and the watermark."""
+        return self.num_pages - 1 - self.watermark_pages
+
+    # -- allocation ------------------------------------------------------------------
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        """Whether ``allocate(seq)`` fits and leaves the admission watermark free."""
+        needed = self._pages_to_take(seq, self._match(seq))
+        return len(self.free_queue) - needed >= self.watermark_pages
+
+    def allocate(self, seq: Sequence) -> int:
+        """Give ``seq`` pages for all its tokens, reusing cached prefix pages.
+
+        Returns the number of leading tokens whose K/V is already cached (whole pages,
+        never the last token, so the step that computes it has logits to sample from).
+        """
+        hits = self._match(seq)
+        needed = self._pages_to_take(seq, hits)
+        if needed > len(self.free_queue):
+            raise RuntimeError(f"sequence {seq.seq_id!r} needs {needed} pages, "
+                               f"{len(self.free_queue)} are free")
+        for page, _ in hits:
+            self._take(page)
+        fresh = cdiv(seq.num_tokens, self.page_size) - len(hits)
+        seq.block_table = [page for page, _ in hits] + [self._pop_free() for _ in range(fresh)]
+        seq.cache_keys = [key_id for _, key_id in hits]
+        num_cached = len(hits) * self.page_size
+        if self.enable_prefix_caching:
+            self.query_tokens += seq.num_tokens
+            self.hit_tokens += num_cached
+        return num_cached
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether ``append_slot(seq)`` can get the fresh page it may need."""
+        return bool(self.free_queue) or not self._needs_page(seq)
+
+    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
+        """Make the slot of ``seq``'s last token writable, before a step writes it.
+
+        Adds a page when the last one is full. If the page the token goes into is shared
+        (after a fork), the sequence gets a fresh page and the ``(src, dst)`` copy the
+        device must perform first is returned; otherwise None.
+        """
+        table, num_tokens = seq.block_table, len(seq.token_ids)   # hot: no property calls
+        if len(table) * self.page_size < num_tokens:
+            table.append(self._pop_free())
+            return None
+        i = (num_tokens - 1) // self.page_size
+        src = table[i]
+        if self.ref_counts[src] == 1:
+            return None
+        table[i] = self._pop_free()
+        self._release(src)
+        return src, table[i]
+
+    def free(self, seq: Sequence) -> None:
+        """Release every device and host page of ``seq``.
+
+        Tail pages are released first so that, among cached pages, a sequence's tail is
+        evicted before its head (a head is more likely to be a shared prefix).
+        """
+        for page in reversed(seq.block_table):
+            self._release(page)
+        self.host_free.extend(seq.host_table)
+        seq.block_table, seq.host_table, seq.cache_keys = [], [], []
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Let ``child`` share every page of ``parent`` (copy-on-write on the next write)."""
+        child.block_table = list(parent.block_table)
+        child.cache_keys = list(parent.cache_keys)
+        for page in child.block_table:
+            self.ref_counts[page] += 1
+
+    # -- prefix cache ----------------------------------------------------------------
+
+    def cache_full_pages(self, seq: Sequence) -> None:
+        """Register the pages of ``seq`` that are full and computed (call after a step).
+
+        If an equal page is already cached (another sequence computed the same prefix
+        at the same time), that entry is adopted as the parent of the next page and this
+        sequence's copy stays private.
+        """
+        if not self.enable_prefix_caching:
+            return
+        ps, keys = self.page_size, seq.cache_keys
+        parent = keys[-1] if keys else 0
+        for i in range(len(keys), seq.num_computed_tokens // ps):
+            key = (parent, tuple(seq.token_ids[i * ps:(i + 1) * ps]), seq.extra_keys)
+            entry = self.cache.get(key)
+            if entry is None:
+                entry = self.cache[key] = (seq.block_table[i], next(self._key_ids))
+                self.page_keys[seq.block_table[i]] = key
+            parent = entry[1]
+            keys.append(parent)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached page. Refused (returns False) while any page is held."""
+        if len(self.free_queue) < self.num_pages - 1 or len(self.host_free) < self.num_host_pages:
+            return False
+        self.cache.clear()
+        self.page_keys.clear()
+        return True
+
+    def forget_prefix_cache(self) -> None:
+        """Forget every cached page, held or not: their K/V is gone (the device pool was
+        replaced). Unlike ``reset_prefix_cache``, for recovery: the caller frees or
+        re-registers the pages still held."""
+        self.cache.clear()
+        self.page_keys.clear()
+
+    def _match(self, seq: Sequence) -> list[tuple[int, int]]:
+        """(page, key id) of the cached full pages that start ``seq``, last token excluded."""
+        if not self.enable_prefix_caching:
+            return []
+        ps, tokens, hits, parent = self.page_size, seq.token_ids, [], 0
+        for start in range(0, (seq.num_tokens - 1) // ps * ps, ps):
+            entry = self.cache.get((parent, tuple(tokens[start:start + ps]), seq.extra_keys))
+            if entry is None:
+                break
+            hits.append(entry)
+            parent = entry[1]
+        return hits
+
+    # -- swap ------------------------------------------------------------------------
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return len(seq.block_table) <= len(self.host_free)
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move ``seq``'s pages to the host pool; returns (device page, host page) copies."""
+        plan = [(page, self.host_free.pop()) for page in seq.block_table]
+        for page in reversed(seq.block_table):
+            self._release(page)
+        seq.block_table = []
+        seq.host_table = [host for _, host in plan]
+        return plan
+
+    def can_swap_in(self, seq: Sequence) -> bool:
+        """Room for the pages back, the next token's slot included, above the watermark."""
+        needed = cdiv(seq.num_tokens, self.page_size)
+        return len(self.free_queue) - needed >= self.watermark_pages
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move ``seq``'s pages back to the device; returns (host page, device page) copies."""
+        plan = [(host, self._pop_free()) for host in seq.host_table]
+        self.host_free.extend(seq.host_table)
+        seq.host_table = []
+        seq.block_table = [page for _, page in plan]
+        return plan
+
+    # -- metrics ---------------------------------------------------------------------
+
+    def kv_utilization(self, seqs) -> float:
+        """Slots holding a token of ``seqs`` / slots of the pages they hold (shared pages
+        counted once); 0.0 when they hold none."""
+        ps = self.page_size
+        full, partial = set(), {}
+        for seq in seqs:
+            table = seq.block_table
+            if not table:
+                continue
+            full.update(table[:-1])
+            last = min(seq.num_tokens - (len(table) - 1) * ps, ps)
+            if last == ps:
+                full.add(table[-1])
+            else:
+                partial[table[-1]] = max(partial.get(table[-1], 0), last)
+        partial = {p: n for p, n in partial.items() if p not in full}
+        pages = len(full) + len(partial)
+        return (len(full) * ps + sum(partial.values())) / (pages * ps) if pages else 0.0
+
+    def metrics(self, seqs) -> dict:
+        """Pool counters; ``seqs`` are the sequences holding device pages (for utilization)."""
+        return {
+            "used_pages": self.num_pages - 1 - len(self.free_queue),
+            "free_pages": len(self.free_queue),
+            "cached_pages": len(self.page_keys),
+            "host_used_pages": self.num_host_pages - len(self.host_free),
+            "prefix_hit_rate": self.hit_tokens / self.query_tokens if self.query_tokens else 0.0,
+            "prefix_hit_tokens": self.hit_tokens,
+            "prefix_query_tokens": self.query_tokens,
+            "kv_utilization": self.kv_utilization(seqs),
+        }
+
+    # -- pages -----------------------------------------------------------------------
+
+    def _pages_to_take(self, seq: Sequence, hits: list[tuple[int, int]]) -> int:
+        """Pages ``allocate`` removes from the free queue: fresh ones and revived cached ones."""
+        revived = sum(self.ref_counts[page] == 0 for page, _ in hits)
+        return cdiv(seq.num_tokens, self.page_size) - len(hits) + revived
+
+    def _needs_page(self, seq: Sequence) -> bool:
+        table, num_tokens = seq.block_table, len(seq.token_ids)
+        if len(table) * self.page_size < num_tokens:
+            return True
+        return self.ref_counts[table[(num_tokens - 1) // self.page_size]] > 1
+
+    def _take(self, page: int) -> None:
+        if self.ref_counts[page] == 0:
+            del self.free_queue[page]
+        self.ref_counts[page] += 1
+
+    def _pop_free(self) -> int:
+        page, _ = self.free_queue.popitem(last=False)
+        key = self.page_keys.pop(page, None)
+        if key is not None:
+            del self.cache[key]
+        self.ref_counts[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self.ref_counts[page] -= 1
+        if self.ref_counts[page] == 0:
+            self.free_queue[page] = None
+            if page not in self.page_keys:
+                self.free_queue.move_to_end(page, last=False)

@@ -1,0 +1,370 @@
+"""OpenAI's HTTP protocol on top of jpaged's requests: no server, no JAX, no engine.
+
+Request bodies (already parsed JSON) become prompts and ``SamplingParams``; a bad value
+becomes a ``RequestError`` that renders as OpenAI's error body. Engine outputs become
+OpenAI's completion / chat-completion objects and streaming chunks. ``ChatTemplate``
+renders a checkpoint's chat template with Jinja2 the way Hugging Face's
+``apply_chat_template`` does.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import time
+
+from jpaged.host.sampling_params import SamplingParams
+
+# OpenAI caps top logprobs at 20 (chat) and 5 (completions); jpaged allows 20 for both.
+MAX_LOGPROBS = 20
+# Sampling fields both endpoints take, under the same names in OpenAI / vLLM and jpaged.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
+                   "use_beam_search", "length_penalty")
+
+
+class RequestError(Exception):
+    """A request the server refuses: rendered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.kind = (
+            message, param, code, status, kind)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def parse_body(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise RequestError(f"the request body is not valid JSON: {error}",
+                           code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got "
+                           f"{type(body).__name__}", code="invalid_json")
+    return body
+
+
+def check_model(body: dict, served_name: str) -> None:
+    model = body.get("model", served_name)
+    if model != served_name:
+        raise RequestError(f"the model {model!r} does not exist; this server serves "
+                           f"{served_name!r}", param="model", code="model_not_found")
+
+
+def flag(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean, got {value!r}", param=name)
+    return value
+
+
+def _param_of(message: str, body: dict) -> str | None:
+    """The first field of ``body`` that a ``SamplingParams`` ValueError names."""
+    named = [(match.start(), name) for name in body
+             if (match := re.search(rf"\b{re.escape(name)}\b", message))]
+    return min(named)[1] if named else None
+
+
+def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
+                    ) -> SamplingParams:
+    """The body's sampling fields as ``SamplingParams``; ``max_tokens`` and ``logprobs``
+    come from the endpoint, which names them differently."""
+    fields = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    if body.get("stop") is not None:
+        fields["stop"] = body["stop"]
+    n = 1 if body.get("n") is None else body["n"]
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != n and not fields.get("use_beam_search"):
+        raise RequestError(f"best_of={best_of!r} differs from n={n!r}: best_of is supported "
+                           f"with use_beam_search only", param="best_of")
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, n=n, best_of=best_of,
+                              **fields)
+    except (ValueError, TypeError) as error:
+        raise RequestError(str(error), param=_param_of(str(error), body)) from None
+
+
+def _count(body: dict, name: str, default=None, maximum: int | None = None):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (
+            maximum is not None and value > maximum):
+        bound = f" and <= {maximum}" if maximum is not None else ""
+        raise RequestError(f"{name} must be an integer >= 0{bound}, got {value!r}", param=name)
+    return value
+
+
+def completion_request(body: dict) -> tuple[list, SamplingParams]:
+    """``/v1/completions``: (prompts, each text or token ids; params)."""
+    for unsupported in ("echo", "suffix"):
+        if body.get(unsupported):
+            raise RequestError(f"{unsupported} is not supported", param=unsupported)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                   and all(isinstance(t, int) for t in prompt)):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p))
+            for p in prompt):
+        prompts = prompt
+    else:
+        raise RequestError(f"prompt must be a string, a list of token ids, or a non-empty list "
+                           f"of either; got {prompt!r}"[:300], param="prompt")
+    if any(isinstance(t, bool) for p in prompts if isinstance(p, list) for t in p):
+        raise RequestError("prompt token ids must be integers, not booleans", param="prompt")
+    params = sampling_params(body, max_tokens=_count(body, "max_tokens", 16),
+                             logprobs=_count(body, "logprobs", None, MAX_LOGPROBS))
+    return prompts, params
+
+
+def chat_params(body: dict, default_max_tokens: int) -> SamplingParams:
+    """``/v1/chat/completions``: its sampling fields; ``default_max_tokens`` fills the
+    context when the body sets no limit."""
+    limit = _count(body, "max_completion_tokens", None)
+    limit = _count(body, "max_tokens", limit)
+    top = _count(body, "top_logprobs", None, MAX_LOGPROBS)
+    if top is not None and not flag(body, "logprobs"):
+        raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (top or 0) if flag(body, "logprobs") else None
+    return sampling_params(body, max_tokens=default_max_tokens if limit is None else limit,
+                           logprobs=logprobs)
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The messages as ``{"role": str, "content": str}``; text parts of a list are joined."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(f"messages must be a non-empty list, got {messages!r}"[:300],
+                           param="messages")
+    result = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a string role",
+                               param="messages")
+        content = message.get("content")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text"
+                       and isinstance(p.get("text"), str) for p in content):
+                raise RequestError(f"messages[{i}].content: only text parts are supported",
+                                   param="messages")
+            content = "".join(p["text"] for p in content)
+        if content is not None and not isinstance(content, str):
+            raise RequestError(f"messages[{i}].content must be a string or a list of text "
+                               f"parts, got {content!r}"[:300], param="messages")
+        result.append({**message, "content": content or ""})
+    return result
+
+
+class ChatTemplate:
+    """A checkpoint's chat template (``chat_template`` in ``tokenizer_config.json``, or
+    ``chat_template.jinja``), rendered in a sandbox as Hugging Face's ``apply_chat_template``
+    does: ``messages``, ``add_generation_prompt=True``, the special tokens by name,
+    ``raise_exception`` and ``strftime_now``."""
+
+    def __init__(self, source: str, special_tokens: dict[str, str]):
+        from jinja2 import ext, sandbox
+
+        env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                    extensions=[ext.loopcontrols])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        self.template = env.from_string(source)
+        self.special_tokens = special_tokens
+
+    @classmethod
+    def from_directory(cls, directory: str) -> "ChatTemplate | None":
+        """The template of the checkpoint in ``directory``, or None when it has none."""
+        config = {}
+        path = os.path.join(directory, "tokenizer_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                config = json.load(f)
+        source = config.get("chat_template")
+        if isinstance(source, list):   # named templates: the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+        jinja_path = os.path.join(directory, "chat_template.jinja")
+        if source is None and os.path.isfile(jinja_path):
+            with open(jinja_path) as f:
+                source = f.read()
+        if source is None:
+            return None
+        special = {}
+        for name, token in config.items():
+            if name.endswith("_token") and token is not None:
+                special[name] = token["content"] if isinstance(token, dict) else token
+        return cls(source, special)
+
+    def render(self, messages: list[dict]) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=True,
+                                        tools=None, **self.special_tokens)
+        except TemplateError as error:
+            raise RequestError(f"the chat template rejected the messages: {error}",
+                               param="messages") from None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+class ChoiceStream:
+    """What one choice has sent so far. Text is held back while it may still change: a
+    trailing partial UTF-8 character (U+FFFD) or the start of a stop string (the engine
+    cuts the text there once the whole stop string appears)."""
+
+    def __init__(self, stop: list[str]):
+        self.stop = stop
+        self.text = ""
+        self.num_tokens = 0
+        self.finished = False
+
+    def advance(self, completion) -> tuple[str, int, str | None]:
+        """(new text, index of the first new token, finish reason when it just finished)."""
+        text = completion.text or ""
+        finish = completion.finish_reason
+        if finish is None:
+            text = text.rstrip("\ufffd")
+            for s in self.stop:
+                held = next((k for k in range(min(len(s) - 1, len(text)), 0, -1)
+                             if text.endswith(s[:k])), 0)
+                text = text[:len(text) - held]
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text += delta
+        first, self.num_tokens = self.num_tokens, len(completion.token_ids)
+        just_finished = finish is not None and not self.finished
+        self.finished = finish is not None
+        return delta, first, FINISH_REASONS.get(finish, "stop") if just_finished else None
+
+
+class Renderer:
+    """Builds OpenAI's response objects for one request (one ``id``, one ``created``)."""
+
+    def __init__(self, kind: str, model: str, tokenizer, n: int, logprobs: int | None,
+                 return_token_ids: bool):
+        self.kind = kind   # "text_completion" or "chat.completion"
+        self.id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{os.urandom(12).hex()}"
+        self.created = int(time.time())
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n = n
+        self.logprobs = logprobs
+        self.return_token_ids = return_token_ids or tokenizer is None
+
+    def _token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _logprobs(self, completion, first: int):
+        """The logprobs of tokens ``first:`` of ``completion`` in the endpoint's format."""
+        if self.logprobs is None or completion.logprobs is None:
+            return None
+        ids = completion.token_ids[first:]
+        entries = completion.logprobs[first:len(completion.token_ids)]
+        if self.kind == "text_completion":
+            return {"tokens": [self._token(t) for t in ids],
+                    "token_logprobs": [e[t] for t, e in zip(ids, entries)],
+                    "top_logprobs": [{self._token(k): v for k, v in self._top(e, t)}
+                                     for t, e in zip(ids, entries)],
+                    "text_offset": []}
+        return {"content": [{**self._chat_entry(t, e[t]),
+                             "top_logprobs": [self._chat_entry(k, v) for k, v in self._top(e, t)]}
+                            for t, e in zip(ids, entries)]}
+
+    def _top(self, entry: dict, token: int) -> list[tuple[int, float]]:
+        """The ``logprobs`` most likely tokens (the engine adds the sampled one)."""
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        return ranked[:self.logprobs]
+
+    def _chat_entry(self, token_id: int, logprob: float) -> dict:
+        token = self._token(token_id)
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    def _index(self, prompt_index: int, completion) -> int:
+        return prompt_index * self.n + completion.index
+
+    def usage(self, outputs) -> dict:
+        prompt = sum(len(o.prompt_token_ids) for o in outputs)
+        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def response(self, outputs) -> dict:
+        """The whole answer: ``outputs`` are the finished ``RequestOutput`` of each prompt."""
+        choices = []
+        for p, output in enumerate(outputs):
+            for completion in output.outputs:
+                choice = {"index": self._index(p, completion),
+                          "logprobs": self._logprobs(completion, 0),
+                          "finish_reason": FINISH_REASONS.get(completion.finish_reason, "stop")}
+                text = completion.text or ""
+                if self.kind == "text_completion":
+                    choice["text"] = text
+                else:
+                    choice["message"] = {"role": "assistant", "content": text}
+                if self.return_token_ids:
+                    choice["token_ids"] = completion.token_ids
+                choices.append(choice)
+        return {"id": self.id, "object": self.kind, "created": self.created,
+                "model": self.model, "choices": choices, "usage": self.usage(outputs)}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
+        kind = "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"
+        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                 "choices": choices}
+        if usage is not None:
+            chunk["usage"] = usage
+        return chunk
+
+    def first_chat_choices(self, num_prompts: int) -> list[dict]:
+        """Chat streams open every choice with the assistant role."""
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for i in range(num_prompts * self.n)]
+
+    def stream_choices(self, prompt_index: int, output, streams: dict) -> list[dict]:
+        """The chunk choices for what ``output`` added since the last one; ``streams``
+        holds each choice's ``ChoiceStream``."""
+        choices = []
+        for completion in output.outputs:
+            index = self._index(prompt_index, completion)
+            stream = streams[index]
+            if stream.finished:
+                continue
+            text, first, finish = stream.advance(completion)
+            if not text and finish is None and stream.num_tokens == first:
+                continue
+            choice = {"index": index, "logprobs": self._logprobs(completion, first),
+                      "finish_reason": finish}
+            if self.kind == "text_completion":
+                choice["text"] = text
+            else:
+                choice["delta"] = {"content": text} if text or finish is None else {}
+            if self.return_token_ids:
+                choice["token_ids"] = completion.token_ids[first:]
+            choices.append(choice)
+        return choices

@@ -1,0 +1,526 @@
+"""``jpaged serve``: an OpenAI-compatible HTTP server over the engine.
+
+Stack: Starlette (the ASGI toolkit) served by uvicorn. Both are the established pair under
+FastAPI and vLLM's server; Starlette alone is enough here because the request bodies are
+validated where they are meant to be, by ``SamplingParams`` and the engine (``jpaged.
+protocol`` turns their ``ValueError``\\ s into OpenAI's 400 bodies), so FastAPI's pydantic
+layer would only restate those rules. Starlette gives routing, ``StreamingResponse`` for
+server-sent events and client-disconnect detection; uvicorn the HTTP/1.1 server.
+
+Threads: the event loop parses requests and writes responses; ``EngineThread`` owns the
+engine and is the only thread that touches it. Requests enter through a thread-safe queue
+(add, abort); the thread steps while any request is unfinished, sleeps on the queue
+otherwise, and hands each ``RequestOutput`` back to its request's asyncio queue with
+``call_soon_threadsafe``. A client that goes away (a stream closed early, a plain
+request's connection dropped) has its request aborted, which frees its pages.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+from typing import Any
+
+from jpaged.serving import openai_api
+from jpaged.core.interfaces import Engine
+from jpaged.serving.openai_api import RequestError
+
+log = logging.getLogger("jpaged.serving.server")
+
+# How often a plain (non-streaming) request checks that its client is still connected.
+DISCONNECT_POLL_S = 0.5
+# TTFT / TPOT histogram buckets, seconds.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class Submission:
+    """The requests of one HTTP call (one per prompt) and the asyncio queue their outputs
+    arrive on: ``(prompt index, RequestOutput)``, ``ACCEPTED`` once all were added, or an
+    exception."""
+
+    ACCEPTED = "accepted"
+
+    def __init__(self, request_ids: list[str], prompts: list, params, loop):
+        self.request_ids = request_ids
+        self.prompts = prompts
+        self.params = params
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished: set[int] = set()
+
+    def put(self, item) -> None:
+        """Called from the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop has closed: the server is shutting down
+            pass
+
+    @property
+    def done(self) -> bool:
+        return len(self.finished) == len(self.request_ids)
+
+    async def accepted(self) -> None:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+
+    async def next(self, timeout: float | None = None):
+        """The next ``(prompt index, RequestOutput)``; raises what the engine raised."""
+        item = await asyncio.wait_for(self.queue.get(), timeout)
+        if isinstance(item, BaseException):
+            raise item
+        index, output = item
+        if output.finished:
+            self.finished.add(index)
+        return index, output
+
+
+class EngineThread:
+    """Owns the engine: adds and aborts requests from its queue, steps while any is
+    unfinished, and delivers each output to its submission."""
+
+    def __init__(self, engine: Engine, metrics: "ServerMetrics"):
+        self.engine = engine
+        self.metrics = metrics
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.owners: dict[str, tuple[Submission, int]] = {}
+        self.seen_tokens: dict[str, int] = {}
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="jpaged-engine", daemon=True)
+        self._stopping = False
+
+    # -- called from the event loop ------------------------------------------------------
+
+    def submit(self, prompts: list, params, loop) -> Submission:
+        prefix = f"{next(self._ids)}-"
+        submission = Submission([prefix + str(i) for i in range(len(prompts))], prompts,
+                                params, loop)
+        self.inbox.put(("add", submission))
+        return submission
+
+    def abort(self, submission: Submission) -> None:
+        self.inbox.put(("abort", submission))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the engine thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._snapshot()
+        while not self._stopping:
+            try:
+                self._iterate()
+            except Exception as error:   # noqa: BLE001 - the thread must outlive any request
+                self._fail_all("the engine failed", error)
+
+    def _iterate(self) -> None:
+        """Apply the queued commands (waiting for one when idle), then step once."""
+        busy = self.engine.has_unfinished_requests()
+        try:
+            command = self.inbox.get_nowait() if busy else self.inbox.get()
+        except queue.Empty:
+            command = None
+        while command is not None:
+            self._apply(*command)
+            try:
+                command = self.inbox.get_nowait()
+            except queue.Empty:
+                command = None
+        if self._stopping:
+            return
+        if self.engine.has_unfinished_requests():
+            self._step()
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        self.metrics.observe_engine({**self.engine.metrics(),
+                                     "num_compilations": self.engine.num_compilations})
+
+    def _apply(self, kind: str, submission: Submission | None) -> None:
+        if kind == "add":
+            self._add(submission)
+        elif kind == "abort":
+            for request_id in submission.request_ids:
+                self._abort(request_id)
+
+    def _add(self, submission: Submission) -> None:
+        """Add every prompt of the submission, or none (the first refusal is the answer)."""
+        added = []
+        try:
+            for request_id, prompt in zip(submission.request_ids, submission.prompts):
+                self.engine.add_request(prompt, submission.params, request_id)
+                added.append(request_id)
+        except Exception as error:   # noqa: BLE001 - a ValueError is the request's fault
+            for request_id in added:
+                self.engine.abort(request_id)
+            if isinstance(error, ValueError):
+                submission.put(RequestError(str(error), param="prompt"))
+            else:
+                log.exception("adding a request failed")
+                submission.put(RequestError(f"adding the request failed: {error}", status=500,
+                                            kind="internal_server_error"))
+            return
+        for index, request_id in enumerate(added):
+            self.owners[request_id] = (submission, index)
+            self.seen_tokens[request_id] = 0
+        submission.put(Submission.ACCEPTED)
+
+    def _abort(self, request_id: str) -> None:
+        if self.owners.pop(request_id, None) is not None:
+            self.seen_tokens.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:   # noqa: BLE001 - every waiting client gets the error
+            self._fail_all("the engine step failed", error)
+            return
+        for output in outputs:
+            owner = self.owners.get(output.request_id)
+            if owner is None:
+                continue
+            submission, index = owner
+            self._count(output)
+            submission.put((index, output))
+            if output.finished:
+                del self.owners[output.request_id]
+                self.seen_tokens.pop(output.request_id, None)
+
+    def _fail_all(self, what: str, error: Exception) -> None:
+        """Answer every unfinished request with a 500 and abort it."""
+        log.exception("%s; failing its requests", what)
+        failed = RequestError(f"{what}: {error}", status=500, kind="internal_server_error")
+        for request_id, (submission, _) in list(self.owners.items()):
+            submission.put(failed)
+            try:
+                self._abort(request_id)
+            except ValueError:   # the engine had already dropped it
+                pass
+
+    def _count(self, output) -> None:
+        """Token counters and latency histograms from one output."""
+        tokens = sum(len(c.token_ids) for c in output.outputs)
+        before = self.seen_tokens[output.request_id]
+        self.seen_tokens[output.request_id] = tokens
+        self.metrics.observe_output(output, new_tokens=max(tokens - before, 0),
+                                    first=before == 0 and tokens > 0)
+
+
+class ServerMetrics:
+    """The Prometheus registry behind ``/metrics``: the engine's gauges and counters
+    (a snapshot the engine thread takes after every step), token counters and latency
+    histograms."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.snapshot: dict = {}
+        self.prompt_tokens = Counter("jpaged_prompt_tokens", "Prompt tokens of admitted "
+                                     "requests", registry=self.registry)
+        self.generation_tokens = Counter("jpaged_generation_tokens", "Generated tokens",
+                                         registry=self.registry)
+        self.requests = Counter("jpaged_request_success", "Finished requests",
+                                ["finished_reason"], registry=self.registry)
+        self.ttft = Histogram("jpaged_time_to_first_token_seconds", "Time to first token",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("jpaged_time_per_output_token_seconds",
+                              "Time per output token after the first", buckets=TPOT_BUCKETS,
+                              registry=self.registry)
+        self.registry.register(_EngineCollector(self))
+
+    def observe_engine(self, snapshot: dict) -> None:
+        self.snapshot = snapshot   # one reference swap: readers see a whole snapshot
+
+    def observe_output(self, output, new_tokens: int, first: bool) -> None:
+        self.generation_tokens.inc(new_tokens)
+        if first:
+            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            ttft = output.metrics.time_to_first_token
+            if ttft is not None:
+                self.ttft.observe(ttft)
+        if output.finished:
+            self.requests.labels(output.finish_reason or "abort").inc()
+            tpot = output.metrics.time_per_output_token
+            if tpot is not None and output.metrics.num_output_tokens > 1:
+                self.tpot.observe(tpot)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _EngineCollector:
+    """Exposes the latest engine snapshot (``Engine.metrics()``)."""
+
+    GAUGES = {
+        "num_running": ("jpaged_num_requests_running", "Sequences running"),
+        "num_waiting": ("jpaged_num_requests_waiting", "Sequences waiting"),
+        "num_swapped": ("jpaged_num_requests_swapped", "Sequences swapped out"),
+        "used_pages": ("jpaged_kv_pages_used", "KV pages held by sequences"),
+        "free_pages": ("jpaged_kv_pages_free", "KV pages free (cached ones included)"),
+        "num_pages": ("jpaged_kv_pages_total", "KV pages in the pool, the null page included"),
+        "cached_pages": ("jpaged_kv_pages_cached", "KV pages the prefix cache remembers"),
+        "host_used_pages": ("jpaged_host_pages_used", "Host (swap) pages in use"),
+        "prefix_hit_rate": ("jpaged_prefix_cache_hit_rate",
+                            "Prompt tokens found in the prefix cache / prompt tokens looked up"),
+        "kv_utilization": ("jpaged_kv_utilization", "Token slots used / slots of held pages"),
+    }
+    COUNTERS = {
+        "num_preemptions": ("jpaged_num_preemptions", "Sequences preempted"),
+        "prefix_hit_tokens": ("jpaged_prefix_cache_hits", "Prompt tokens served from the "
+                              "prefix cache"),
+        "prefix_query_tokens": ("jpaged_prefix_cache_queries", "Prompt tokens looked up in "
+                                "the prefix cache"),
+        "num_compilations": ("jpaged_step_compilations", "Step programs compiled (a new "
+                             "shape bucket); each costs a pause"),
+    }
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snapshot = self.metrics.snapshot
+        for key, (name, doc) in self.GAUGES.items():
+            if key in snapshot:
+                yield GaugeMetricFamily(name, doc, value=snapshot[key])
+        for key, (name, doc) in self.COUNTERS.items():
+            if key in snapshot:
+                yield CounterMetricFamily(name, doc, value=snapshot[key])
+
+
+class Server:
+    """The ASGI app over one engine thread.
+
+    name: the model name clients send (``GET /v1/models`` lists it); chat_template: a
+    ``openai_api.ChatTemplate`` or None (then ``/v1/chat/completions`` answers 400);
+    max_model_len: the context, which bounds a chat answer that sets no ``max_tokens``.
+    """
+
+    def __init__(self, engine: Engine, name: str, *, chat_template=None,
+                 max_model_len: int = 2048):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        self.engine = engine
+        self.name = name
+        self.chat_template = chat_template
+        self.max_model_len = max_model_len
+        self.tokenizer = engine.tokenizer
+        self.metrics = ServerMetrics()
+        self.engine_thread = EngineThread(engine, self.metrics)
+        self.app = Starlette(
+            routes=[Route("/v1/completions", self.completions, methods=["POST"]),
+                    Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                    Route("/v1/models", self.models, methods=["GET"]),
+                    Route("/health", self.health, methods=["GET"]),
+                    Route("/metrics", self.prometheus, methods=["GET"])],
+            exception_handlers={HTTPException: self._http_error},
+            lifespan=self._lifespan)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app):
+        self.engine_thread.start()
+        yield
+        self.engine_thread.stop()
+
+    # -- endpoints -----------------------------------------------------------------------
+
+    async def completions(self, request):
+        try:
+            body = openai_api.parse_body(await request.body())
+            openai_api.check_model(body, self.name)
+            prompts, params = openai_api.completion_request(body)
+            return await self._generate(request, body, prompts, params, "text_completion")
+        except RequestError as error:
+            return self._error(error)
+
+    async def chat(self, request):
+        try:
+            body = openai_api.parse_body(await request.body())
+            openai_api.check_model(body, self.name)
+            if self.chat_template is None:
+                raise RequestError(f"the model {self.name!r} has no chat template (no "
+                                   f"chat_template in its tokenizer_config.json): use "
+                                   f"/v1/completions", param="messages",
+                                   code="no_chat_template")
+            if self.tokenizer is None:
+                raise RequestError(f"the model {self.name!r} has no tokenizer",
+                                   param="messages")
+            text = self.chat_template.render(openai_api.chat_messages(body))
+            # The template writes the special tokens itself, as with Hugging Face.
+            token_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            room = max(self.max_model_len - len(token_ids), 1)
+            params = openai_api.chat_params(body, room)
+            return await self._generate(request, body, [token_ids], params, "chat.completion")
+        except RequestError as error:
+            return self._error(error)
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": [{
+            "id": self.name, "object": "model", "created": 0, "owned_by": "jpaged",
+            "max_model_len": self.max_model_len}]})
+
+    async def health(self, request):
+        from starlette.responses import Response
+
+        return Response(status_code=200 if self.engine_thread.alive else 503)
+
+    async def prometheus(self, request):
+        from prometheus_client import CONTENT_TYPE_LATEST
+        from starlette.responses import Response
+
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _generate(self, request, body: dict, prompts: list, params, kind: str):
+        from starlette.responses import JSONResponse, Response, StreamingResponse
+
+        stream = openai_api.flag(body, "stream")
+        if stream and params.use_beam_search:
+            raise RequestError("stream is not supported with use_beam_search", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError(f"stream_options must be an object, got {options!r}",
+                               param="stream_options")
+        renderer = openai_api.Renderer(kind, self.name, self.tokenizer, params.n, params.logprobs,
+                                     openai_api.flag(body, "return_token_ids"))
+        submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop())
+        try:
+            await submission.accepted()
+        except BaseException:
+            self.engine_thread.abort(submission)
+            raise
+        if stream:
+            include_usage = options.get("include_usage") is True
+            return StreamingResponse(self._events(submission, renderer, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        outputs = await self._collect(request, submission)
+        if outputs is None:   # nobody is listening any more
+            return Response(status_code=499)
+        return JSONResponse(renderer.response(outputs))
+
+    async def _collect(self, request, submission: Submission) -> list | None:
+        """The finished output of every prompt, or None (the requests aborted) if the
+        client goes away first."""
+        last: dict[int, Any] = {}
+        try:
+            while not submission.done:
+                try:
+                    index, output = await submission.next(DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+                    continue
+                last[index] = output
+        finally:
+            if not submission.done:
+                self.engine_thread.abort(submission)
+        return [last[i] for i in range(len(submission.request_ids))]
+
+    async def _events(self, submission: Submission, renderer, include_usage: bool):
+        """Server-sent events in OpenAI's chunk format, ending with ``[DONE]``. Closing the
+        stream early (the client went away) aborts the requests."""
+        streams = {i: openai_api.ChoiceStream(submission.params.stop)
+                   for i in range(len(submission.request_ids) * submission.params.n)}
+        last: dict[int, Any] = {}
+        try:
+            if renderer.kind == "chat.completion":
+                yield _event(renderer.chunk(renderer.first_chat_choices(len(submission.request_ids))))
+            while not submission.done:
+                try:
+                    index, output = await submission.next()
+                except RequestError as error:
+                    yield _event(error.body())
+                    break
+                last[index] = output
+                choices = renderer.stream_choices(index, output, streams)
+                if choices:
+                    yield _event(renderer.chunk(choices))
+            if include_usage and submission.done:
+                yield _event(renderer.chunk([], renderer.usage(
+                    [last[i] for i in range(len(submission.request_ids))])))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not submission.done:
+                self.engine_thread.abort(submission)
+
+    # -- errors --------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(error: RequestError):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(error.body(), status_code=error.status)
+
+    async def _http_error(self, request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return self._error(RequestError(f"{request.method} {request.url.path}: {exc.detail}",
+                                        status=exc.status_code, kind=kind))
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, *, name: str = "jpaged",
+          chat_template=None, log_level: str = "info") -> None:
+    """Serve ``llm`` (a ``jpaged.LLM``) until interrupted."""
+    import uvicorn
+
+    server = Server(llm.engine, name, chat_template=chat_template,
+                    max_model_len=llm.max_model_len)
+    uvicorn.run(server.app, host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=5)
+
+
+def main(args) -> None:
+    """``jpaged serve``: build the ``LLM`` from the command line's options and serve it."""
+    import os
+
+    from jpaged.engine.config import options_from_args
+    from jpaged.engine.engine import LLM
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    options = options_from_args(args)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            template = openai_api.ChatTemplate(f.read(), {})
+    elif os.path.isdir(args.model):
+        template = openai_api.ChatTemplate.from_directory(args.model)
+    started = time.perf_counter()
+    llm = LLM(args.model, **options)
+    log.info("loaded %s in %.1f s; serving on http://%s:%d", args.model,
+             time.perf_counter() - started, args.host, args.port)
+    serve(llm, args.host, args.port, name=args.served_model_name or args.model,
+          chat_template=template, log_level=args.log_level)
