@@ -50,10 +50,24 @@ The price of queries as M is paid by decode: a decode block has ``group`` useful
 64, the other ``64 - group`` are padding. Decode is bandwidth-bound (below), so padded
 MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
 
-What it takes on a GPU (``check_config``): bf16 or f16 pages and queries (float32 runs in
-interpret mode only; 8-bit pages not yet, refused with a ValueError), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
-a GQA group dividing 64, 64-256 keys per step, and the ring within 227 KiB of shared
-memory (one slot instead of two where two do not fit).
+8-bit pages (int8 or float8_e4m3fn codes with a scale per token and kv head, see
+``quantization``): the codes travel through the ring as they are (half the bytes of
+bf16), each step widens them to q's dtype in a 16-bit shared-memory tile (exact: every
+int8 and e4m3 value is a bf16 and an f16 value; e4m3 -> bf16 goes through float32, which
+sm_90's ptxas needs), and the scales are applied where they cost one multiply per logit
+instead of one per element: ``S = Q (c_K s_K)^T`` scales column j of S by ``s_K[j]``, and
+``P (c_V s_V) = (P s_V) c_V`` scales column j of P by ``s_V[j]`` (0 past the length,
+where a stale scale may be NaN). The scales reach shared memory by one TMA copy of
+``block_kv`` values a step from ``row_scales``, a gather of each row's scales in key
+order done in the wrapper: a TMA copy moves multiples of 128 bytes, one page's scales
+are ``2 S`` bytes.
+
+What it takes on a GPU (``check_config``): bf16 or f16 queries over pages of the same
+dtype or 8-bit pages (float32 runs in interpret mode only), head_dim 32, 64, 128 or 256,
+pages of 8+ tokens (a power of two), a GQA group dividing 64, 64-256 keys per step, at
+most 32 page copies in flight (one barrier each; Mosaic GPU's limit per barrier array),
+and the buffers within 227 KiB of shared memory (one ring slot instead of two where two
+do not fit).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
 (one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
