@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 
 from jpaged.pallas_kernels import lowering
 from jpaged.pallas_kernels.quantization import dequantize, is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
 
 try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
     from jax.experimental.pallas import triton as pltriton
@@ -271,16 +272,6 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
     o_ref[...] = out.astype(o_ref.dtype)
     if lse_ref:
         lse_ref[0][...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-
-
-def merge_splits(o, lse):
-    """Combine split partials: o float32 ``[..., splits, G, D]``, lse ``[..., splits, G]``
-    -> float32 ``[..., G, D]``; rows no split saw become 0."""
-    top = jnp.max(lse, axis=-2, keepdims=True)
-    weights = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(weights, axis=-2)
-    merged = jnp.sum(weights[..., None] * o, axis=-3)
-    return merged / jnp.where(total > 0, total, 1.0)[..., None]
 
 
 def default_num_warps(tokens: int, head_dim: int, dtype) -> int:
