@@ -12,8 +12,8 @@ pick "mosaic" until a GPU run has measured it.
 8-bit pages (int8 or float8_e4m3fn codes) come with ``k_scale`` / ``v_scale``, the pages'
 shape minus head_dim (``KVCache.k_scale``); the Triton kernel, the XLA path and the
 reference dequantize them inside the loop, so "auto" on a GPU takes the Triton kernel for
-an 8-bit pool as for a float one. The Mosaic kernel does not read them yet: "mosaic"
-refuses an 8-bit pool with a ValueError.
+an 8-bit pool as for a float one. The Mosaic kernel widens the codes to q's dtype in
+shared memory and applies the scales to the logits and probabilities.
 
 Inputs are checked on the host before anything is launched; values that are only known
 inside jit (page ids, lengths, a traced layer) are checked when they are concrete.
@@ -57,12 +57,13 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
               sliding_window=sliding_window, pages_per_block=pages_per_block)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "mosaic":
         rows = jnp.arange(q.shape[0], dtype=jnp.int32)
         return _mosaic(q, k_pages, v_pages, page_table, rows, lengths - 1, layer=layer,
-                       pages_per_block=pages_per_block, interpret=interpret, **options)
+                       pages_per_block=pages_per_block, interpret=interpret, **scales,
+                       **options)
     impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "pallas":
         return _pallas_decode_module().paged_decode(
             q, k_pages, v_pages, tables, lengths, layer=layer, pages_per_block=pages_per_block,
@@ -96,10 +97,11 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q
               pages_per_block=pages_per_block, q_seq=q_seq, q_pos=q_pos)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "mosaic":
         return _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, layer=layer,
-                       pages_per_block=pages_per_block, interpret=interpret, **options)
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
+                       pages_per_block=pages_per_block, interpret=interpret, **scales,
+                       **options)
     if impl == "reference":
         k_pages, v_pages, scales = _layer_pages(k_pages, v_pages, scales, layer)
         return reference.paged_prefill_reference(q, k_pages, v_pages, tables, lengths, q_seq,
