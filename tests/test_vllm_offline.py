@@ -303,3 +303,34 @@ def test_llm_options_tokenizer_and_generation_config(checkpoint, tmp_path):
         LLM(checkpoint, num_pages=32, tokenizer=str(tmp_path))
     with pytest.raises(ValueError, match="generation_config="):
         LLM(checkpoint, num_pages=32, generation_config=str(tmp_path))
+
+
+def test_warmup_compiles_every_shape_traffic_meets(checkpoint, capsys):
+    """LLM(..., warmup=True) compiles each step shape up front (a configuration no other
+    test uses: 3 pages per sequence); traffic of every prompt length then compiles none."""
+    llm = LLM(checkpoint, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=40,
+              warmup=True)
+    assert "warm-up compiled 2 step shapes in" in capsys.readouterr().err
+    compiled = llm.engine.num_compilations
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(4, 256, n).tolist() for n in (1, 5, 16, 17, 30, 39)]
+    outputs = llm.generate(prompts, SamplingParams(temperature=0.7, seed=1, max_tokens=10,
+                                                   ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [10, 10, 10, 10, 10, 1]
+    assert llm.engine.num_compilations == compiled
+
+
+def test_stats_line(llm, caplog):
+    import logging
+
+    from jpaged.engine.stats import StatsLogger
+
+    stats = StatsLogger(llm.engine, interval=3600)
+    for output in llm.stream(["w5 w6 w7"], SamplingParams(temperature=0, max_tokens=3)):
+        stats.observe([output])
+    assert (stats.prompt_tokens, stats.generation_tokens, stats.seen) == (3, 3, {})
+    with caplog.at_level(logging.INFO, "jpaged.stats"):
+        stats.log(stats.last + 2.0)
+    assert ("Avg prompt throughput: 1.5 tokens/s, Avg generation throughput: 1.5 tokens/s, "
+            "Running: 0 reqs, Swapped: 0 reqs, Pending: 0 reqs, KV cache usage: 0.0%") in \
+        caplog.text

@@ -150,7 +150,9 @@ class BatchBuilder:
 
         rows = buckets(self.max_num_seqs, self.min_seq_bucket)
         tokens = buckets(self.max_num_batched_tokens, self.min_token_bucket)
-        widths = sorted(buckets(self.max_pages_per_seq, self.min_page_bucket, 0))
+        # The tables have max_pages_per_seq columns: a bucket past it is cut to it.
+        widths = sorted({min(w, self.max_pages_per_seq)
+                         for w in buckets(self.max_pages_per_seq, self.min_page_bucket, 0)})
         shapes = [(True, r, r, w) for r in sorted(rows) for w in widths]
         shapes += [(False, t, r, w) for t in sorted(tokens) for r in sorted(rows)
                    if min(rows[r]) <= max(tokens[t]) for w in widths]
