@@ -11,7 +11,6 @@ rules and reports outputs (host). Records live in ``jpaged.host.request``, beam 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from collections.abc import Iterator, Sequence as Seq
 
@@ -58,10 +57,38 @@ class LLMEngine:
         self.stop = StopRules(model.eos_token_ids, self.tokenizer)
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
-        self._ids = itertools.count()
+        self.next_id = 0   # of requests without an id, and of beams' sequences
         self.num_steps = 0
         self.host_time = 0.0
         self.step_time = 0.0
+
+    # -- state -----------------------------------------------------------------------
+
+    # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
+    # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop")
+
+    def state_dict(self) -> dict:
+        """The host state between two steps: the id counter, the RNG, the step counters,
+        every request (``Request.state_dict``, times as ages) and the scheduler's state.
+        Sequences appear as the objects themselves, shared between the requests and the
+        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once)."""
+        clock = time.perf_counter()
+        return {"next_id": self.next_id, "rng": self.rng.bit_generator.state,
+                "num_steps": self.num_steps, "host_time": self.host_time,
+                "step_time": self.step_time,
+                "requests": [r.state_dict(clock) for r in self.requests.values()],
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the host state of ``state_dict`` (of an engine with the same options and
+        model), checked whole (``check_state``): a ValueError names the first problem.
+        The pool is not part of it."""
+        requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
+        self.requests, self.rng = requests, rng
+        self.next_id = state["next_id"]
+        self.num_steps = state["num_steps"]
+        self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
 
     # -- requests --------------------------------------------------------------------
 
@@ -71,7 +98,7 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        request_id = self._next_id() if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = prompt_token_ids(prompt, self.tokenizer)
@@ -251,7 +278,11 @@ class LLMEngine:
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id
-        return lambda: f"{request_id}#{next(self._ids)}"
+        return lambda: f"{request_id}#{self._next_id()}"
+
+    def _next_id(self) -> str:
+        self.next_id += 1
+        return str(self.next_id - 1)
 
     def _record(self, seq: Sequence, token: int, sampled, row: int) -> None:
         """Logprob bookkeeping of a token about to be appended to ``seq``."""
@@ -310,6 +341,73 @@ class LLMEngine:
                    else request.sampled_completions())
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, request.finished, request.metrics)
+
+
+def make_scheduler(config: EngineConfig) -> Scheduler:
+    """The scheduler and block manager of one replica of an ``LLM`` whose ``config`` has
+    every size resolved (``LLM.config``: ``num_pages``, ``num_host_pages``,
+    ``max_model_len``)."""
+    block_manager = BlockManager(config.num_pages, config.page_size,
+                                 num_host_pages=config.num_host_pages,
+                                 watermark=config.watermark,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+    return Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
+                     max_num_batched_tokens=config.max_num_batched_tokens,
+                     max_model_len=config.max_model_len,
+                     preemption_mode=config.preemption_mode,
+                     static_batching=config.static_batching)
+
+
+def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
+    """Load ``state`` (``LLMEngine.state_dict``) into ``scheduler`` (host only: no pool,
+    no model) and check it whole: the scheduler's own rules (``Scheduler.check``), every
+    request's sequences live in the scheduler or finished, every live sequence's request
+    known, token ids in ``[0, vocab_size)``, the counters and the RNG state valid. Returns
+    ``(requests by id, the numpy Generator)``; raises ValueError naming the first problem.
+    A snapshot runs it before allocating any pool, then ``LLMEngine.load_state_dict``."""
+    for name in ("next_id", "num_steps"):
+        if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
+            raise ValueError(f"{name}={state[name]!r}: expected an int >= 0")
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"the RNG state does not restore ({error})") from None
+    scheduler.load_state_dict(state["scheduler"])
+    requests = {}
+    for r in state["requests"]:
+        request = Request.from_state(r, time.perf_counter())
+        if request.request_id in requests:
+            raise ValueError(f"request id {request.request_id!r} is given twice")
+        requests[request.request_id] = request
+        seqs = list(request.seqs.values()) + [seq for _, seq in request.hypotheses]
+        tokens = [request.prompt_token_ids] + [seq.token_ids for seq in seqs]
+        bad = [t for ids in tokens for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
+                             f"the vocabulary [0, {vocab_size})")
+        if not any(scheduler.seqs.get(seq_id) is seq for seq_id, seq in request.seqs.items()):
+            raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
+                             f"never finish")
+        for seq_id, seq in request.seqs.items():
+            live = scheduler.seqs.get(seq_id) is seq
+            if (seq.seq_id != seq_id or seq.request_id != request.request_id
+                    or live == (seq.status is FINISHED)):
+                raise ValueError(f"request {request.request_id!r}: sequence {seq_id!r} is "
+                                 f"{seq.status.value} but {'' if live else 'not '}live in "
+                                 f"the scheduler, or filed under another id")
+    for request_id, group in scheduler.requests.items():
+        request = requests.get(request_id)
+        if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
+            raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
+                             f"which the engine does not follow")
+    for key in scheduler.block_manager.cache:
+        if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
+                or len(key[1]) != scheduler.block_manager.page_size
+                or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
+            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (parent, "
+                             f"{scheduler.block_manager.page_size} token ids, extra keys)")
+    return requests, rng
 
 
 class LLM:
@@ -400,13 +498,7 @@ class LLM:
         engines = []
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, pool_dtype, sharding)
-            block_manager = BlockManager(num_pages, config.page_size, num_host_pages=num_host_pages,
-                                         watermark=config.watermark,
-                                         enable_prefix_caching=config.enable_prefix_caching)
-            scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=max_model_len, preemption_mode=config.preemption_mode,
-                                  static_batching=config.static_batching)
+            scheduler = make_scheduler(self.config)
             engines.append(LLMEngine(replica, cache, scheduler, seed=config.seed + len(engines),
                                      num_host_pages=num_host_pages,
                                      attention_impl=config.attention_impl))

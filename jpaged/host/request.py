@@ -23,6 +23,9 @@ class CompletionOutput:
     finish_reason: str | None
 
 
+TIMES = ("arrival_time", "first_token_time", "finished_time")   # of RequestMetrics
+
+
 @dataclasses.dataclass
 class RequestMetrics:
     """Wall-clock times (``time.perf_counter``) and cache use of one request."""
@@ -83,6 +86,9 @@ class Stream:
 class Request:
     """A prompt, its sampling parameters, and the sequences generating for it."""
 
+    # Every attribute is state (tests/test_state.py checks that ``state_dict`` has them all).
+    DERIVED = ()
+
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seeds: list[int], arrival_time: float):
         self.request_id = request_id
@@ -95,6 +101,45 @@ class Request:
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
         self.finished = False
+
+    def state_dict(self, clock: float) -> dict:
+        """Every attribute as plain values; the sequences as the objects themselves (a
+        sequence is shared with the scheduler: the caller writes each once). Times become
+        ages at ``clock`` (``time.perf_counter`` is per process)."""
+        metrics = dataclasses.asdict(self.metrics)
+        for name in TIMES:
+            if metrics[name] is not None:
+                metrics[name] -= clock
+        return {"request_id": self.request_id, "prompt": self.prompt,
+                "prompt_token_ids": list(self.prompt_token_ids),
+                "params": dataclasses.asdict(self.params), "seeds": list(self.seeds),
+                "metrics": metrics, "finished": self.finished,
+                "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
+                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses)}
+
+    @classmethod
+    def from_state(cls, state: dict, clock: float) -> "Request":
+        """The request ``state_dict(...)`` describes, its ages turned back into times at
+        ``clock``. ``SamplingParams`` validates the parameters; the sequences are those
+        of ``state`` (the caller rebuilt them)."""
+        request = cls(state["request_id"], state["prompt"], list(state["prompt_token_ids"]),
+                      SamplingParams(**state["params"]), list(state["seeds"]), 0.0)
+        if not isinstance(request.request_id, str) or not all(
+                isinstance(s, int) for s in request.seeds):
+            raise ValueError(f"request {request.request_id!r}: malformed id or seeds")
+        request.metrics = RequestMetrics(**state["metrics"])
+        for name in TIMES:
+            if getattr(request.metrics, name) is not None:
+                setattr(request.metrics, name, getattr(request.metrics, name) + clock)
+        request.finished = bool(state["finished"])
+        request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
+        request.seqs = dict(state["seqs"])
+        request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
+        if (set(request.streams) - set(request.seqs) or len(request.seeds) < max(
+                (s.index + 1 for s in request.streams.values()), default=0)):
+            raise ValueError(f"request {request.request_id!r}: its streams and sequences "
+                             f"disagree")
+        return request
 
     @property
     def beam_width(self) -> int:
