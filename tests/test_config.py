@@ -103,7 +103,7 @@ FLAG_VALUES = dict(page_size=("8", 8), num_pages=("40", 40), kv_cache_bytes=None
                    num_host_pages=("6", 6), host_cache_bytes=None, watermark=("0.25", 0.25),
                    static_batching=(None, True), seed=("7", 7), tensor_parallel=("1", 1),
                    data_parallel=("1", 1), prefix_routing=(None, True),
-                   attention_impl=("xla", "xla"))
+                   attention_impl=("xla", "xla"), async_scheduling=(None, True))
 
 
 def test_every_option_is_a_flag_with_its_default_in_help():

@@ -85,6 +85,8 @@ class EngineConfig:
                                    "prefix")
     attention_impl: str = _option("auto", "the paged attention implementation",
                                   ATTENTION_IMPLS)
+    async_scheduling: bool = _option(False, "plan and build the next step while the device "
+                                     "runs this one (stops take effect a step late)")
 
     def __post_init__(self):
         if self.dtype is not None and not isinstance(self.dtype, str):

@@ -54,7 +54,8 @@ LEAVES = ("k", "v", "k_scale", "v_scale")
 # LLM options a restore may change: where and how the same state runs, not what it is.
 # ``dtype``: the params' (a snapshot of dtype=None taken on an accelerator holds bfloat16
 # pages; on a CPU pass dtype="bfloat16"); the pool geometry check still applies.
-OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype")
+OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype",
+               "async_scheduling")
 
 
 # -- JSON of open-typed values ---------------------------------------------------------
@@ -101,6 +102,8 @@ def save(llm, path, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
     engines = _engines(llm.engine)
+    for engine in engines:   # the host state of a finished step, not of one in flight
+        engine.synchronize()
     host = {"format": FORMAT, "version": VERSION, "model": llm._spec,
             "options": llm.config.to_dict(), "config": _config_dict(llm.model_config),
             "geometry": _geometry(llm), "replicas": [], "router": None}

@@ -7,8 +7,9 @@ import dataclasses
 
 import numpy as np
 
+from jpaged.host.detokenizer import DecodeState
 from jpaged.host.sampling_params import SamplingParams
-from jpaged.host.sequence import Sequence, SequenceStatus
+from jpaged.host.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
@@ -69,15 +70,34 @@ class RequestOutput:
         return self.outputs[0].finish_reason
 
 
-@dataclasses.dataclass
 class Stream:
-    """Host state of one generated sequence: its seed and what it has produced."""
+    """Host state of one generated sequence: its seed and what it has produced.
 
-    index: int
-    seed: int
-    cumulative_logprob: float = 0.0
-    logprobs: list = dataclasses.field(default_factory=list)
-    text: str | None = None
+    text: its text so far (None without a tokenizer), decoded incrementally by
+    ``jpaged.host.stop.StopRules`` into ``decoder``; a stream built with ``text`` (a
+    restored snapshot) decodes its tokens again on its next step.
+    """
+
+    __slots__ = ("index", "seed", "cumulative_logprob", "logprobs", "decoder", "_text")
+
+    def __init__(self, index: int, seed: int, cumulative_logprob: float = 0.0,
+                 logprobs: list | None = None, text: str | None = None):
+        self.index = index
+        self.seed = seed
+        self.cumulative_logprob = cumulative_logprob
+        self.logprobs = [] if logprobs is None else logprobs
+        self.decoder: DecodeState | None = None
+        self._text = text
+
+    @property
+    def text(self) -> str | None:
+        return self._text if self.decoder is None else self.decoder.text
+
+    def decoding(self) -> DecodeState:
+        """The decoder state, started (from the first output token) when missing."""
+        if self.decoder is None:
+            self.decoder = DecodeState()
+        return self.decoder
 
 
 class Request:
@@ -105,8 +125,11 @@ class Request:
         outputs = []
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
+            tokens = seq.output_token_ids
+            if tokens and tokens[-1] == PLACEHOLDER:   # still on the device
+                tokens.pop()
             outputs.append(CompletionOutput(
-                stream.index, seq.output_token_ids, stream.text, stream.cumulative_logprob,
+                stream.index, tokens, stream.text, stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
                 seq.finish_reason))
         return outputs

@@ -38,8 +38,8 @@ class InjectedDeviceError(RuntimeError):
 
 class FaultInjector:
     """Makes an engine's steps fail on demand: ``arm(kind)`` makes the next step fail,
-    ``calls`` fails the given calls (counted from 1) of the device step, or of the
-    stop-rule check for "apply".
+    ``calls`` fails the given calls (counted from 1) of the device step (its dispatch), or
+    of the stop-rule check (once per step) for "apply".
 
     kinds: "interrupt": KeyboardInterrupt as the device step starts (nothing ran);
     "after": the device step ran (pages moved, K/V written), then KeyboardInterrupt;
@@ -54,9 +54,9 @@ class FaultInjector:
         self.engine, self.kind, self.calls = engine, kind, set(calls)
         self.armed = None
         self.count = self.failed = self.moves = 0
-        self._execute, self._check_stop = engine.runner.execute, engine._check_stop
-        engine.runner.execute = self._failing_execute
-        engine._check_stop = self._failing_check_stop
+        self._dispatch, self._check_stops = engine.runner.dispatch, engine._check_stops
+        engine.runner.dispatch = self._failing_dispatch
+        engine._check_stops = self._failing_check_stops
 
     def arm(self, kind: str) -> None:
         if kind not in FAULT_KINDS:
@@ -74,23 +74,23 @@ class FaultInjector:
         self.count += 1
         return self.kind if self.count in self.calls else None
 
-    def _failing_check_stop(self, seq) -> None:
+    def _failing_check_stops(self, seqs, *args) -> None:
         if self._due(apply=True):
             self.failed += 1
             raise InjectedFault("fault injected in the host update")
-        self._check_stop(seq)
+        self._check_stops(seqs, *args)
 
-    def _failing_execute(self, moves, batch):
+    def _failing_dispatch(self, moves, batch, *args, **kwargs):
         kind = self._due(apply=False)
         if kind is None:
-            return self._execute(moves, batch)
+            return self._dispatch(moves, batch, *args, **kwargs)
         self.failed += 1
         self.moves += sum(map(len, moves))
         runner = self.engine.runner
         if kind == "interrupt":
             raise KeyboardInterrupt
         if kind == "after":
-            self._execute(moves, batch)
+            jax.block_until_ready(self._dispatch(moves, batch, *args, **kwargs))
             raise KeyboardInterrupt
         runner.move_pages(moves)
         for pool in jax.tree.leaves(runner.cache):
