@@ -149,21 +149,38 @@ def test_stop_strings_cut_like_a_full_decode(tokenizer):
         first = min(p for p in (text.find(s) for s in stop) if p >= 0) if any(
             s in text for s in stop) else -1
         if first >= 0:
-            assert stream.text == text[:first], (stop, text)
+            assert stream.current_text() == text[:first], (stop, text)
         else:
-            assert stream.text == text
+            assert stream.current_text() == text
 
 
-def test_special_tokens_are_skipped_as_decode_does(tokenizer):
+@pytest.mark.parametrize("skip", [True, False])
+def test_special_tokens_are_skipped_as_decode_does(tokenizer, skip):
     detok = Detokenizer(tokenizer)
     eos = tokenizer.token_to_id("</s>")
     ids = tokenizer.encode("café 東京 ok").ids
     ids = ids[:2] + [eos] + ids[2:] + [eos]
-    state = DecodeState()
+    state = DecodeState(skip_special_tokens=skip)
     for t in ids:
         state.emit(detok.step([state], [[t]])[0], 0)
     state.emit(detok.flush(state), 0)
-    assert state.text == tokenizer.decode(ids) and "</s>" not in state.text
+    assert state.text == tokenizer.decode(ids, skip_special_tokens=skip)
+    assert ("</s>" in state.text) == (not skip)
+
+
+def test_stop_reason_and_include_stop_str_in_output(tokenizer):
+    ids = tokenizer.encode("ab café ab").ids
+    full = tokenizer.decode(ids)
+    for include in (False, True):
+        rules = StopRules([], tokenizer)
+        params = SamplingParams(stop=["zz", "é"], include_stop_str_in_output=include)
+        seq, stream = Sequence("s", [0], 20), Stream(0, 0)
+        for t in ids:
+            seq.token_ids.append(t)
+            if rules.check(params, seq, stream):
+                break
+        end = full.index("é") + (1 if include else 0)
+        assert stream.current_text() == full[:end] and stream.stop_reason == "é"
 
 
 def test_a_stop_string_longer_than_the_output_never_matches(tokenizer):
@@ -174,7 +191,7 @@ def test_a_stop_string_longer_than_the_output_never_matches(tokenizer):
     for t in ids:
         seq.token_ids.append(t)
         assert not rules.check(params, seq, stream)
-    assert stream.text == tokenizer.decode(ids)
+    assert stream.current_text() == tokenizer.decode(ids)
 
 
 def test_a_tokenizer_that_raises_gives_a_clear_error(tokenizer):

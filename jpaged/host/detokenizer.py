@@ -38,16 +38,18 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class DecodeState:
     """One stream's decoding state and its text so far.
 
-    window: its last token ids (special tokens left out); window_text: the decode of
+    window: its last token ids (special tokens left out if ``skip_special_tokens``, as
+    ``Tokenizer.decode`` does by default); window_text: the decode of
     ``window[:read]``, whose end is the end of the emitted text; start_chars: where, in
     ``window_text``, the text of ``window[start:]`` begins, for the window's next start
     ``start``; fed: output tokens consumed so far (including special ones).
     """
 
     __slots__ = ("window", "window_text", "read", "start", "start_chars", "fed", "_pieces",
-                 "tail")
+                 "tail", "skip_special_tokens")
 
-    def __init__(self):
+    def __init__(self, skip_special_tokens: bool = True):
+        self.skip_special_tokens = skip_special_tokens
         self.window: list[int] = []
         self.window_text = ""
         self.read = 0
@@ -88,13 +90,10 @@ class Detokenizer:
         self.byte_tokens = frozenset(i for token, i in tokenizer.get_vocab().items()
                                      if _BYTE_TOKEN.fullmatch(token))
 
-    def decode(self, token_ids: list[int]) -> str:
-        """The full decode (the reference: special tokens skipped)."""
-        return self.tokenizer.decode(list(token_ids))
-
     def _decode_batch(self, windows: list[list[int]]) -> list[str]:
+        # Special tokens never reach a window that skips them: one call decodes all.
         try:
-            return self.tokenizer.decode_batch(windows)
+            return self.tokenizer.decode_batch(windows, skip_special_tokens=False)
         except Exception as error:
             raise ValueError(f"the tokenizer failed to decode token ids "
                              f"{windows[:4]}...: {error!r}") from error
@@ -105,7 +104,8 @@ class Detokenizer:
         special = self.special
         for state, ids in zip(states, new_ids):
             state.fed += len(ids)
-            state.window.extend([t for t in ids if t not in special] if special else ids)
+            state.window.extend([t for t in ids if t not in special]
+                                if special and state.skip_special_tokens else ids)
         texts = self._decode_batch([s.window for s in states])
         out, moving = [], []
         for state, text in zip(states, texts):
