@@ -59,9 +59,9 @@ def assert_same(got, expected):
             np.testing.assert_allclose(a.cumulative_logprob, b.cumulative_logprob, rtol=1e-5)
             if b.logprobs is not None:
                 assert [sorted(d) for d in a.logprobs] == [sorted(d) for d in b.logprobs]
-                np.testing.assert_allclose([v for d in a.logprobs for v in d.values()],
-                                           [v for d in b.logprobs for v in d.values()],
-                                           rtol=1e-5)
+                np.testing.assert_allclose(
+                    [v.logprob for d in a.logprobs for v in d.values()],
+                    [v.logprob for d in b.logprobs for v in d.values()], rtol=1e-5)
 
 
 def workload(greedy_reference):
@@ -219,3 +219,17 @@ def test_a_tokenizer_that_raises_fails_the_generate_cleanly(model, word_tokenize
         with pytest.raises(ValueError, match="tokenizer failed to decode"):
             llm.generate(prompts(5, [4, 6]), SamplingParams(max_tokens=4, temperature=0.0))
         check_all_free(llm.engine)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_unstreamed_requests_report_only_when_finished(model, overlap):
+    engine = LLM(model, page_size=4, num_pages=32, async_scheduling=overlap).engine
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    quiet = engine.add_request(prompts(6, [4])[0], params, stream=False)
+    loud = engine.add_request(prompts(7, [6])[0], params)
+    reported = {quiet: [], loud: []}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            reported[output.request_id].append(output.finished)
+    assert reported[quiet] == [True] and reported[loud][-1] and len(reported[loud]) == 5
+    check_all_free(engine)

@@ -91,6 +91,7 @@ class LLMEngine:
         self._inflight: InFlight | None = None
         self._ready: list[RequestOutput] = []   # resolved outside `step`, not yet returned
         self._sync_ids: set[str] = set()        # live requests that `needs_each_token`
+        self._final_only: set[str] = set()      # live requests added with stream=False
 
     # -- state -----------------------------------------------------------------------
 
@@ -99,8 +100,10 @@ class LLMEngine:
     # Async scheduling: the option; the step in flight and the outputs not yet returned
     # (``state_dict`` synchronizes first: neither is left); the requests that
     # ``needs_each_token``, rebuilt from the requests.
+    # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
+    # step).
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "async_scheduling",
-               "_inflight", "_ready", "_sync_ids")
+               "_inflight", "_ready", "_sync_ids", "_final_only")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -122,7 +125,7 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
-        self._inflight, self._ready = None, []
+        self._inflight, self._ready, self._final_only = None, [], set()
         self._sync_ids = {rid for rid, r in requests.items() if needs_each_token(r.params)}
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
@@ -131,8 +134,11 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a prompt (text, or a list of token ids); returns its request id."""
+                    request_id: str | None = None, priority: int = 0,
+                    stream: bool = True) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id.
+        ``stream=False``: ``step`` reports the request only when it finishes (building an
+        output every step costs time proportional to its length)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
@@ -152,6 +158,8 @@ class LLMEngine:
         seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority)
         self._track(Request(request_id, text, token_ids, params,
                             params.sequence_seeds(self.rng), time.perf_counter()), seq)
+        if not stream:
+            self._final_only.add(request_id)
         return request_id
 
     def _track(self, request: Request, seq: Sequence) -> None:
@@ -171,6 +179,7 @@ class LLMEngine:
             raise ValueError(f"unknown request id {request_id!r}")
         self.requests.pop(request_id)
         self._sync_ids.discard(request_id)
+        self._final_only.discard(request_id)
         if request_id in self.scheduler.requests:
             self.scheduler.abort(request_id)
         if not self.requests:   # the step in flight, if any, now holds only dropped rows
@@ -340,7 +349,7 @@ class LLMEngine:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             self._maybe_finish(request, now)
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id
@@ -462,6 +471,8 @@ class LLMEngine:
             except BaseException:
                 self._ready = outputs
                 raise
+        if not self.requests:   # what is in flight belongs to finished requests only
+            self._inflight = None
         self._count_step(start)
         return outputs
 
@@ -534,7 +545,7 @@ class LLMEngine:
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             self._maybe_finish(request, now)
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
 
     def _fail_device(self, steps: list[InFlight]) -> None:
         """Dispatched steps failed on the device: each plan is rolled back (newest first),
@@ -574,6 +585,12 @@ class LLMEngine:
             (s.num_output_tokens for s in request.seqs.values()), default=0)
         self.requests.pop(request.request_id, None)
         self._sync_ids.discard(request.request_id)
+        self._final_only.discard(request.request_id)
+
+    def _outputs(self, requests) -> list[RequestOutput]:
+        """Outputs of the requests that made progress: streamed or finished ones."""
+        return [self._output(r) for r in requests
+                if r.finished or r.request_id not in self._final_only]
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = (beam_search.completions(request, lambda ids: self.stop.decode(
@@ -813,7 +830,14 @@ class LLM:
         If the caller stops early (``close()``, a ``break`` that drops the generator, an
         exception such as ``KeyboardInterrupt``), the requests not yet finished are
         aborted, so the engine is left as it was before the call."""
-        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority))
+        return self._run(prompts, sampling_params, priority, stream=True)
+
+    def _run(self, prompts, sampling_params, priority, stream: bool
+             ) -> Iterator[RequestOutput]:
+        """``stream``'s loop; ``stream=False`` yields finished outputs only (the engine
+        builds no others unless the stats logger counts them)."""
+        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority,
+                                stream or self._stats is not None))
         try:
             while pending:
                 outputs = self.engine.step()
@@ -844,7 +868,7 @@ class LLM:
         finished = {}
         progress = offline.Progress(use_tqdm, len(prompts))
         try:
-            for output in self.stream(prompts, sampling_params, priority):
+            for output in self._run(prompts, sampling_params, priority, stream=False):
                 if output.finished:
                     finished[output.request_id] = output
                     progress.finished(output)
@@ -897,7 +921,7 @@ class LLM:
         decode = (lambda ids: None) if tokenizer is None else tokenizer.decode
         return [offline.beam_search_output(output, decode) for output in outputs]
 
-    def _add(self, prompts: list, params, priority) -> list[str]:
+    def _add(self, prompts: list, params, priority, stream: bool = True) -> list[str]:
         """Add every prompt, or none: a bad one aborts those this call already added."""
         if params is None:
             params = self.get_default_sampling_params()
@@ -913,7 +937,7 @@ class LLM:
         ids = []
         try:
             for prompt, p, rank in zip(prompts, params, priority):
-                ids.append(self.engine.add_request(prompt, p, priority=rank))
+                ids.append(self.engine.add_request(prompt, p, priority=rank, stream=stream))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

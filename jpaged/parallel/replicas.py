@@ -140,7 +140,7 @@ class Replicas:
         self.owner, self.next_id = owner, state["next_id"]
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
-                    priority: int = 0) -> str:
+                    priority: int = 0, stream: bool = True) -> str:
         """Queue a prompt on the replica the router picks; returns its request id."""
         if request_id is None:
             request_id, self.next_id = str(self.next_id), self.next_id + 1
@@ -150,7 +150,7 @@ class Replicas:
         # The engine's own rule: a bad prompt is refused here, before any replica sees it.
         _, token_ids = prompt_token_ids(prompt, self.tokenizer)
         replica = self.router.choose(token_ids, [len(e.requests) for e in self.engines])
-        self.engines[replica].add_request(prompt, params, request_id, priority)
+        self.engines[replica].add_request(prompt, params, request_id, priority, stream)
         self.router.record(replica, token_ids)
         self.owner[request_id] = replica
         return request_id
