@@ -508,19 +508,24 @@ class LLM:
     def save_snapshot(self, path, overwrite: bool = False) -> None:
         """Write the whole engine between two steps to the directory ``path``: the pages in
         use (device and swap pool), block tables, block manager, scheduler queues and every
-        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is refused
-        unless ``overwrite``; a failed save leaves it as it was."""
+        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is
+        refused unless ``overwrite``; the replacement is atomic: ``path`` holds the old
+        snapshot or the new one, whole, wherever the save fails or the process dies."""
         snapshot.save(self, path, overwrite)
 
     @classmethod
-    def from_snapshot(cls, path, **overrides) -> "LLM":
+    def from_snapshot(cls, path, *, max_pool_bytes: int | None = None,
+                      **overrides) -> "LLM":
         """An ``LLM`` resuming the snapshot at ``path``: stepping on gives the tokens the
         saved one would have. The model is the snapshot's ("tiny" or its checkpoint
-        directory) unless ``model=``; ``tensor_parallel=`` / ``mesh=`` and
-        ``attention_impl=`` may differ, other options must equal the snapshot's. A
-        truncated or foreign snapshot (another model config or pool geometry) raises a
-        ValueError naming what differs."""
-        return snapshot.restore(cls, path, **overrides)
+        directory, whose files must match the fingerprint saved with it) unless
+        ``model=``; ``tensor_parallel=`` / ``mesh=`` and ``attention_impl=`` may differ,
+        other options must equal the snapshot's. The snapshot is verified whole before
+        any pool is allocated (checksums, options, model, host state; see
+        ``jpaged.engine.snapshot``), and its pools must fit in ``max_pool_bytes`` (default:
+        this machine's memory). A damaged, truncated or foreign snapshot raises a
+        ValueError naming the problem."""
+        return snapshot.restore(cls, path, max_pool_bytes, **overrides)
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,
