@@ -317,6 +317,10 @@ EDITS = {
     "params": (_set(R + ("requests", 0, "params", "top_p"), 7.0), "top_p"),
     "request_dropped": (_set(R + ("requests",), lambda r: r[1:]), "does not follow"),
     "counter": (_set(R + ("next_id",), "x"), "next_id"),
+    "arrival_counter": (_set(R + ("scheduler", "next_arrival"), 0), "the counters are at"),
+    "key_counter": (_set(BM + ("next_key_id",), 1), "key id|key counter"),
+    "stream": (lambda s: next(iter(s["replicas"][0]["requests"][0]["streams"].values()))
+               .__setitem__("cumulative_logprob", "x"), "stream"),
     "hit_tokens": (_set(BM + ("hit_tokens",), -1), "hit_tokens=-1"),
     "cache_key": (_set(BM + ("cache", 0, "__tuple__", 0, "__tuple__", 1, "__tuple__", 0), 10**9),
                   "prefix-cache key"),

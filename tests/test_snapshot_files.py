@@ -142,7 +142,7 @@ def test_malformed_files_are_refused(tmp_path):
     _save(path, 1)
     manifest = json.loads((path / files.MANIFEST).read_text())
     for edit, match in [
-            (dict(version=1), "version 1 snapshot"),
+            (dict(version=1), r"version=1\); a snapshot of this older layout"),
             (dict(data="../elsewhere"), "malformed"),
             (dict(files={**manifest["files"], "arrays/extra.bin": {"bytes": 0}}), "missing"),
             (dict(files={k: v for k, v in manifest["files"].items() if k != "arrays/pages.bin"}),
@@ -160,12 +160,15 @@ def test_malformed_files_are_refused(tmp_path):
             files.read(path, VERSION)
 
 
-def test_a_version_1_snapshot_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("old", [1, 2])
+def test_older_snapshots_are_refused_by_version(tmp_path, old):
     """The layout before manifests: snapshot.json at the top, orbax arrays beside it."""
-    (tmp_path / files.HOST_FILE).write_text(json.dumps({"format": files.FORMAT, "version": 1}))
+    (tmp_path / files.HOST_FILE).write_text(json.dumps({"format": files.FORMAT, "version": old}))
     (tmp_path / "arrays").mkdir()
-    with pytest.raises(ValueError, match="version 1 snapshot"):
+    with pytest.raises(ValueError, match=rf"version={old}\); a snapshot of this older layout"):
         files.read(tmp_path, VERSION)
-    (tmp_path / files.HOST_FILE).unlink()
+    _save(tmp_path, 1)   # overwriting one leaves the new layout only
+    assert _tag(tmp_path) == 1 and len(_entries(tmp_path)) == 2
+    (tmp_path / files.MANIFEST).unlink()
     with pytest.raises(ValueError, match="no manifest.json"):
         files.read(tmp_path, VERSION)

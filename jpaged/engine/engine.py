@@ -386,7 +386,8 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if bad:
             raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
                              f"the vocabulary [0, {vocab_size})")
-        if not any(scheduler.seqs.get(seq_id) is seq for seq_id, seq in request.seqs.items()):
+        if request.finished or not any(scheduler.seqs.get(seq_id) is seq
+                                       for seq_id, seq in request.seqs.items()):
             raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
                              f"never finish")
         for seq_id, seq in request.seqs.items():
@@ -401,12 +402,14 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
             raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
                              f"which the engine does not follow")
-    for key in scheduler.block_manager.cache:
+    for key, (_, key_id) in scheduler.block_manager.cache.items():
         if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
+                or not isinstance(key[0], int) or not 0 <= key[0] < key_id
                 or len(key[1]) != scheduler.block_manager.page_size
                 or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
-            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (parent, "
-                             f"{scheduler.block_manager.page_size} token ids, extra keys)")
+            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (an earlier parent "
+                             f"key id, {scheduler.block_manager.page_size} token ids, extra "
+                             f"keys)")
     return requests, rng
 
 

@@ -44,9 +44,9 @@ from jpaged.parallel.replicas import Replicas
 from jpaged.host.sequence import Sequence
 
 FORMAT = snapshot_files.FORMAT
-# 2: the classes' own ``state_dict``s (``jpaged.host``, ``LLMEngine``, ``Replicas``), a
-# manifest of checksums, raw array files and the model's fingerprint.
-VERSION = 2
+# 2: the classes' own ``state_dict``s (``jpaged.host``, ``LLMEngine``, ``Replicas``).
+# 3: a manifest of checksums committed atomically, raw array files, the model's fingerprint.
+VERSION = 3
 HOST_FILE = snapshot_files.HOST_FILE
 LEAVES = ("k", "v", "k_scale", "v_scale")
 # LLM options a restore may change: where and how the same state runs, not what it is.

@@ -89,7 +89,7 @@ def write(path: Path, version: int, host: dict, arrays: dict[str, np.ndarray],
             shutil.rmtree(data, ignore_errors=True)
             pending.unlink(missing_ok=True)
     clean(path, data.name)
-    for old in (path / HOST_FILE, path / ARRAYS_DIR):   # a version 1 snapshot replaced
+    for old in (path / HOST_FILE, path / ARRAYS_DIR):   # an older layout's files, replaced
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -106,7 +106,7 @@ def read(path: Path, version: int) -> tuple[dict, dict[str, np.ndarray]]:
     if not path.is_dir():
         raise ValueError(f"{path} is not a snapshot directory")
     if not (path / MANIFEST).is_file():
-        if (path / HOST_FILE).is_file():   # the layout of version 1
+        if (path / HOST_FILE).is_file():   # the layout of versions 1 and 2
             old = _json(path / HOST_FILE, None, f"{path}/{HOST_FILE}")
             _check_version(old, version, path)
         raise ValueError(f"{path} is not a complete snapshot: no {MANIFEST}")
@@ -221,9 +221,9 @@ def _check_version(record: dict, version: int, path: Path) -> None:
         raise ValueError(f"{path}: not a {FORMAT} version {version} file (format="
                          f"{str(record.get('format'))[:80]!r}, version="
                          f"{str(record.get('version'))[:80]})" + (
-                             "; a version 1 snapshot (before jpaged checked snapshots) "
-                             "restores only with the jpaged that wrote it"
-                             if record.get("version") == 1 else ""))
+                             "; a snapshot of this older layout (before jpaged checked "
+                             "snapshots) restores only with the jpaged that wrote it"
+                             if record.get("version") in (1, 2) else ""))
 
 
 def _array_name(name: str) -> str:
