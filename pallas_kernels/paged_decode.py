@@ -43,6 +43,9 @@ try:  # The Triton lowering is optional: jpaged must still import on a jax witho
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover - depends on the installed jax
     pltriton = None
+# 64-bit offsets for pools of more than 2**31 elements (jax's own rule wraps 8-bit pools of
+# 2-4 GiB into negative addresses; see lowering.install_wide_offsets).
+WIDE_OFFSETS = pltriton is not None and lowering.install_wide_offsets()
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Queries over 8-bit pages meet the dequantized K/V in their own dtype, one of these.
@@ -366,6 +369,11 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_sc
     if pltriton is None and not interpret:
         raise ValueError("this jax has no Pallas Triton lowering; use interpret=True or the "
                          "XLA path")
+    if not (WIDE_OFFSETS or interpret) and lowering.needs_wide_offsets(k_pages.shape,
+                                                                       k_pages.dtype):
+        raise ValueError(f"{k_pages.dtype} pages of shape {k_pages.shape} hold more than "
+                         f"2**31 elements in at most 4 GiB, which this jax's Triton lowering "
+                         f"addresses with wrapping 32-bit offsets; use the XLA path")
     width = block_tables.shape[1]
     num_blocks = blocks_to_cover(lengths, width, pages_per_block, page_size)
     if num_splits is None:

@@ -42,6 +42,15 @@ def param_axes(config: ModelConfig) -> Mapping[str, tuple[str | None, ...]]:
     return _models().param_axes(config)
 
 
+def load_tokenizer(directory: str):
+    """The ``tokenizers.Tokenizer`` of ``directory`` (its ``tokenizer.json``); a ValueError
+    when there is none."""
+    tokenizer = _models().load_tokenizer(directory)
+    if tokenizer is None:
+        raise ValueError(f"tokenizer={directory!r}: no tokenizer.json there")
+    return tokenizer
+
+
 FINGERPRINT_WHOLE = 1 << 20     # files up to this size are hashed whole, larger ones in part
 FINGERPRINT_MAX_FILES = 10_000
 
