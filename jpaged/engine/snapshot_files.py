@@ -90,10 +90,7 @@ def write(path: Path, version: int, host: dict, arrays: dict[str, np.ndarray],
             pending.unlink(missing_ok=True)
     clean(path, data.name)
     for old in (path / HOST_FILE, path / ARRAYS_DIR):   # an older layout's files, replaced
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        _remove(old)
     _step("clean")
 
 
@@ -149,10 +146,18 @@ def clean(path: Path, keep: str) -> None:
             continue
         pid = int(match.group(1))
         if pid == os.getpid() or not _alive(pid):
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry)
+
+
+def _remove(entry: Path) -> None:
+    """Remove a file or directory tree, quietly where it cannot (a read-only snapshot)."""
+    if entry.is_dir():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        try:
+            entry.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _step(name: str) -> None:
