@@ -115,12 +115,34 @@ class LLMEngine:
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
                              f"vocabulary [0, {vocab})")
+        self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
+        # Everything that can fail happens before the scheduler queues the prompt, and
+        # nothing after it can: the request is wholly in the engine or not at all.
+        request = Request(request_id, text, token_ids, params,
+                          params.sequence_seeds(self.rng), time.perf_counter())
         seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority)
-        self._track(Request(request_id, text, token_ids, params,
-                            params.sequence_seeds(self.rng), time.perf_counter()), seq)
+        self._track(request, seq)
         return request_id
+
+    def _check_bounds(self, params: SamplingParams) -> None:
+        """``params`` against the model and the configuration: values the sampler's int32
+        columns and top-k calls can hold, and no more sequences than one step runs."""
+        vocab = self.model.config.vocab_size
+        if params.top_k > vocab:
+            raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {vocab} "
+                             f"(-1 or 0 turn top-k off)")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        width, limit = params.num_sequences, self.scheduler.max_num_seqs
+        name = "best_of" if params.best_of is not None else "n"
+        if width > limit:
+            raise ValueError(f"{name}={width} exceeds max_num_seqs={limit}, the sequences "
+                             f"one step runs")
+        if params.use_beam_search and 2 * width > vocab:
+            raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
+                             f"more than the vocabulary size {vocab}")
 
     def _track(self, request: Request, seq: Sequence) -> None:
         """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
