@@ -1,18 +1,20 @@
 """The Mosaic GPU ragged kernel's hardware checks: which configurations, and how tight.
 
-``benchmarks/gpu_check.py`` checks the Mosaic kernel (``jpaged.pallas_kernels.ragged_attention``)
-on the GPU over every configuration in ``variants()`` (GQA groups 1/4/8 x pages 16/64 x
+``benchmarks/gpu_check.py`` checks the Mosaic kernel
+(``jpaged.pallas_kernels.ragged_attention``) on the GPU over every configuration in
+``variants()`` (GQA groups 1/4/8 x pages 16/64 x
 head_dims 64/128, decode and prefill chunks in a checkerboard so every value meets both,
-plus a sliding window, a soft cap, a stacked pool and all three at once) and the large
+plus a sliding window, a soft cap, a stacked pool, all three at once, a forced split-K
+decode and 8-bit pages (int8 decode, fp8 prefill with bfloat16 queries)) and the large
 decode / prefill cases of ``large_cases()``. Each variant's bound is ``BOUND_FACTOR`` times
 the error the *same inputs* (same shapes and seed) give in Mosaic GPU's interpret mode,
 where the kernel's products run as float32 dots of the same bf16 tiles: computed on the CPU
 by ``python benchmarks/gpu_mosaic.py --bounds`` and committed in
-``gpu_mosaic_bounds.json`` with the digest of the kernel's code (``kernel_digest``). A large case takes the
-largest bound of the variants of its phase (decode or prefill). A variant without a
-committed bound gets bound 0 (it fails, never passes unchecked); a kernel whose source no
-longer matches the digest gets a warning in the report: recompute the bounds (about 4
-minutes on 2 CPU cores).
+``gpu_mosaic_bounds.json`` with the digest of the kernel's code (``kernel_digest``). A
+large case (bf16) takes the largest bound of the bf16 variants of its phase. A variant
+without a committed bound gets bound 0 (it fails, never passes unchecked); a kernel whose
+code no longer matches the digest gets a warning in the report and fails
+tests/test_gpu_check.py: recompute the bounds (about 5 minutes on 2 CPU cores).
 
 Needs only jax, numpy and this repository's ``pallas_kernels`` (the GPU machine has no
 Flax); the timing of the Mosaic kernel lives in ``gpu_check.py`` beside its peers.
@@ -56,6 +58,9 @@ def variants() -> list[dict]:
         _variant("mosaic-stacked", 4, 16, 128, 1, num_layers=3),
         _variant("mosaic-window-softcap-stacked", 1, 64, 128, PREFILL_CHUNK,
                  sliding_window=60, soft_cap=5.0, num_layers=2),
+        _variant("mosaic-splits-3", 4, 16, 128, 1, num_splits=3),
+        _variant("mosaic-int8", 4, 16, 128, 1, dtype="int8"),
+        _variant("mosaic-fp8", 8, 64, 64, PREFILL_CHUNK, dtype="fp8"),
     ]
     return cases
 
@@ -83,10 +88,12 @@ def variant_cases() -> list[dict]:
 
 
 def large_cases() -> list[dict]:
-    """Llama-3-8B decode and prefill chunks of 512 and 2048 tokens ending on partial
-    pages; each bound the largest variant bound of its phase."""
+    """Llama-3-8B bf16 decode and prefill chunks of 512 and 2048 tokens ending on partial
+    pages; each bound the largest bound of the bf16 variants of its phase."""
     bounds = {"decode": 0.0, "prefill": 0.0}
     for case in variant_cases():
+        if "dtype" in case:
+            continue
         phase = "decode" if case["chunk"] == 1 else "prefill"
         bounds[phase] = max(bounds[phase], case["bound"])
     return [dict(name="mosaic-decode", batch=16, context=8192, kernel="mosaic", q_scale=2.0,
