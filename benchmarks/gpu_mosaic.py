@@ -89,14 +89,20 @@ def variant_cases() -> list[dict]:
 
 def large_cases() -> list[dict]:
     """Llama-3-8B bf16 decode and prefill chunks of 512 and 2048 tokens ending on partial
-    pages; each bound the largest bound of the bf16 variants of its phase."""
+    pages, each bound the largest bound of the bf16 variants of its phase; and an int8
+    pool of 3 GiB (3.2e9 code elements, past 2**31) under the int8 variant's bound."""
     bounds = {"decode": 0.0, "prefill": 0.0}
+    int8_bound = 0.0
     for case in variant_cases():
+        if case.get("dtype") == "int8":
+            int8_bound = case["bound"]
         if "dtype" in case:
             continue
         phase = "decode" if case["chunk"] == 1 else "prefill"
         bounds[phase] = max(bounds[phase], case["bound"])
-    return [dict(name="mosaic-decode", batch=16, context=8192, kernel="mosaic", q_scale=2.0,
+    return [dict(name="mosaic-int8-pool-3GiB", batch=96, context=32768, kernel="mosaic",
+                 dtype="int8", q_scale=2.0, bound=int8_bound),
+            dict(name="mosaic-decode", batch=16, context=8192, kernel="mosaic", q_scale=2.0,
                  bound=bounds["decode"]),
             dict(name="mosaic-prefill-512", batch=2, context=4096, kernel="mosaic",
                  chunk=512, bound=bounds["prefill"]),
