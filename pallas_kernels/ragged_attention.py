@@ -556,14 +556,17 @@ def _concrete(x):
 
 
 def plan_num_splits(q_seq, kv_lens, *, num_kv_heads, group, width, page_size,
-                    pages_per_block, head_dim=128, dtype=jnp.bfloat16, q_dtype=None) -> int:
+                    pages_per_block, head_dim=128, dtype=jnp.bfloat16, q_dtype=None,
+                    check_partial_smem=True) -> int:
     """``choose_num_splits`` from what is known: the busy blocks (concrete q_seq: its
     runs cut in blocks; traced: ``min(T, ceil(T / tokens per block) + B)``) and the key
     steps of the longest row (concrete lengths: the longest length rounded up to a power
     of two of steps, so the compiled variants stay few; traced: the table width). One
     split where the float32 partial tile does not fit shared memory beside one ring slot
-    (head_dim 256 with 128+ keys a step)."""
-    if smem_bytes(head_dim, page_size, dtype, pages_per_block, 1, 2, q_dtype) > SMEM_BUDGET:
+    (head_dim 256 with 128+ keys a step; ``check_partial_smem=False`` for a kernel that
+    always writes partials)."""
+    if check_partial_smem and smem_bytes(head_dim, page_size, dtype, pages_per_block, 1, 2,
+                                         q_dtype) > SMEM_BUDGET:
         return 1
     tokens_per_block = BLOCK_ROWS // group
     block_kv = pages_per_block * page_size
@@ -584,6 +587,24 @@ def plan_num_splits(q_seq, kv_lens, *, num_kv_heads, group, width, page_size,
     return choose_num_splits(num_kv_heads, busy, steps)
 
 
+def check_scales(k_pages, k_scale, v_scale) -> None:
+    """Raise ValueError unless 8-bit pages come with both scales (16- or 32-bit floats of
+    the pages' shape minus D) and float pages with none."""
+    quantized = is_quantized(k_pages.dtype)
+    if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{k_pages.dtype} pages need k_scale and v_scale exactly when they "
+                         f"are 8-bit; got k_scale {'set' if k_scale is not None else 'None'}, "
+                         f"v_scale {'set' if v_scale is not None else 'None'}")
+    if quantized:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if (scale.shape != k_pages.shape[:-1]
+                    or not jnp.issubdtype(scale.dtype, jnp.floating)
+                    or jnp.dtype(scale.dtype).itemsize not in (2, 4)):
+                raise ValueError(f"{name} must be a 16- or 32-bit float array of shape "
+                                 f"{tuple(k_pages.shape[:-1])} (the pages' shape minus D), "
+                                 f"got {scale.dtype}{list(scale.shape)}")
+
+
 def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
                            layer=None, k_scale=None, v_scale=None, sm_scale=None,
                            soft_cap=None, sliding_window=None, pages_per_block=None,
@@ -598,19 +619,7 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
     shape minus D (``KVCache.k_scale``); q (bf16/f16) sets the dtype they are widened to.
     """
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
-    quantized = is_quantized(k_pages.dtype)
-    if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
-        raise ValueError(f"{k_pages.dtype} pages need k_scale and v_scale exactly when they "
-                         f"are 8-bit; got k_scale {'set' if k_scale is not None else 'None'}, "
-                         f"v_scale {'set' if v_scale is not None else 'None'}")
-    if quantized:
-        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-            if (scale.shape != k_pages.shape[:-1]
-                    or not jnp.issubdtype(scale.dtype, jnp.floating)
-                    or jnp.dtype(scale.dtype).itemsize not in (2, 4)):
-                raise ValueError(f"{name} must be a 16- or 32-bit float array of shape "
-                                 f"{tuple(k_pages.shape[:-1])} (the pages' shape minus D), "
-                                 f"got {scale.dtype}{list(scale.shape)}")
+    check_scales(k_pages, k_scale, v_scale)
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size)
     if num_splits is None:

@@ -22,6 +22,7 @@ import jpaged
 from jpaged.core.attention import (AttentionMetadata, cached_attention, paged_attention,
                               paged_prefill_attention)
 from jpaged.core.cache import KVCache, PageTable
+from jpaged.pallas_kernels import mosaic_decode
 from jpaged.pallas_kernels import ragged_attention as ra
 from jpaged.pallas_kernels.quantization import FORMATS, quantize
 
@@ -282,6 +283,63 @@ def test_8bit_pages_need_their_scales():
         call(k_scale=scales[..., :8], v_scale=scales)
     with pytest.raises(ValueError, match="q dtype float32 over int8 pages"):
         ra.check_config(4, 2, 32, 16, jnp.int8, q_dtype=jnp.float32)
+
+
+# --- the decode-shaped tile (mosaic_decode) ----------------------------------------------
+
+SLOW = pytest.mark.slow
+DECODE_CASES = [
+    dict(group=4, dtype=jnp.float32, num_splits=1),
+    pytest.param(dict(group=8, dtype=jnp.bfloat16, num_splits=3, sliding_window=70),
+                 marks=SLOW),
+    pytest.param(dict(group=16, dtype=jnp.float32, num_splits=None, layer=1, sm_scale=0.2),
+                 marks=SLOW),
+    dict(group=1, dtype=jnp.bfloat16, num_splits=7, fmt="fp8", soft_cap=4.0),
+    dict(group=4, dtype=jnp.float32, num_splits=2, fmt="int8", sliding_window=100),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(
+    f"{k}={getattr(v, '__name__', v)}" for k, v in c.items()) if isinstance(c, dict) else None)
+def test_decode_tile_matches_float64(case):
+    """Decode rows of lengths 0, 1, page - 1, page, page + 1 and 200 (4 steps of 64 keys)
+    on a NaN-poisoned pool: groups under, at and over the tile's 16 columns, split-K with
+    1, 3 and 7 splits, 8-bit pages, a stacked pool."""
+    case = dict(case)
+    fmt, layer, num_splits = case.pop("fmt", None), case.pop("layer", None), case.pop(
+        "num_splits")
+    group, dtype = case.pop("group"), case.pop("dtype")
+    rng = np.random.default_rng(group)
+    lengths = special_lengths(16, 16)[:-1] + [200]
+    num_layers = 1 if layer is None else layer + 1
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16, width=16,
+        head_dim=64, group=group, dtype=jnp.float32 if fmt else dtype, num_layers=num_layers)
+    scales, top = {}, num_layers - 1
+    k_ref, v_ref = k[top], v[top]
+    if fmt:
+        (k, ks), (v, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
+        k_ref, v_ref = dequantized64(k[top], ks[top]), dequantized64(v[top], vs[top])
+        scales = dict(k_scale=ks, v_scale=vs) if layer is not None else dict(
+            k_scale=ks[0], v_scale=vs[0])
+        q = q.astype(dtype)
+    pools = (k, v) if layer is not None else (k[0], v[0])
+    out = mosaic_decode.paged_decode(q, *pools, tables, jnp.asarray(lengths), layer=layer,
+                                     num_splits=num_splits, interpret=True, **scales, **case)
+    expected = float64_attention(q, k_ref, v_ref, tables, lengths, q_seq, q_pos, **case)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, expected) < TOLERANCE[jnp.dtype(dtype)]
+    assert not np.asarray(out)[np.asarray(lengths) == 0].any()
+
+
+def test_decode_tile_pads_less_than_the_ragged_tile():
+    for group, padded in ((1, 15 / 16), (4, 0.75), (8, 0.5), (16, 0.0), (64, 0.0)):
+        assert mosaic_decode.padded_fraction(group) == padded
+        assert padded < 1 - group / ra.BLOCK_ROWS or group >= 16
+    with pytest.raises(ValueError, match="head_dim=32"):
+        mosaic_decode.check_config(8, 2, 32, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="32 barriers"):
+        mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
 
 
 def test_blocks_follow_rows_and_flag_overflow():

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jpaged.pallas_kernels import mosaic_decode
 from jpaged.pallas_kernels import ragged_attention as ra
 
 HEAD_DIMS = ra.HEAD_DIMS
@@ -107,6 +108,41 @@ def test_exports_for_cuda(config):
     ids=config_id)
 def test_exports_for_cuda_full_matrix(config):
     assert_lowers(export(**config))
+
+
+@functools.cache
+def export_decode(head_dim, page_size, group, dtype, pages_dtype=None, **options):
+    """The decode-tile kernel for CUDA: q [3, Hq, D] over a 2-kv-head pool."""
+    pages_dtype = dtype if pages_dtype is None else pages_dtype
+    pool, batch = (NUM_KV_HEADS, 32, page_size, head_dim), 3
+    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype),
+            jax.ShapeDtypeStruct(pool, pages_dtype), jax.ShapeDtypeStruct(pool, pages_dtype),
+            jax.ShapeDtypeStruct((batch, 8), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    scale = jax.ShapeDtypeStruct(pool[:-1], jnp.bfloat16) if pages_dtype != dtype else None
+
+    def decode(q, k, v, tables, lengths, k_scale, v_scale):
+        return mosaic_decode.paged_decode(q, k, v, tables, lengths, k_scale=k_scale,
+                                          v_scale=v_scale, **options)
+    return jax.export.export(jax.jit(decode), platforms=["cuda"])(*args, scale, scale)
+
+
+DECODE_CONFIGS = [
+    dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16),
+    dict(head_dim=64, page_size=8, group=1, dtype=jnp.float16),
+    dict(head_dim=256, page_size=64, group=8, dtype=jnp.bfloat16),
+    dict(head_dim=128, page_size=32, group=16, dtype=jnp.float16, num_splits=4),
+    dict(head_dim=64, page_size=128, group=64, dtype=jnp.bfloat16),
+    dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, pages_dtype=jnp.int8,
+         num_splits=4),
+    dict(head_dim=64, page_size=64, group=8, dtype=jnp.bfloat16,
+         pages_dtype=jnp.float8_e4m3fn, sliding_window=40, soft_cap=3.0),
+    dict(head_dim=256, page_size=8, group=4, dtype=jnp.float16, pages_dtype=jnp.float8_e4m3fn),
+]
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=config_id)
+def test_decode_tile_exports_for_cuda(config):
+    assert_lowers(export_decode(**config))
 
 
 def test_shared_memory_estimate_covers_mosaic_allocation():

@@ -1,9 +1,10 @@
 """Paged attention entry points: one call, several implementations.
 
 ``impl="pallas"`` is the Triton decode kernel (``jpaged.pallas_kernels.paged_decode``; on a CPU it
-runs in interpret mode), ``"mosaic"`` the Mosaic GPU ragged kernel for decode and prefill
-(``jpaged.pallas_kernels.ragged_attention``, Hopper; on a CPU it runs in Mosaic GPU interpret
-mode), ``"xla"`` the block-wise gather + online softmax in plain jnp
+runs in interpret mode), ``"mosaic"`` the Mosaic GPU kernels (Hopper; on a CPU they run
+in Mosaic GPU interpret mode): the ragged kernel for prefill
+(``jpaged.pallas_kernels.ragged_attention``) and the decode-shaped tile for decode
+(``mosaic_decode``; the ragged kernel where head_dim is 32), ``"xla"`` the block-wise gather + online softmax in plain jnp
 (``jpaged.pallas_kernels.xla_attention``, any backend), ``"reference"`` the readable
 gather-everything version (``jpaged.pallas_kernels.reference``). ``"auto"`` takes the kernel on
 a GPU when it accepts the configuration and the XLA path everywhere else; it does not
@@ -59,10 +60,9 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
     tables, lengths = page_table.block_tables, page_table.lengths
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "mosaic":
-        rows = jnp.arange(q.shape[0], dtype=jnp.int32)
-        return _mosaic(q, k_pages, v_pages, page_table, rows, lengths - 1, layer=layer,
-                       pages_per_block=pages_per_block, interpret=interpret, **scales,
-                       **options)
+        return _mosaic_decode(q, k_pages, v_pages, page_table, layer=layer,
+                              pages_per_block=pages_per_block, interpret=interpret, **scales,
+                              **options)
     impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
     if impl == "pallas":
         return _pallas_decode_module().paged_decode(
@@ -218,6 +218,19 @@ def _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, *, interpret, **optio
                                             q.shape[1] // k_pages.shape[-4])
     return ragged_attention.paged_attention_tokens(
         q, k_pages, v_pages, page_table.block_tables, page_table.lengths, q_seq, q_pos,
+        interpret=not _on_gpu() if interpret is None else interpret, **options)
+
+
+def _mosaic_decode(q, k_pages, v_pages, page_table, *, interpret, **options):
+    """Decode on Mosaic GPU: the decode-shaped tile where head_dim allows (64, 128, 256),
+    else the ragged kernel with one token per row."""
+    from jpaged.pallas_kernels import mosaic_decode
+    if k_pages.shape[-1] not in mosaic_decode.HEAD_DIMS:
+        rows = jnp.arange(q.shape[0], dtype=jnp.int32)
+        return _mosaic(q, k_pages, v_pages, page_table, rows, page_table.lengths - 1,
+                       interpret=interpret, **options)
+    return mosaic_decode.paged_decode(
+        q, k_pages, v_pages, page_table.block_tables, page_table.lengths,
         interpret=not _on_gpu() if interpret is None else interpret, **options)
 
 
