@@ -74,6 +74,7 @@ from jax import lax
 
 import gpu_mosaic
 from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import mosaic_decode as md
 from jpaged.pallas_kernels import paged_decode as pd
 from jpaged.pallas_kernels import ragged_attention as ra
 from jpaged.pallas_kernels import xla_attention
@@ -136,7 +137,7 @@ H200 = Rates()
 # Fraction of the read rate each implementation's loop is assumed to reach (estimates
 # only: low, so the budget errs toward not starting what would not finish). The XLA path
 # gathers pages into a copy first; prefill is assumed at 30% of the matmul rate.
-EFFICIENCY = {"ours": 0.5, "mosaic": 0.5, "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
+EFFICIENCY = {"ours": 0.5, "mosaic_decode": 0.5, "mosaic": 0.5, "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
 PREFILL_MATMUL_FRACTION = 0.3
 
 
@@ -145,7 +146,8 @@ class Case:
     """One checked configuration: batch x context (the table's capacity) in ``dtype``
     (a float dtype, or "int8" / "fp8": 8-bit pages, bfloat16 queries); ``num_splits``
     None is the kernel's own choice; ``q_scale`` > 1 makes logits peaky. ``kernel``
-    "triton" (decode) or "mosaic" (each row's last ``chunk`` positions are queries).
+    "triton" (decode), "mosaic_decode" (the Mosaic decode tile) or "mosaic" (the ragged
+    Mosaic kernel: each row's last ``chunk`` positions are queries).
     ``group``, ``page_size``, ``head_dim``, ``num_kv_heads`` replace the suite model's;
     ``num_layers``
     stacks the pool (the last layer is read); ``bound`` replaces the dtype's bound."""
@@ -224,6 +226,8 @@ TINY_CHECKS = [
     Case("window-softcap-stacked", 2, 96, q_scale=2.0, sliding_window=40, soft_cap=5.0,
          num_layers=2),
     Case("mosaic-decode", 3, 96, kernel="mosaic", q_scale=2.0, bound=MOSAIC_TINY_BOUND),
+    Case("mosaic-decode-tile", 3, 96, kernel="mosaic_decode", q_scale=2.0,
+         bound=MOSAIC_TINY_BOUND),
     Case("mosaic-prefill", 2, 96, kernel="mosaic", chunk=24, bound=MOSAIC_TINY_BOUND),
 ]
 
@@ -263,8 +267,10 @@ class Shape:
 
 
 # Decode kernels and their peers; 8-bit pages: the kernels that read them.
-DECODE_IMPLS = ("ours", "mosaic", "xla", "jax_pallas", "cudnn")
-DECODE_IMPLS_8BIT = ("ours", "mosaic", "xla")
+# "mosaic_decode": the decode tile impl="mosaic" runs; "mosaic": the ragged kernel on
+# decode rows.
+DECODE_IMPLS = ("ours", "mosaic_decode", "mosaic", "xla", "jax_pallas", "cudnn")
+DECODE_IMPLS_8BIT = ("ours", "mosaic_decode", "mosaic", "xla")
 PREFILL_IMPLS = ("mosaic", "xla")
 # The short sweep, timed right after the checks, kernel-only time on its first row of
 # each kernel; the long sweep after it.
@@ -318,6 +324,8 @@ class Settings:
         if self.interpret:  # far too slow interpreted, or GPU-only; the GPU run times them
             impls = tuple(i for i in impls if i not in ("jax_pallas", "cudnn"))
         if self.tiny and stage == "long":  # the short stage already ran Mosaic's path
+            impls = tuple(i for i in impls if not i.startswith("mosaic"))
+        if self.tiny and shape.dtype in FORMATS:  # the dry run's 8-bit Mosaic: the tile's
             impls = tuple(i for i in impls if i != "mosaic")
         return impls
 
@@ -526,8 +534,9 @@ def run_check(case: Case, settings: Settings, seed: int) -> dict:
         groups = [[(r * case.chunk + i, r, int(q_pos[r * case.chunk + i])) for i in ends]
                   for r in rows]
     else:
-        out = pd.paged_decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0],
-                              inputs.lengths, **options)
+        decode = md.paged_decode if case.kernel == "mosaic_decode" else pd.paged_decode
+        out = decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0], inputs.lengths,
+                     **options)
         groups = [[(r, r, int(lengths[r]) - 1)] for r in rows]
     out = np.asarray(out.astype(jnp.float32), np.float64)
     errors = []
@@ -686,6 +695,9 @@ def decode_step(impl: str, interpret: bool):
     if impl == "xla":
         return lambda k, v, lengths, scales, q, tables: xla_attention.paged_decode(
             q, k, v, tables, lengths, **scales)
+    if impl == "mosaic_decode":
+        return lambda k, v, lengths, scales, q, tables: md.paged_decode(
+            q, k, v, tables, lengths, interpret=interpret, **scales)
     if impl == "mosaic":
         return lambda k, v, lengths, scales, q, tables: ra.paged_attention_tokens(
             q, k, v, tables, lengths, jnp.arange(q.shape[0], dtype=jnp.int32), lengths - 1,
@@ -714,7 +726,8 @@ def prefill_step(impl: str, interpret: bool, chunk: int, context: int):
 
 
 # Device event names of each kernel, for its kernel-only time.
-KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode", "mosaic": r"attention_kernel|mosaic",
+KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode", "mosaic_decode": r"decode_kernel|mosaic",
+                   "mosaic": r"attention_kernel|mosaic",
                    "jax_pallas": r"paged_attention", "cudnn": r"cudnn|fmha|flash"}
 
 
