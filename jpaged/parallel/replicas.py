@@ -182,6 +182,11 @@ class Replicas:
                 self.owner.pop(output.request_id, None)
         return outputs
 
+    def warm_up(self) -> int:
+        """Each replica's ``LLMEngine.warm_up`` (a replica's devices compile their own
+        programs); returns the step shapes of one."""
+        return max(e.warm_up() for e in self.engines)
+
     @property
     def num_compilations(self) -> int:
         """Step programs compiled in this process (the count is process-wide: see

@@ -320,8 +320,8 @@ class Soak:
         if index not in self.expected:
             params = SamplingParams(temperature=0.0, ignore_eos=True,
                                     max_tokens=self.config.max_tokens)
-            self.expected[index] = self.reference.generate([self.prompts[index]],
-                                                           params)[0].token_ids
+            self.expected[index] = self.reference.generate([self.prompts[index]], params,
+                                                           use_tqdm=False)[0].token_ids
         return self.expected[index]
 
     def _check_progress(self) -> None:
