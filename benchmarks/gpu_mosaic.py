@@ -160,8 +160,8 @@ def bound_warnings() -> list[str]:
     warnings = []
     if committed.get("kernel_sha256") != kernel_digest():
         warnings.append(f"the Mosaic bounds in {BOUNDS_FILE.name} were computed for another "
-                        f"version of ragged_attention.py; recompute them with python "
-                        f"benchmarks/gpu_mosaic.py --bounds")
+                        f"version of ragged_attention.py / mosaic_decode.py; recompute them "
+                        f"with python benchmarks/gpu_mosaic.py --bounds")
     missing = [c["name"] for c in variant_cases() if not c["bound"]]
     if missing:
         warnings.append(f"no committed bound for {', '.join(missing)} (bound 0: they fail)")
