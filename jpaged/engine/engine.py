@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence as Seq
-from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -39,31 +38,13 @@ from jpaged.host.request import (CompletionOutput, Logprob, Request, RequestOutp
 from jpaged.engine.runner import ModelRunner
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
-from jpaged.host.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
 
 RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
 __all__ = ["LLM", "CompletionOutput", "LLMEngine", "RequestOutput"]
-
-
-class InFlight(NamedTuple):
-    """A step dispatched to the device whose sampled ids have not come back (async
-    scheduling): its plan and batch, the device result, and for each sampling row the
-    index of the placeholder it appended to its sequence."""
-
-    plan: StepPlan
-    batch: StepBatch
-    result: object   # SamplerOutput of device arrays
-    placeholders: dict   # seq_id -> (row, index in token_ids)
-
-
-def needs_each_token(params: SamplingParams) -> bool:
-    """Whether a request's next step needs its last token on the host before it is planned
-    (beams and parallel samples fork from it, penalties count it): async scheduling runs
-    such steps synchronously."""
-    return params.num_sequences > 1 or params.uses_penalties
 
 
 class LLMEngine:
@@ -73,8 +54,7 @@ class LLMEngine:
     """
 
     def __init__(self, model: Model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
-                 num_host_pages: int = 0, attention_impl: str = "auto",
-                 async_scheduling: bool = False):
+                 num_host_pages: int = 0, attention_impl: str = "auto"):
         self.model = model
         self.scheduler = scheduler
         self.batcher = BatchBuilder.for_scheduler(scheduler)
@@ -87,31 +67,21 @@ class LLMEngine:
         self.num_steps = 0
         self.host_time = 0.0
         self.step_time = 0.0
-        self.async_scheduling = async_scheduling
-        self._inflight: InFlight | None = None
-        self._ready: list[RequestOutput] = []   # resolved outside `step`, not yet returned
-        self._sync_ids: set[str] = set()        # live requests that `needs_each_token`
         self._final_only: set[str] = set()      # live requests added with stream=False
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
-    # Async scheduling: the option; the step in flight and the outputs not yet returned
-    # (``state_dict`` synchronizes first: neither is left); the requests that
-    # ``needs_each_token``, rebuilt from the requests.
     # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
     # step).
-    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "async_scheduling",
-               "_inflight", "_ready", "_sync_ids", "_final_only")
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "_final_only")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
         every request (``Request.state_dict``, times as ages) and the scheduler's state.
         Sequences appear as the objects themselves, shared between the requests and the
-        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once). A step
-        in flight is applied first (``synchronize``)."""
-        self.synchronize()
+        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once)."""
         clock = time.perf_counter()
         return {"next_id": self.next_id, "rng": self.rng.bit_generator.state,
                 "num_steps": self.num_steps, "host_time": self.host_time,
@@ -125,8 +95,7 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
-        self._inflight, self._ready, self._final_only = None, [], set()
-        self._sync_ids = {rid for rid, r in requests.items() if needs_each_token(r.params)}
+        self._final_only = set()
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -189,27 +158,18 @@ class LLMEngine:
         request.seqs[seq.seq_id] = seq
         request.streams[seq.seq_id] = Stream(0, request.seeds[0])
         self.requests[request.request_id] = request
-        if needs_each_token(request.params):
-            self._sync_ids.add(request.request_id)
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its pages. With a step in flight, the token it computes
-        for the request is dropped when it comes back."""
         request_id = str(request_id)
-        self._ready = [o for o in self._ready if o.request_id != request_id]
         if request_id not in self.requests:
             raise ValueError(f"unknown request id {request_id!r}")
         self.requests.pop(request_id)
-        self._sync_ids.discard(request_id)
         self._final_only.discard(request_id)
         if request_id in self.scheduler.requests:
             self.scheduler.abort(request_id)
-        if not self.requests:   # the step in flight, if any, now holds only dropped rows
-            self._inflight = None
 
     def has_unfinished_requests(self) -> bool:
-        """Requests not finished, or outputs not yet returned by ``step``."""
-        return bool(self.requests or self._inflight or self._ready)
+        return bool(self.requests)
 
     def metrics(self) -> dict:
         """Queue lengths, pool use, prefix-cache and preemption counters (see
@@ -245,12 +205,7 @@ class LLMEngine:
 
         The map's four steps: plan (host), build the batch, run it (device), apply it.
         All or nothing: if anything raises, the step is undone (``_roll_back``, or
-        ``_restart`` once the host update has begun) and the exception re-raised.
-
-        With ``async_scheduling`` the outputs are those of the step before, which the
-        device ran while this one was planned (see ``_step_async``)."""
-        if self.async_scheduling:
-            return self._step_async()
+        ``_restart`` once the host update has begun) and the exception re-raised."""
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         if not plan.seqs:
@@ -415,198 +370,35 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stops(self, seqs: list[Sequence], ends: list[int] | None = None) -> None:
+    def _check_stops(self, seqs: list[Sequence]) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
         limit stopped it in the same step. All are detokenized in one batch; beams stop
-        through their candidates and are detokenized when they finish. ``ends``: each
-        sequence's tokens to look at (async scheduling: a placeholder may follow, which a
-        stop drops)."""
-        rows, kept = [], []
-        for i, seq in enumerate(seqs):
+        through their candidates and are detokenized when they finish."""
+        rows = []
+        for seq in seqs:
             request = self.requests[seq.request_id]
             if not request.beam_width:
                 rows.append((request.params, seq, request.streams[seq.seq_id]))
-                kept.append(len(seq.token_ids) if ends is None else ends[i])
         if not rows:
             return
-        for (_, seq, _), end, stop in zip(rows, kept, self.stop.check_all(rows, kept)):
+        for (_, seq, _), stop in zip(rows, self.stop.check_all(rows)):
             if not stop:
                 continue
-            del seq.token_ids[end:]
             if seq.status is FINISHED:
                 seq.finish_reason = "stop"
             else:
                 self.scheduler.finish(seq, "stop")
 
-    # -- async scheduling --------------------------------------------------------------
-
-    def _step_async(self) -> list[RequestOutput]:
-        """Plan, build and dispatch this step, then wait for the step before it and apply
-        its tokens while this one runs on the device. Rows continuing from the earlier
-        step hold a ``PLACEHOLDER`` on the host; their token reaches this step on the
-        device (``ModelRunner.dispatch``'s feed). A stop found in the earlier step's
-        tokens takes effect now: the token this step computes for it is dropped.
-        Requests that ``needs_each_token`` run synchronously, as does the step after a
-        failure."""
-        start = time.perf_counter()
-        outputs, self._ready = self._ready, []
-        prev, self._inflight = self._inflight, None
-        try:
-            if prev is not None and self._sync_ids:
-                step, prev = prev, None
-                outputs += self._resolve(step)
-            if self._sync_ids:
-                self.async_scheduling = False   # one synchronous step
-                try:
-                    return outputs + self.step()
-                finally:
-                    self.async_scheduling = True
-            plan = self.scheduler.schedule()
-        except BaseException:
-            self._inflight, self._ready = prev, outputs
-            raise
-        if not plan.seqs:
-            self.scheduler.roll_back(plan)
-            return outputs + (self._resolve(prev) if prev is not None else self._idle())
-        try:
-            batch = self._build(plan, [])
-            result = self.runner.dispatch(plan.moves, batch, self._feed(plan, prev))
-        except BaseException:
-            self._roll_back(plan)
-            try:   # the earlier step's tokens fill the placeholders this plan started from
-                if prev is not None:
-                    outputs += self._resolve(prev)
-            finally:
-                self._ready = outputs
-            raise
-        placeholders = {}
-        for row, seq in enumerate(plan.seqs):
-            if plan.sample[row] and seq.status is RUNNING:
-                placeholders[seq.seq_id] = (row, len(seq.token_ids))
-        # Placeholders now, so the next plan continues these rows; the length limit is
-        # known without the token.
-        self.scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs, cache_pages=False)
-        self._inflight = InFlight(plan, batch, result, placeholders)
-        if prev is not None:
-            try:
-                outputs += self._resolve(prev)
-            except BaseException:
-                self._ready = outputs
-                raise
-        if not self.requests:   # what is in flight belongs to finished requests only
-            self._inflight = None
-        self._count_step(start)
-        return outputs
-
-    def _feed(self, plan: StepPlan, prev: InFlight | None):
-        """(flat token index, row of ``prev``, ``prev``'s device tokens) for the rows of
-        ``plan`` whose last token is a placeholder ``prev`` samples; None if none."""
-        if prev is None:
-            return None
-        index, rows, end = [], [], 0
-        for seq, n in zip(plan.seqs, plan.num_new_tokens):
-            end += n
-            source = prev.placeholders.get(seq.seq_id)
-            if source is not None and source[1] == len(seq.token_ids) - 1:
-                index.append(end - 1)
-                rows.append(source[0])
-        if not index:
-            return None
-        return np.asarray(index, np.int32), np.asarray(rows, np.int32), prev.result.tokens
-
-    def _resolve(self, step: InFlight) -> list[RequestOutput]:
-        """Wait for ``step``'s sampled ids and apply them: fill its placeholders, cache the
-        pages it computed, record logprobs, apply the stop rules. A failure of the device
-        step itself rolls back it and the step dispatched after it (which read its
-        tokens); a failure of the host update restarts its sampling requests."""
-        wait = time.perf_counter()
-        try:
-            sampled = self.runner.fetch(step.result)
-        except BaseException:
-            self._fail_device([step] + ([self._inflight] if self._inflight else []))
-            raise
-        self.host_time -= time.perf_counter() - wait   # _count_step adds it back
-        plan, bm = step.plan, self.scheduler.block_manager
-        live = []
-        for row, seq in enumerate(plan.seqs):
-            request = self.requests.get(seq.request_id)
-            if request is None or request.seqs.get(seq.seq_id) is not seq:
-                continue   # aborted or restarted since
-            live.append((row, seq, request))
-        try:
-            return self._apply_resolved(step, sampled, live)
-        except BaseException:
-            self._restart({r.request_id: (r, s) for row, s, r in live
-                           if plan.sample[row]}.values())
-            raise
-
-    def _apply_resolved(self, step: InFlight, sampled, live) -> list[RequestOutput]:
-        plan, bm = step.plan, self.scheduler.block_manager
-        tokens = np.asarray(sampled.tokens).tolist()
-        now = time.perf_counter()
-        checks, ends, touched = [], [], {}
-        for row, seq, request in live:
-            if not request.metrics.scheduled:
-                request.metrics.scheduled = True
-                request.metrics.num_cached_tokens = plan.start_positions[row]
-            if seq.status is RUNNING:
-                bm.cache_full_pages(seq, plan.start_positions[row] + plan.num_new_tokens[row])
-            held = step.placeholders.get(seq.seq_id)
-            if held is None:
-                continue
-            index = held[1]
-            if index >= len(seq.token_ids) or seq.token_ids[index] != PLACEHOLDER:
-                continue   # a stop in an earlier step dropped it
-            seq.token_ids[index] = tokens[row]
-            self._record(seq, tokens[row], sampled, row)
-            checks.append(seq)
-            ends.append(index + 1)
-            touched[id(request)] = request
-        self._check_stops(checks, ends)
-        for request in touched.values():
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            self._maybe_finish(request, now)
-        return self._outputs(touched.values())
-
-    def _fail_device(self, steps: list[InFlight]) -> None:
-        """Dispatched steps failed on the device: each plan is rolled back (newest first),
-        the sampling requests they held restart from their prompts, and a consumed pool
-        is replaced."""
-        self._inflight = None
-        sampling = {}
-        for step in steps:
-            for row, seq in enumerate(step.plan.seqs):
-                request = self.requests.get(seq.request_id)
-                if (step.plan.sample[row] and request is not None
-                        and request.seqs.get(seq.seq_id) is seq):
-                    sampling[request.request_id] = (request, seq)
-        for step in reversed(steps):
-            self.scheduler.roll_back(step.plan)
-        self._restart(sampling.values())
-        if self.runner.replace_lost_cache():
-            self.scheduler.drop_device_pages()
-
-    def synchronize(self) -> None:
-        """Wait for the step in flight, if any, and apply it; ``step`` returns its outputs
-        next (snapshots need the host state of a finished step)."""
-        if self._inflight is not None:
-            step, self._inflight = self._inflight, None
-            self._ready += self._resolve(step)
-
     # -- outputs ---------------------------------------------------------------------
 
     def _maybe_finish(self, request: Request, now: float) -> None:
-        # A sequence finished on length while its last token is on the device is not done.
-        if any(s.status is not FINISHED or s.token_ids[-1] == PLACEHOLDER
-               for s in request.seqs.values()):
+        if any(s.status is not FINISHED for s in request.seqs.values()):
             return
         request.finished = True
         request.metrics.finished_time = now
         request.metrics.num_output_tokens = max(
             (s.num_output_tokens for s in request.seqs.values()), default=0)
         self.requests.pop(request.request_id, None)
-        self._sync_ids.discard(request.request_id)
         self._final_only.discard(request.request_id)
 
     def _outputs(self, requests) -> list[RequestOutput]:
@@ -787,8 +579,7 @@ class LLM:
             scheduler = make_scheduler(self.config)
             engines.append(LLMEngine(replica, cache, scheduler, seed=config.seed + len(engines),
                                      num_host_pages=num_host_pages,
-                                     attention_impl=config.attention_impl,
-                                     async_scheduling=config.async_scheduling))
+                                     attention_impl=config.attention_impl))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, config.prefix_routing))
         # The chat template and the sampling defaults (generation_config.json's

@@ -7,7 +7,6 @@ the only values brought back to the host.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -37,19 +36,6 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
     logits, cache = forward(params, config, cache, batch.token_ids,
                             batch.attention_metadata(attention_impl), batch.logits_indices)
     return sample(logits, batch.sampling, batch.num_top), cache
-
-
-@jax.jit
-def _feed(token_ids, index, rows, tokens):
-    """``token_ids`` with ``token_ids[index[i]] = tokens[rows[i]]``; out-of-range indices
-    are padding and dropped."""
-    return jnp.asarray(token_ids).at[index].set(tokens[rows], mode="drop")
-
-
-def _padded_to(values, size: int) -> np.ndarray:
-    out = np.zeros(size, np.int32)
-    out[:len(values)] = values
-    return out
 
 
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,30 +97,9 @@ class ModelRunner:
 
     def execute(self, moves: PageMoves, batch: StepBatch) -> SamplerOutput:
         """Move pages as planned, run the step, and bring back the sampled ids (numpy)."""
-        return self.fetch(self.dispatch(moves, batch))
-
-    def dispatch(self, moves: PageMoves, batch: StepBatch, feed=None) -> SamplerOutput:
-        """Move pages as planned and start the step without waiting for it: its sampled
-        ids stay on the device (``fetch`` brings them back).
-
-        feed: ``(index int32[N], rows int32[N], tokens)``: token ``index[i]`` of the batch
-        is ``tokens[rows[i]]``, the ids an earlier step sampled and that never came to the
-        host (async scheduling); ``tokens`` is that step's ``SamplerOutput.tokens``."""
         self.move_pages(moves)
-        if feed is not None:
-            index, rows, tokens = feed
-            size = bucket(len(index), MIN_COPY_BUCKET)
-            padded = np.full(size, len(batch.token_ids), np.int32)   # out of range: dropped
-            padded[:len(index)] = index
-            batch = dataclasses.replace(batch, token_ids=_feed(
-                batch.token_ids, padded, _padded_to(rows, size), tokens))
         result, self.cache = _step(self.model.forward, self.model.config, self.attention_impl,
                                    self.model.params, self.cache, batch)
-        return result
-
-    @staticmethod
-    def fetch(result: SamplerOutput) -> SamplerOutput:
-        """Wait for a dispatched step and bring its sampled ids back (numpy)."""
         return SamplerOutput(*jax.device_get(tuple(result)))
 
     def move_pages(self, moves: PageMoves) -> None:

@@ -203,10 +203,8 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------------------
 
-    def cache_full_pages(self, seq: Sequence, upto: int | None = None) -> None:
-        """Register the pages of ``seq`` that are full and computed (call after a step);
-        ``upto``: only within its first ``upto`` tokens (those a finished step computed,
-        when a later one is still running).
+    def cache_full_pages(self, seq: Sequence) -> None:
+        """Register the pages of ``seq`` that are full and computed (call after a step).
 
         If an equal page is already cached (another sequence computed the same prefix
         at the same time), that entry is adopted as the parent of the next page and this
@@ -216,9 +214,7 @@ class BlockManager:
             return
         ps, keys = self.page_size, seq.cache_keys
         parent = keys[-1] if keys else 0
-        computed = seq.num_computed_tokens if upto is None else min(upto,
-                                                                    seq.num_computed_tokens)
-        for i in range(len(keys), computed // ps):
+        for i in range(len(keys), seq.num_computed_tokens // ps):
             key = (parent, tuple(seq.token_ids[i * ps:(i + 1) * ps]), seq.extra_keys)
             entry = self.cache.get(key)
             if entry is None:

@@ -38,15 +38,16 @@ class InjectedDeviceError(RuntimeError):
 
 class FaultInjector:
     """Makes an engine's steps fail on demand: ``arm(kind)`` makes the next step fail,
-    ``calls`` fails the given calls (counted from 1) of the device step (its dispatch), or
-    of the stop-rule check (once per step) for "apply".
+    ``calls`` fails the given calls (counted from 1) of the device step, or of the
+    stop-rule check for "apply".
 
     kinds: "interrupt": KeyboardInterrupt as the device step starts (nothing ran);
     "after": the device step ran (pages moved, K/V written), then KeyboardInterrupt;
     "consumed": the page moves ran, then the donated pool is consumed (deleted) and
     ``InjectedDeviceError`` raised; "apply": ``InjectedFault`` in the middle of the host
     update, after tokens were appended, samples forked and beams advanced (from the
-    engine's stop rules, ``engine.stop.check_all``, which beams do not call).
+    engine's stop rules, ``engine.stop.check_all``, once per step, which beams do not
+    call).
     ``failed``: faults raised; ``moves``: page moves (swaps, copies) of the plans that
     failed in the device step.
     """
@@ -55,8 +56,8 @@ class FaultInjector:
         self.engine, self.kind, self.calls = engine, kind, set(calls)
         self.armed = None
         self.count = self.failed = self.moves = 0
-        self._dispatch = engine.runner.dispatch
-        engine.runner.dispatch = self._failing_dispatch
+        self._execute = engine.runner.execute
+        engine.runner.execute = self._failing_execute
         engine.stop = _FailingStop(engine.stop, self)
 
     def arm(self, kind: str) -> None:
@@ -75,17 +76,17 @@ class FaultInjector:
         self.count += 1
         return self.kind if self.count in self.calls else None
 
-    def _failing_dispatch(self, moves, batch, *args, **kwargs):
+    def _failing_execute(self, moves, batch):
         kind = self.due(apply=False)
         if kind is None:
-            return self._dispatch(moves, batch, *args, **kwargs)
+            return self._execute(moves, batch)
         self.failed += 1
         self.moves += sum(map(len, moves))
         runner = self.engine.runner
         if kind == "interrupt":
             raise KeyboardInterrupt
         if kind == "after":
-            jax.block_until_ready(self._dispatch(moves, batch, *args, **kwargs))
+            self._execute(moves, batch)
             raise KeyboardInterrupt
         runner.move_pages(moves)
         for pool in jax.tree.leaves(runner.cache):
@@ -103,11 +104,11 @@ class _FailingStop:
     def __getattr__(self, name):
         return getattr(self._rules, name)
 
-    def check_all(self, rows, *args) -> list[bool]:
+    def check_all(self, rows) -> list[bool]:
         if self._injector.due(apply=True):
             self._injector.failed += 1
             raise InjectedFault("fault injected in the host update")
-        return self._rules.check_all(rows, *args)
+        return self._rules.check_all(rows)
 
 
 FAULTS = (KeyboardInterrupt, InjectedDeviceError, InjectedFault)
