@@ -122,6 +122,12 @@ def test_device_oom_in_generate_recovers_the_pool(model):
     llm = LLM(model, page_size=4, num_pages=48, max_model_len=128, kv_cache_dtype="int8")
     batch = [p for p, _ in workload()[:3]]
     expected = [o.token_ids for o in llm.generate(batch, GREEDY)]
+    injector = FaultInjector(llm.engine, "consumed", calls=[3])
+    # Fault isolation retries the step (in halves): it succeeds, nobody is failed.
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == expected
+    assert injector.failed == 1 and llm.engine.can_step
+    check_all_free(llm.engine)
+    llm.engine.isolate_faults = False
     FaultInjector(llm.engine, "consumed", calls=[3])
     with pytest.raises(InjectedDeviceError):
         llm.generate(batch, GREEDY)

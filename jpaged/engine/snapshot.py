@@ -32,7 +32,6 @@ import os
 import shutil
 import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 
 import jax
@@ -412,7 +411,7 @@ def _load_engine(engine, state: dict, arrays: dict, config) -> None:
 
     b = state["block_manager"]
     bm.ref_counts = list(b["ref_counts"])
-    bm.free_queue = OrderedDict.fromkeys(b["free_queue"])
+    bm.set_free_queue(b["free_queue"])
     bm.cache, bm.page_keys = {}, {}
     for key, page, key_id in b["cache"]:
         key = _unpack(key)

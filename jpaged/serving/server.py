@@ -391,7 +391,8 @@ class Server:
     async def health(self, request):
         from starlette.responses import Response
 
-        return Response(status_code=200 if self.engine_thread.alive else 503)
+        ok = self.engine_thread.alive and getattr(self.engine, "can_step", True)
+        return Response(status_code=200 if ok else 503)
 
     async def prometheus(self, request):
         from prometheus_client import CONTENT_TYPE_LATEST

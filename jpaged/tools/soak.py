@@ -272,12 +272,14 @@ class Soak:
         kind = str(self.rng.choice(FAULT_KINDS)) if fault else None
         if kind:
             self.injector.arm(kind)
+        failed = self.injector.failed
         try:
             outputs = self.engine.step()
         except FAULTS:
             if kind is None:   # not ours: the user's Ctrl-C
                 raise
             outputs = []
+        if self.injector.failed > failed:   # raised, or isolated and retried by the engine
             r.faults_injected += 1
             r.faults_by_kind[kind] += 1
             self.engine.scheduler.check()   # raises on the first broken rule
