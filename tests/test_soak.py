@@ -25,6 +25,7 @@ def test_tiny_soak(model):
     assert result.faults_injected >= 5 and result.faults_survived == result.faults_injected
     assert result.snapshots >= 2 and result.greedy_checked >= 10
     assert result.preemptions > 0
+    assert result.faults_by_kind["host"] > 0 and result.host_points > 0
 
 
 @pytest.mark.slow

@@ -66,6 +66,7 @@ class HostTracer:
         self.armed: Point | None = None
         self.seen = 0
         self.fired: Point | None = None
+        self.num_fired = 0
         self.device = False
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -74,9 +75,11 @@ class HostTracer:
         for engine in engines:
             self._wrap(engine)
 
-    def arm(self, point: Point | None) -> None:
+    def arm(self, point: Point | None, error=None) -> None:
+        """Fault ``point`` (None: disarm), raising ``error`` (default: the tracer's)."""
         with self._lock:
             self.armed, self.seen, self.fired = point, 0, None
+            self._error = error or self.error
 
     def _wrap(self, engine) -> None:
         step = type(engine).step.__get__(engine)
@@ -118,8 +121,9 @@ class HostTracer:
             if self.seen != armed.k:
                 return
             self.armed, self.fired = None, armed
+            self.num_fired += 1
             self.device = self._local.journal.device
-        raise self.error(f"fault injected at {armed.where} (occurrence {armed.k})")
+        raise self._error(f"fault injected at {armed.where} (occurrence {armed.k})")
 
     def _call(self, frame, event, arg):
         code = frame.f_code
