@@ -32,7 +32,7 @@ def _set_item(container, key, old) -> None:
         container[key] = old
 
 
-def _truncate(values: list, length: int) -> None:
+def truncate(values: list, length: int) -> None:   # also used inline by the scheduler
     del values[length:]
 
 
@@ -95,7 +95,7 @@ class Journal:
     def length(self, values: list) -> None:
         """``values`` is about to grow at its end only (append, extend)."""
         if self.active:
-            self.log.append((_truncate, values, len(values)))
+            self.log.append((truncate, values, len(values)))
 
     def dict(self, container: dict) -> None:
         """``container`` (small) is about to change in any way: its items are copied."""
@@ -111,7 +111,7 @@ class Journal:
             self.log.append((_set_vars, obj, old))
             for value in old.values():
                 if type(value) is list:
-                    self.log.append((_truncate, value, len(value)))
+                    self.log.append((truncate, value, len(value)))
 
 
 @contextlib.contextmanager

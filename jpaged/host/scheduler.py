@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jpaged.host.block_manager import BlockManager
-from jpaged.host.journal import deferred_interrupts
+from jpaged.host.journal import truncate, deferred_interrupts
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import cdiv
 
@@ -432,7 +432,8 @@ class Scheduler:
         """After the device step: cache the newly computed full pages and append one sampled
         token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
         non-sampling rows are ignored). Returns the sequences that stopped on length."""
-        stopped, bm = [], self.block_manager
+        stopped, bm, journal = [], self.block_manager, self.journal
+        log = journal.log if journal.active else None
         sampled = np.asarray(sampled_token_ids).ravel()
         if len(sampled) < len(out.seqs):
             raise ValueError(f"{len(sampled)} sampled token ids for {len(out.seqs)} rows")
@@ -443,7 +444,8 @@ class Scheduler:
             if seq.status is RUNNING:
                 bm.cache_full_pages(seq)
             if sample:
-                self.journal.length(seq.token_ids)
+                if log is not None:   # Journal.length, inlined: once per row and step
+                    log.append((truncate, seq.token_ids, len(seq.token_ids)))
                 seq.token_ids.append(token)
                 num_tokens = len(seq.token_ids)
                 if (num_tokens - seq.num_prompt_tokens >= seq.max_tokens
@@ -510,11 +512,13 @@ class Scheduler:
         return self._add_row(out, seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
 
     def _add_row(self, out: StepPlan, seq: Sequence, n: int) -> int:
+        start, journal = seq.num_computed_tokens, self.journal
         out.seqs.append(seq)
         out.num_new_tokens.append(n)
-        out.start_positions.append(seq.num_computed_tokens)
-        self.journal.attr(seq, "num_computed_tokens")
-        seq.num_computed_tokens += n   # advanced now, so a second schedule() never repeats it
+        out.start_positions.append(start)
+        if journal.active:   # Journal.attr, inlined: once per row and step
+            journal.log.append((setattr, seq, "num_computed_tokens", start))
+        seq.num_computed_tokens = start + n   # now, so a second schedule() never repeats it
         out.sample.append(seq.num_computed_tokens == len(seq.token_ids))
         return n
 
