@@ -222,8 +222,7 @@ class LLMEngine:
         """Finish every sequence of a request whose steps fail with reason "error"."""
         request, scheduler = self.requests[request_id], self.scheduler
         with scheduler.transaction():
-            scheduler.journal.vars(request)
-            scheduler.journal.vars(request.metrics)
+            scheduler.journal.call(request.restore, request.state())
             scheduler.journal.item(self.requests, request_id)
             for seq in list(scheduler.requests.get(request_id, ())):
                 scheduler.finish(seq, "error")
@@ -314,17 +313,12 @@ class LLMEngine:
         return [self._output(r) for r in touched.values()]
 
     def _journal_requests(self, plan: StepPlan) -> None:
-        """Record the requests of the plan's rows, about to change (see ``Journal.vars``:
-        their lists only grow; their maps, metrics and streams are copied, O(rows))."""
+        """Record the requests of the plan's rows, about to change (``Request.state``:
+        O(rows))."""
         journal = self.scheduler.journal
         for request in {seq.request_id: self.requests[seq.request_id]
                         for seq in plan.seqs}.values():
-            journal.vars(request)
-            journal.vars(request.metrics)
-            journal.dict(request.seqs)
-            journal.dict(request.streams)
-            for stream in request.streams.values():
-                journal.vars(stream)
+            journal.call(request.restore, request.state())
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id

@@ -41,11 +41,6 @@ def _set_vars(obj, old: dict) -> None:
     obj.__dict__.update(old)
 
 
-def _set_dict(container: dict, old: dict) -> None:
-    container.clear()
-    container.update(old)
-
-
 class Journal:
     """Write-ahead undo records of one transaction (one step, or one request added or
     aborted). ``device``: whether the device may have written the step's pages (set just
@@ -97,10 +92,11 @@ class Journal:
         if self.active:
             self.log.append((truncate, values, len(values)))
 
-    def dict(self, container: dict) -> None:
-        """``container`` (small) is about to change in any way: its items are copied."""
+    def call(self, restore, *args) -> None:
+        """Run ``restore(*args)`` on undo; ``args`` hold the values to restore (a class
+        that knows its own state saves it this way, e.g. ``Request.state``)."""
         if self.active:
-            self.log.append((_set_dict, container, dict(container)))
+            self.log.append((restore, *args))
 
     def vars(self, obj) -> None:
         """Any attribute of ``obj`` (a small record) is about to be reassigned; its list

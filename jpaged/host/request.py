@@ -95,6 +95,29 @@ class Request:
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
         self.finished = False
+        self.error: str | None = None   # why it finished with reason "error"
+
+    def state(self) -> tuple:
+        """What a step may change of this request, for ``restore`` if the step fails
+        (``jpaged.host.journal``): O(its streams). Lists only grow in a step, so their
+        lengths are kept; every other field of the request's streams and metrics is kept
+        whatever it is, so a field added to them later is covered."""
+        return (self.finished, self.error, len(self.hypotheses), vars(self.metrics).copy(),
+                self.seqs.copy(), self.streams.copy(),
+                [(stream, vars(stream).copy(), len(stream.logprobs))
+                 for stream in self.streams.values()])
+
+    def restore(self, state: tuple) -> None:
+        self.finished, self.error, hypotheses, metrics, seqs, streams, stream_states = state
+        del self.hypotheses[hypotheses:]
+        vars(self.metrics).update(metrics)
+        self.seqs.clear()
+        self.seqs.update(seqs)
+        self.streams.clear()
+        self.streams.update(streams)
+        for stream, fields, logprobs in stream_states:
+            del stream.logprobs[logprobs:]
+            vars(stream).update(fields)
 
     @property
     def beam_width(self) -> int:
