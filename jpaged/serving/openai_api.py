@@ -17,8 +17,6 @@ import time
 from jpaged.host import chat
 from jpaged.host.sampling_params import SamplingParams
 
-# OpenAI caps top logprobs at 20 (chat) and 5 (completions); jpaged allows 20 for both.
-MAX_LOGPROBS = 20
 # Sampling fields both endpoints take, under the same names in OpenAI / vLLM and jpaged.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
@@ -128,7 +126,7 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
     if any(isinstance(t, bool) for p in prompts if isinstance(p, list) for t in p):
         raise RequestError("prompt token ids must be integers, not booleans", param="prompt")
     params = sampling_params(body, max_tokens=_count(body, "max_tokens", 16),
-                             logprobs=_count(body, "logprobs", None, MAX_LOGPROBS))
+                             logprobs=_count(body, "logprobs", None))
     return prompts, params
 
 
@@ -137,7 +135,7 @@ def chat_params(body: dict, default_max_tokens: int) -> SamplingParams:
     context when the body sets no limit."""
     limit = _count(body, "max_completion_tokens", None)
     limit = _count(body, "max_tokens", limit)
-    top = _count(body, "top_logprobs", None, MAX_LOGPROBS)
+    top = _count(body, "top_logprobs", None)
     if top is not None and not flag(body, "logprobs"):
         raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (top or 0) if flag(body, "logprobs") else None
