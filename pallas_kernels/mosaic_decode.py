@@ -47,6 +47,11 @@ pl, plgpu = ra.pl, ra.plgpu
 MIN_COLS = 16          # wgmma B tile: 16 bf16 columns = the smallest swizzle (32 bytes)
 HEAD_DIMS = (64, 128, 256)
 LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
+# Lowered for CUDA on jax 0.10.2 (and compiled to sm_90a there); on jax 0.12.1 Mosaic
+# GPU's layout inference fails on this kernel (an assertion while diagnosing an
+# unsatisfiable layout system; not yet isolated), so check_config refuses compiled use
+# from jax 0.11 on and impl="mosaic" decode runs the ragged kernel there.
+LOWERS_BEFORE_JAX = (0, 11)
 
 
 def num_cols(group: int) -> int:
@@ -101,6 +106,10 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
                          f"decode tile (head_dim is the 64-row M side of O^T = V^T P^T)")
+    if not interpret and _jax_version() >= LOWERS_BEFORE_JAX:
+        raise ValueError(f"the Mosaic decode tile does not lower on jax {jax.__version__} "
+                         f"(Mosaic GPU layout inference; it lowers on jax < "
+                         f"{'.'.join(map(str, LOWERS_BEFORE_JAX))}); use the ragged kernel")
     if pages_per_block is None:
         pages_per_block = ra.default_pages_per_block(page_size)
     group = num_q_heads // num_kv_heads if num_kv_heads else 0
@@ -120,6 +129,10 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if need > ra.SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, num_stages={num_stages} need {need} bytes "
                          f"of shared memory, over the {ra.SMEM_BUDGET}-byte budget")
+
+
+def _jax_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in jax.__version__.split(".")[:2])
 
 
 def _matmul(a_ref, b_ref, *, transpose_a=False, transpose_b=False, interpret):
@@ -167,7 +180,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
     def keyed(ref):
         """A ``[block_kv]`` per-key vector -> float32 ``[block_kv, cols]`` (down rows)."""
-        x = ref[...] if interpret else plgpu.load(ref, (), layout=layout.reduce(1))
+        x = ref[...] if interpret else ra.load(ref, layout.reduce(1))
         return lax.broadcast_in_dim(x.astype(jnp.float32), (block_kv, cols), [0])
 
     def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,

@@ -142,6 +142,8 @@ def test_every_option_is_a_flag_with_its_default_in_help():
                            (["--swap-space", "1"], dict(host_cache_bytes=GIB,
                                                         preemption_mode="swap")),
                            (["--enforce-eager"], dict(warmup=False)),
+                           (["--dtype", "half"], dict(dtype="float16")),
+                           (["--dtype", "auto"], dict(dtype=None)),
                            (["--no-enforce-eager"], dict(warmup=True)),
                            (["--disable-log-stats"], dict(log_stats=False)),
                            (["--trust-remote-code", "--tokenizer-mode", "auto"], {}),

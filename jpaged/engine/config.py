@@ -137,8 +137,9 @@ class EngineConfig:
     memory_utilization: float | None = _option(
         None, "size the pool from this fraction of each device's memory, less the weights "
         "(vLLM: gpu_memory_utilization; a CPU falls back to 64 MiB)")
-    dtype: str | None = _option(None, "the parameters' dtype (default: the checkpoint's)",
-                                PARAM_DTYPES)
+    dtype: str | None = _option(None, "the parameters' dtype (default, or vLLM's 'auto': "
+                                "the checkpoint's; vLLM's 'half' and 'float' too)",
+                                PARAM_DTYPES + tuple(DTYPE_NAMES))
     kv_cache_dtype: str = _option("auto", "the pool's dtype: auto (the model's), or 8-bit "
                                   "pages with a scale per token", KV_CACHE_DTYPES)
     max_num_seqs: int = _option(64, "sequences per step")
