@@ -129,12 +129,13 @@ def run(llm: LLM, batch: int, output_len: int, last: int = 64) -> dict:
         busy.append(DeviceClock.busy - b)
     wall = time.perf_counter() - start
     steps = np.array(times)
-    # The last `last` full-batch decode steps (the final steps may only drain).
+    # The last `last` full-batch decode steps (the final steps may only drain); the
+    # median, so a step that compiled a new page-table width does not count.
     tail = steps[-last - 2:-2] if len(steps) > last + 4 else steps[1:]
     return dict(batch=batch, output_len=output_len, steps=len(steps), wall_s=wall,
                 device_busy_s=float(sum(busy)),
-                step_ms_tail=float(tail.mean() * 1e3),
-                us_per_seq_step=float(tail.mean() / batch * 1e6),
+                step_ms_tail=float(np.median(tail) * 1e3),
+                us_per_seq_step=float(np.median(tail) / batch * 1e6),
                 tokens_per_s=batch * output_len / wall)
 
 
@@ -200,7 +201,7 @@ def main():
             options = {} if overlap is None else {"async_scheduling": overlap}
             llm = make_llm(tokenizer, args.device_batch, args.device_output_len, device_ms,
                            **options)
-            run(llm, args.device_batch, 8)
+            run(llm, args.device_batch, args.device_output_len)   # compiles every width
             row = run(llm, args.device_batch, args.device_output_len)
             device.append({**row, "device_ms": device_ms, "overlap": _overlap(overlap)})
             print(device[-1], flush=True)
@@ -212,7 +213,7 @@ def main():
         f"byte-level BPE tokenizer of {tokenizer.get_vocab_size()} tokens, greedy, "
         f"`ignore_eos`, two stop strings that never match, prompts of {PROMPT_LEN} tokens.",
         "`python benchmarks/host_overhead.py" + (" --quick`" if args.quick else "`"), "",
-        "## Host time per sequence per step (mean of the last 64 decode steps)", "",
+        "## Host time per sequence per step (median of the last 64 decode steps)", "",
         "The stub's device step is nearly free, so a step's wall time is host time; with "
         "overlap the host still does all of it, in another order.", "",
         host_table(host), "",
