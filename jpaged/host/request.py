@@ -131,6 +131,29 @@ class Request:
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
         self.finished = False
+        self.error: str | None = None   # why it finished with reason "error"
+
+    def state(self) -> tuple:
+        """What a step may change of this request, for ``restore`` if the step fails
+        (``jpaged.host.journal``): O(its streams). Lists only grow in a step, so their
+        lengths are kept; every other field of the request's streams and metrics is kept
+        whatever it is, so a field added to them later is covered."""
+        return (self.finished, self.error, len(self.hypotheses), vars(self.metrics).copy(),
+                self.seqs.copy(), self.streams.copy(),
+                [(stream, vars(stream).copy(), len(stream.logprobs))
+                 for stream in self.streams.values()])
+
+    def restore(self, state: tuple) -> None:
+        self.finished, self.error, hypotheses, metrics, seqs, streams, stream_states = state
+        del self.hypotheses[hypotheses:]
+        vars(self.metrics).update(metrics)
+        self.seqs.clear()
+        self.seqs.update(seqs)
+        self.streams.clear()
+        self.streams.update(streams)
+        for stream, fields, logprobs in stream_states:
+            del stream.logprobs[logprobs:]
+            vars(stream).update(fields)
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a
@@ -145,7 +168,8 @@ class Request:
                 "params": dataclasses.asdict(self.params), "seeds": list(self.seeds),
                 "metrics": metrics, "finished": self.finished,
                 "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
-                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses)}
+                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
+                "error": self.error}
 
     @classmethod
     def from_state(cls, state: dict, clock: float) -> "Request":
@@ -163,6 +187,7 @@ class Request:
             if getattr(request.metrics, name) is not None:
                 setattr(request.metrics, name, getattr(request.metrics, name) + clock)
         request.finished = bool(state["finished"])
+        request.error = state.get("error")
         request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
         for seq_id, stream in request.streams.items():
             if not (isinstance(stream.index, int) and 0 <= stream.index < len(request.seeds)
