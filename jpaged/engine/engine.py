@@ -5,7 +5,7 @@ reserves their slots (host), the batch builder lays the plan out as a ``StepBatc
 runner moves pages and runs one jitted step that samples on the device, and the engine
 applies the sampled ids: appends them, forks parallel samples and beams, applies the stop
 rules and reports outputs (host). Records live in ``jpaged.host.request``, beam search in
-``jpaged.engine.beam_search``, stop rules in ``jpaged.host.stop``.
+``jpaged.host.beam_search``, stop rules in ``jpaged.host.stop``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence as Seq
 import jax
 import numpy as np
 
-from jpaged.engine import beam_search
 from jpaged.engine import model_loading
 from jpaged.engine import offline
 from jpaged.engine.stats import StatsLogger
@@ -28,7 +27,9 @@ from jpaged.host.chat import ChatTemplate, chat_messages
 from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
+from jpaged.host import beam_search
 from jpaged.host.block_manager import BlockManager
+from jpaged.host.journal import deferred_interrupts
 from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
 from jpaged.engine.config import (FALLBACK_KV_BYTES, EngineConfig,
@@ -67,12 +68,20 @@ class LLMEngine:
         self.num_steps = 0
         self.host_time = 0.0
         self.step_time = 0.0
+        # Fault isolation (see `step`); `can_step`: False while steps fail for every request.
+        self.isolate_faults = True
+        self.can_step = True
+        self._suspects = None   # the request ids of the step being run, for `_isolate`
+        self._final_only: set[str] = set()      # live requests added with stream=False
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
-    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop")
+    # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
+    # step).
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
+               "_suspects", "_final_only")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -92,6 +101,7 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
+        self._final_only = set()
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -99,8 +109,11 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a prompt (text, or a list of token ids); returns its request id."""
+                    request_id: str | None = None, priority: int = 0,
+                    stream: bool = True) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id.
+        ``stream=False``: ``step`` reports the request only when it finishes (building an
+        output every step costs time proportional to its length)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
@@ -118,12 +131,18 @@ class LLMEngine:
         self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
-        # Everything that can fail happens before the scheduler queues the prompt, and
-        # nothing after it can: the request is wholly in the engine or not at all.
-        request = Request(request_id, text, token_ids, params,
-                          params.sequence_seeds(self.rng), time.perf_counter())
-        seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority)
-        self._track(request, seq)
+        scheduler = self.scheduler
+        with scheduler.transaction():   # all or nothing, like a step
+            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority)
+            scheduler.journal.attr(self.rng.bit_generator, "state")
+            request = Request(request_id, text, token_ids, params,
+                              params.sequence_seeds(self.rng), time.perf_counter())
+            request.seqs[seq.seq_id] = seq
+            request.streams[seq.seq_id] = Stream(0, request.seeds[0])
+            scheduler.journal.item(self.requests, request_id)
+            self.requests[request_id] = request
+        if not stream:   # once the add has succeeded
+            self._final_only.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -144,19 +163,16 @@ class LLMEngine:
             raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
                              f"more than the vocabulary size {vocab}")
 
-    def _track(self, request: Request, seq: Sequence) -> None:
-        """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
-        request.seqs[seq.seq_id] = seq
-        request.streams[seq.seq_id] = Stream(0, request.seeds[0])
-        self.requests[request.request_id] = request
-
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
         if request_id not in self.requests:
             raise ValueError(f"unknown request id {request_id!r}")
-        self.requests.pop(request_id)
-        if request_id in self.scheduler.requests:
-            self.scheduler.abort(request_id)
+        with self.scheduler.transaction():
+            self.scheduler.journal.item(self.requests, request_id)
+            self.requests.pop(request_id)
+            if request_id in self.scheduler.requests:
+                self.scheduler.abort(request_id)
+        self._final_only.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -194,53 +210,108 @@ class LLMEngine:
         """Run one step; returns the requests that made progress (finished ones last time).
 
         The map's four steps: plan (host), build the batch, run it (device), apply it.
-        All or nothing: if anything raises, the step is undone (``_roll_back``, or
-        ``_restart`` once the host update has begun) and the exception re-raised."""
+        All or nothing: it is one transaction of the scheduler's journal, which records
+        every change of the host state (block manager, scheduler, sequences, requests)
+        before it is made; if anything raises, ``_roll_back`` replays it backwards.
+
+        Fault isolation (``isolate_faults``): if the step raised an ``Exception``, the
+        requests that make it fail are searched for (``_isolate``) and finished with
+        reason "error"; the others go on as if nothing had happened. A failure that is
+        no request's (every one fails, even alone) is re-raised and ``can_step`` is False
+        until a step succeeds. A ``KeyboardInterrupt`` is re-raised at once."""
+        try:
+            outputs = self._step()
+        except Exception as error:
+            if not self.isolate_faults:
+                self.can_step = False
+                raise
+            outputs = self._isolate(error)
+        self.can_step = True
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        scheduler = self.scheduler
+        scheduler.begin()
+        self._suspects = None
+        try:
+            plan = scheduler.schedule()
+            self._suspects = list(dict.fromkeys(seq.request_id for seq in plan.seqs))
+            if plan.seqs:
+                forks = self._pending_forks(plan)
+                batch = self._build(plan, forks)
+                scheduler.device_may_write()
+                sampled = self._run(plan, batch)
+                outputs = self._apply(plan, batch, forks, sampled)
+                scheduler.commit()   # in here: a fault up to its last instruction undoes
+        except BaseException:
+            self._roll_back()
+            raise
         if not plan.seqs:
-            self.scheduler.roll_back(plan)   # its preemptions' swap-outs will not run
+            self._roll_back()   # its preemptions' swap-outs will not run
             return self._idle()
-        try:
-            forks = self._pending_forks(plan)
-            batch = self._build(plan, forks)
-            sampled = self._run(plan, batch)
-        except BaseException:
-            self._roll_back(plan)
-            raise
-        sampling = {seq.request_id: (self.requests[seq.request_id], seq)
-                    for seq, sample in zip(plan.seqs, plan.sample) if sample}
-        try:
-            outputs = self._apply(plan, batch, forks, sampled)
-        except BaseException:
-            self._restart(sampling.values())
-            raise
         self._count_step(start)
         return outputs
 
-    def _roll_back(self, plan: StepPlan) -> None:
-        """The step failed before the host update: the scheduler undoes its plan; if the
-        failure consumed the donated pool, a zeroed one replaces it and every running
-        sequence recomputes."""
-        self.scheduler.roll_back(plan)
-        if self.runner.replace_lost_cache():
-            self.scheduler.drop_device_pages()
+    def _roll_back(self) -> None:
+        """The step failed: the scheduler undoes it (and repairs what the device may have
+        overwritten); if the failure consumed the donated pool, a zeroed one replaces it
+        and every running sequence recomputes. A Ctrl-C waits until this is done."""
+        with deferred_interrupts():
+            self.scheduler.roll_back()
+            if self.runner.replace_lost_cache():
+                self.scheduler.drop_device_pages()
 
-    def _restart(self, requests) -> None:
-        """The host update failed part way, so the host state of the requests that were
-        sampling (tokens, forks, beams, logprobs, finished or not) cannot be trusted:
-        each ``(request, one of its sequences)`` starts over from its prompt, keeping its
-        seeds, arrival and place in the queue, and so regenerates exactly its tokens. The
-        device step did run: the pages it filled stay in the prefix cache, and the other
-        rows (prefill chunks) keep their progress."""
-        for old, seq in requests:
-            if old.request_id in self.scheduler.requests:
-                self.scheduler.abort(old.request_id)
-            fresh = self.scheduler.add_request(old.request_id, old.prompt_token_ids,
-                                               seq.max_tokens, extra_keys=seq.extra_keys,
-                                               order=seq.order[:2] + (0,))
-            self._track(Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
-                                old.seeds, old.metrics.arrival_time), fresh)
+    def _isolate(self, error: Exception) -> list[RequestOutput]:
+        """The step failed with ``error`` and was rolled back: bisect its requests (those
+        of its plan, or every request if planning failed). A group that fails is split
+        and each half retried as a step of its own (``Scheduler.only``); a half that
+        succeeds has made its step. A request failing alone is a culprit, finished with
+        reason "error". If every request fails, nobody is to blame: ``error`` is
+        re-raised and ``can_step`` is False."""
+        suspects = self._suspects or list(self.requests)
+        outputs, culprits = [], []
+
+        def search(group: list[str]) -> None:   # ``group``'s step just failed
+            if len(group) == 1:
+                culprits.append(group[0])
+                return
+            for part in (group[:len(group) // 2], group[len(group) // 2:]):
+                try:
+                    with self.scheduler.only(part):
+                        outputs.extend(self._step())
+                except Exception:   # noqa: BLE001 - a culprit is in this part
+                    search(part)
+
+        if len(suspects) == 1:   # the step had one request: once more, alone
+            try:
+                with self.scheduler.only(suspects):
+                    return self._step()
+            except Exception:   # noqa: BLE001
+                pass
+        search(suspects)
+        if len(culprits) == len(suspects) and len(suspects) > 1 or not suspects:
+            self.can_step = False
+            raise error
+        for request_id in culprits:
+            outputs.append(self._fail(request_id, error))
+        return outputs
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """Finish every sequence of a request whose steps fail with reason "error"."""
+        request, scheduler = self.requests[request_id], self.scheduler
+        with scheduler.transaction():
+            scheduler.journal.call(request.restore, request.state())
+            scheduler.journal.item(self.requests, request_id)
+            for seq in list(scheduler.requests.get(request_id, ())):
+                scheduler.finish(seq, "error")
+            for seq in request.seqs.values():
+                if seq.finish_reason is None:   # finished outputs keep their reason
+                    scheduler.journal.attr(seq, "finish_reason")
+                    seq.finish_reason = "error"
+            request.error = f"{type(error).__name__}: {error}"
+            self._maybe_finish(request, time.perf_counter())
+        return self._output(request)
 
     def _idle(self) -> list[RequestOutput]:
         if self.scheduler.waiting or self.scheduler.swapped:
@@ -292,6 +363,7 @@ class LLMEngine:
 
     def _apply(self, plan: StepPlan, batch: StepBatch, forks, sampled) -> list[RequestOutput]:
         """Append sampled tokens, fork samples and beams, stop sequences; host side."""
+        self._journal_requests(plan)
         for row, seq in enumerate(plan.seqs):
             metrics = self.requests[seq.request_id].metrics
             if not metrics.scheduled:
@@ -314,19 +386,27 @@ class LLMEngine:
                                        i))
         for step in beams:
             children += beam_search.advance(step, self.scheduler, self._new_seq_id(step))
-        for seq in [seq for _, seq in appended] + children:
-            self._check_stop(seq)
+        self._check_stops([seq for _, seq in appended] + children)
         for request in touched.values():
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             self._maybe_finish(request, now)
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
+
+    def _journal_requests(self, plan: StepPlan) -> None:
+        """Record the requests of the plan's rows, about to change (``Request.state``:
+        O(rows))."""
+        journal = self.scheduler.journal
+        for request in {seq.request_id: self.requests[seq.request_id]
+                        for seq in plan.seqs}.values():
+            journal.call(request.restore, request.state())
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id
         return lambda: f"{request_id}#{self._next_id()}"
 
     def _next_id(self) -> str:
+        self.scheduler.journal.attr(self, "next_id")   # a beam's sequence: inside a step
         self.next_id += 1
         return str(self.next_id - 1)
 
@@ -364,18 +444,24 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stop(self, seq: Sequence) -> None:
+    def _check_stops(self, seqs: list[Sequence]) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
-        limit stopped it in the same step. Beams stop through their candidates and are
-        detokenized when they finish."""
-        request = self.requests[seq.request_id]
-        if request.beam_width or not self.stop.check(request.params, seq,
-                                                     request.streams[seq.seq_id]):
+        limit stopped it in the same step. All are detokenized in one batch; beams stop
+        through their candidates and are detokenized when they finish."""
+        rows = []
+        for seq in seqs:
+            request = self.requests[seq.request_id]
+            if not request.beam_width:
+                rows.append((request.params, seq, request.streams[seq.seq_id]))
+        if not rows:
             return
-        if seq.status is FINISHED:
-            seq.finish_reason = "stop"
-        else:
-            self.scheduler.finish(seq, "stop")
+        for (_, seq, _), stop in zip(rows, self.stop.check_all(rows)):
+            if not stop:
+                continue
+            if seq.status is FINISHED:
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
 
     # -- outputs ---------------------------------------------------------------------
 
@@ -386,7 +472,14 @@ class LLMEngine:
         request.metrics.finished_time = now
         request.metrics.num_output_tokens = max(
             (s.num_output_tokens for s in request.seqs.values()), default=0)
+        self.scheduler.journal.item(self.requests, request.request_id)
         self.requests.pop(request.request_id, None)
+        self._final_only.discard(request.request_id)
+
+    def _outputs(self, requests) -> list[RequestOutput]:
+        """Outputs of the requests that made progress: streamed or finished ones."""
+        return [self._output(r) for r in requests
+                if r.finished or r.request_id not in self._final_only]
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = (beam_search.completions(request, lambda ids: self.stop.decode(
@@ -439,7 +532,8 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if bad:
             raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
                              f"the vocabulary [0, {vocab_size})")
-        if not any(scheduler.seqs.get(seq_id) is seq for seq_id, seq in request.seqs.items()):
+        if request.finished or not any(scheduler.seqs.get(seq_id) is seq
+                                       for seq_id, seq in request.seqs.items()):
             raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
                              f"never finish")
         for seq_id, seq in request.seqs.items():
@@ -454,12 +548,14 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
             raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
                              f"which the engine does not follow")
-    for key in scheduler.block_manager.cache:
+    for key, (_, key_id) in scheduler.block_manager.cache.items():
         if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
+                or not isinstance(key[0], int) or not 0 <= key[0] < key_id
                 or len(key[1]) != scheduler.block_manager.page_size
                 or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
-            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (parent, "
-                             f"{scheduler.block_manager.page_size} token ids, extra keys)")
+            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (an earlier parent "
+                             f"key id, {scheduler.block_manager.page_size} token ids, extra "
+                             f"keys)")
     return requests, rng
 
 
@@ -587,19 +683,24 @@ class LLM:
     def save_snapshot(self, path, overwrite: bool = False) -> None:
         """Write the whole engine between two steps to the directory ``path``: the pages in
         use (device and swap pool), block tables, block manager, scheduler queues and every
-        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is refused
-        unless ``overwrite``; a failed save leaves it as it was."""
+        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is
+        refused unless ``overwrite``; the replacement is atomic: ``path`` holds the old
+        snapshot or the new one, whole, wherever the save fails or the process dies."""
         snapshot.save(self, path, overwrite)
 
     @classmethod
-    def from_snapshot(cls, path, **overrides) -> "LLM":
+    def from_snapshot(cls, path, *, max_pool_bytes: int | None = None,
+                      **overrides) -> "LLM":
         """An ``LLM`` resuming the snapshot at ``path``: stepping on gives the tokens the
         saved one would have. The model is the snapshot's ("tiny" or its checkpoint
-        directory) unless ``model=``; ``tensor_parallel=`` / ``mesh=`` and
-        ``attention_impl=`` may differ, other options must equal the snapshot's. A
-        truncated or foreign snapshot (another model config or pool geometry) raises a
-        ValueError naming what differs."""
-        return snapshot.restore(cls, path, **overrides)
+        directory, whose files must match the fingerprint saved with it) unless
+        ``model=``; ``tensor_parallel=`` / ``mesh=`` and ``attention_impl=`` may differ,
+        other options must equal the snapshot's. The snapshot is verified whole before
+        any pool is allocated (checksums, options, model, host state; see
+        ``jpaged.engine.snapshot``), and its pools must fit in ``max_pool_bytes`` (default:
+        this machine's memory). A damaged, truncated or foreign snapshot raises a
+        ValueError naming the problem."""
+        return snapshot.restore(cls, path, max_pool_bytes, **overrides)
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,
@@ -625,7 +726,14 @@ class LLM:
         If the caller stops early (``close()``, a ``break`` that drops the generator, an
         exception such as ``KeyboardInterrupt``), the requests not yet finished are
         aborted, so the engine is left as it was before the call."""
-        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority))
+        return self._run(prompts, sampling_params, priority, stream=True)
+
+    def _run(self, prompts, sampling_params, priority, stream: bool
+             ) -> Iterator[RequestOutput]:
+        """``stream``'s loop; ``stream=False`` yields finished outputs only (the engine
+        builds no others unless the stats logger counts them)."""
+        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority,
+                                stream or self._stats is not None))
         try:
             while pending:
                 outputs = self.engine.step()
@@ -635,11 +743,12 @@ class LLM:
                 pending -= {o.request_id for o in outputs if o.finished}   # before yielding:
                 yield from outputs                     # finished ones are no longer abortable
         finally:
-            for request_id in pending:
-                # Data-parallel replicas: a replica may have finished a request in a step
-                # whose outputs another replica's failure never let through.
-                with contextlib.suppress(ValueError):
-                    self.engine.abort(request_id)
+            with deferred_interrupts():   # a second Ctrl-C waits until every one is aborted
+                for request_id in pending:
+                    # A request may have finished in a step whose outputs the interrupt
+                    # never let through.
+                    with contextlib.suppress(ValueError):
+                        self.engine.abort(request_id)
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] |
                  None = None, use_tqdm=True, *, priority: Seq[int] | None = None,
@@ -656,7 +765,7 @@ class LLM:
         finished = {}
         progress = offline.Progress(use_tqdm, len(prompts))
         try:
-            for output in self.stream(prompts, sampling_params, priority):
+            for output in self._run(prompts, sampling_params, priority, stream=False):
                 if output.finished:
                     finished[output.request_id] = output
                     progress.finished(output)
@@ -709,7 +818,7 @@ class LLM:
         decode = (lambda ids: None) if tokenizer is None else tokenizer.decode
         return [offline.beam_search_output(output, decode) for output in outputs]
 
-    def _add(self, prompts: list, params, priority) -> list[str]:
+    def _add(self, prompts: list, params, priority, stream: bool = True) -> list[str]:
         """Add every prompt, or none: a bad one aborts those this call already added."""
         if params is None:
             params = self.get_default_sampling_params()
@@ -725,7 +834,7 @@ class LLM:
         ids = []
         try:
             for prompt, p, rank in zip(prompts, params, priority):
-                ids.append(self.engine.add_request(prompt, p, priority=rank))
+                ids.append(self.engine.add_request(prompt, p, priority=rank, stream=stream))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from jpaged.host.detokenizer import DecodeState
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.sequence import Sequence, SequenceStatus
 
@@ -98,7 +99,12 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class Stream:
-    """Host state of one generated sequence: its seed and what it has produced."""
+    """Host state of one generated sequence: its seed and what it has produced.
+
+    ``text``: its text (None without a tokenizer) as of ``current_text``. The stop rules
+    decode it incrementally (``jpaged.host.stop``) into ``decoder``, which is not state: a
+    stream rebuilt from its state decodes its tokens again on its next step.
+    """
 
     index: int
     seed: int
@@ -111,6 +117,19 @@ class Stream:
         # A stream rebuilt from its state (``Request.from_state``) has plain dicts.
         self.logprobs = [{token: lp if isinstance(lp, Logprob) else Logprob(**lp)
                           for token, lp in entry.items()} for entry in self.logprobs]
+        self.decoder: DecodeState | None = None
+
+    def decoding(self, skip_special_tokens: bool = True) -> DecodeState:
+        """The decoder state, started (from the first output token) when missing."""
+        if self.decoder is None:
+            self.decoder = DecodeState(skip_special_tokens)
+        return self.decoder
+
+    def current_text(self) -> str | None:
+        """``text``, brought up to date with the decoder (joining its pieces once)."""
+        if self.decoder is not None:
+            self.text = self.decoder.text
+        return self.text
 
 
 class Request:
@@ -131,12 +150,38 @@ class Request:
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
         self.finished = False
+        self.error: str | None = None   # why it finished with reason "error"
+
+    def state(self) -> tuple:
+        """What a step may change of this request, for ``restore`` if the step fails
+        (``jpaged.host.journal``): O(its streams). Lists only grow in a step, so their
+        lengths are kept; every other field of the request's streams and metrics is kept
+        whatever it is, so a field added to them later is covered."""
+        return (self.finished, self.error, len(self.hypotheses), vars(self.metrics).copy(),
+                self.seqs.copy(), self.streams.copy(),
+                [(stream, vars(stream).copy(), len(stream.logprobs))
+                 for stream in self.streams.values()])
+
+    def restore(self, state: tuple) -> None:
+        self.finished, self.error, hypotheses, metrics, seqs, streams, stream_states = state
+        del self.hypotheses[hypotheses:]
+        vars(self.metrics).update(metrics)
+        self.seqs.clear()
+        self.seqs.update(seqs)
+        self.streams.clear()
+        self.streams.update(streams)
+        for stream, fields, logprobs in stream_states:
+            del stream.logprobs[logprobs:]
+            vars(stream).update(fields)
+            stream.decoder = None   # advanced in place: decodes its tokens again
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a
         sequence is shared with the scheduler: the caller writes each once). Times become
         ages at ``clock`` (``time.perf_counter`` is per process)."""
         metrics = dataclasses.asdict(self.metrics)
+        for stream in self.streams.values():
+            stream.current_text()   # the decoder's text into the state
         for name in TIMES:
             if metrics[name] is not None:
                 metrics[name] -= clock
@@ -145,7 +190,8 @@ class Request:
                 "params": dataclasses.asdict(self.params), "seeds": list(self.seeds),
                 "metrics": metrics, "finished": self.finished,
                 "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
-                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses)}
+                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
+                "error": self.error}
 
     @classmethod
     def from_state(cls, state: dict, clock: float) -> "Request":
@@ -154,7 +200,8 @@ class Request:
         of ``state`` (the caller rebuilt them)."""
         request = cls(state["request_id"], state["prompt"], list(state["prompt_token_ids"]),
                       SamplingParams(**state["params"]), list(state["seeds"]), 0.0)
-        if not isinstance(request.request_id, str) or not all(
+        if not isinstance(request.request_id, str) or not isinstance(
+                request.prompt, (str, type(None))) or not all(
                 isinstance(s, int) for s in request.seeds):
             raise ValueError(f"request {request.request_id!r}: malformed id or seeds")
         request.metrics = RequestMetrics(**state["metrics"])
@@ -162,7 +209,16 @@ class Request:
             if getattr(request.metrics, name) is not None:
                 setattr(request.metrics, name, getattr(request.metrics, name) + clock)
         request.finished = bool(state["finished"])
+        request.error = state.get("error")
         request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
+        for seq_id, stream in request.streams.items():
+            if not (isinstance(stream.index, int) and 0 <= stream.index < len(request.seeds)
+                    and isinstance(stream.seed, int)
+                    and isinstance(stream.cumulative_logprob, (int, float))
+                    and isinstance(stream.logprobs, list)
+                    and isinstance(stream.text, (str, type(None)))):
+                raise ValueError(f"request {request.request_id!r}: stream {seq_id!r} is "
+                                 f"malformed ({str(stream)[:100]})")
         request.seqs = dict(state["seqs"])
         request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
         if (set(request.streams) - set(request.seqs) or len(request.seeds) < max(
@@ -181,7 +237,7 @@ class Request:
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
             outputs.append(CompletionOutput(
-                stream.index, seq.output_token_ids, stream.text, stream.cumulative_logprob,
+                stream.index, seq.output_token_ids, stream.current_text(), stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
                 seq.finish_reason, stream.stop_reason))
         return outputs
