@@ -543,11 +543,28 @@ class Server:
         return await asyncio.to_thread(self.limits.parse_body, raw)
 
     def _token_ids(self, prompts: list) -> list[list[int]]:
-        """Each prompt as token ids (``jpaged.host.request.prompt_token_ids``'s rule)."""
-        try:
-            return [prompt_token_ids(p, self.tokenizer)[1] for p in prompts]
-        except ValueError as error:
-            raise RequestError(str(error), param="prompt") from None
+        """Each prompt as token ids (``jpaged.host.request.prompt_token_ids``'s rule), at
+        most ``max_model_len`` of them: a longer one never reaches the engine thread."""
+        result = []
+        for prompt in prompts:
+            try:
+                tokens = (self._encode(prompt) if isinstance(prompt, str) and self.tokenizer
+                          else prompt_token_ids(prompt, self.tokenizer)[1])
+            except ValueError as error:
+                raise RequestError(str(error), param="prompt") from None
+            if len(tokens) > self.max_model_len:
+                raise RequestError(f"a prompt of {len(tokens)} tokens is longer than "
+                                   f"max_model_len={self.max_model_len}", param="prompt")
+            result.append(tokens)
+        return result
+
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids. Hugging Face's ``encode_batch`` lets go of the GIL while it
+        works and ``encode`` does not: a 10 MB prompt would stop the event loop."""
+        encode_batch = getattr(self.tokenizer, "encode_batch", None)
+        if encode_batch is None:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def _chat_token_ids(self, messages: list[dict]) -> list[int]:
         try:
@@ -555,7 +572,7 @@ class Server:
         except ValueError as error:
             raise RequestError(str(error), param="messages") from None
         # The template writes the special tokens itself, as with Hugging Face.
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self._encode(text, add_special_tokens=False)
 
     def _with_defaults(self, body: dict) -> dict:
         """``body`` with the server's sampling defaults for the fields it leaves unset."""
