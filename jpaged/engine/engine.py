@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import uuid
 from collections.abc import Iterator, Sequence as Seq
 
 import jax
@@ -36,6 +37,8 @@ from jpaged.host.scheduler import Scheduler, StepPlan
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
+from jpaged.host.grammar import GrammarCompiler
+from jpaged.host.token_rules import TokenRules
 
 RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
@@ -58,6 +61,7 @@ class LLMEngine:
         self.stop = StopRules(model.eos_token_ids, self.tokenizer)
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarCompiler | None = None
         self._ids = itertools.count()
         self.num_steps = 0
         self.host_time = 0.0
@@ -80,10 +84,38 @@ class LLMEngine:
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
                              f"vocabulary [0, {vocab})")
-        seq = self.scheduler.add_request(request_id, token_ids, params.max_tokens, priority)
-        self._track(Request(request_id, text, token_ids, params,
-                            params.sequence_seeds(self.rng), time.perf_counter()), seq)
+        request = Request(request_id, text, token_ids, params, params.sequence_seeds(self.rng),
+                          time.perf_counter())
+        self._rules(request)   # checks the token ids and compiles the grammar, or raises
+        seq = self.scheduler.add_request(request_id, token_ids, params.max_tokens, priority,
+                                         extra_keys=_prompt_logprobs_key(params))
+        self._track(request, seq)
         return request_id
+
+    def _rules(self, request: Request) -> TokenRules | None:
+        """The request's token rules, built when first needed (after a snapshot restore
+        too); the grammar compiler is built with the first structured-output request."""
+        if request.rules is None and request.params.uses_token_rules:
+            if request.params.guided is not None and self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError(f"guided_{request.params.guided[0]} needs a tokenizer "
+                                     f"(structured outputs constrain text); this model has none")
+                self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
+                                                 self.stop.eos_token_ids)
+            request.rules = TokenRules(request.params, self.model.config.vocab_size,
+                                       self.stop.eos_token_ids, self.tokenizer, self._grammars)
+        return request.rules
+
+    def _rule_row(self, row: int, request: Request, seq: Sequence, seed: int) -> SamplingRow:
+        """A sampling row with the token rules of ``seq``'s next token, if any."""
+        rules = self._rules(request)
+        if rules is None:
+            return SamplingRow(row, request.params, seed, seq)
+        if seq.seq_id not in request.grammar_states:
+            request.grammar_states[seq.seq_id] = rules.new_state()
+        outputs = seq.output_token_ids
+        return SamplingRow(row, request.params, seed, seq, rules.bias_entries(outputs),
+                           rules.mask(request.grammar_states[seq.seq_id], outputs))
 
     def _track(self, request: Request, seq: Sequence) -> None:
         """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
@@ -169,8 +201,11 @@ class LLMEngine:
             fresh = self.scheduler.add_request(old.request_id, old.prompt_token_ids,
                                                seq.max_tokens, extra_keys=seq.extra_keys,
                                                order=seq.order[:2] + (0,))
-            self._track(Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
-                                old.seeds, old.metrics.arrival_time), fresh)
+            request = Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
+                              old.seeds, old.metrics.arrival_time)
+            # The prompt's pages stay cached under its own key: keep their scores too.
+            request.prompt_logprobs, request.rules = old.prompt_logprobs, old.rules
+            self._track(request, fresh)
 
     def _idle(self) -> list[RequestOutput]:
         if self.scheduler.waiting or self.scheduler.swapped:
@@ -184,15 +219,34 @@ class LLMEngine:
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
-            rows.append(SamplingRow(row, request.params, request.streams[seq.seq_id].seed, seq))
-        for row, index in forks:
+            seed = request.streams[seq.seq_id].seed
+            rows.append(self._rule_row(row, request, seq, seed) if plan.sample[row]
+                        else SamplingRow(row, request.params, seed, seq))
+        for row, index in forks:   # a fork's first token has its parent's rules
             request = self.requests[plan.seqs[row].request_id]
-            rows.append(SamplingRow(row, request.params, request.seeds[index], plan.seqs[row]))
+            rows.append(rows[row]._replace(seed=request.seeds[index]))
         # Top logprobs: 2 * width candidates per beam, or what the requests ask for.
         wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
                       for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
                      default=0)
-        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0)
+        scored, prompt_top = self._scored(plan)
+        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0, scored,
+                                  bucket(prompt_top, 0) if prompt_top else 0)
+
+    def _scored(self, plan: StepPlan) -> tuple[list[tuple[int, int]], int]:
+        """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
+        them (its first k tokens predict prompt tokens), and the most top ids asked."""
+        scored, top = [], 0
+        for row, seq in enumerate(plan.seqs):
+            params = self.requests[seq.request_id].params
+            if params.prompt_logprobs is None:
+                continue
+            start = plan.start_positions[row]
+            k = min(start + plan.num_new_tokens[row], seq.num_prompt_tokens - 1) - start
+            if k > 0:
+                scored.append((row, k))
+                top = max(top, params.prompt_logprobs)
+        return scored, top
 
     def _run(self, plan: StepPlan, batch: StepBatch):
         device_start = time.perf_counter()
@@ -224,6 +278,7 @@ class LLMEngine:
             if not metrics.scheduled:
                 # A prefix-cache hit starts the first chunk past the cached pages.
                 metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+        self._record_prompt(plan, batch, sampled)
         rows = len(batch.context_lens)   # the forks' samples follow the padded rows
         tokens = np.array(sampled.tokens[:rows])
         beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)
@@ -267,6 +322,21 @@ class LLMEngine:
             top[token] = float(sampled.logprobs[row])
             stream.logprobs.append(top)
 
+    def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
+        """Store the step's prompt logprobs by position (a recomputed chunk rewrites the
+        same values)."""
+        at = 0
+        for row, k in self._scored(plan)[0]:
+            seq, start = plan.seqs[row], plan.start_positions[row]
+            request = self.requests[seq.request_id]
+            top = request.params.prompt_logprobs
+            for i in range(at, at + k):
+                entry = {int(t): float(lp) for t, lp in zip(sampled.prompt_top_ids[i, :top],
+                                                             sampled.prompt_top_logprobs[i, :top])}
+                entry[int(batch.prompt_targets[i])] = float(sampled.prompt_logprobs[i])
+                request.prompt_logprobs[start + 1 + i - at] = entry
+            at += k
+
     def _fork(self, parent: Sequence, index: int, token: int, sampled, row: int):
         """Completion ``index`` of a parallel-sampling request starts as a fork of ``parent``
         (sharing its pages), with its own first token."""
@@ -309,7 +379,16 @@ class LLMEngine:
         outputs = (beam_search.completions(request, self.stop.decode) if request.beam_width
                    else request.sampled_completions())
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             outputs, request.finished, request.metrics)
+                             outputs, request.finished, request.metrics,
+                             request.prompt_logprobs)
+
+
+def _prompt_logprobs_key(params: SamplingParams):
+    """The prefix-cache key part of a request: a request scoring its prompt reads no other
+    request's cached pages (their prompt logprobs were never kept), so its pages are
+    keyed apart; they still serve its own recompute (after a preemption or a restart),
+    whose scores it keeps."""
+    return None if params.prompt_logprobs is None else ("prompt_logprobs", uuid.uuid4().hex)
 
 
 class LLM:

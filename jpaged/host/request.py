@@ -55,6 +55,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then a dict
+    # {token id: logprob} of each prompt token and the top alternatives.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -94,6 +97,13 @@ class Request:
         self.streams: dict[str, Stream] = {}       # live and finished sequences by seq_id
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
+        # Token rules (``jpaged.host.token_rules.TokenRules``, set by the engine) and each
+        # sequence's grammar position, by seq_id (rebuilt from its tokens when missing).
+        self.rules = None
+        self.grammar_states: dict = {}
+        # Filled position by position by the prefill steps (entry 0 stays None).
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         self.finished = False
 
     @property

@@ -9,11 +9,14 @@ renders a checkpoint's chat template with Jinja2 the way Hugging Face's
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import re
 import time
+
+import numpy as np
 
 from jpaged.host.sampling_params import SamplingParams
 
@@ -105,10 +108,11 @@ def _count(body: dict, name: str, default=None, maximum: int | None = None):
 
 
 def completion_request(body: dict) -> tuple[list, SamplingParams]:
-    """``/v1/completions``: (prompts, each text or token ids; params)."""
-    for unsupported in ("echo", "suffix"):
-        if body.get(unsupported):
-            raise RequestError(f"{unsupported} is not supported", param=unsupported)
+    """``/v1/completions``: (prompts, each text or token ids; params). ``echo`` with
+    ``logprobs`` asks for prompt logprobs; ``max_tokens: 0`` (with ``echo`` only) scores the
+    prompt: one token is generated and dropped (``Renderer(echo=...)``)."""
+    if body.get("suffix"):
+        raise RequestError("suffix is not supported", param="suffix")
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
                                    and all(isinstance(t, int) for t in prompt)):
@@ -122,8 +126,19 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
                            f"of either; got {prompt!r}"[:300], param="prompt")
     if any(isinstance(t, bool) for p in prompts if isinstance(p, list) for t in p):
         raise RequestError("prompt token ids must be integers, not booleans", param="prompt")
-    params = sampling_params(body, max_tokens=_count(body, "max_tokens", 16),
-                             logprobs=_count(body, "logprobs", None, MAX_LOGPROBS))
+    echo = flag(body, "echo")
+    max_tokens = _count(body, "max_tokens", 16)
+    logprobs = _count(body, "logprobs", None, MAX_LOGPROBS)
+    if max_tokens == 0 and not echo:
+        raise RequestError("max_tokens=0 needs echo: true (scoring the prompt)",
+                           param="max_tokens")
+    if echo and flag(body, "stream"):
+        raise RequestError("echo is not supported with stream", param="echo")
+    if echo and flag(body, "use_beam_search"):
+        raise RequestError("echo is not supported with use_beam_search", param="echo")
+    params = sampling_params(body, max_tokens=max(max_tokens, 1), logprobs=logprobs)
+    if echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
     return prompts, params
 
 
@@ -229,6 +244,16 @@ def _raise_exception(message):
 
 # -- responses ---------------------------------------------------------------------------
 
+
+def _prompt_only(output):
+    """``output`` with its generated token dropped (``max_tokens: 0``: the engine generated
+    one token to score the prompt)."""
+    completions = [dataclasses.replace(c, token_ids=[], text="", cumulative_logprob=0.0,
+                                       logprobs=None if c.logprobs is None else [],
+                                       finish_reason="length") for c in output.outputs]
+    return dataclasses.replace(output, outputs=completions)
+
+
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
 
@@ -265,7 +290,7 @@ class Renderer:
     """Builds OpenAI's response objects for one request (one ``id``, one ``created``)."""
 
     def __init__(self, kind: str, model: str, tokenizer, n: int, logprobs: int | None,
-                 return_token_ids: bool):
+                 return_token_ids: bool, echo: bool = False, drop_output: bool = False):
         self.kind = kind   # "text_completion" or "chat.completion"
         self.id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{os.urandom(12).hex()}"
         self.created = int(time.time())
@@ -274,24 +299,33 @@ class Renderer:
         self.n = n
         self.logprobs = logprobs
         self.return_token_ids = return_token_ids or tokenizer is None
+        # Completions' echo: each choice starts with its prompt (and the prompt's logprobs);
+        # drop_output (max_tokens 0) keeps only the prompt.
+        self.echo = echo
+        self.drop_output = drop_output
 
     def _token(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _logprobs(self, completion, first: int):
-        """The logprobs of tokens ``first:`` of ``completion`` in the endpoint's format."""
+    def _logprobs(self, completion, first: int, prompt=None):
+        """The logprobs of tokens ``first:`` of ``completion`` in the endpoint's format;
+        ``prompt``: the ``RequestOutput`` whose prompt tokens and logprobs come first
+        (echo)."""
         if self.logprobs is None or completion.logprobs is None:
             return None
         ids = completion.token_ids[first:]
         entries = completion.logprobs[first:len(completion.token_ids)]
         if self.kind == "text_completion":
-            return {"tokens": [self._token(t) for t in ids],
-                    "token_logprobs": [e[t] for t, e in zip(ids, entries)],
-                    "top_logprobs": [{self._token(k): v for k, v in self._top(e, t)}
+            if prompt is not None:
+                ids, entries = prompt.prompt_token_ids + ids, prompt.prompt_logprobs + entries
+            tokens = [self._token(t) for t in ids]
+            return {"tokens": tokens,
+                    "token_logprobs": [e and e[t] for t, e in zip(ids, entries)],
+                    "top_logprobs": [e and {self._token(k): v for k, v in self._top(e, t)}
                                      for t, e in zip(ids, entries)],
-                    "text_offset": []}
+                    "text_offset": [int(x) for x in np.cumsum([0] + [len(t) for t in tokens])[:-1]]}
         return {"content": [{**self._chat_entry(t, e[t]),
                              "top_logprobs": [self._chat_entry(k, v) for k, v in self._top(e, t)]}
                             for t, e in zip(ids, entries)]}
@@ -317,14 +351,17 @@ class Renderer:
     def response(self, outputs) -> dict:
         """The whole answer: ``outputs`` are the finished ``RequestOutput`` of each prompt."""
         choices = []
+        if self.drop_output:
+            outputs = [_prompt_only(o) for o in outputs]
         for p, output in enumerate(outputs):
             for completion in output.outputs:
                 choice = {"index": self._index(p, completion),
-                          "logprobs": self._logprobs(completion, 0),
+                          "logprobs": self._logprobs(completion, 0,
+                                                     output if self.echo else None),
                           "finish_reason": FINISH_REASONS.get(completion.finish_reason, "stop")}
                 text = completion.text or ""
                 if self.kind == "text_completion":
-                    choice["text"] = text
+                    choice["text"] = (self._prompt_text(output) + text) if self.echo else text
                 else:
                     choice["message"] = {"role": "assistant", "content": text}
                 if self.return_token_ids:
@@ -332,6 +369,11 @@ class Renderer:
                 choices.append(choice)
         return {"id": self.id, "object": self.kind, "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(outputs)}
+
+    def _prompt_text(self, output) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return "" if self.tokenizer is None else self.tokenizer.decode(output.prompt_token_ids)
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         kind = "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"

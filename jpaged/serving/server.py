@@ -411,8 +411,10 @@ class Server:
         if not isinstance(options, dict):
             raise RequestError(f"stream_options must be an object, got {options!r}",
                                param="stream_options")
+        echo = kind == "text_completion" and openai_api.flag(body, "echo")
         renderer = openai_api.Renderer(kind, self.name, self.tokenizer, params.n, params.logprobs,
-                                     openai_api.flag(body, "return_token_ids"))
+                                     openai_api.flag(body, "return_token_ids"), echo=echo,
+                                     drop_output=echo and body.get("max_tokens") == 0)
         submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop())
         try:
             await submission.accepted()
