@@ -136,3 +136,74 @@ def test_rejected_constraints_leave_others_running(llm, guided, message):
 def test_bad_guided_params(guided, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**guided)
+
+
+# -- the server: response_format, guided_* fields, token rules, refusals ----------------
+
+
+@pytest.fixture(scope="module")
+def http(llm):
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from jpaged.serving.openai_api import ChatTemplate
+    from jpaged.serving.server import Server
+
+    template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}", {})
+    server = Server(llm.engine, "m", chat_template=template, max_model_len=llm.max_model_len)
+    with TestClient(server.app) as client:
+        yield client
+
+
+def test_server_constrains_completions_and_chat(http):
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    answer = http.post("/v1/chat/completions", json={
+        "model": "m", "messages": [{"role": "user", "content": "the fox"}], "n": 4,
+        "temperature": 1.0, "seed": 3, "max_tokens": 80, "response_format": schema})
+    assert answer.status_code == 200, answer.text
+    for choice in answer.json()["choices"]:
+        check_schema(choice["message"]["content"])
+    answer = http.post("/v1/completions", json={
+        "model": "m", "prompt": ["yes", "the"], "n": 3, "temperature": 1.0, "seed": 1,
+        "max_tokens": 40, "guided_regex": REGEX})
+    texts = [c["text"] for c in answer.json()["choices"]]
+    assert len(texts) == 6 and all(re.fullmatch(REGEX, t) for t in texts), texts
+    answer = http.post("/v1/completions", json={
+        "model": "m", "prompt": "the", "temperature": 1.0, "seed": 2, "max_tokens": 40,
+        "guided_choice": CHOICES})
+    assert answer.json()["choices"][0]["text"] in CHOICES
+
+
+def test_server_applies_logit_bias_and_min_tokens(http, llm):
+    eos = llm.engine.tokenizer.token_to_id("<eos>")
+    answer = http.post("/v1/completions", json={
+        "model": "m", "prompt": "the", "max_tokens": 5, "temperature": 0,
+        "logit_bias": {str(eos): 100}, "min_tokens": 3, "return_token_ids": True})
+    choice = answer.json()["choices"][0]
+    # EOS is favoured by 100 but banned until the third token, which it then is.
+    assert eos not in choice["token_ids"][:3] and len(choice["token_ids"]) == 4
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"suffix": "end"}, "suffix"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format"),
+    ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 150}}, "logit_bias"),
+    ({"guided_regex": "(ab"}, "guided_regex"),
+    ({"guided_json": {"type": "no-such-type"}}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"max_tokens": 256}, "max_tokens"),
+    ({"min_tokens": 99}, "min_tokens"),
+])
+def test_server_refuses_what_it_does_not_support(http, body, param):
+    answer = http.post("/v1/completions", json={"model": "m", "prompt": "the quick brown",
+                                                **body})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param, answer.text
+    assert http.post("/v1/completions", json={"model": "m", "prompt": "the",
+                                              "max_tokens": 2}).status_code == 200

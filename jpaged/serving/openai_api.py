@@ -25,7 +25,15 @@ MAX_LOGPROBS = 20
 # Sampling fields both endpoints take, under the same names in OpenAI / vLLM and jpaged.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
-                   "use_beam_search", "length_penalty")
+                   "use_beam_search", "length_penalty", "min_tokens", "logit_bias",
+                   "allowed_token_ids", "bad_words", "guided_json", "guided_regex",
+                   "guided_choice", "guided_grammar", "structured_outputs")
+# Fields of OpenAI's or vLLM's requests that jpaged does not implement: refused by name
+# (a 400), never silently ignored. Other unknown fields are ignored, as vLLM does.
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call",
+                      "parallel_tool_calls", "suffix", "prompt_embeds", "audio", "modalities",
+                      "prediction", "web_search_options", "guided_decoding_backend",
+                      "guided_whitespace_pattern", "structural_tag", "lora_request")
 
 
 class RequestError(Exception):
@@ -70,18 +78,74 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _param_of(message: str, body: dict) -> str | None:
-    """The first field of ``body`` that a ``SamplingParams`` ValueError names."""
+def check_supported(body: dict) -> None:
+    """A 400 naming the first field jpaged does not implement (``tool_choice: "none"``
+    asks for nothing and passes)."""
+    for name in UNSUPPORTED_FIELDS:
+        value = body.get(name)
+        if value is None or value == [] or (name == "tool_choice" and value == "none"):
+            continue
+        raise RequestError(f"{name} is not supported by this server", param=name)
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """A prompt plus ``max_tokens`` beyond the context is a 400 (as vLLM), not a silently
+    shortened completion."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_prompt_tokens} and max_tokens={max_tokens} asks for "
+            f"{num_prompt_tokens + max_tokens}", param="max_tokens",
+            code="context_length_exceeded")
+
+
+def _response_format(body: dict) -> dict:
+    """``response_format`` as guided fields: json_object, json_schema (its ``schema``) or
+    text (no constraint)."""
+    value = body.get("response_format")
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"guided_json_object": True}
+    if kind == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema") if isinstance(
+            value.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise RequestError(f"response_format json_schema needs json_schema.schema, an "
+                               f"object; got {value!r}"[:300], param="response_format")
+        return {"guided_json": schema}
+    raise RequestError(f"response_format type {kind!r} is not supported (text, json_object, "
+                       f"json_schema)", param="response_format")
+
+
+def _param_of(message: str, body) -> str | None:
+    """The first field of ``body`` (a dict or names) that a ValueError's message names."""
     named = [(match.start(), name) for name in body
              if (match := re.search(rf"\b{re.escape(name)}\b", message))]
     return min(named)[1] if named else None
+
+
+def add_error(error: ValueError) -> RequestError:
+    """The 400 for a request the engine refused when adding it: the field its message
+    names (a token id outside the vocabulary, a rejected schema), else the prompt."""
+    return RequestError(str(error), param=_param_of(str(error), SAMPLING_FIELDS) or "prompt")
 
 
 def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
                     ) -> SamplingParams:
     """The body's sampling fields as ``SamplingParams``; ``max_tokens`` and ``logprobs``
     come from the endpoint, which names them differently."""
+    check_supported(body)
     fields = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    constraint = _response_format(body)
+    guided = [name for name in fields if name.startswith("guided_") or name == "structured_outputs"]
+    if constraint and guided:
+        raise RequestError(f"response_format and {guided[0]} are both set",
+                           param="response_format")
+    fields.update(constraint)
     if body.get("stop") is not None:
         fields["stop"] = body["stop"]
     n = 1 if body.get("n") is None else body["n"]
@@ -111,8 +175,7 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
     """``/v1/completions``: (prompts, each text or token ids; params). ``echo`` with
     ``logprobs`` asks for prompt logprobs; ``max_tokens: 0`` (with ``echo`` only) scores the
     prompt: one token is generated and dropped (``Renderer(echo=...)``)."""
-    if body.get("suffix"):
-        raise RequestError("suffix is not supported", param="suffix")
+    check_supported(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
                                    and all(isinstance(t, int) for t in prompt)):

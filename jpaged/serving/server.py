@@ -174,7 +174,7 @@ class EngineThread:
             for request_id in added:
                 self.engine.abort(request_id)
             if isinstance(error, ValueError):
-                submission.put(RequestError(str(error), param="prompt"))
+                submission.put(openai_api.add_error(error))
             else:
                 log.exception("adding a request failed")
                 submission.put(RequestError(f"adding the request failed: {error}", status=500,
@@ -356,6 +356,7 @@ class Server:
             body = openai_api.parse_body(await request.body())
             openai_api.check_model(body, self.name)
             prompts, params = openai_api.completion_request(body)
+            self._fit_context(body, prompts, params)
             return await self._generate(request, body, prompts, params, "text_completion")
         except RequestError as error:
             return self._error(error)
@@ -377,9 +378,28 @@ class Server:
             token_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
             room = max(self.max_model_len - len(token_ids), 1)
             params = openai_api.chat_params(body, room)
+            if params.max_tokens != room:   # set by the body
+                openai_api.check_context(len(token_ids), params.max_tokens, self.max_model_len)
             return await self._generate(request, body, [token_ids], params, "chat.completion")
         except RequestError as error:
             return self._error(error)
+
+    def _fit_context(self, body: dict, prompts: list, params) -> None:
+        """A completion's prompt plus ``max_tokens`` must fit the context: a 400 when the
+        body set ``max_tokens``; the default (16) shrinks to the room left. A prompt alone
+        too long is the engine's 400."""
+        from jpaged.host.request import prompt_token_ids
+
+        if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
+            return   # the engine refuses the text prompt
+        lengths = [len(prompt_token_ids(p, self.tokenizer)[1]) for p in prompts]
+        if body.get("max_tokens") is None:
+            params.max_tokens = max(1, min(params.max_tokens,
+                                           self.max_model_len - max(lengths)))
+            params.min_tokens = min(params.min_tokens, params.max_tokens)
+        elif body["max_tokens"] > 0:   # 0: scoring, one token generated and dropped
+            for length in lengths:
+                openai_api.check_context(length, params.max_tokens, self.max_model_len)
 
     async def models(self, request):
         from starlette.responses import JSONResponse
