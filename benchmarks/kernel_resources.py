@@ -12,6 +12,13 @@ else the PATH. Without the handler or ptxas this prints why and exits 0 with ``-
 
 writes ``benchmarks/results/kernel_resources.{md,json}``; ``--check`` exits 1 if any
 configuration spills or needs more than 227 KiB of shared memory.
+
+It also checks the kernel's addresses from its PTX (``benchmarks/results/
+kernel_addresses.md``): pools of every dtype just under 2 GiB, at 3 and 4 GiB and past
+4 GiB (ShapeDtypeStructs: nothing is allocated), stacked layers, a table and scales of
+more than 2**31 elements. A 32-bit offset that Triton sign-extends into an address wraps
+negative past 2**31 elements, so no address into an argument of more elements may hold
+one (``address_errors``); ``--check`` exits 1 if any does.
 """
 
 from __future__ import annotations
@@ -164,20 +171,213 @@ def configurations():
                        num_splits=num_splits)
 
 
-def export_config(head_dim, page_size, group, dtype, q_dtype, num_splits):
-    batch, num_pages, width = 2, 64, 16
-    pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, num_pages, page_size, head_dim), dtype)
-    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), q_dtype), pool,
+def export_config(head_dim, page_size, group, dtype, q_dtype, num_splits, *, num_pages=64,
+                  width=16, batch=2, num_layers=None, num_kv_heads=NUM_KV_HEADS):
+    """jax.export for CUDA of one decode call on ShapeDtypeStructs (nothing allocated, so
+    a pool of any size costs nothing); ``num_layers`` stacks the pool (traced layer)."""
+    pool = (num_kv_heads, num_pages, page_size, head_dim)
+    pool = jax.ShapeDtypeStruct(pool if num_layers is None else (num_layers, *pool), dtype)
+    args = [jax.ShapeDtypeStruct((batch, num_kv_heads * group, head_dim), q_dtype), pool,
             pool, jax.ShapeDtypeStruct((batch, width), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32)]
     if is_quantized(dtype):
         args += [jax.ShapeDtypeStruct(pool.shape[:-1], SCALE_DTYPE)] * 2
+    if num_layers is not None:
+        args.append(jax.ShapeDtypeStruct((), jnp.int32))
 
-    def decode(q, k, v, tables, lengths, *scales):
-        return pd.paged_decode(q, k, v, tables, lengths, num_splits=num_splits,
+    def decode(q, k, v, tables, lengths, *rest):
+        layer = rest[-1] if num_layers is not None else None
+        scales = rest[:2] if is_quantized(dtype) else ()
+        return pd.paged_decode(q, k, v, tables, lengths, layer=layer, num_splits=num_splits,
                                **dict(zip(("k_scale", "v_scale"), scales)))
 
     return lowering.export_for_cuda(decode, *args)
+
+
+# ---------------------------------------------------------------- addresses
+
+GiB = 2**30
+# Pool sizes (bytes per K or V pool) around the 32-bit limits: element offsets pass 2**31
+# in 1-byte pools from 2 GiB, and jax's own rule switches to 64 bits above 4 GiB.
+ADDRESS_POOL_BYTES = {"under 2 GiB": 2 * GiB - 1, "3 GiB": 3 * GiB, "4 GiB": 4 * GiB,
+                      "4.5 GiB": 4 * GiB + GiB // 2}
+# Llama-3-8B's attention geometry: 8 kv heads, head_dim 128, pages of 16.
+ADDRESS_MODEL = dict(num_kv_heads=8, head_dim=128, page_size=16, group=4)
+
+
+def address_cases():
+    """(label, export_config kwargs): every pool dtype at every ADDRESS_POOL_BYTES, a
+    stacked 3 GiB int8 pool, and a table and 8-bit scales of more than 2**31 elements
+    (the other arguments a kernel indexes by data)."""
+    model = ADDRESS_MODEL
+    page_elements = model["num_kv_heads"] * model["page_size"] * model["head_dim"]
+    kinds = [(d, jnp.bfloat16) for d in FORMATS_8BIT] + [(d, d) for d in DTYPES]
+    for (dtype, q_dtype), (size, pool_bytes) in itertools.product(
+            kinds, ADDRESS_POOL_BYTES.items()):
+        pages = pool_bytes // (page_elements * jnp.dtype(dtype).itemsize)
+        yield (f"{jnp.dtype(dtype).name} pool {size}",
+               dict(model, dtype=dtype, q_dtype=q_dtype, num_splits=1, num_pages=pages))
+    int8 = FORMATS_8BIT[0]
+    yield ("int8 stacked 4 x 768 MiB", dict(model, dtype=int8, q_dtype=jnp.bfloat16,
+                                            num_splits=3, num_layers=4,
+                                            num_pages=3 * GiB // (4 * page_elements)))
+    yield ("table of 2**31 + 2**16 entries", dict(model, dtype=jnp.bfloat16,
+                                                  q_dtype=jnp.bfloat16, num_splits=1,
+                                                  width=2**16, batch=2**15 + 1))
+    # Scales have a head_dim-th of the codes' elements: head_dim 16 and 2**35 codes.
+    yield ("int8 scales of 2**31 elements", dict(model, dtype=int8, q_dtype=jnp.bfloat16,
+                                                 num_splits=1, head_dim=16,
+                                                 num_pages=2**35 // (8 * 16 * 16)))
+
+
+# PTX: a register, a bracketed address, a kernel parameter, the instructions that widen a
+# signed 32-bit (or narrower) value to 64 bits.
+_REGISTER = re.compile(r"%[a-z]+\d*")
+_BRACKET = re.compile(r"\[([^\]]*)\]")
+_PARAM = re.compile(r"_param_(\d+)\b")
+_SIGN_EXTENDING = re.compile(r"^(cvt\.s64\.s(8|16|32)|(mul|mad)\.wide\.s(16|32))\b")
+_NO_DESTINATION = ("st.", "cp.", "red.", "bar.", "prefetch", "ret", "bra", "fence",
+                   "membar", "mbarrier", "barrier")
+
+
+def _ptx_statements(ptx: str):
+    """(opcode, operands) of each PTX instruction, labels, predicates and braces off."""
+    ptx = re.sub(r"//[^\n]*", "", ptx)
+    for raw in (part for line in ptx.splitlines() for part in line.split(";")):
+        text = re.sub(r"^[\s{}]*((\$?[\w$]+:)\s*)*[\s{}]*", "", raw)
+        text = re.sub(r"^@!?%\w+\s+", "", text).strip()
+        if text and not text.startswith("."):
+            opcode, _, operands = text.partition(" ")
+            yield opcode, operands.strip()
+
+
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """One global memory access: its instruction, the kernel parameters its address is
+    computed from, and the sign-extending instructions on that computation."""
+
+    opcode: str
+    params: tuple[int, ...]
+    sign_extended: tuple[str, ...]
+
+
+def ptx_accesses(ptx: str) -> list[Access]:
+    """Every global load, store and async copy with where its address comes from: the
+    registers of the address are traced back through the instructions that define them
+    to the parameters (``ld.param``); a value loaded from memory (a page id) is data and
+    ends the trace."""
+    defs, accesses = {}, []
+    for opcode, operands in _ptx_statements(ptx):
+        if ".global" in opcode:
+            accesses.append((opcode, [reg for inside in _BRACKET.findall(operands)
+                                      for reg in _REGISTER.findall(inside)]))
+        if opcode.startswith(_NO_DESTINATION):
+            continue
+        closing = "}" if operands.startswith("{") else ","
+        destination, _, sources = operands.partition(closing)
+        for reg in _REGISTER.findall(destination):
+            defs.setdefault(reg, []).append((opcode, sources))
+    result = []
+    for opcode, registers in accesses:
+        params, extended, seen = set(), [], set()
+        while registers:
+            reg = registers.pop()
+            if reg in seen:
+                continue
+            seen.add(reg)
+            for def_opcode, sources in defs.get(reg, ()):
+                if def_opcode.startswith("ld.param"):
+                    params.update(int(p) for p in _PARAM.findall(sources))
+                elif not def_opcode.startswith("ld."):
+                    if _SIGN_EXTENDING.match(def_opcode):
+                        extended.append(def_opcode)
+                    registers += _REGISTER.findall(sources)
+        result.append(Access(opcode, tuple(sorted(params)), tuple(extended)))
+    return result
+
+
+def address_errors(ptx: str, elements: list[int]) -> list[str]:
+    """Why the PTX may address outside an argument (``elements``: each kernel argument's
+    element count): a sign-extended 32-bit offset into an argument of more than 2**31
+    elements, an access from no parameter or several, or such an argument never read."""
+    errors, reached = [], set()
+    for access in ptx_accesses(ptx):
+        if len(access.params) != 1 or access.params[0] >= len(elements):
+            errors.append(f"{access.opcode}: address from parameters {access.params}")
+            continue
+        [param] = access.params
+        reached.add(param)
+        if access.sign_extended and elements[param] > lowering.MAX_INT32_ELEMENTS:
+            errors.append(f"{access.opcode}: a sign-extended 32-bit offset "
+                          f"({', '.join(access.sign_extended)}) into argument {param} of "
+                          f"{elements[param]} elements")
+    for param, count in enumerate(elements):
+        if count > lowering.MAX_INT32_ELEMENTS and param not in reached:
+            errors.append(f"argument {param} of {count} elements: no access found")
+    return errors
+
+
+_TTIR_ADDPTR = re.compile(r"(%[\w#]+) = tt\.addptr (%[\w#]+), %[\w#]+ : [^,]+, "
+                          r"(?:tensor<[\dx]*x)?(i\d+)")
+_TTIR_DEF = re.compile(r"(%[\w#]+) = (?:tt\.splat|tt\.broadcast|tt\.expand_dims|"
+                       r"tt\.reshape|tt\.addptr) (%[\w#]+)")
+
+
+def ttir_address_errors(ir_text: str, elements: list[int]) -> list[str]:
+    """The Triton IR's view of ``address_errors``: every ``tt.addptr`` traced back (through
+    splats, broadcasts, reshapes and earlier addptrs) to its argument; a 32-bit offset into
+    an argument of more than 2**31 elements is an error (Triton sign-extends it)."""
+    sources = dict(_TTIR_DEF.findall(ir_text))
+    errors, reached = [], set()
+    for _, pointer, offset_type in _TTIR_ADDPTR.findall(ir_text):
+        seen = set()
+        while pointer in sources and pointer not in seen:
+            seen.add(pointer)
+            pointer = sources[pointer]
+        found = re.fullmatch(r"%arg(\d+)", pointer)
+        if not found or int(found.group(1)) >= len(elements):
+            errors.append(f"tt.addptr from {pointer}, not a kernel argument")
+            continue
+        param = int(found.group(1))
+        reached.add(param)
+        if offset_type != "i64" and elements[param] > lowering.MAX_INT32_ELEMENTS:
+            errors.append(f"tt.addptr with {offset_type} offsets into argument {param} of "
+                          f"{elements[param]} elements")
+    for param, count in enumerate(elements):
+        if count > lowering.MAX_INT32_ELEMENTS and param not in reached:
+            errors.append(f"argument {param} of {count} elements: no tt.addptr found")
+    return errors
+
+
+def check_addresses(compile_fn, log=print) -> list[dict]:
+    """One row per address case: its arguments' element counts and the PTX's errors."""
+    rows = []
+    for label, config in address_cases():
+        [kernel] = lowering.triton_kernels(export_config(**config))
+        result = compile_fn("cuda", kernel.ir, ARCH, num_warps=kernel.num_warps,
+                            num_ctas=1, num_stages=kernel.num_stages)
+        accesses = ptx_accesses(result.asm)
+        errors = address_errors(result.asm, kernel.elements())
+        rows.append(dict(case=label, largest=max(kernel.elements()),
+                         accesses=len(accesses),
+                         sign_extended=sum(bool(a.sign_extended) for a in accesses),
+                         errors=errors, ok=not errors))
+        log(f"addresses {label}: {len(accesses)} accesses, "
+            f"{'ok' if not errors else 'FAIL ' + '; '.join(errors[:3])}")
+    return rows
+
+
+def address_markdown(rows) -> str:
+    lines = ["# Triton decode kernel addresses (sm_90 PTX)", "",
+             f"Compiled from the CPU (jax {jax.__version__}) with ShapeDtypeStructs; every "
+             f"global access traced back to its kernel argument. A sign-extended 32-bit "
+             f"offset is an error only into an argument of more than 2**31 elements "
+             f"(there it wraps negative).", "",
+             "| case | largest argument (elements) | accesses | with sign-extended offsets "
+             "| ok |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['largest']} | {r['accesses']} | {r['sign_extended']} | "
+              f"{'ok' if r['ok'] else 'FAIL: ' + '; '.join(r['errors'][:2])} |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def measure(compile_fn, ptxas, log=print) -> list[dict]:
@@ -252,18 +452,23 @@ def main(argv=None) -> int:
         print(f"kernel_resources: SKIPPED, {reason}")
         return 0
     print(f"kernel_resources: jax {jax.__version__}, ptxas {ptxas}")
+    address_rows = check_addresses(compile_fn)
     rows = measure(compile_fn, ptxas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
     args.out.with_suffix(".md").write_text(markdown(rows, args.title))
-    bad = [r for r in rows if not r["ok"]]
+    addresses = args.out.with_name("kernel_addresses")
+    addresses.with_suffix(".json").write_text(json.dumps(address_rows, indent=1))
+    addresses.with_suffix(".md").write_text(address_markdown(address_rows))
+    bad = [r for r in rows + address_rows if not r["ok"]]
     for r in bad:
         print(f"kernel_resources: FAIL {r}")
     occupancy = occupancy_error(rows)
     if occupancy:
         print(f"kernel_resources: FAIL {occupancy}")
         bad.append(occupancy)
-    print(f"kernel_resources: {len(rows) - len(bad)}/{len(rows)} configurations ok")
+    total = len(rows) + len(address_rows)
+    print(f"kernel_resources: {total - len(bad)}/{total} configurations and address cases ok")
     return 1 if bad and args.check else 0
 
 

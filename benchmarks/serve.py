@@ -10,7 +10,8 @@ request with ``ignore_eos``) is played three ways on the same model and engine o
 - ``LLM.generate``: every request of the trace at once (the offline ceiling).
 
 Each is played untimed until two passes in a row compile no new step shape (at most 12
-passes), so compilation stays out of the figures (``compilations_while_timed`` says if one slipped in); prefix caching is
+passes; the server starts with ``--no-warmup``: benchmarks/startup.py measures that), so
+compilation stays out of the figures (``compilations_while_timed`` says if one slipped in); prefix caching is
 off, so the repeat finds nothing cached (random prompts share no prefix anyway). Writes
 benchmarks/results/serve.{json,md}.
 
@@ -64,7 +65,7 @@ def summarize(ttft, tpot, tokens: int, seconds: float) -> dict:
 def start_server(model: str, port: int, options: list[str]):
     process = subprocess.Popen(
         [sys.executable, "-m", "jpaged", "serve", "--model", model, "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", *options],
+         "--port", str(port), "--log-level", "warning", "--no-warmup", *options],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     import httpx
 

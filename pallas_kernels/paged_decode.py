@@ -37,11 +37,15 @@ from jax.experimental import pallas as pl
 
 from jpaged.pallas_kernels import lowering
 from jpaged.pallas_kernels.quantization import dequantize, is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
 
 try:  # The Triton lowering is optional: jpaged must still import on a jax without it.
     from jax.experimental.pallas import triton as pltriton
 except ImportError:  # pragma: no cover - depends on the installed jax
     pltriton = None
+# 64-bit offsets for pools of more than 2**31 elements (jax's own rule wraps 8-bit pools of
+# 2-4 GiB into negative addresses; see lowering.install_wide_offsets).
+WIDE_OFFSETS = pltriton is not None and lowering.install_wide_offsets()
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # Queries over 8-bit pages meet the dequantized K/V in their own dtype, one of these.
@@ -270,16 +274,6 @@ def _decode_kernel(layer_ref, lengths_ref, tables_ref, q_ref, k_ref, v_ref, *ref
         lse_ref[0][...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def merge_splits(o, lse):
-    """Combine split partials: o float32 ``[..., splits, G, D]``, lse ``[..., splits, G]``
-    -> float32 ``[..., G, D]``; rows no split saw become 0."""
-    top = jnp.max(lse, axis=-2, keepdims=True)
-    weights = jnp.exp(lse - jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(weights, axis=-2)
-    merged = jnp.sum(weights[..., None] * o, axis=-3)
-    return merged / jnp.where(total > 0, total, 1.0)[..., None]
-
-
 def default_num_warps(tokens: int, head_dim: int, dtype) -> int:
     """Warps per program: 4, or 8 where the resource table shows 4 spilling: tiles too
     big to double-buffer, and float32 heads over 128 (TF32x3 dots hold more registers)."""
@@ -375,6 +369,11 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_sc
     if pltriton is None and not interpret:
         raise ValueError("this jax has no Pallas Triton lowering; use interpret=True or the "
                          "XLA path")
+    if not (WIDE_OFFSETS or interpret) and lowering.needs_wide_offsets(k_pages.shape,
+                                                                       k_pages.dtype):
+        raise ValueError(f"{k_pages.dtype} pages of shape {k_pages.shape} hold more than "
+                         f"2**31 elements in at most 4 GiB, which this jax's Triton lowering "
+                         f"addresses with wrapping 32-bit offsets; use the XLA path")
     width = block_tables.shape[1]
     num_blocks = blocks_to_cover(lengths, width, pages_per_block, page_size)
     if num_splits is None:

@@ -20,6 +20,16 @@ of one kv head, is one 64-row tile (row ``i * group + g`` = token i, head g). On
 program per (kv head, block) walks the pages of its row that any of its tokens can see,
 ``pages_per_block`` pages (``block_kv`` keys) per step.
 
+Split-K (flash-decoding). Decode at a small batch has few blocks: 8 kv heads x 1 row is
+8 programs for 132 SMs. A third grid axis cuts each block's key steps into ``num_splits``
+runs of ``ceil(steps / splits)`` consecutive steps; each program writes a float32 output
+normalized over its run and the run's log-sum-exp (``-inf`` for an empty run), and
+``splits.merge_splits`` combines them (plain jnp, ``splits x 64 x (D + 1)`` floats per
+block and kv head). ``plan_num_splits`` picks the count: enough programs for
+``TARGET_PROGRAMS`` resident slots, at least ``MIN_STEPS_PER_SPLIT`` steps a split, from
+the concrete lengths when the call is eager and from the table width inside jit. With
+one split the program writes the final output in q's dtype, as before.
+
 Memory path. The program's query tile arrives by TMA. Each K and V page arrives by its own
 TMA copy (a ``[page_size, head_dim]`` box at the page id read from the block table) into a
 ring of ``num_stages`` shared-memory slots, each copy with its own mbarrier; the ring is
@@ -40,10 +50,24 @@ The price of queries as M is paid by decode: a decode block has ``group`` useful
 64, the other ``64 - group`` are padding. Decode is bandwidth-bound (below), so padded
 MMA rows cost issue slots, not bytes; prefill chunks fill the rows.
 
-What it takes on a GPU (``check_config``): bf16 or f16 pages and queries (float32 runs in
-interpret mode only; 8-bit pages not yet, refused with a ValueError), head_dim 32, 64, 128 or 256, pages of 8+ tokens (a power of two),
-a GQA group dividing 64, 64-256 keys per step, and the ring within 227 KiB of shared
-memory (one slot instead of two where two do not fit).
+8-bit pages (int8 or float8_e4m3fn codes with a scale per token and kv head, see
+``quantization``): the codes travel through the ring as they are (half the bytes of
+bf16), each step widens them to q's dtype in a 16-bit shared-memory tile (exact: every
+int8 and e4m3 value is a bf16 and an f16 value; e4m3 -> bf16 goes through float32, which
+sm_90's ptxas needs), and the scales are applied where they cost one multiply per logit
+instead of one per element: ``S = Q (c_K s_K)^T`` scales column j of S by ``s_K[j]``, and
+``P (c_V s_V) = (P s_V) c_V`` scales column j of P by ``s_V[j]`` (0 past the length,
+where a stale scale may be NaN). The scales reach shared memory by one TMA copy of
+``block_kv`` values a step from ``row_scales``, a gather of each row's scales in key
+order done in the wrapper: a TMA copy moves multiples of 128 bytes, one page's scales
+are ``2 S`` bytes.
+
+What it takes on a GPU (``check_config``): bf16 or f16 queries over pages of the same
+dtype or 8-bit pages (float32 runs in interpret mode only), head_dim 32, 64, 128 or 256,
+pages of 8+ tokens (a power of two), a GQA group dividing 64, 64-256 keys per step, at
+most 32 page copies in flight (one barrier each; Mosaic GPU's limit per barrier array),
+and the buffers within 227 KiB of shared memory (one ring slot instead of two where two
+do not fit).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
 (one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
@@ -75,7 +99,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jpaged.pallas_kernels.quantization import is_quantized
+from jpaged.pallas_kernels.lowering import TARGET_NUM_SMS
+from jpaged.pallas_kernels.quantization import FORMATS, is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
 
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
     from jax.experimental import pallas as pl
@@ -93,30 +119,65 @@ HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float16)
 INTERPRET_DTYPES = DTYPES + (jnp.float32,)
 DEFAULT_NUM_STAGES = 2
-# Hopper's per-block dynamic shared memory limit (227 KiB), less room for barriers.
-SMEM_BUDGET = 227 * 1024 - 1024
+# Split-K aims at every resident program slot of an H100/H200: the default configuration
+# compiles to ~255 registers x 128 threads, so two programs fit one SM's 64 K registers.
+PROGRAMS_PER_SM = 2
+TARGET_PROGRAMS = PROGRAMS_PER_SM * TARGET_NUM_SMS
+MIN_STEPS_PER_SPLIT = 2
+MAX_SPLITS = 64
+# Hopper's per-block dynamic shared memory limit (227 KiB), less what Mosaic GPU adds
+# beside the buffers (barriers and its own scratch: 2096 bytes seen when lowering a
+# configuration with 7 buffers; 3 KiB kept).
+SMEM_BUDGET = 227 * 1024 - 3 * 1024
+# Mosaic GPU's limit on one barrier array ("Only up to 32 barriers per group"): the ring
+# has one barrier per page copy.
+MAX_BARRIERS = 32
+SMEM_ALIGN = 1024          # Mosaic GPU aligns each swizzled buffer to 1 KiB
 
 
 def default_pages_per_block(page_size: int) -> int:
     return max(1, TARGET_BLOCK_KV // page_size)
 
 
-def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages) -> int:
-    """Shared memory of one program: the query/output tile, K and V rings, row positions."""
+def compute_dtype(dtype, q_dtype=None):
+    """The dtype wgmma multiplies in: the pages' own, or q's (bfloat16 by default) over
+    8-bit pages, whose codes are widened to it in shared memory."""
+    if is_quantized(dtype):
+        return jnp.dtype(jnp.bfloat16 if q_dtype is None else q_dtype)
+    return jnp.dtype(dtype)
+
+
+def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits=1,
+               q_dtype=None) -> int:
+    """Shared memory of one program, each buffer rounded up to Mosaic GPU's 1 KiB: the
+    query/output tile, K and V rings, row positions; over 8-bit pages the scale rings and
+    the two 16-bit tiles the codes are widened into; with several splits the float32
+    partial output tile and its log-sum-exp."""
     e = jnp.dtype(dtype).itemsize
+    e_q = compute_dtype(dtype, q_dtype).itemsize
     block_kv = pages_per_block * page_size
-    return (BLOCK_ROWS * head_dim * e + 2 * num_stages * block_kv * head_dim * e
-            + BLOCK_ROWS * 4)
+    ring = num_stages * block_kv * head_dim * e
+    buffers = [BLOCK_ROWS * head_dim * e_q, ring, ring, BLOCK_ROWS * 4]
+    if is_quantized(dtype):
+        scale_ring = num_stages * block_kv * 4    # float32 scales at most
+        buffers += [scale_ring, scale_ring, block_kv * head_dim * e_q,
+                    block_kv * head_dim * e_q]
+    if num_splits > 1:
+        buffers += [BLOCK_ROWS * head_dim * 4, BLOCK_ROWS * 4]
+    return sum(-(-size // SMEM_ALIGN) * SMEM_ALIGN for size in buffers)
 
 
-def default_num_stages(head_dim, page_size, dtype, pages_per_block) -> int:
+def default_num_stages(head_dim, page_size, dtype, pages_per_block, num_splits=1,
+                       q_dtype=None) -> int:
     """Two ring slots (copies overlap the math) where they fit shared memory, else one."""
-    fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, DEFAULT_NUM_STAGES)
+    fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, DEFAULT_NUM_STAGES,
+                      num_splits, q_dtype)
     return DEFAULT_NUM_STAGES if fits <= SMEM_BUDGET else 1
 
 
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
-                 pages_per_block=None, num_stages=None, *, interpret=False) -> None:
+                 pages_per_block=None, num_stages=None, *, num_splits=1, q_dtype=None,
+                 interpret=False) -> None:
     """Raise ValueError naming the constraint if the kernel cannot take this configuration.
 
     wgmma needs 64 rows (so the GQA group must divide 64), N a multiple of 8 up to 256 and
@@ -127,17 +188,18 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if plgpu is None:
         raise ValueError("impl='mosaic' needs jax.experimental.pallas.mosaic_gpu, which this "
                          "jax does not provide")
-    if is_quantized(dtype):
-        raise ValueError(f"dtype={jnp.dtype(dtype)}: the Mosaic kernel does not read 8-bit "
-                         f"pages yet (their codes would need dequantizing into a 16-bit "
-                         f"shared-memory tile before each wgmma); use impl='pallas' for "
-                         f"decode, or 'xla' / 'auto'")
     allowed = INTERPRET_DTYPES if interpret else DTYPES
-    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
+    where = "in interpret mode" if interpret else "on a GPU"
+    if not is_quantized(dtype) and jnp.dtype(dtype) not in [jnp.dtype(d) for d in allowed]:
         raise ValueError(f"dtype={jnp.dtype(dtype)} must be one of "
-                         f"{[jnp.dtype(d).name for d in allowed]} for the Mosaic kernel "
-                         f"{'in interpret mode' if interpret else 'on a GPU'} (float32 "
-                         f"needs a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
+                         f"{[jnp.dtype(d).name for d in allowed]} or 8-bit "
+                         f"{sorted(FORMATS)} for the Mosaic kernel {where} (float32 needs "
+                         f"a transposed tf32 wgmma operand, which Mosaic GPU lacks)")
+    if is_quantized(dtype) and compute_dtype(dtype, q_dtype) not in [
+            jnp.dtype(d) for d in allowed]:
+        raise ValueError(f"q dtype {jnp.dtype(q_dtype)} over {jnp.dtype(dtype)} pages must "
+                         f"be one of {[jnp.dtype(d).name for d in allowed]} for the Mosaic "
+                         f"kernel {where} (the codes are widened to q's dtype)")
     if not (isinstance(num_kv_heads, numbers.Integral) and num_kv_heads > 0
             and num_q_heads % num_kv_heads == 0):
         raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of "
@@ -163,11 +225,20 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                          f"{block_kv} keys per step must be a power of two in "
                          f"[{BLOCK_ROWS}, {MAX_BLOCK_KV}] (wgmma N; the V tile is masked in "
                          f"the {BLOCK_ROWS}-row wgmma register layout)")
+    if not (isinstance(num_splits, numbers.Integral) and num_splits >= 1):
+        raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
     if num_stages is None:
-        num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block)
+        num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block,
+                                        num_splits, q_dtype)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
-    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages)
+    if num_stages * pages_per_block > MAX_BARRIERS:
+        raise ValueError(f"num_stages={num_stages} x pages_per_block={pages_per_block} = "
+                         f"{num_stages * pages_per_block} page copies in flight, each with "
+                         f"its own barrier: Mosaic GPU allows only up to {MAX_BARRIERS} "
+                         f"barriers per group")
+    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits,
+                      q_dtype)
     if need > SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, block_kv={block_kv}, num_stages={num_stages} "
                          f"in {jnp.dtype(dtype)} need {need} bytes of shared memory, over "
@@ -218,12 +289,17 @@ def _interpreted_matmul(a, b_ref, transpose_b=False):
 
 
 def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_ref,
-                      tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, o_ref, *,
-                      num_kv_heads, page_size, pages_per_block, num_stages, sm_scale,
-                      soft_cap, sliding_window, dtype, interpret):
+                      tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs,
+                      num_kv_heads, page_size, pages_per_block, num_stages, num_splits,
+                      quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
     # layer_ref: int32[1]; blk_*: int32[NB]; row_pos_ref: int32[NB, 64]
     # tables_ref: int32[B, W]; kv_lens_ref: int32[B]
-    # q_ref, o_ref: [Hkv, NB, 64, D]; k_ref, v_ref: [L * Hkv, P, S, D]
+    # q_ref: [Hkv, NB, 64, D] in dtype; k_ref, v_ref: [L * Hkv, P, S, D] (dtype, or 8-bit
+    # codes when quantized, then refs start with the rows' scales in key order,
+    # k_scale, v_scale [Hkv, B, W' * S] bfloat16, W' the width rounded up to whole steps). The output refs follow: o_ref [Hkv, NB, 64, D] in dtype
+    # (one split), or float32 partials [Hkv, NB, splits, 64, D] and their log-sum-exp
+    # [Hkv, NB, splits, 64].
+    scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else ((), refs)
     # Interpret mode has no layouts (layout_cast has no CPU rule): casts are identities there.
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
     matmul = _interpreted_matmul if interpret else _wgmma_matmul
@@ -232,16 +308,33 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
     block_kv = pages_per_block * page_size
     h = lax.axis_index("kv_head")
     b = lax.axis_index("block")
+    split = lax.axis_index("split")
     pool_head = layer_ref[0] * num_kv_heads + h
     seq = blk_seq_ref[b]
     kv_len = kv_lens_ref[seq]
     kv_end = jnp.minimum(kv_len, blk_hi_ref[b] + 1)
     kv_start = (jnp.int32(0) if sliding_window is None
                 else jnp.maximum(blk_lo_ref[b] - (sliding_window - 1), 0))
-    first = kv_start // block_kv
-    num_steps = jnp.maximum((kv_end + block_kv - 1) // block_kv - first, 0)
+    block_first = kv_start // block_kv
+    block_steps = jnp.maximum((kv_end + block_kv - 1) // block_kv - block_first, 0)
+    # Split-K: split s of the block's key steps takes the s-th run of ceil(steps / splits)
+    # consecutive steps (the last runs may be shorter or empty).
+    per_split = (block_steps + num_splits - 1) // num_splits
+    first = block_first + split * per_split
+    num_steps = jnp.clip(block_steps - split * per_split, 0, per_split)
 
-    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers):
+    def columns(ref):
+        """A ``[block_kv]`` per-key vector in shared memory -> float32 ``[64, block_kv]``,
+        the same value down each column of the S tile."""
+        x = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return lax.broadcast_in_dim(x.astype(jnp.float32), (BLOCK_ROWS, block_kv), [1])
+
+    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers, *extra):
+        if quantized:   # scale rings, their barriers, and the 16-bit tiles the codes become
+            ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = extra[:6]
+            extra = extra[6:]
+        partial_smem = extra
+
         def issue(step):
             slot = step % num_stages
             for p in range(pages_per_block):
@@ -253,6 +346,26 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
                                         k_barriers.at[barrier])
                 plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
                                         v_barriers.at[barrier])
+            if quantized:   # the step's scales: one [block_kv] box of the row's scales
+                keys = pl.ds((first + step) * block_kv, block_kv)
+                for ref, smem, barriers in zip(scale_refs, (ks_smem, vs_smem),
+                                               (ks_barriers, vs_barriers)):
+                    plgpu.copy_gmem_to_smem(ref.at[h, seq, keys], smem.at[slot],
+                                            barriers.at[slot])
+
+        def wait(barriers, slot):
+            for p in range(pages_per_block):
+                plgpu.barrier_wait(barriers.at[slot * pages_per_block + p])
+
+        def widened(codes_smem, tile_smem):
+            """8-bit codes -> the 16-bit tile wgmma reads (exact: every int8 and e4m3
+            value is a bf16/f16 value; the scales are applied to S and P instead)."""
+            codes = codes_smem[...]
+            if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float16:
+                codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
+            tile_smem[...] = codes.astype(dtype)
+            plgpu.commit_smem()
+            return tile_smem
 
         for step in range(num_stages):
             pl.when(step < num_steps)(functools.partial(issue, step))
@@ -271,10 +384,14 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             acc, m_i, l_i = carry
             slot = step % num_stages
             key0 = (first + step) * block_kv
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(k_barriers.at[slot * pages_per_block + p])
-
-            s = matmul(q_smem, k_smem.at[slot], transpose_b=True)
+            wait(k_barriers, slot)
+            k_tile = k_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(ks_barriers.at[slot])
+                k_tile = widened(k_tile, k16_smem)
+            s = matmul(q_smem, k_tile, transpose_b=True)
+            if quantized:   # S = Q (codes * scale)^T: each key's scale scales its column
+                s = s * columns(ks_smem.at[slot])
             s = s * sm_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -291,18 +408,23 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
             l_i = l_i * alpha + probs.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(v_barriers.at[slot * pages_per_block + p])
+            wait(v_barriers, slot)
+            v_tile = v_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(vs_barriers.at[slot])
+                v_tile = widened(v_tile, v16_smem)
+                # P (codes * scale) = (P * scale) codes; a stale slot's scale may be NaN.
+                probs = probs * jnp.where(key < kv_len, columns(vs_smem.at[slot]), 0.0)
 
             @pl.when(key0 + block_kv > kv_len)
             def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
-                v_tile = v_smem[slot]
+                v_old = v_tile[...]
                 v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
                                     layout)
-                v_smem[slot] = jnp.where(v_key < kv_len, v_tile, jnp.zeros_like(v_tile))
+                v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
                 plgpu.commit_smem()
 
-            acc = acc + matmul(probs.astype(dtype), v_smem.at[slot])
+            acc = acc + matmul(probs.astype(dtype), v_tile)
             pl.when(step + num_stages < num_steps)(
                 functools.partial(issue, step + num_stages))
             return acc, m_new, l_i
@@ -310,24 +432,67 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
         acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
         denom = lax.broadcast_in_dim(l_i, acc.shape, [0])
         out = jnp.where(denom > 0, acc / jnp.maximum(denom, 1e-30), 0.0)
-        q_smem[...] = out.astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, o_ref.at[h, b])
+        if num_splits == 1:
+            (o_ref,) = out_refs
+            q_smem[...] = out.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, o_ref.at[h, b])
+        else:  # float32 partial output and its log-sum-exp (-inf: the split saw no key)
+            o_ref, lse_ref = out_refs
+            o_smem, lse_smem = partial_smem
+            o_smem[...] = out
+            lse_smem[...] = jnp.where(l_i > 0, m_i + jnp.log(jnp.maximum(l_i, 1e-30)),
+                                      -jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, b, split])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, b, split])
         plgpu.wait_smem_to_gmem(0)
 
     num_barriers = num_stages * pages_per_block
-    pl.run_scoped(
-        scoped,
+    page_dtype = k_ref.dtype
+    ring = (num_stages, block_kv, head_dim)
+    scratch = [
         plgpu.SMEM((BLOCK_ROWS, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
-        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
-                   transforms=_smem_transforms(head_dim, dtype)),
-        plgpu.SMEM((num_stages, block_kv, head_dim), dtype,
-                   transforms=_smem_transforms(head_dim, dtype)),
+        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
+        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
         plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=num_barriers),
         plgpu.Barrier(num_barriers=num_barriers),
-    )
+    ]
+    if quantized:
+        scale_dtype = scale_refs[0].dtype
+        scratch += [
+            plgpu.SMEM((num_stages, block_kv), scale_dtype),
+            plgpu.SMEM((num_stages, block_kv), scale_dtype),
+            plgpu.Barrier(num_barriers=num_stages),
+            plgpu.Barrier(num_barriers=num_stages),
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
+            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
+        ]
+    if num_splits > 1:
+        scratch += [plgpu.SMEM((BLOCK_ROWS, head_dim), jnp.float32,
+                               transforms=_smem_transforms(head_dim, jnp.float32)),
+                    plgpu.SMEM((BLOCK_ROWS,), jnp.float32)]
+    pl.run_scoped(scoped, *scratch)
+
+
+def row_scales(scales, block_tables, layer, pages_per_block: int):
+    """Each row's per-token scales in key order, for the kernel's one-box-a-step copies.
+
+    scales: ``[L, Hkv, P, S]`` bfloat16; block_tables ``int32[B, W]``; layer: int32
+    scalar. Returns ``[Hkv, B, W' * S]`` with W' = W rounded up to ``pages_per_block``
+    (padding entries read the null page, masked in the kernel). Why a gather here: a TMA
+    copy moves a multiple of 128 bytes, and one page's scales are ``2 S`` bytes (32 at
+    page 16); this gather reads ``4 W S`` bytes per kv head and row, against the
+    ``2 n D`` of codes the kernel reads for n visible keys (a few percent at D = 128 when
+    the table is not much wider than the rows).
+    """
+    batch, width = block_tables.shape
+    padded = -(-width // pages_per_block) * pages_per_block
+    tables = jnp.pad(block_tables, ((0, 0), (0, padded - width)))
+    rows = lax.dynamic_index_in_dim(scales, layer, 0, keepdims=False)[:, tables]
+    return rows.reshape(scales.shape[1], batch, padded * scales.shape[-1])
 
 
 def build_blocks(q_seq, q_pos, num_rows: int, tokens_per_block: int):
@@ -377,28 +542,122 @@ def check_token_layout(q_seq, num_rows: int, group: int) -> None:
                          f"{num_rows} rows: put each row's tokens together")
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "interpret"))
+def choose_num_splits(num_kv_heads: int, busy_blocks: int, max_steps: int) -> int:
+    """Split-K factor: enough programs (kv heads x busy blocks x splits) to fill
+    TARGET_PROGRAMS resident slots, each split keeping MIN_STEPS_PER_SPLIT key steps or
+    more so the merge stays small beside the reads; at most MAX_SPLITS."""
+    wanted = -(-TARGET_PROGRAMS // max(1, num_kv_heads * busy_blocks))
+    return int(max(1, min(wanted, max_steps // MIN_STEPS_PER_SPLIT, MAX_SPLITS)))
+
+
+def _concrete(x):
+    """x as a numpy array when it is known on the host (not a tracer), else None."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def plan_num_splits(q_seq, kv_lens, *, num_kv_heads, group, width, page_size,
+                    pages_per_block, head_dim=128, dtype=jnp.bfloat16, q_dtype=None,
+                    check_partial_smem=True) -> int:
+    """``choose_num_splits`` from what is known: the busy blocks (concrete q_seq: its
+    runs cut in blocks; traced: ``min(T, ceil(T / tokens per block) + B)``) and the key
+    steps of the longest row (concrete lengths: the longest length rounded up to a power
+    of two of steps, so the compiled variants stay few; traced: the table width). One
+    split where the float32 partial tile does not fit shared memory beside one ring slot
+    (head_dim 256 with 128+ keys a step; ``check_partial_smem=False`` for a kernel that
+    always writes partials)."""
+    if check_partial_smem and smem_bytes(head_dim, page_size, dtype, pages_per_block, 1, 2,
+                                         q_dtype) > SMEM_BUDGET:
+        return 1
+    tokens_per_block = BLOCK_ROWS // group
+    block_kv = pages_per_block * page_size
+    rows, num_tokens = kv_lens.shape[0], q_seq.shape[0]
+    seqs, lens = _concrete(q_seq), _concrete(kv_lens)
+    if seqs is not None and num_tokens:
+        starts = np.flatnonzero(np.diff(seqs, prepend=-1) != 0)
+        runs = np.diff(np.append(starts, num_tokens))
+        busy = int(np.sum(-(-runs // tokens_per_block)))
+    else:
+        busy = min(num_tokens, -(-num_tokens // tokens_per_block) + rows)
+    table_steps = -(-width * page_size // block_kv)
+    if lens is not None:
+        longest = int(np.max(lens, initial=0))
+        steps = min(table_steps, int(pl.next_power_of_2(max(1, -(-longest // block_kv)))))
+    else:
+        steps = table_steps
+    return choose_num_splits(num_kv_heads, busy, steps)
+
+
+def check_scales(k_pages, k_scale, v_scale) -> None:
+    """Raise ValueError unless 8-bit pages come with both scales (16- or 32-bit floats of
+    the pages' shape minus D) and float pages with none."""
+    quantized = is_quantized(k_pages.dtype)
+    if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{k_pages.dtype} pages need k_scale and v_scale exactly when they "
+                         f"are 8-bit; got k_scale {'set' if k_scale is not None else 'None'}, "
+                         f"v_scale {'set' if v_scale is not None else 'None'}")
+    if quantized:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if (scale.shape != k_pages.shape[:-1]
+                    or not jnp.issubdtype(scale.dtype, jnp.floating)
+                    or jnp.dtype(scale.dtype).itemsize not in (2, 4)):
+                raise ValueError(f"{name} must be a 16- or 32-bit float array of shape "
+                                 f"{tuple(k_pages.shape[:-1])} (the pages' shape minus D), "
+                                 f"got {scale.dtype}{list(scale.shape)}")
+
+
 def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, *,
-                           layer=None, sm_scale=None, soft_cap=None, sliding_window=None,
-                           pages_per_block=None, num_stages=None, interpret=False):
+                           layer=None, k_scale=None, v_scale=None, sm_scale=None,
+                           soft_cap=None, sliding_window=None, pages_per_block=None,
+                           num_stages=None, num_splits=None, interpret=False):
     """Attention of ragged query tokens over their rows' pages (shapes in the module doc).
 
     Tokens of one row should be consecutive in the batch (each run costs a block); a batch
     with more runs than ``ceil(T / (64 // group)) + B + 1`` blocks gives NaN for the
-    tokens that do not fit rather than a silently wrong value.
+    tokens that do not fit rather than a silently wrong value. ``num_splits`` cuts each
+    block's keys into that many runs merged afterwards (default ``plan_num_splits``).
+    8-bit pages (int8, float8_e4m3fn) need ``k_scale``, ``v_scale``: bfloat16, the pages'
+    shape minus D (``KVCache.k_scale``); q (bf16/f16) sets the dtype they are widened to.
     """
-    num_tokens, num_q_heads, head_dim = q.shape
-    if k_pages.ndim == 4:
-        k_pages, v_pages = k_pages[None], v_pages[None]
-    num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
+    check_scales(k_pages, k_scale, v_scale)
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size)
+    if num_splits is None:
+        num_splits = plan_num_splits(
+            q_seq, kv_lens, num_kv_heads=num_kv_heads,
+            group=max(1, q.shape[1] // num_kv_heads), width=block_tables.shape[1],
+            page_size=page_size, pages_per_block=pages_per_block, head_dim=head_dim,
+            dtype=k_pages.dtype, q_dtype=q.dtype)
+    elif not (isinstance(num_splits, numbers.Integral) and num_splits > 0):
+        raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
+    return _paged_attention_tokens(
+        q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos, k_scale, v_scale,
+        layer=layer,
+        sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        pages_per_block=pages_per_block, num_stages=num_stages, num_splits=int(num_splits),
+        interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "num_splits",
+    "interpret"))
+def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_pos,
+                            k_scale, v_scale, *, layer, sm_scale, soft_cap, sliding_window,
+                            pages_per_block, num_stages, num_splits, interpret):
+    num_tokens, num_q_heads, head_dim = q.shape
+    quantized = k_scale is not None
+    if k_pages.ndim == 4:
+        k_pages, v_pages = k_pages[None], v_pages[None]
+        if quantized:
+            k_scale, v_scale = k_scale[None], v_scale[None]
+    num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
     check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
-                 pages_per_block, num_stages, interpret=interpret)
+                 pages_per_block, num_stages, num_splits=num_splits, q_dtype=q.dtype,
+                 interpret=interpret)
     if num_stages is None:
-        num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block)
-    if q.dtype != k_pages.dtype:
+        num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block,
+                                        num_splits, q.dtype)
+    if not quantized and q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     group = num_q_heads // num_kv_heads
@@ -421,16 +680,25 @@ def paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q_
     flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)
     kernel = functools.partial(
         _attention_kernel, num_kv_heads=num_kv_heads, page_size=page_size,
-        pages_per_block=pages_per_block, num_stages=num_stages, sm_scale=scale,
-        soft_cap=None if soft_cap is None else float(soft_cap),
+        pages_per_block=pages_per_block, num_stages=num_stages, num_splits=num_splits,
+        quantized=quantized, sm_scale=scale, soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=sliding_window, dtype=q.dtype, interpret=interpret)
+    if num_splits == 1:
+        out_type = jax.ShapeDtypeStruct(q_blocks.shape, q.dtype)
+    else:  # float32 partials and their log-sum-exp, merged below
+        parts = (num_kv_heads, num_blocks, num_splits, BLOCK_ROWS)
+        out_type = (jax.ShapeDtypeStruct((*parts, head_dim), jnp.float32),
+                    jax.ShapeDtypeStruct(parts, jnp.float32))
     call = plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
-        grid=(num_kv_heads, num_blocks), grid_names=("kv_head", "block"),
+        kernel, out_type=out_type, grid=(num_kv_heads, num_blocks, num_splits),
+        grid_names=("kv_head", "block", "split"),
         **({"interpret": _interpret_params()} if interpret else {}))
-    out_blocks = call(layer, blk_seq, blk_lo, blk_hi, row_pos, block_tables.astype(jnp.int32),
-                      kv_lens.astype(jnp.int32), q_blocks, k_pages.reshape(flat),
-                      v_pages.reshape(flat))
+    scales = () if not quantized else tuple(
+        row_scales(x, block_tables, layer[0], pages_per_block) for x in (k_scale, v_scale))
+    result = call(layer, blk_seq, blk_lo, blk_hi, row_pos, block_tables.astype(jnp.int32),
+                  kv_lens.astype(jnp.int32), q_blocks, k_pages.reshape(flat),
+                  v_pages.reshape(flat), *scales)
+    out_blocks = result if num_splits == 1 else merge_splits(*result)
     out = out_blocks.reshape(num_kv_heads, num_blocks, tokens_per_block, group, head_dim)
     out = out[:, jnp.minimum(block, num_blocks - 1), slot]        # [Hkv, T, group, D]
     out = out.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
@@ -457,4 +725,5 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, kv_lens, cu_q_lens
 
 
 __all__ = ["check_config", "check_token_layout", "paged_attention_tokens",
-           "ragged_paged_attention", "build_blocks", "smem_bytes", "default_pages_per_block"]
+           "ragged_paged_attention", "build_blocks", "smem_bytes", "default_pages_per_block",
+           "choose_num_splits", "plan_num_splits"]

@@ -103,7 +103,9 @@ FLAG_VALUES = dict(page_size=("8", 8), num_pages=("40", 40), kv_cache_bytes=None
                    num_host_pages=("6", 6), host_cache_bytes=None, watermark=("0.25", 0.25),
                    static_batching=(None, True), seed=("7", 7), tensor_parallel=("1", 1),
                    data_parallel=("1", 1), prefix_routing=(None, True),
-                   attention_impl=("xla", "xla"))
+                   attention_impl=("xla", "xla"), tokenizer=("/tok", "/tok"),
+                   generation_config=("vllm", "vllm"), log_stats=(None, True),
+                   warmup=(None, True))
 
 
 def test_every_option_is_a_flag_with_its_default_in_help():
@@ -138,7 +140,12 @@ def test_every_option_is_a_flag_with_its_default_in_help():
                            (["--gpu-memory-utilization", "0.5"], dict(memory_utilization=0.5)),
                            (["--block-size", "32"], dict(page_size=32)),
                            (["--swap-space", "1"], dict(host_cache_bytes=GIB,
-                                                        preemption_mode="swap"))):
+                                                        preemption_mode="swap")),
+                           (["--enforce-eager"], dict(warmup=False)),
+                           (["--no-enforce-eager"], dict(warmup=True)),
+                           (["--disable-log-stats"], dict(log_stats=False)),
+                           (["--trust-remote-code", "--tokenizer-mode", "auto"], {}),
+                           (["--num-gpu-blocks-override", "40"], dict(num_pages=41))):
         config = EngineConfig.from_options(**options_from_args(parser.parse_args(argv)))
         for name, value in expected.items():
             assert getattr(config, name) == value, argv
@@ -172,3 +179,46 @@ def test_dtype_names_the_params_and_kv_cache_dtype_the_pool():
     assert llm.kv_cache_info()["kv_cache_dtype"] == "int8"
     assert {leaf.dtype for leaf in __import__("jax").tree.leaves(llm.engine.model.params)} == {
         jnp.dtype("float32")}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(quantization="awq"), "quantization='awq' is not supported: jpaged runs unquantized"),
+    (dict(revision="main"), "revision='main' is not supported: jpaged loads a local"),
+    (dict(pipeline_parallel_size=2), "pipeline_parallel_size=2 is not supported"),
+    (dict(tokenizer_mode="slow"), "tokenizer_mode='slow' is not supported"),
+    (dict(enable_lora=True), "enable_lora=True is not supported"),
+    (dict(trust_remote_code="yes"), "trust_remote_code must be bool"),
+    (dict(enforce_eager=True, warmup=True), "enforce_eager= and warmup= set the same option"),
+    (dict(compilation_config=3), "unknown LLM option.*compilation_config"),
+])
+def test_vllm_only_options_are_refused_by_name(options, message):
+    from jpaged.engine.config import EngineConfig
+
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.from_options(**options)
+
+
+def test_vllm_only_options_accepted_with_their_meaning():
+    from jpaged.engine.config import EngineConfig
+
+    config = EngineConfig.from_options(trust_remote_code=True, enforce_eager=True,
+                                       disable_log_stats=False, dtype="half",
+                                       enable_chunked_prefill=True, load_format="auto",
+                                       scheduling_policy="fcfs", num_gpu_blocks_override=99)
+    assert (config.warmup, config.log_stats, config.dtype, config.num_pages) == (
+        False, True, "float16", 100)
+    assert EngineConfig.from_options(dtype="auto").dtype is None
+
+
+def test_vllm_flags_on_the_command_line():
+    """``jpaged generate`` refuses a vLLM flag it cannot honour, naming it and why."""
+    import subprocess
+    import sys
+
+    root = __file__.rsplit("/tests/", 1)[0]
+    out = subprocess.run([sys.executable, "-m", "jpaged", "generate", "--prompt", "1,2",
+                          "--token-ids", "--quantization", "awq"], capture_output=True,
+                         text=True, cwd=root, env={**__import__("os").environ,
+                                                   "PYTHONPATH": root})
+    assert out.returncode == 2
+    assert "quantization='awq' is not supported: jpaged runs unquantized" in out.stderr

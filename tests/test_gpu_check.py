@@ -1,5 +1,6 @@
-"""The GPU suite's CPU dry run: it passes for the kernel as it is and fails for kernels
-broken on purpose, so its verdict cannot rot into a check that passes anything.
+"""The GPU suite's CPU dry run: it passes for the kernels as they are and fails for kernels
+broken on purpose, so its verdict cannot rot into a check that passes anything; its plan
+fits the device time; its verdict survives the budget and a SIGTERM.
 
 The breakages are injected into ``jpaged.pallas_kernels.paged_decode`` (the Triton kernel, its
 8-bit read included) and ``jpaged.pallas_kernels.ragged_attention`` (the Mosaic kernel) with
@@ -9,8 +10,10 @@ trace of the healthy kernel is reused.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -24,6 +27,11 @@ from jpaged.pallas_kernels import ragged_attention as ra
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
+import gpu_mosaic  # noqa: E402
+
+# The first device call must fit in the first minutes of a lease: setup, the verdict's
+# checks and the short timing sweep within 6 minutes by the plan's H200 estimates.
+FIRST_STAGES_S = 360
 
 
 @pytest.fixture
@@ -33,33 +41,167 @@ def fresh_jax():
     jax.clear_caches()
 
 
-def dry_run(tmp_path, monkeypatch, *extra):
-    monkeypatch.setenv("OUT", str(tmp_path))
+def dry_run(out_dir, monkeypatch, *extra):
+    monkeypatch.setenv("OUT", str(out_dir))
     status = gpu_check.main(["--interpret", "--tiny", "--no-tune", *extra])
-    report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert (tmp_path / "gpu_check.md").exists()
+    report = json.loads((out_dir / "gpu_check.json").read_text())
+    assert (out_dir / "gpu_check.md").exists()
     return status, report
 
 
-def test_dry_run_passes(tmp_path, monkeypatch, fresh_jax):
-    status, report = dry_run(tmp_path, monkeypatch)
-    assert status == 0 and report["ok"]
+@pytest.fixture(scope="module")
+def full_dry_run(tmp_path_factory):
+    """One whole tiny dry run, shared by the tests that read its report."""
+    jax.clear_caches()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        out_dir = tmp_path_factory.mktemp("dry_run")
+        yield dry_run(out_dir, monkeypatch)
+    jax.clear_caches()
+
+
+def test_dry_run_passes(full_dry_run):
+    status, report = full_dry_run
+    assert status == 0 and report["ok"] and report["verdict"] == "PASS"
     names = [c["case"] for c in report["checks"]]
     expected = [c.name for c in gpu_check.TINY_CHECKS
                 if c.dtype != "fp8" or "fp8" in gpu_check.FORMATS_8BIT]
-    assert names == expected + ["2x64"]
-    assert {"int8", "mosaic-decode", "mosaic-prefill"} <= set(names)
+    assert names == expected + ["2x128"]
+    assert report["verdict_checks"] == expected
+    assert {"int8", "window-softcap-stacked", "mosaic-decode", "mosaic-prefill"} <= set(names)
     assert all(c["rel_errors"] and not c["nan"] for c in report["checks"])
-    assert report["timings"] and report["timings"][0]["ours_s"] > 0
-    timed_8bit = {r.get("dtype") for r in report["timings"] if r["ours_s"]}
-    assert set(gpu_check.FORMATS_8BIT) <= timed_8bit
-    # The Mosaic kernel beside its peers, decode and prefill, each Mosaic row checked.
-    mosaic = {(r["phase"], r["impl"]): r for r in report["mosaic"][1:]}
-    assert set(mosaic) == {("decode", "mosaic"), ("decode", "pallas"), ("decode", "xla"),
-                           ("prefill", "mosaic"), ("prefill", "xla")}
-    assert all(r["seconds"] > 0 and "error" not in r for r in mosaic.values())
-    assert mosaic["decode", "mosaic"]["relative_error"] <= gpu_check.MOSAIC_ERROR_BOUND
-    assert report["mosaic_ok"]
+    assert not report["skipped"] and not report.get("stopped")
+
+
+def test_dry_run_times_every_kernel_early(full_dry_run):
+    """Mosaic decode and prefill and 8-bit pages are timed in the short sweep, before the
+    long one; one row per kernel tries a kernel-only time (n/a on a CPU, with why)."""
+    _, report = full_dry_run
+    stages = [i["stage"] for i in report["items"]]
+    assert stages == sorted(stages, key=gpu_check.STAGES.index)
+    short = {(r["phase"], r["impl"], r["dtype"]) for r, item in zip(
+        report["timings"], [i for i in report["items"] if i["label"].startswith("time")])
+        if item["stage"] == "short"}
+    assert {("decode", "ours", "bfloat16"), ("decode", "mosaic", "bfloat16"),
+            ("decode", "xla", "bfloat16"), ("prefill", "mosaic", "bfloat16"),
+            ("prefill", "xla", "bfloat16")} <= short
+    assert {("decode", "ours", f) for f in gpu_check.FORMATS_8BIT} <= short
+    assert all(r["seconds"] > 0 and "errors" not in r for r in report["timings"])
+    profiled = [(r["impl"], r["phase"], r["dtype"]) for r in report["timings"]
+                if "kernel_s" in r]
+    assert {("ours", "decode", "bfloat16"), ("ours", "decode", "int8"),
+            ("mosaic", "decode", "bfloat16"), ("mosaic", "prefill", "bfloat16")} <= set(
+        profiled)
+    assert len(profiled) == len(set(profiled))
+    assert all(r["kernel_s"] is None and r["kernel_note"] for r in report["timings"]
+               if "kernel_s" in r)
+    assert report["read_bytes_per_s"] > 0
+
+
+def test_plan_fits_the_first_minutes():
+    settings = gpu_check.Settings(interpret=False, tiny=False, deadline=float("inf"))
+    items = gpu_check.build_plan(settings, {})
+    first = sum(i.estimate_s for i in items if i.stage in ("setup", "checks", "short"))
+    assert first <= FIRST_STAGES_S, gpu_check.plan_markdown(items, settings.rates)
+    labels = [i.label for i in items]
+    stages = [i.stage for i in items]
+    assert stages == sorted(stages, key=gpu_check.STAGES.index)
+    # The verdict's checks: both pools past the 32-bit limits, every Mosaic variant.
+    checks = [i.label.removeprefix("check ") for i in items if i.verdict]
+    assert {"pool>4GiB", "int8-pool-3GiB"} <= set(checks)
+    assert {c["name"] for c in gpu_mosaic.variants()} <= set(checks)
+    int8_3gib = next(c for c in gpu_check.CHECKS if c.name == "int8-pool-3GiB")
+    elements = 2 * int8_3gib.batch * int8_3gib.context * 8 * 128 // 2
+    assert 2**31 < elements and elements <= 2**32  # codes in the window jax gets wrong
+    short = [label for label, stage in zip(labels, stages) if stage == "short"]
+    assert any("decode" in s and "mosaic" in s for s in short)
+    assert any("prefill" in s and "mosaic" in s for s in short)
+    assert any("int8 ours" in s for s in short) and any("fp8 ours" in s for s in short)
+    assert any(label.startswith("tune") for label in labels[-5:])
+
+
+def test_plan_prints_without_a_device(capsys):
+    assert gpu_check.main(["--plan"]) == 0
+    printed = capsys.readouterr().out
+    assert "| checks |" in printed and "| short |" in printed and "| long |" in printed
+
+
+def small_plan(monkeypatch):
+    """The tiny run cut to one check and one timed shape."""
+    monkeypatch.setattr(gpu_check, "TINY_CHECKS", gpu_check.TINY_CHECKS[:1])
+    monkeypatch.setattr(gpu_check, "TINY_SHORT", gpu_check.TINY_SHORT[:1])
+    monkeypatch.setattr(gpu_check, "TINY_LONG", [])
+    monkeypatch.setattr(gpu_check, "measure_ceilings",
+                        lambda settings: dict(read_bytes_per_s=1e9, matmul_flop_per_s=1e9))
+
+
+def test_sigterm_keeps_the_verdict(tmp_path, monkeypatch, fresh_jax):
+    """A SIGTERM during timing ends the run: the checks' verdict stands, the rest is listed
+    as stopped, both files are written."""
+    small_plan(monkeypatch)
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not delivered")
+
+    monkeypatch.setattr(gpu_check, "time_item", terminated)
+    status, report = dry_run(tmp_path, monkeypatch)
+    assert status == 0 and report["verdict"] == "PASS", report
+    assert report["stopped"].startswith("SIGTERM during time decode")
+    assert report["skipped"] and all(s["reason"] == "stopped" for s in report["skipped"])
+    assert "Verdict: **PASS**" in (tmp_path / "gpu_check.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is not gpu_check._stop
+
+
+def test_budget_is_checked_before_every_item(tmp_path, monkeypatch, fresh_jax):
+    """With no budget nothing starts and the verdict says INCOMPLETE, not PASS; with a
+    budget for the checks only, they run and the timing items are skipped one by one."""
+    small_plan(monkeypatch)
+    status, report = dry_run(tmp_path, monkeypatch, "--budget-s", "0")
+    assert status == 1 and report["verdict"] == "INCOMPLETE" and not report["checks"]
+    assert all(s["reason"].startswith("budget") for s in report["skipped"])
+    check_s = gpu_check.TINY_CHECKS[0].estimate(gpu_check.TINY, gpu_check.H200)
+    monkeypatch.setattr(gpu_check, "time_estimate", lambda *args: 1e6)
+    status, report = dry_run(tmp_path, monkeypatch, "--budget-s", str(check_s + 60))
+    assert status == 0 and report["verdict"] == "PASS"
+    timed = [s for s in report["skipped"] if s["label"].startswith("time")]
+    assert len(timed) == len(gpu_check.Settings(True, True, 0).impls(gpu_check.TINY_SHORT[0]))
+    assert not report["timings"]
+
+
+def test_mosaic_bounds_are_committed_for_every_variant():
+    """Each variant's bound is 3x its committed interpret-mode error, for exactly its
+    fields; the variants cover groups 1/4/8, pages 16/64, head_dims 64/128, decode and
+    prefill, a window, a soft cap and a stacked pool."""
+    variants = gpu_mosaic.variants()
+    assert {v["group"] for v in variants} == {1, 4, 8}
+    assert {v["page_size"] for v in variants} == {16, 64}
+    assert {v["head_dim"] for v in variants} == {64, 128}
+    for key in ("group", "page_size", "head_dim"):
+        for value in {v[key] for v in variants}:
+            assert {v["chunk"] > 1 for v in variants if v[key] == value} == {False, True}
+    assert any(v.get("sliding_window") for v in variants)
+    assert any(v.get("soft_cap") for v in variants)
+    assert any(v.get("num_layers") for v in variants)
+    committed = gpu_mosaic.load_bounds()["cases"]
+    for case in gpu_mosaic.variant_cases():
+        entry = committed[case["name"]]
+        assert 0 < entry["interpret_rel_error"] < 1e-2
+        assert case["bound"] == pytest.approx(3 * entry["interpret_rel_error"])
+    assert all(c["bound"] > 0 for c in gpu_mosaic.large_cases())
+    assert gpu_mosaic.bound_warnings() == []
+
+
+@pytest.mark.slow
+def test_mosaic_bound_reproduces_in_interpret_mode(fresh_jax):
+    """One variant rerun here gives the committed interpret-mode error."""
+    fields = next(v for v in gpu_mosaic.variants() if v["name"].startswith("mosaic-g8-p64"))
+    case = gpu_check.Case(**fields)
+    settings = gpu_check.Settings(interpret=True, tiny=False, deadline=float("inf"))
+    result = gpu_check.run_check(case, settings, gpu_check.case_seed(case))
+    committed = gpu_mosaic.load_bounds()["cases"][case.name]
+    assert max(result["rel_errors"]) == pytest.approx(committed["interpret_rel_error"],
+                                                      rel=1e-3)
 
 
 def dropped_last_split(split, length, **options):
@@ -79,6 +221,10 @@ def halved_values(a, b_ref, transpose_b=False):
     return product if transpose_b else 0.5 * product
 
 
+def window_ignored(split, length, *, split_tokens, sliding_window):
+    return ORIGINAL_RANGE(split, length, split_tokens=split_tokens, sliding_window=None)
+
+
 ORIGINAL_RANGE = pd._visible_range
 ORIGINAL_MATMUL = ra._interpreted_matmul
 # name: (module, attribute, replacement, the check case it must fail)
@@ -88,6 +234,7 @@ BREAKAGES = {
     "unmasked-v": (pd, "_mask_values", lambda v, visible: v, "odd-splits"),
     "scales-ignored": (pd, "dequantize", lambda codes, scales: codes.astype(jnp.float32),
                        "int8"),
+    "window-ignored": (pd, "_visible_range", window_ignored, "window-softcap-stacked"),
     "mosaic-halved-values": (ra, "_interpreted_matmul", halved_values, "mosaic-prefill"),
 }
 
@@ -106,12 +253,15 @@ def test_dry_run_fails_for_broken_kernel(breakage, tmp_path, monkeypatch, fresh_
 
 
 def test_suite_needs_neither_flax_nor_jpaged():
-    """The GPU machine has no package registry: the suite imports jax, numpy and
-    pallas_kernels only (jpaged's package import pulls Flax)."""
+    """The GPU machine has no package registry: the suite imports jax, numpy and the
+    kernels only (``jpaged`` itself is lazy: importing ``jpaged.pallas_kernels`` loads no
+    other layer, and no Flax)."""
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_check; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('flax', 'jpaged', 'models', 'torch', 'orbax')); print(bad); "
-            "sys.exit(1 if bad else 0)")
+            "('flax', 'models', 'torch', 'orbax') or (m.startswith('jpaged.') and not "
+            "m.startswith('jpaged.pallas_kernels'))); print(bad); "
+            "sys.exit(1 if bad or 'jpaged.pallas_kernels.paged_decode' not in sys.modules "
+            "else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, done.stdout + done.stderr

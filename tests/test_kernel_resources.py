@@ -43,3 +43,45 @@ def test_flags_spills_and_shared_memory():
     spilling = kr.Resources(registers=255, spill_store_bytes=4, spill_load_bytes=4,
                             stack_bytes=8, smem_bytes=1024, num_warps=4, num_stages=1)
     assert spilling.spills
+
+
+# A hand-written kernel in the shape Triton emits: param 1 (the pool) read at a
+# sign-extended 32-bit offset, param 0 (a table) at a zero-extended one, and a page id
+# loaded from the table feeding the pool's offset (data: the trace stops at the load).
+PTX = """
+.visible .entry k(.param .u64 k_param_0, .param .u64 k_param_1)
+{
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b64 	%rd2, [k_param_1];
+	mov.u32 	%r1, %tid.x;
+	cvt.u64.u32 	%rd3, %r1;
+	shl.b64 	%rd4, %rd3, 2;
+	add.s64 	%rd5, %rd1, %rd4;
+	mov.u32 %r2, 0x0; @%p1 ld.global.b32 { %r2 }, [ %rd5 + 0 ];
+	mad.lo.s32 	%r3, %r2, 2048, %r1;
+	cvt.s64.s32 	%rd6, %r3;
+$L__BB0_1:
+	add.s64 	%rd7, %rd2, %rd6;
+	cp.async.cg.shared.global [ %r4 + 0 ], [ %rd7 + 0 ], 0x10, %r5;
+	ret;
+}
+"""
+
+
+def test_ptx_accesses_trace_addresses_to_parameters():
+    table, pool = kr.ptx_accesses(PTX)
+    assert table == kr.Access("ld.global.b32", (0,), ())
+    assert pool == kr.Access("cp.async.cg.shared.global", (1,), ("cvt.s64.s32",))
+
+
+def test_address_errors():
+    small, big = 2**20, 2**31 + 1
+    assert kr.address_errors(PTX, [small, small]) == []
+    # The pool's sign-extended offset is an error only past 2**31 elements.
+    [error] = kr.address_errors(PTX, [small, big])
+    assert "sign-extended" in error and "argument 1" in error
+    # A zero-extended offset into a big table is fine; an argument never read is not.
+    assert kr.address_errors(PTX, [big, small]) == []
+    assert "no access found" in kr.address_errors(PTX, [small, small, big])[0]
+    unsigned = PTX.replace("cvt.s64.s32", "cvt.u64.u32")
+    assert kr.address_errors(unsigned, [small, big]) == []

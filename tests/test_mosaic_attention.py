@@ -13,6 +13,7 @@ is checked by the CUDA lowering tests.
 import functools
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,7 +22,9 @@ import jpaged
 from jpaged.core.attention import (AttentionMetadata, cached_attention, paged_attention,
                               paged_prefill_attention)
 from jpaged.core.cache import KVCache, PageTable
+from jpaged.pallas_kernels import mosaic_decode
 from jpaged.pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels.quantization import FORMATS, quantize
 
 # ||out - ref|| / ||ref|| bounds: float32 math; bf16/f16 operands and probabilities.
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2,
@@ -105,7 +108,7 @@ def mixed_chunks(lengths, page_size, rng):
 
 
 def check_kernel(*, page_size, head_dim, group, dtype, width=3, lengths=None, chunks=None,
-                 layer=None, seed=0, **options):
+                 layer=None, seed=0, num_splits=None, **options):
     rng = np.random.default_rng(seed)
     lengths = special_lengths(page_size, width) if lengths is None else lengths
     chunks = mixed_chunks(lengths, page_size, rng) if chunks is None else chunks
@@ -115,7 +118,8 @@ def check_kernel(*, page_size, head_dim, group, dtype, width=3, lengths=None, ch
         head_dim=head_dim, group=group, dtype=dtype, num_layers=num_layers)
     pages = (k[0], v[0]) if layer is None else (k, v)
     out = ra.paged_attention_tokens(q, *pages, tables, jnp.asarray(lengths), q_seq, q_pos,
-                                    layer=layer, interpret=True, **options)
+                                    layer=layer, num_splits=num_splits, interpret=True,
+                                    **options)
     assert out.shape == q.shape and out.dtype == q.dtype
     expected = float64_attention(q, k[num_layers - 1], v[num_layers - 1], tables, lengths,
                                  q_seq, q_pos, **options)
@@ -161,6 +165,181 @@ def test_long_prefill_chunks_and_overflowing_rows():
     chunks = [int(rng.integers(0, n + 1)) for n in lengths]
     check_kernel(page_size=16, head_dim=64, group=2, dtype=jnp.float32, width=8,
                  lengths=lengths, chunks=chunks, sliding_window=50)
+
+
+# --- split-K ------------------------------------------------------------------------
+
+# 16 pages of 16 tokens: 4 steps of 64 keys for the longest rows, so 3 splits take 2, 2
+# and 0 steps and 7 splits leave most empty; the longest row's chunk is a prefill chunk.
+SPLIT_CASES = [
+    dict(num_splits=3, page_size=16, head_dim=32, group=8, dtype=jnp.bfloat16,
+         soft_cap=4.0),
+    dict(num_splits=7, page_size=16, head_dim=32, group=1, dtype=jnp.float32,
+         sliding_window=150),
+]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: f"splits={c['num_splits']}")
+def test_split_k_matches_float64(case):
+    check_kernel(width=16, lengths=special_lengths(16, 16)[:-1] + [200, 256], **case)
+
+
+def test_split_count_follows_lengths_and_table_width():
+    """Concrete lengths: decode at batch 1 and long context splits until 264 programs
+    (8 kv heads: 33 splits); a full batch does not split; short rows in a wide table do
+    not split past their own steps. Traced: the table width bounds the splits."""
+    plan = functools.partial(ra.plan_num_splits, num_kv_heads=8, group=4, page_size=16,
+                             pages_per_block=4)
+    one = jnp.zeros((1,), jnp.int32)
+    assert plan(one, jnp.asarray([32768]), width=2048) == 33
+    assert plan(jnp.arange(256), jnp.full((256,), 32768), width=2048) == 1
+    assert plan(one, jnp.asarray([300]), width=2048) == 4     # 5 steps -> 8 -> 4 splits
+    assert plan(one, jnp.asarray([0]), width=2048) == 1
+    traced = jax.jit(lambda seq, lens: jnp.asarray(plan(seq, lens, width=64)))
+    assert int(traced(one, jnp.asarray([10]))) == 8           # 16 steps of the table
+    # A prefill chunk of 64 tokens is 4 blocks of 16 tokens: fewer splits than decode.
+    chunk = jnp.zeros((64,), jnp.int32)
+    assert plan(chunk, jnp.asarray([32768]), width=2048) == 9
+
+
+def test_bad_split_count_is_refused():
+    rng = np.random.default_rng(10)
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=[5], chunks=[1], page_size=16, width=1, head_dim=32, group=2,
+        dtype=jnp.float32)
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=f"num_splits={bad}"):
+            ra.paged_attention_tokens(q, k[0], v[0], tables, jnp.asarray(lengths), q_seq,
+                                      q_pos, num_splits=bad, interpret=True)
+
+
+# --- 8-bit pages ----------------------------------------------------------------------
+
+def quantized_pages(pages, fmt):
+    """A NaN-poisoned float pool -> (codes, bfloat16 scales) as KVCache stores them; free
+    slots keep NaN scales and get the worst codes (-128 for int8, NaN for e4m3)."""
+    codes, scales = quantize(pages, FORMATS[fmt])
+    free = np.isnan(np.asarray(pages)).any(-1)
+    assert free.any()
+    poison = -128 if fmt == "int8" else np.nan
+    codes = jnp.where(free[..., None], jnp.asarray(poison, codes.dtype), codes)
+    return codes, jnp.where(free, jnp.asarray(np.nan, scales.dtype), scales)
+
+
+def dequantized64(codes, scales):
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(codes.astype(jnp.float32), np.float64)
+                * np.asarray(scales.astype(jnp.float32), np.float64)[..., None])
+
+
+QUANT_CASES = [
+    dict(fmt="int8", q_dtype=jnp.float32, head_dim=32, group=4, num_splits=3),
+    dict(fmt="fp8", q_dtype=jnp.bfloat16, head_dim=64, group=8, layer=1,
+         sliding_window=70),
+]
+
+
+@pytest.mark.parametrize("case", QUANT_CASES, ids=lambda c: c["fmt"])
+def test_8bit_pages_match_float64(case):
+    """Codes and per-token scales against float64 attention over the dequantized values;
+    prefill chunk, special lengths, split-K or a stacked pool."""
+    case = dict(case)
+    fmt, q_dtype, layer = case.pop("fmt"), case.pop("q_dtype"), case.pop("layer", None)
+    num_splits = case.pop("num_splits", None)
+    rng = np.random.default_rng(11)
+    lengths = special_lengths(16, 16)[:-1] + [200]
+    chunks = mixed_chunks(lengths, 16, rng)
+    num_layers = 1 if layer is None else layer + 1
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=chunks, page_size=16, width=16, head_dim=case["head_dim"],
+        group=case["group"], dtype=jnp.float32, num_layers=num_layers)
+    (kc, ks), (vc, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
+    pools = (kc[0], vc[0]) if layer is None else (kc, vc)
+    scales = (ks[0], vs[0]) if layer is None else (ks, vs)
+    q = q.astype(q_dtype)
+    out = ra.paged_attention_tokens(q, *pools, tables, jnp.asarray(lengths), q_seq, q_pos,
+                                    k_scale=scales[0], v_scale=scales[1], layer=layer,
+                                    num_splits=num_splits, interpret=True,
+                                    sliding_window=case.get("sliding_window"))
+    top = num_layers - 1
+    expected = float64_attention(q, dequantized64(kc[top], ks[top]),
+                                 dequantized64(vc[top], vs[top]), tables, lengths, q_seq,
+                                 q_pos, sliding_window=case.get("sliding_window"))
+    assert out.dtype == q_dtype
+    assert relative_error(out, expected) < TOLERANCE[jnp.dtype(q_dtype)]
+
+
+def test_8bit_pages_need_their_scales():
+    rng = np.random.default_rng(12)
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=[5], chunks=[1], page_size=16, width=1, head_dim=32, group=2,
+        dtype=jnp.float32)
+    codes, scales = quantized_pages(k[0], "int8")
+    call = functools.partial(ra.paged_attention_tokens, q, codes, codes, tables,
+                             jnp.asarray(lengths), q_seq, q_pos, interpret=True)
+    with pytest.raises(ValueError, match="need k_scale and v_scale"):
+        call()
+    with pytest.raises(ValueError, match="k_scale must be a 16- or 32-bit float"):
+        call(k_scale=scales[..., :8], v_scale=scales)
+    with pytest.raises(ValueError, match="q dtype float32 over int8 pages"):
+        ra.check_config(4, 2, 32, 16, jnp.int8, q_dtype=jnp.float32)
+
+
+# --- the decode-shaped tile (mosaic_decode) ----------------------------------------------
+
+SLOW = pytest.mark.slow
+DECODE_CASES = [
+    dict(group=4, dtype=jnp.float32, num_splits=1),
+    pytest.param(dict(group=8, dtype=jnp.bfloat16, num_splits=3, sliding_window=70),
+                 marks=SLOW),
+    pytest.param(dict(group=16, dtype=jnp.float32, num_splits=None, layer=1, sm_scale=0.2),
+                 marks=SLOW),
+    dict(group=1, dtype=jnp.bfloat16, num_splits=7, fmt="fp8", soft_cap=4.0),
+    dict(group=4, dtype=jnp.float32, num_splits=2, fmt="int8", sliding_window=100),
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: "-".join(
+    f"{k}={getattr(v, '__name__', v)}" for k, v in c.items()) if isinstance(c, dict) else None)
+def test_decode_tile_matches_float64(case):
+    """Decode rows of lengths 0, 1, page - 1, page, page + 1 and 200 (4 steps of 64 keys)
+    on a NaN-poisoned pool: groups under, at and over the tile's 16 columns, split-K with
+    1, 3 and 7 splits, 8-bit pages, a stacked pool."""
+    case = dict(case)
+    fmt, layer, num_splits = case.pop("fmt", None), case.pop("layer", None), case.pop(
+        "num_splits")
+    group, dtype = case.pop("group"), case.pop("dtype")
+    rng = np.random.default_rng(group)
+    lengths = special_lengths(16, 16)[:-1] + [200]
+    num_layers = 1 if layer is None else layer + 1
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16, width=16,
+        head_dim=64, group=group, dtype=jnp.float32 if fmt else dtype, num_layers=num_layers)
+    scales, top = {}, num_layers - 1
+    k_ref, v_ref = k[top], v[top]
+    if fmt:
+        (k, ks), (v, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
+        k_ref, v_ref = dequantized64(k[top], ks[top]), dequantized64(v[top], vs[top])
+        scales = dict(k_scale=ks, v_scale=vs) if layer is not None else dict(
+            k_scale=ks[0], v_scale=vs[0])
+        q = q.astype(dtype)
+    pools = (k, v) if layer is not None else (k[0], v[0])
+    out = mosaic_decode.paged_decode(q, *pools, tables, jnp.asarray(lengths), layer=layer,
+                                     num_splits=num_splits, interpret=True, **scales, **case)
+    expected = float64_attention(q, k_ref, v_ref, tables, lengths, q_seq, q_pos, **case)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert relative_error(out, expected) < TOLERANCE[jnp.dtype(dtype)]
+    assert not np.asarray(out)[np.asarray(lengths) == 0].any()
+
+
+def test_decode_tile_pads_less_than_the_ragged_tile():
+    for group, padded in ((1, 15 / 16), (4, 0.75), (8, 0.5), (16, 0.0), (64, 0.0)):
+        assert mosaic_decode.padded_fraction(group) == padded
+        assert padded < 1 - group / ra.BLOCK_ROWS or group >= 16
+    with pytest.raises(ValueError, match="head_dim=32"):
+        mosaic_decode.check_config(8, 2, 32, 16, jnp.bfloat16)
+    with pytest.raises(ValueError, match="32 barriers"):
+        mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
 
 
 def test_blocks_follow_rows_and_flag_overflow():
@@ -259,15 +438,17 @@ def test_auto_never_picks_mosaic(monkeypatch):
     (dict(page_size=4), "page_size=4"),
     (dict(num_q_heads=6), "GQA group 3"),
     (dict(dtype=jnp.float32), "float32"),
-    (dict(dtype=jnp.int8), "int8"),
+    (dict(dtype=jnp.int32), "int32"),
     (dict(pages_per_block=3), "48 keys per step"),
     (dict(pages_per_block=2), "32 keys per step"),
-    (dict(head_dim=256, pages_per_block=16, num_stages=4), "shared memory"),
+    (dict(head_dim=256, page_size=64, pages_per_block=4, num_stages=4), "shared memory"),
     (dict(num_stages=0), "num_stages=0"),
+    (dict(page_size=8, pages_per_block=32), "32 barriers per group"),
+    (dict(num_splits=0), "num_splits=0"),
 ])
 def test_bad_configurations_name_the_constraint(config, message):
     args = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, page_size=16,
-                dtype=jnp.bfloat16, pages_per_block=None, num_stages=2) | config
+                dtype=jnp.bfloat16, pages_per_block=None, num_stages=2, num_splits=1) | config
     with pytest.raises(ValueError, match=message):
         ra.check_config(**args)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jpaged.pallas_kernels import mosaic_decode
 from jpaged.pallas_kernels import ragged_attention as ra
 
 HEAD_DIMS = ra.HEAD_DIMS
@@ -25,29 +26,32 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 NUM_KV_HEADS = 2
 
 
-def token_args(head_dim, page_size, group, dtype, num_layers=None, num_tokens=24):
-    """Shape/dtype structs: q, k, v, block_tables, kv_lens, q_seq, q_pos (and a layer)."""
+def token_args(head_dim, page_size, group, dtype, num_layers=None, num_tokens=24,
+               pages_dtype=None):
+    """Shape/dtype structs: q, k, v, block_tables, kv_lens, q_seq, q_pos, the scales
+    (None unless ``pages_dtype`` is 8-bit) and the layer (None for one layer)."""
     batch, num_pages, width = 3, 32, 8
     pool = (NUM_KV_HEADS, num_pages, page_size, head_dim)
     pool = pool if num_layers is None else (num_layers, *pool)
+    pages_dtype = dtype if pages_dtype is None else pages_dtype
+    scale = jax.ShapeDtypeStruct(pool[:-1], jnp.bfloat16) if pages_dtype != dtype else None
     args = [jax.ShapeDtypeStruct((num_tokens, NUM_KV_HEADS * group, head_dim), dtype),
-            jax.ShapeDtypeStruct(pool, dtype), jax.ShapeDtypeStruct(pool, dtype),
+            jax.ShapeDtypeStruct(pool, pages_dtype), jax.ShapeDtypeStruct(pool, pages_dtype),
             jax.ShapeDtypeStruct((batch, width), jnp.int32),
             jax.ShapeDtypeStruct((batch,), jnp.int32),
             jax.ShapeDtypeStruct((num_tokens,), jnp.int32),
-            jax.ShapeDtypeStruct((num_tokens,), jnp.int32)]
-    if num_layers is not None:
-        args.append(jax.ShapeDtypeStruct((), jnp.int32))
+            jax.ShapeDtypeStruct((num_tokens,), jnp.int32), scale, scale]
+    args.append(None if num_layers is None else jax.ShapeDtypeStruct((), jnp.int32))
     return args
 
 
 @functools.cache
-def export(head_dim, page_size, group, dtype, num_layers=None, **options):
-    def attention(q, k, v, tables, kv_lens, q_seq, q_pos, layer=None):
+def export(head_dim, page_size, group, dtype, num_layers=None, pages_dtype=None, **options):
+    def attention(q, k, v, tables, kv_lens, q_seq, q_pos, k_scale, v_scale, layer):
         return ra.paged_attention_tokens(q, k, v, tables, kv_lens, q_seq, q_pos, layer=layer,
-                                         **options)
+                                         k_scale=k_scale, v_scale=v_scale, **options)
 
-    args = token_args(head_dim, page_size, group, dtype, num_layers)
+    args = token_args(head_dim, page_size, group, dtype, num_layers, pages_dtype=pages_dtype)
     return jax.export.export(jax.jit(attention), platforms=["cuda"])(*args)
 
 
@@ -72,6 +76,18 @@ def representative_matrix():
         dict(head_dim=64, page_size=16, group=2, dtype=jnp.bfloat16, pages_per_block=16),
         dict(head_dim=128, page_size=64, group=16, dtype=jnp.bfloat16, num_stages=3),
         dict(head_dim=128, page_size=16, group=64, dtype=jnp.float16),
+        # Split-K: float32 partials and log-sum-exp; at head_dim 256 the partial tile
+        # leaves room for one ring slot only.
+        dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, num_splits=4),
+        dict(head_dim=256, page_size=64, group=8, dtype=jnp.float16, num_splits=2),
+        # 8-bit pages, widened to q's dtype in shared memory (e4m3 -> bf16 via float32).
+        dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, pages_dtype=jnp.int8),
+        dict(head_dim=64, page_size=8, group=8, dtype=jnp.bfloat16,
+             pages_dtype=jnp.float8_e4m3fn, num_splits=4, soft_cap=5.0),
+        dict(head_dim=256, page_size=64, group=1, dtype=jnp.float16,
+             pages_dtype=jnp.float8_e4m3fn, sliding_window=40),
+        dict(head_dim=32, page_size=32, group=2, dtype=jnp.float16, pages_dtype=jnp.int8,
+             num_layers=2, num_splits=3),
     ]
     return configs
 
@@ -92,6 +108,60 @@ def test_exports_for_cuda(config):
     ids=config_id)
 def test_exports_for_cuda_full_matrix(config):
     assert_lowers(export(**config))
+
+
+@functools.cache
+def export_decode(head_dim, page_size, group, dtype, pages_dtype=None, **options):
+    """The decode-tile kernel for CUDA: q [3, Hq, D] over a 2-kv-head pool."""
+    pages_dtype = dtype if pages_dtype is None else pages_dtype
+    pool, batch = (NUM_KV_HEADS, 32, page_size, head_dim), 3
+    args = [jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), dtype),
+            jax.ShapeDtypeStruct(pool, pages_dtype), jax.ShapeDtypeStruct(pool, pages_dtype),
+            jax.ShapeDtypeStruct((batch, 8), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)]
+    scale = jax.ShapeDtypeStruct(pool[:-1], jnp.bfloat16) if pages_dtype != dtype else None
+
+    def decode(q, k, v, tables, lengths, k_scale, v_scale):
+        return mosaic_decode.paged_decode(q, k, v, tables, lengths, k_scale=k_scale,
+                                          v_scale=v_scale, **options)
+    return jax.export.export(jax.jit(decode), platforms=["cuda"])(*args, scale, scale)
+
+
+DECODE_CONFIGS = [
+    dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16),
+    dict(head_dim=64, page_size=8, group=1, dtype=jnp.float16),
+    dict(head_dim=256, page_size=64, group=8, dtype=jnp.bfloat16),
+    dict(head_dim=128, page_size=32, group=16, dtype=jnp.float16, num_splits=4),
+    dict(head_dim=64, page_size=128, group=64, dtype=jnp.bfloat16),
+    dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, pages_dtype=jnp.int8,
+         num_splits=4),
+    dict(head_dim=64, page_size=64, group=8, dtype=jnp.bfloat16,
+         pages_dtype=jnp.float8_e4m3fn, sliding_window=40, soft_cap=3.0),
+    dict(head_dim=256, page_size=8, group=4, dtype=jnp.float16, pages_dtype=jnp.float8_e4m3fn),
+]
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS, ids=config_id)
+def test_decode_tile_exports_for_cuda(config):
+    assert_lowers(export_decode(**config))
+
+
+def test_shared_memory_estimate_covers_mosaic_allocation():
+    """The largest configuration smem_bytes admits lowers (Mosaic GPU checks its own
+    allocation against 227 KiB while lowering)."""
+    config = dict(head_dim=256, page_size=64, group=8, dtype=jnp.float16, num_splits=2,
+                  num_stages=1)
+    assert ra.smem_bytes(256, 64, jnp.float16, 1, 1, 2) <= ra.SMEM_BUDGET
+    assert_lowers(export(**config))
+    with pytest.raises(ValueError, match="shared memory"):
+        ra.check_config(16, 2, 256, 64, jnp.float16, 1, 2, num_splits=2)
+
+
+def test_refused_barrier_count_really_does_not_lower(monkeypatch):
+    with pytest.raises(ValueError, match="32 barriers"):
+        ra.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
+    monkeypatch.setattr(ra, "check_config", lambda *args, **kwargs: None)
+    with pytest.raises(Exception, match="32 barriers"):
+        export.__wrapped__(64, 8, 4, jnp.bfloat16, pages_per_block=32, num_stages=2)
 
 
 def test_refused_float32_really_does_not_lower(monkeypatch):

@@ -68,7 +68,8 @@ def generate(llm, batch):
     """Greedy tokens and top logprobs (log-softmax of the logits) of every step."""
     outputs = llm.generate(batch, GREEDY)
     return ([o.token_ids for o in outputs],
-            [[sorted(step.items()) for step in o.outputs[0].logprobs] for o in outputs])
+            [[sorted((t, lp.logprob) for t, lp in step.items()) for step in o.outputs[0].logprobs]
+             for o in outputs])
 
 
 def compare(reference, llm, batch) -> dict:

@@ -9,6 +9,7 @@ PATH [tensor_parallel]`` runs the restore half in another process and prints its
 as one JSON line.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -63,7 +64,8 @@ def _outputs(llm) -> dict:
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done[out.request_id] = [[o.token_ids, o.cumulative_logprob, o.logprobs]
+                done[out.request_id] = [[o.token_ids, o.cumulative_logprob, o.logprobs and [
+                    {t: dataclasses.astuple(lp) for t, lp in e.items()} for e in o.logprobs]]
                                         for o in out.outputs]
     return json.loads(json.dumps(done))
 

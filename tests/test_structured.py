@@ -146,7 +146,7 @@ def http(llm):
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from jpaged.serving.openai_api import ChatTemplate
+    from jpaged.host.chat import ChatTemplate
     from jpaged.serving.server import Server
 
     template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}", {})

@@ -1,9 +1,10 @@
 """Paged attention entry points: one call, several implementations.
 
 ``impl="pallas"`` is the Triton decode kernel (``jpaged.pallas_kernels.paged_decode``; on a CPU it
-runs in interpret mode), ``"mosaic"`` the Mosaic GPU ragged kernel for decode and prefill
-(``jpaged.pallas_kernels.ragged_attention``, Hopper; on a CPU it runs in Mosaic GPU interpret
-mode), ``"xla"`` the block-wise gather + online softmax in plain jnp
+runs in interpret mode), ``"mosaic"`` the Mosaic GPU kernels (Hopper; on a CPU they run
+in Mosaic GPU interpret mode): the ragged kernel for prefill
+(``jpaged.pallas_kernels.ragged_attention``) and the decode-shaped tile for decode
+(``mosaic_decode``; the ragged kernel where head_dim is 32), ``"xla"`` the block-wise gather + online softmax in plain jnp
 (``jpaged.pallas_kernels.xla_attention``, any backend), ``"reference"`` the readable
 gather-everything version (``jpaged.pallas_kernels.reference``). ``"auto"`` takes the kernel on
 a GPU when it accepts the configuration and the XLA path everywhere else; it does not
@@ -12,8 +13,8 @@ pick "mosaic" until a GPU run has measured it.
 8-bit pages (int8 or float8_e4m3fn codes) come with ``k_scale`` / ``v_scale``, the pages'
 shape minus head_dim (``KVCache.k_scale``); the Triton kernel, the XLA path and the
 reference dequantize them inside the loop, so "auto" on a GPU takes the Triton kernel for
-an 8-bit pool as for a float one. The Mosaic kernel does not read them yet: "mosaic"
-refuses an 8-bit pool with a ValueError.
+an 8-bit pool as for a float one. The Mosaic kernel widens the codes to q's dtype in
+shared memory and applies the scales to the logits and probabilities.
 
 Inputs are checked on the host before anything is launched; values that are only known
 inside jit (page ids, lengths, a traced layer) are checked when they are concrete.
@@ -57,12 +58,12 @@ def paged_attention(q, k_pages, v_pages, page_table: PageTable, *, impl: str = "
               sliding_window=sliding_window, pages_per_block=pages_per_block)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
-    if impl == "mosaic":
-        rows = jnp.arange(q.shape[0], dtype=jnp.int32)
-        return _mosaic(q, k_pages, v_pages, page_table, rows, lengths - 1, layer=layer,
-                       pages_per_block=pages_per_block, interpret=interpret, **options)
-    impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
     scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if impl == "mosaic":
+        return _mosaic_decode(q, k_pages, v_pages, page_table, layer=layer,
+                              pages_per_block=pages_per_block, interpret=interpret, **scales,
+                              **options)
+    impl = _choose_decode_impl(impl, q, k_pages, pages_per_block)
     if impl == "pallas":
         return _pallas_decode_module().paged_decode(
             q, k_pages, v_pages, tables, lengths, layer=layer, pages_per_block=pages_per_block,
@@ -96,10 +97,11 @@ def paged_prefill_attention(q, k_pages, v_pages, page_table: PageTable, q_seq, q
               pages_per_block=pages_per_block, q_seq=q_seq, q_pos=q_pos)
     options = dict(sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
     tables, lengths = page_table.block_tables, page_table.lengths
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if impl == "mosaic":
         return _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, layer=layer,
-                       pages_per_block=pages_per_block, interpret=interpret, **options)
-    scales = dict(k_scale=k_scale, v_scale=v_scale)
+                       pages_per_block=pages_per_block, interpret=interpret, **scales,
+                       **options)
     if impl == "reference":
         k_pages, v_pages, scales = _layer_pages(k_pages, v_pages, scales, layer)
         return reference.paged_prefill_reference(q, k_pages, v_pages, tables, lengths, q_seq,
@@ -216,6 +218,19 @@ def _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, *, interpret, **optio
                                             q.shape[1] // k_pages.shape[-4])
     return ragged_attention.paged_attention_tokens(
         q, k_pages, v_pages, page_table.block_tables, page_table.lengths, q_seq, q_pos,
+        interpret=not _on_gpu() if interpret is None else interpret, **options)
+
+
+def _mosaic_decode(q, k_pages, v_pages, page_table, *, interpret, **options):
+    """Decode on Mosaic GPU: the decode-shaped tile where head_dim allows (64, 128, 256),
+    else the ragged kernel with one token per row."""
+    from jpaged.pallas_kernels import mosaic_decode
+    if k_pages.shape[-1] not in mosaic_decode.HEAD_DIMS:
+        rows = jnp.arange(q.shape[0], dtype=jnp.int32)
+        return _mosaic(q, k_pages, v_pages, page_table, rows, page_table.lengths - 1,
+                       interpret=interpret, **options)
+    return mosaic_decode.paged_decode(
+        q, k_pages, v_pages, page_table.block_tables, page_table.lengths,
         interpret=not _on_gpu() if interpret is None else interpret, **options)
 
 

@@ -168,6 +168,38 @@ class BatchBuilder:
         return indices, targets
 
 
+    def step_shapes(self) -> list[tuple[bool, int, int, int]]:
+        """Every ``(is_decode, tokens, rows, pages per row)`` a plan can be padded to: the
+        programs warm-up compiles. A decode step has one token per row; otherwise rows
+        never outnumber tokens."""
+        def buckets(limit: int, minimum: int, start: int = 1) -> dict[int, list[int]]:
+            sizes: dict[int, list[int]] = {}   # bucket -> the counts padded to it
+            for n in range(start, limit + 1):
+                sizes.setdefault(bucket(n, minimum, limit), []).append(n)
+            return sizes
+
+        rows = buckets(self.max_num_seqs, self.min_seq_bucket)
+        tokens = buckets(self.max_num_batched_tokens, self.min_token_bucket)
+        # The tables have max_pages_per_seq columns: a bucket past it is cut to it.
+        widths = sorted({min(w, self.max_pages_per_seq)
+                         for w in buckets(self.max_pages_per_seq, self.min_page_bucket, 0)})
+        shapes = [(True, r, r, w) for r in sorted(rows) for w in widths]
+        shapes += [(False, t, r, w) for t in sorted(tokens) for r in sorted(rows)
+                   if min(rows[r]) <= max(tokens[t]) for w in widths]
+        return shapes
+
+    def warmup_batch(self, is_decode: bool, tokens: int, rows: int, width: int) -> StepBatch:
+        """A greedy batch of these shapes that touches only the null page (every token
+        writes slot 0; every row reads one token of page 0), built as ``build`` builds
+        one, so it compiles the same program."""
+        zeros = np.zeros(tokens, np.int32)
+        return StepBatch(
+            token_ids=zeros, positions=zeros, slot_mapping=zeros, q_seq=zeros,
+            block_tables=np.zeros((rows, width), np.int32),
+            context_lens=np.ones(rows, np.int32), logits_indices=np.zeros(rows, np.int32),
+            sampling=_sampling_tensors([None] * rows, rows), is_decode=is_decode, num_top=0)
+
+
 def _padded(values, size: int) -> np.ndarray:
     out = np.zeros(size, np.int32)
     out[:len(values)] = values

@@ -34,6 +34,80 @@ VLLM_NAMES = {
     "swap_space": ("host_cache_bytes", lambda gib: int(gib * GIB)),
 }
 
+
+
+@dataclasses.dataclass(frozen=True)
+class VllmOption:
+    """An option of vLLM's ``LLM`` / ``vllm serve`` with no field of its own here: what it
+    means in jpaged (``why``), the values jpaged honours (``allowed``; any other is a
+    ValueError quoting ``why``) and the jpaged options a value sets (``sets``)."""
+
+    kind: type
+    why: str
+    allowed: typing.Callable[[typing.Any], bool] = lambda value: True
+    sets: typing.Callable[[typing.Any], dict] = lambda value: {}
+
+
+# Every vLLM option jpaged knows of: accepted with its meaning, or refused with the reason.
+# An option in neither table is an unknown option (a ValueError too).
+VLLM_OPTIONS = {
+    "trust_remote_code": VllmOption(
+        bool, "jpaged builds Llama-family models with its own code and never runs a "
+        "checkpoint's, so there is no remote code to trust"),
+    "enforce_eager": VllmOption(
+        bool, "vLLM's eager mode skips capturing CUDA graphs at start-up; jpaged's steps are "
+        "always compiled, and enforce_eager=True skips compiling them ahead of the first "
+        "request (warmup=False), enforce_eager=False compiles them all first (warmup=True)",
+        sets=lambda value: {"warmup": not value}),
+    "disable_log_stats": VllmOption(
+        bool, "turns off the periodic stats log (log_stats)",
+        sets=lambda value: {"log_stats": not value}),
+    "tokenizer_mode": VllmOption(
+        str, "jpaged reads tokenizer.json with the tokenizers library (vLLM's 'auto' fast "
+        "tokenizer); 'slow', 'mistral' and custom modes are not available",
+        allowed=lambda value: value in ("auto", "hf")),
+    "skip_tokenizer_init": VllmOption(
+        bool, "jpaged always loads the checkpoint's tokenizer when it has one (prompts may "
+        "still be token ids)", allowed=lambda value: value is False),
+    "revision": VllmOption(
+        str, "jpaged loads a local checkpoint directory and downloads nothing",
+        allowed=lambda value: value is None),
+    "tokenizer_revision": VllmOption(
+        str, "jpaged loads a local tokenizer directory and downloads nothing",
+        allowed=lambda value: value is None),
+    "download_dir": VllmOption(
+        str, "jpaged loads a local checkpoint directory and downloads nothing",
+        allowed=lambda value: value is None),
+    "load_format": VllmOption(
+        str, "jpaged reads safetensors checkpoints only",
+        allowed=lambda value: value in ("auto", "safetensors")),
+    "quantization": VllmOption(
+        str, "jpaged runs unquantized weights (8-bit KV pages: kv_cache_dtype)",
+        allowed=lambda value: value is None),
+    "pipeline_parallel_size": VllmOption(
+        int, "jpaged splits a model over devices with tensor parallelism only",
+        allowed=lambda value: value == 1),
+    "enable_chunked_prefill": VllmOption(
+        bool, "jpaged always splits long prompts into chunks of max_num_batched_tokens",
+        allowed=lambda value: value is not False),
+    "enable_lora": VllmOption(bool, "jpaged serves no LoRA adapters",
+                              allowed=lambda value: value is False),
+    "cpu_offload_gb": VllmOption(float, "jpaged keeps every weight on the device",
+                                 allowed=lambda value: value == 0),
+    "distributed_executor_backend": VllmOption(
+        str, "jpaged runs one process per host (jpaged distributed), with no Ray or "
+        "multiprocessing executor", allowed=lambda value: value is None),
+    "disable_custom_all_reduce": VllmOption(
+        bool, "jpaged's all-reduce is always XLA's collective: there is no custom kernel to "
+        "turn off"),
+    "scheduling_policy": VllmOption(
+        str, "jpaged schedules by priority, then arrival: first come, first served when "
+        "no request sets a priority", allowed=lambda value: value in ("fcfs", "priority")),
+    "num_gpu_blocks_override": VllmOption(
+        int, "the KV pages in the pool (num_pages, which also counts jpaged's null page)",
+        sets=lambda value: {"num_pages": value + 1}),
+}
+
 # The pool budget per device when nothing sizes it, or the device reports no memory (CPU).
 FALLBACK_KV_BYTES = 64 * 2**20
 
@@ -41,6 +115,9 @@ PREEMPTION_MODES = ("recompute", "swap")
 KV_CACHE_DTYPES = ("auto", "int8", "fp8")
 ATTENTION_IMPLS = ("auto", "pallas", "mosaic", "xla", "reference")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
+# vLLM's other dtype names; "auto" is the checkpoint's (jpaged's None).
+DTYPE_NAMES = {"auto": None, "half": "float16", "float": "float32"}
+LOG_STATS_INTERVAL_S = 10.0
 
 
 def _option(default, help: str, choices: tuple | None = None):
@@ -85,8 +162,20 @@ class EngineConfig:
                                    "prefix")
     attention_impl: str = _option("auto", "the paged attention implementation",
                                   ATTENTION_IMPLS)
+    tokenizer: str | None = _option(None, "a directory whose tokenizer.json replaces the "
+                                    "model's")
+    generation_config: str = _option(
+        "auto", "sampling defaults: 'auto' reads the checkpoint's generation_config.json, "
+        "'vllm' uses SamplingParams' own, or a directory holding a generation_config.json")
+    log_stats: bool = _option(False, "log throughput, queues and KV pool use every "
+                              f"{LOG_STATS_INTERVAL_S:g} s (vLLM: not disable_log_stats; "
+                              "jpaged serve turns it on)")
+    warmup: bool = _option(False, "compile every step shape before the first request, "
+                           "printing the time it took (jpaged serve turns it on)")
 
     def __post_init__(self):
+        if isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES:
+            object.__setattr__(self, "dtype", DTYPE_NAMES[self.dtype])
         if self.dtype is not None and not isinstance(self.dtype, str):
             # jnp.bfloat16, np.float32, np.dtype(...): the canonical name.
             object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
@@ -134,7 +223,7 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"unknown LLM option(s) {', '.join(unknown)}; the options are "
                              f"{', '.join(f.name for f in dataclasses.fields(cls))} (and "
-                             f"vLLM's {', '.join(VLLM_NAMES)})")
+                             f"vLLM's {', '.join([*VLLM_NAMES, *VLLM_OPTIONS])})")
         return cls(**options)
 
     def replace(self, **changes) -> "EngineConfig":
@@ -160,9 +249,25 @@ def _check_type(name: str, value, hint) -> None:
 
 
 def translate_vllm_names(options: dict) -> dict:
-    """``options`` with every vLLM spelling replaced by jpaged's; a ValueError when a
-    concept is given under both names."""
+    """``options`` with every vLLM spelling replaced by jpaged's (``VLLM_NAMES``) and every
+    vLLM-only option checked and turned into the jpaged options it sets (``VLLM_OPTIONS``);
+    a ValueError when a concept is given under both names or a value is refused."""
     translated = dict(options)
+    for vllm_name, option in VLLM_OPTIONS.items():
+        if vllm_name not in options:
+            continue
+        value = translated.pop(vllm_name)
+        if value is not None and option.kind is not str and not (
+                isinstance(value, option.kind) or (option.kind is float and isinstance(
+                    value, numbers.Real) and not isinstance(value, bool))):
+            raise ValueError(f"{vllm_name} must be {option.kind.__name__}, got {value!r}")
+        if not option.allowed(value):
+            raise ValueError(f"{vllm_name}={value!r} is not supported: {option.why}")
+        for name, setting in option.sets(value).items():
+            if name in options:
+                raise ValueError(f"{vllm_name}= and {name}= set the same option; pass one "
+                                 f"(got {vllm_name}={value!r}, {name}={options[name]!r})")
+            translated[name] = setting
     for vllm_name, (name, convert) in VLLM_NAMES.items():
         if vllm_name not in options:
             continue
@@ -201,6 +306,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind = int if "int" in hint else float if "float" in hint else str
         group.add_argument(*flags, dest=field.name, type=kind, default=None, help=help,
                            choices=field.metadata["choices"])
+    vllm = parser.add_argument_group(
+        "vLLM's options (accepted with their meaning, or refused with the reason)")
+    for name, option in VLLM_OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if option.kind is bool:
+            vllm.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                              default=None, help=option.why)
+        else:
+            vllm.add_argument(flag, dest=name, type=option.kind, default=None,
+                              help=option.why)
     group.add_argument("--swap-space", type=float, default=None,
                        help="vLLM's swap pool size: GiB of host memory per device (sets "
                        "--host-cache-bytes; turns on swap preemption unless "
@@ -211,6 +326,8 @@ def options_from_args(args: argparse.Namespace) -> dict:
     """The engine options a command line set (jpaged's names), for `LLM(model, **options)`."""
     options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig)
                if getattr(args, f.name, None) is not None}
+    options.update({name: getattr(args, name) for name in VLLM_OPTIONS
+                    if getattr(args, name, None) is not None})
     if getattr(args, "swap_space", None) is not None:
         options["swap_space"] = args.swap_space
         options.setdefault("preemption_mode", "swap")

@@ -11,7 +11,9 @@ rules and reports outputs (host). Records live in ``jpaged.host.request``, beam 
 from __future__ import annotations
 
 import contextlib
-import itertools
+import dataclasses
+import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence as Seq
@@ -21,6 +23,9 @@ import numpy as np
 
 from jpaged.engine import beam_search
 from jpaged.engine import model_loading
+from jpaged.engine import offline
+from jpaged.engine.stats import StatsLogger
+from jpaged.host.chat import ChatTemplate, chat_messages
 from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
@@ -29,11 +34,11 @@ from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
 from jpaged.engine.config import (FALLBACK_KV_BYTES, EngineConfig,
                                  kv_bytes_from_utilization)
-from jpaged.host.request import (CompletionOutput, Request, RequestOutput, Stream, finished_copy,
-                            prompt_token_ids)
+from jpaged.host.request import (CompletionOutput, Logprob, Request, RequestOutput, Stream,
+                                 finished_copy, prompt_token_ids)
 from jpaged.engine.runner import ModelRunner
 from jpaged.host.sampling_params import SamplingParams
-from jpaged.host.scheduler import Scheduler, StepPlan
+from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
@@ -62,10 +67,38 @@ class LLMEngine:
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
         self._grammars: GrammarCompiler | None = None
-        self._ids = itertools.count()
+        self.next_id = 0   # of requests without an id, and of beams' sequences
         self.num_steps = 0
         self.host_time = 0.0
         self.step_time = 0.0
+
+    # -- state -----------------------------------------------------------------------
+
+    # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
+    # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop")
+
+    def state_dict(self) -> dict:
+        """The host state between two steps: the id counter, the RNG, the step counters,
+        every request (``Request.state_dict``, times as ages) and the scheduler's state.
+        Sequences appear as the objects themselves, shared between the requests and the
+        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once)."""
+        clock = time.perf_counter()
+        return {"next_id": self.next_id, "rng": self.rng.bit_generator.state,
+                "num_steps": self.num_steps, "host_time": self.host_time,
+                "step_time": self.step_time,
+                "requests": [r.state_dict(clock) for r in self.requests.values()],
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the host state of ``state_dict`` (of an engine with the same options and
+        model), checked whole (``check_state``): a ValueError names the first problem.
+        The pool is not part of it."""
+        requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
+        self.requests, self.rng = requests, rng
+        self.next_id = state["next_id"]
+        self.num_steps = state["num_steps"]
+        self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
 
     # -- requests --------------------------------------------------------------------
 
@@ -75,19 +108,23 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        request_id = self._next_id() if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = prompt_token_ids(prompt, self.tokenizer)
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens:]
         vocab = self.model.config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
                              f"vocabulary [0, {vocab})")
+        # max_tokens None: up to the context, where the scheduler stops every sequence.
+        max_tokens = params.max_tokens or self.scheduler.max_model_len
         request = Request(request_id, text, token_ids, params, params.sequence_seeds(self.rng),
                           time.perf_counter())
         self._rules(request)   # checks the token ids and compiles the grammar, or raises
-        seq = self.scheduler.add_request(request_id, token_ids, params.max_tokens, priority,
+        seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority,
                                          extra_keys=_prompt_logprobs_key(params))
         self._track(request, seq)
         return request_id
@@ -141,6 +178,17 @@ class LLMEngine:
         it outside the device call."""
         return {**self.scheduler.metrics(), "num_pages": self.scheduler.block_manager.num_pages,
                 "step_seconds": self.step_time, "host_seconds": self.host_time}
+
+    def warm_up(self) -> int:
+        """Compile every step shape this configuration can produce
+        (``BatchBuilder.step_shapes``), running each once on the null page; returns how
+        many. What requests add later compiles at first use: top logprobs, the extra
+        sampling rows of parallel samples' first tokens, penalties' token histories."""
+        none = np.zeros((0, 2), np.int32)
+        shapes = self.batcher.step_shapes()
+        for shape in shapes:
+            self.runner.execute(PageMoves(none, none, none), self.batcher.warmup_batch(*shape))
+        return len(shapes)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -306,7 +354,11 @@ class LLMEngine:
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id
-        return lambda: f"{request_id}#{next(self._ids)}"
+        return lambda: f"{request_id}#{self._next_id()}"
+
+    def _next_id(self) -> str:
+        self.next_id += 1
+        return str(self.next_id - 1)
 
     def _record(self, seq: Sequence, token: int, sampled, row: int) -> None:
         """Logprob bookkeeping of a token about to be appended to ``seq``."""
@@ -316,11 +368,17 @@ class LLMEngine:
         stream = request.streams[seq.seq_id]
         stream.cumulative_logprob += float(sampled.logprobs[row])
         if request.params.logprobs is not None:
-            top = {int(t): float(lp) for t, lp in zip(
-                sampled.top_ids[row, :request.params.logprobs],
-                sampled.top_logprobs[row, :request.params.logprobs])}
-            top[token] = float(sampled.logprobs[row])
+            text = self._token_text if request.params.detokenize else lambda t: None
+            top = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
+                   enumerate(zip(sampled.top_ids[row, :request.params.logprobs],
+                                 sampled.top_logprobs[row, :request.params.logprobs]), 1)}
+            top[token] = Logprob(float(sampled.logprobs[row]), int(sampled.ranks[row]),
+                                 text(token))
             stream.logprobs.append(top)
+
+    def _token_text(self, token: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(
+            [token], skip_special_tokens=False)
 
     def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
         """Store the step's prompt logprobs by position (a recomputed chunk rewrites the
@@ -330,10 +388,14 @@ class LLMEngine:
             seq, start = plan.seqs[row], plan.start_positions[row]
             request = self.requests[seq.request_id]
             top = request.params.prompt_logprobs
+            text = self._token_text if request.params.detokenize else lambda t: None
             for i in range(at, at + k):
-                entry = {int(t): float(lp) for t, lp in zip(sampled.prompt_top_ids[i, :top],
-                                                             sampled.prompt_top_logprobs[i, :top])}
-                entry[int(batch.prompt_targets[i])] = float(sampled.prompt_logprobs[i])
+                entry = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
+                         enumerate(zip(sampled.prompt_top_ids[i, :top],
+                                       sampled.prompt_top_logprobs[i, :top]), 1)}
+                target = int(batch.prompt_targets[i])
+                entry[target] = Logprob(float(sampled.prompt_logprobs[i]),
+                                        int(sampled.prompt_ranks[i]), text(target))
                 request.prompt_logprobs[start + 1 + i - at] = entry
             at += k
 
@@ -376,7 +438,8 @@ class LLMEngine:
         self.requests.pop(request.request_id, None)
 
     def _output(self, request: Request) -> RequestOutput:
-        outputs = (beam_search.completions(request, self.stop.decode) if request.beam_width
+        outputs = (beam_search.completions(request, lambda ids: self.stop.decode(
+                       ids, request.params)) if request.beam_width
                    else request.sampled_completions())
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, request.finished, request.metrics,
@@ -389,6 +452,73 @@ def _prompt_logprobs_key(params: SamplingParams):
     keyed apart; they still serve its own recompute (after a preemption or a restart),
     whose scores it keeps."""
     return None if params.prompt_logprobs is None else ("prompt_logprobs", uuid.uuid4().hex)
+
+
+def make_scheduler(config: EngineConfig) -> Scheduler:
+    """The scheduler and block manager of one replica of an ``LLM`` whose ``config`` has
+    every size resolved (``LLM.config``: ``num_pages``, ``num_host_pages``,
+    ``max_model_len``)."""
+    block_manager = BlockManager(config.num_pages, config.page_size,
+                                 num_host_pages=config.num_host_pages,
+                                 watermark=config.watermark,
+                                 enable_prefix_caching=config.enable_prefix_caching)
+    return Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
+                     max_num_batched_tokens=config.max_num_batched_tokens,
+                     max_model_len=config.max_model_len,
+                     preemption_mode=config.preemption_mode,
+                     static_batching=config.static_batching)
+
+
+def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
+    """Load ``state`` (``LLMEngine.state_dict``) into ``scheduler`` (host only: no pool,
+    no model) and check it whole: the scheduler's own rules (``Scheduler.check``), every
+    request's sequences live in the scheduler or finished, every live sequence's request
+    known, token ids in ``[0, vocab_size)``, the counters and the RNG state valid. Returns
+    ``(requests by id, the numpy Generator)``; raises ValueError naming the first problem.
+    A snapshot runs it before allocating any pool, then ``LLMEngine.load_state_dict``."""
+    for name in ("next_id", "num_steps"):
+        if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
+            raise ValueError(f"{name}={state[name]!r}: expected an int >= 0")
+    rng = np.random.default_rng()
+    try:
+        rng.bit_generator.state = state["rng"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise ValueError(f"the RNG state does not restore ({error})") from None
+    scheduler.load_state_dict(state["scheduler"])
+    requests = {}
+    for r in state["requests"]:
+        request = Request.from_state(r, time.perf_counter())
+        if request.request_id in requests:
+            raise ValueError(f"request id {request.request_id!r} is given twice")
+        requests[request.request_id] = request
+        seqs = list(request.seqs.values()) + [seq for _, seq in request.hypotheses]
+        tokens = [request.prompt_token_ids] + [seq.token_ids for seq in seqs]
+        bad = [t for ids in tokens for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
+                             f"the vocabulary [0, {vocab_size})")
+        if not any(scheduler.seqs.get(seq_id) is seq for seq_id, seq in request.seqs.items()):
+            raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
+                             f"never finish")
+        for seq_id, seq in request.seqs.items():
+            live = scheduler.seqs.get(seq_id) is seq
+            if (seq.seq_id != seq_id or seq.request_id != request.request_id
+                    or live == (seq.status is FINISHED)):
+                raise ValueError(f"request {request.request_id!r}: sequence {seq_id!r} is "
+                                 f"{seq.status.value} but {'' if live else 'not '}live in "
+                                 f"the scheduler, or filed under another id")
+    for request_id, group in scheduler.requests.items():
+        request = requests.get(request_id)
+        if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
+            raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
+                             f"which the engine does not follow")
+    for key in scheduler.block_manager.cache:
+        if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
+                or len(key[1]) != scheduler.block_manager.page_size
+                or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
+            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (parent, "
+                             f"{scheduler.block_manager.page_size} token ids, extra keys)")
+    return requests, rng
 
 
 class LLM:
@@ -439,6 +569,10 @@ class LLM:
         if layout is None:   # a bundle is checked and kept; a name is loaded
             model = model_loading.load_model(model, config.dtype)
         replicas = [(model, None)] if layout is None else layout.load(model, config.dtype)
+        if config.tokenizer is not None:
+            tokenizer = model_loading.load_tokenizer(config.tokenizer)
+            replicas = [(dataclasses.replace(m, tokenizer=tokenizer), sharding)
+                        for m, sharding in replicas]
         model = replicas[0][0]
         model_config = model.config
         max_model_len = config.max_model_len or model_config.max_position_embeddings
@@ -479,18 +613,34 @@ class LLM:
         engines = []
         for replica, sharding in replicas:
             cache = KVCache.create(*geometry, num_pages, pool_dtype, sharding)
-            block_manager = BlockManager(num_pages, config.page_size, num_host_pages=num_host_pages,
-                                         watermark=config.watermark,
-                                         enable_prefix_caching=config.enable_prefix_caching)
-            scheduler = Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=max_model_len, preemption_mode=config.preemption_mode,
-                                  static_batching=config.static_batching)
+            scheduler = make_scheduler(self.config)
             engines.append(LLMEngine(replica, cache, scheduler, seed=config.seed + len(engines),
                                      num_host_pages=num_host_pages,
                                      attention_impl=config.attention_impl))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, config.prefix_routing))
+        # The chat template and the sampling defaults (generation_config.json's
+        # SamplingParams fields) of a checkpoint directory.
+        template_dir = config.tokenizer or spec
+        self.chat_template = (ChatTemplate.from_directory(template_dir)
+                              if template_dir and os.path.isdir(template_dir) else None)
+        self.generation_defaults = offline.generation_defaults(spec, config.generation_config)
+        self._stats = StatsLogger(self.engine) if config.log_stats else None
+        # Several processes: process 0 warms up, its Leader runner broadcasting each
+        # batch to the others' `distributed.serve` loop.
+        if config.warmup and jax.process_index() == 0:
+            self.warm_up()
+
+    def warm_up(self) -> float:
+        """Compile every step program the configuration can produce before the first
+        request (``LLMEngine.warm_up``), printing the count and the time; returns the
+        seconds it took."""
+        start = time.perf_counter()
+        count = self.engine.warm_up()
+        elapsed = time.perf_counter() - start
+        print(f"jpaged: warm-up compiled {count} step shapes in {elapsed:.1f} s",
+              file=sys.stderr, flush=True)
+        return elapsed
 
     def save_snapshot(self, path, overwrite: bool = False) -> None:
         """Write the whole engine between two steps to the directory ``path``: the pages in
@@ -516,17 +666,30 @@ class LLM:
         the tensor-parallel devices)."""
         return dict(self._kv_cache_info)
 
-    def stream(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None
-               ) -> Iterator[RequestOutput]:
+    def get_tokenizer(self):
+        """The model's ``tokenizers.Tokenizer`` (None for a model without one)."""
+        return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """``SamplingParams`` with the defaults of the checkpoint's
+        ``generation_config.json`` (temperature, top_p, top_k, min_p, repetition_penalty,
+        max_new_tokens), as vLLM; ``generation_config="vllm"`` ignores the file."""
+        return SamplingParams(**self.generation_defaults)
+
+    def stream(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+               priority: Seq[int] | None = None) -> Iterator[RequestOutput]:
         """Add the prompts, then yield a ``RequestOutput`` each time one makes progress.
 
         If the caller stops early (``close()``, a ``break`` that drops the generator, an
         exception such as ``KeyboardInterrupt``), the requests not yet finished are
         aborted, so the engine is left as it was before the call."""
-        pending = set(self._add(prompts, params))
+        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority))
         try:
             while pending:
-                outputs = [o for o in self.engine.step() if o.request_id in pending]
+                outputs = self.engine.step()
+                if self._stats is not None:
+                    self._stats.observe(outputs)
+                outputs = [o for o in outputs if o.request_id in pending]
                 pending -= {o.request_id for o in outputs if o.finished}   # before yielding:
                 yield from outputs                     # finished ones are no longer abortable
         finally:
@@ -536,32 +699,91 @@ class LLM:
                 with contextlib.suppress(ValueError):
                     self.engine.abort(request_id)
 
-    def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
-                 progress=None) -> list[RequestOutput]:
-        """Finished outputs in the order of ``prompts``. ``progress`` (e.g. a tqdm bar) gets
-        ``update(1)`` per finished request."""
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] |
+                 None = None, use_tqdm=True, *, priority: Seq[int] | None = None,
+                 **unsupported) -> list[RequestOutput]:
+        """Finished outputs in the order of ``prompts`` (vLLM's ``LLM.generate``).
+
+        prompts: a string, token ids, a prompt dict (``{"prompt": text}`` or
+        ``{"prompt_token_ids": ids}``), or a list of them. sampling_params: one for all,
+        or one per prompt; default ``get_default_sampling_params()``. use_tqdm: a
+        progress bar over finished prompts (True: tqdm; or a tqdm-like factory).
+        priority: per prompt, lower first (the scheduler's order)."""
+        offline.refuse_options("generate", unsupported)
+        prompts = offline.as_prompt_list(prompts)
         finished = {}
-        for output in self.stream(prompts, params):
-            if output.finished:
-                finished[output.request_id] = output
-                if progress is not None:
-                    progress.update(1)
+        progress = offline.Progress(use_tqdm, len(prompts))
+        try:
+            for output in self.stream(prompts, sampling_params, priority):
+                if output.finished:
+                    finished[output.request_id] = output
+                    progress.finished(output)
+        finally:
+            progress.close()
         return sorted(finished.values(), key=lambda o: self._order[o.request_id])
 
-    def _add(self, prompts, params) -> list[str]:
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] |
+             None = None, use_tqdm=True, *, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, tools: list | None = None,
+             **unsupported) -> list[RequestOutput]:
+        """Generate the assistant's reply to one conversation (a list of ``{"role",
+        "content"}`` messages) or to each of a list of them (vLLM's ``LLM.chat``).
+
+        The conversation is rendered with ``chat_template`` (Jinja source) or the
+        checkpoint's, and tokenized as it stands (the template writes the special
+        tokens); ``RequestOutput.prompt`` is the rendered text."""
+        offline.refuse_options("chat", unsupported)
+        if continue_final_message:
+            raise ValueError("continue_final_message=True is not supported: jpaged always "
+                             "starts a new message (add_generation_prompt)")
+        template = self.chat_template
+        if chat_template is not None:
+            template = ChatTemplate(chat_template, template.special_tokens if template else {})
+        if template is None:
+            raise ValueError("this model has no chat template (no chat_template in its "
+                             "tokenizer_config.json): pass chat_template=")
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer; this model has none")
+        conversations = (messages if isinstance(messages, (list, tuple)) and messages
+                         and isinstance(messages[0], (list, tuple)) else [messages])
+        prompts = []
+        for conversation in conversations:
+            text = template.render(chat_messages(list(conversation)), add_generation_prompt,
+                                   tools=tools, **(chat_template_kwargs or {}))
+            prompts.append({"prompt": text, "prompt_token_ids":
+                            tokenizer.encode(text, add_special_tokens=False).ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts, params: offline.BeamSearchParams, *, use_tqdm=False,
+                    **unsupported) -> list[offline.BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``params.beam_width`` best beams of each prompt,
+        best first, each with its prompt's tokens and text in front (jpaged's beam search,
+        ``SamplingParams(use_beam_search=True)``, underneath)."""
+        offline.refuse_options("beam_search", unsupported)
+        outputs = self.generate(prompts, params.sampling_params(), use_tqdm)
+        tokenizer = self.get_tokenizer()
+        decode = (lambda ids: None) if tokenizer is None else tokenizer.decode
+        return [offline.beam_search_output(output, decode) for output in outputs]
+
+    def _add(self, prompts: list, params, priority) -> list[str]:
         """Add every prompt, or none: a bad one aborts those this call already added."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], (int, np.integer))):
-            prompts = [prompts]
+        if params is None:
+            params = self.get_default_sampling_params()
         if isinstance(params, (list, tuple)):
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         else:
             params = [params] * len(prompts)
+        if priority is None:
+            priority = [0] * len(prompts)
+        elif len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompts, params):
-                ids.append(self.engine.add_request(prompt, p))
+            for prompt, p, rank in zip(prompts, params, priority):
+                ids.append(self.engine.add_request(prompt, p, priority=rank))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

@@ -40,3 +40,12 @@ def model_config(model: str | Model) -> ModelConfig:
 def param_axes(config: ModelConfig) -> Mapping[str, tuple[str | None, ...]]:
     """The declared logical axes of a built-in model's params (before loading any)."""
     return _models().param_axes(config)
+
+
+def load_tokenizer(directory: str):
+    """The ``tokenizers.Tokenizer`` of ``directory`` (its ``tokenizer.json``); a ValueError
+    when there is none."""
+    tokenizer = _models().load_tokenizer(directory)
+    if tokenizer is None:
+        raise ValueError(f"tokenizer={directory!r}: no tokenizer.json there")
+    return tokenizer

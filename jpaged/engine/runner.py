@@ -42,7 +42,7 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
     sampled = sample(logits[:rows], batch.sampling, batch.num_top)
     if batch.prompt_indices.shape[0]:
         sampled = sampled._replace(**dict(zip(
-            ("prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs"),
+            ("prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs", "prompt_ranks"),
             score_tokens(logits[rows:], batch.prompt_targets, batch.num_prompt_top))))
     return sampled, cache
 

@@ -285,23 +285,28 @@ class SamplerOutput(NamedTuple):
     logprobs: jax.Array      # f32[B], of the sampled token
     top_ids: jax.Array       # i32[B, N], most likely first
     top_logprobs: jax.Array  # f32[B, N]
+    ranks: jax.Array         # i32[B], of the sampled token: 1 + tokens more likely
     prompt_logprobs: jax.Array | None = None      # f32[L], of each scored prompt token
     prompt_top_ids: jax.Array | None = None       # i32[L, K]
     prompt_top_logprobs: jax.Array | None = None  # f32[L, K]
+    prompt_ranks: jax.Array | None = None         # i32[L]
 
 
 def score_tokens(logits: jax.Array, targets: jax.Array, num_top: int
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Prompt logprobs, jittable (``num_top`` static): logits ``[L, V]`` at prompt
     positions, targets ``i32[L]`` the prompt token that follows each. Returns the target's
-    logprob ``f32[L]`` and the ``num_top`` most likely ids ``i32[L, K]`` and their logprobs
-    ``f32[L, K]``, all of the model's raw distribution (no penalty, bias or temperature:
-    a score of the prompt, as vLLM's prompt_logprobs)."""
+    logprob ``f32[L]``, the ``num_top`` most likely ids ``i32[L, K]`` and their logprobs
+    ``f32[L, K]``, and the target's rank ``i32[L]`` (1 + tokens more likely), all of the
+    model's raw distribution (no penalty, bias or temperature: a score of the prompt, as
+    vLLM's prompt_logprobs)."""
     logits = logits.astype(jnp.float32)
     log_total = jax.nn.logsumexp(logits, axis=-1)
     top_logits, top_ids = lax.top_k(logits, num_top)
-    target = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return target - log_total, top_ids.astype(jnp.int32), top_logits - log_total[:, None]
+    target = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    return (target[:, 0] - log_total, top_ids.astype(jnp.int32),
+            top_logits - log_total[:, None],
+            1 + jnp.sum(logits > target, axis=-1, dtype=jnp.int32))
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 0, *,
@@ -310,11 +315,12 @@ def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 
     static.
 
     logits: ``[B, V]`` (any float dtype; computed in float32). Returns tokens ``i32[B]``,
-    the sampled token's logprob ``f32[B]`` and the top ``num_top_logprobs`` ids and
-    logprobs ``[B, N]``. Logprobs are those of the model's distribution after penalties,
-    before temperature, top-k, top-p and min-p (vLLM v1 reports the raw distribution, v0
-    the fully processed one): they do not depend on how a token was picked, and greedy
-    rows and beam search get the same scores as sampled rows.
+    the sampled token's logprob ``f32[B]`` and rank ``i32[B]`` (1: the most likely), and
+    the top ``num_top_logprobs`` ids and logprobs ``[B, N]``. Logprobs are those of the
+    model's distribution after penalties, before temperature, top-k, top-p and min-p
+    (vLLM v1 reports the raw distribution, v0 the fully processed one): they do not
+    depend on how a token was picked, and greedy rows and beam search get the same
+    scores as sampled rows.
 
     greedy_only: the caller knows every row is greedy (temperature below
     ``GREEDY_TEMPERATURE``; checked when the temperatures are concrete), so only the
@@ -344,11 +350,13 @@ def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 
     # logprob = logit - logsumexp: no [B, V] log_softmax is materialized.
     log_total = jax.nn.logsumexp(logits, axis=-1)
     top_logits, top_ids = lax.top_k(logits, num_top_logprobs)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
     return SamplerOutput(
         tokens=tokens,
-        logprobs=jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - log_total,
+        logprobs=chosen[:, 0] - log_total,
         top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=top_logits - log_total[:, None])
+        top_logprobs=top_logits - log_total[:, None],
+        ranks=1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32))
 
 
 def beam_candidates(logprobs: jax.Array, beam_scores: jax.Array,

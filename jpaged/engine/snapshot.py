@@ -26,13 +26,10 @@ renamed into place: a crash mid-save leaves the previous snapshot whole.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
-import time
 import uuid
-from collections import OrderedDict
 from pathlib import Path
 
 import jax
@@ -40,14 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.engine import model_loading
+from jpaged.engine.config import EngineConfig
 from jpaged.core.cache import KVCache, put_pages
 from jpaged.parallel.replicas import Replicas
-from jpaged.host.request import Request, Stream
-from jpaged.host.sampling_params import SamplingParams
-from jpaged.host.sequence import Sequence, SequenceStatus
+from jpaged.host.sequence import Sequence
 
 FORMAT = "jpaged-snapshot"
-VERSION = 1
+# 2: the classes' own ``state_dict``s (``jpaged.host``, ``LLMEngine``, ``Replicas``).
+VERSION = 2
 HOST_FILE = "snapshot.json"
 ARRAYS_DIR = "arrays"
 LEAVES = ("k", "v", "k_scale", "v_scale")
@@ -57,40 +54,66 @@ LEAVES = ("k", "v", "k_scale", "v_scale")
 OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype")
 
 
-# -- JSON of open-typed values ---------------------------------------------------------
+# -- JSON of the classes' states -------------------------------------------------------
 
-def _pack(x):
-    """``x`` as JSON: tuples and dicts (any keys) tagged, so ``_unpack`` rebuilds them."""
+class _Sequences:
+    """Writing: each ``Sequence`` met in a state once, in order; ``ref`` its index."""
+
+    def __init__(self):
+        self.seqs, self.index = [], {}
+
+    def ref(self, seq: Sequence) -> int:
+        if id(seq) not in self.index:
+            self.index[id(seq)] = len(self.seqs)
+            self.seqs.append(seq)
+        return self.index[id(seq)]
+
+
+def _pack(x, seqs: _Sequences | None = None):
+    """``x`` (a ``state_dict``'s plain values) as JSON: tuples and dicts with other than
+    string keys tagged, sequences as references into ``seqs``; ``_unpack`` rebuilds it."""
     if isinstance(x, (bool, str)) or x is None:
         return x
     if isinstance(x, (int, np.integer)):
         return int(x)
     if isinstance(x, (float, np.floating)):
         return float(x)
+    if isinstance(x, Sequence) and seqs is not None:
+        return {"__seq__": seqs.ref(x)}
     if isinstance(x, tuple):
-        return {"tuple": [_pack(i) for i in x]}
+        return {"__tuple__": [_pack(i, seqs) for i in x]}
     if isinstance(x, list):
-        return [_pack(i) for i in x]
+        return [_pack(i, seqs) for i in x]
     if isinstance(x, dict):
-        return {"items": [[_pack(k), _pack(v)] for k, v in x.items()]}
+        if all(isinstance(k, str) and not k.startswith("__") for k in x):
+            return {k: _pack(v, seqs) for k, v in x.items()}
+        return {"__items__": [[_pack(k, seqs), _pack(v, seqs)] for k, v in x.items()]}
     raise ValueError(f"cannot write a {type(x).__name__} ({x!r}) into a snapshot")
 
 
-def _unpack(x):
+def _unpack(x, seqs: list | None = None):
+    """The value ``_pack`` wrote, sequence references resolved in ``seqs``."""
     if isinstance(x, list):
-        return [_unpack(i) for i in x]
-    if isinstance(x, dict):
-        if "tuple" in x:
-            return tuple(_unpack(i) for i in x["tuple"])
-        return {_unpack(k): _unpack(v) for k, v in x["items"]}
-    return x
-
-
-def _peek(obj, name: str) -> int:
-    """The next value of ``obj``'s ``itertools.count`` ``name``, leaving it unchanged."""
-    value = next(getattr(obj, name))
-    setattr(obj, name, itertools.count(value))
-    return value
+        return [_unpack(i, seqs) for i in x]
+    if not isinstance(x, dict):
+        return x
+    tags = [k for k in x if k.startswith("__")]
+    if not tags:
+        return {k: _unpack(v, seqs) for k, v in x.items()}
+    if len(x) != 1 or tags[0] not in ("__tuple__", "__items__", "__seq__"):
+        raise ValueError(f"unknown tag(s) {tags} in the snapshot")
+    value = x[tags[0]]
+    if tags[0] == "__seq__":
+        if seqs is None or isinstance(value, bool) or not isinstance(value, int) \
+                or not 0 <= value < len(seqs):
+            raise ValueError(f"sequence reference {value!r} is outside the snapshot's "
+                             f"{len(seqs or ())} sequences")
+        return seqs[value]
+    if not isinstance(value, list):
+        raise ValueError(f"{tags[0]} holds a {type(value).__name__}, not a list")
+    if tags[0] == "__tuple__":
+        return tuple(_unpack(i, seqs) for i in value)
+    return {_unpack(k, seqs): _unpack(v, seqs) for k, v in value}
 
 
 # -- saving ----------------------------------------------------------------------------
@@ -105,12 +128,11 @@ def save(llm, path, overwrite: bool = False) -> None:
             "options": llm.config.to_dict(), "config": _config_dict(llm.model_config),
             "geometry": _geometry(llm), "replicas": [], "router": None}
     arrays = {}
-    saved_at = time.perf_counter()
     for r, engine in enumerate(engines):
-        state, arrays[f"replica{r}"] = _engine_state(engine, llm.model_config, saved_at)
+        state, arrays[f"replica{r}"] = _engine_state(engine, llm.model_config)
         host["replicas"].append(state)
     if isinstance(llm.engine, Replicas):
-        host["router"] = _replicas_state(llm.engine)
+        host["router"] = _pack(llm.engine.state_dict())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -175,57 +197,29 @@ def _kv_copies(cache: KVCache, config) -> int:
     return cache.k.shape[1] // config.num_kv_heads
 
 
-def _engine_state(engine, config, saved_at: float) -> tuple[dict, dict]:
-    scheduler, bm, runner = engine.scheduler, engine.scheduler.block_manager, engine.runner
-    seqs, refs = [], {}
-
-    def ref(seq: Sequence) -> int:
-        if id(seq) not in refs:
-            refs[id(seq)] = len(seqs)
-            seqs.append(seq)
-        return refs[id(seq)]
-
-    state = {
-        "next_request_id": _peek(engine, "_ids"),
-        "rng": _pack(engine.rng.bit_generator.state),
-        "num_steps": engine.num_steps, "host_time": engine.host_time,
-        "step_time": engine.step_time,
-        "requests": [_request_state(r, ref, saved_at) for r in engine.requests.values()],
-        "scheduler": {
-            "seqs": [ref(s) for s in scheduler.seqs.values()],
-            "waiting": [ref(s) for s in scheduler.waiting],   # the heap's list, as it is
-            "running": [ref(s) for s in scheduler.running],
-            "swapped": [ref(s) for s in scheduler.swapped],
-            "requests": [[rid, [ref(s) for s in group]]
-                         for rid, group in scheduler.requests.items()],
-            "next_arrival": _peek(scheduler, "_arrivals"),
-            "next_fork": _peek(scheduler, "_forks"),
-            "num_preemptions": scheduler.num_preemptions,
-            "table_rows": [[seq_id, row] for seq_id, (row, _) in scheduler._tables.rows.items()],
-            "free_rows": list(scheduler._tables.free_rows),
-        },
-        "block_manager": {
-            "ref_counts": list(bm.ref_counts),
-            "free_queue": list(bm.free_queue),
-            "cache": [[_pack(key), page, key_id] for key, (page, key_id) in bm.cache.items()],
-            "next_key_id": _peek(bm, "_key_ids"),
-            "host_free": list(bm.host_free),
-            "hit_tokens": bm.hit_tokens, "query_tokens": bm.query_tokens,
-        },
-    }
-    state["seqs"] = [_seq_state(s) for s in seqs]
+def _engine_state(engine, config) -> tuple[dict, dict]:
+    """One engine's ``state_dict`` as JSON (each sequence once, under ``sequences``) and
+    its pages in use as numpy arrays."""
+    bm, runner, seqs = engine.scheduler.block_manager, engine.runner, _Sequences()
+    state = _pack(engine.state_dict(), seqs)
+    state["sequences"] = [_pack(seq.state_dict()) for seq in seqs.seqs]
     # The null page always goes along: orbax refuses empty arrays.
-    device_pages = [0] + [p for p in range(1, bm.num_pages)
-                          if bm.ref_counts[p] > 0 or p in bm.page_keys]
+    device_pages, host_pages = _pages_in_use(bm)
     copies = _kv_copies(runner.cache, config)
     arrays = {"device_pages": np.asarray(device_pages, np.int32),
               "device": _take(runner.cache, device_pages, copies)}
-    host_pages = sorted(set(range(bm.num_host_pages)) - set(bm.host_free))
     if host_pages:
         arrays["host_pages"] = np.asarray(host_pages, np.int32)
         arrays["host"] = _take(runner.host.pages, host_pages, copies)
     state["num_device_pages"], state["num_host_pages"] = len(device_pages), len(host_pages)
     return state, arrays
+
+
+def _pages_in_use(bm) -> tuple[list[int], list[int]]:
+    """The device pages a snapshot carries (the null page, pages with a ref count or a
+    prefix-cache entry) and the host pages (those not free)."""
+    device = [0] + [p for p in range(1, bm.num_pages) if bm.ref_counts[p] > 0 or p in bm.page_keys]
+    return device, sorted(set(range(bm.num_host_pages)) - set(bm.host_free))
 
 
 def _take(pool: KVCache, pages: list[int], copies: int) -> dict:
@@ -236,39 +230,6 @@ def _take(pool: KVCache, pages: list[int], copies: int) -> dict:
             if leaf is not None}
 
 
-def _seq_state(seq: Sequence) -> dict:
-    return {"seq_id": seq.seq_id, "request_id": seq.request_id, "token_ids": seq.token_ids,
-            "num_prompt_tokens": seq.num_prompt_tokens, "max_tokens": seq.max_tokens,
-            "order": _pack(seq.order), "extra_keys": _pack(seq.extra_keys),
-            "num_computed_tokens": seq.num_computed_tokens, "status": seq.status.value,
-            "finish_reason": seq.finish_reason, "block_table": seq.block_table,
-            "host_table": seq.host_table, "cache_keys": seq.cache_keys}
-
-
-def _request_state(request: Request, ref, saved_at: float) -> dict:
-    metrics = dataclasses.asdict(request.metrics)
-    for name in ("arrival_time", "first_token_time", "finished_time"):
-        if metrics[name] is not None:   # perf_counter is per process: keep the age
-            metrics[name] -= saved_at
-    return {
-        "request_id": request.request_id, "prompt": request.prompt,
-        "prompt_token_ids": request.prompt_token_ids,
-        "params": _pack(dataclasses.asdict(request.params)), "seeds": request.seeds,
-        "metrics": metrics, "finished": request.finished,
-        "streams": [[seq_id, {"index": s.index, "seed": s.seed,
-                              "cumulative_logprob": s.cumulative_logprob,
-                              "logprobs": _pack(s.logprobs), "text": s.text}]
-                    for seq_id, s in request.streams.items()],
-        "seqs": [[seq_id, ref(seq)] for seq_id, seq in request.seqs.items()],
-        "hypotheses": [[score, ref(seq)] for score, seq in request.hypotheses],
-    }
-
-
-def _replicas_state(replicas: Replicas) -> dict:
-    return {"owner": replicas.owner, "next_request_id": _peek(replicas, "_ids"),
-            "pages": [list(pages) for pages in replicas.router.pages]}
-
-
 # -- restoring -------------------------------------------------------------------------
 
 def restore(llm_class, path, **overrides):
@@ -277,30 +238,59 @@ def restore(llm_class, path, **overrides):
     path = Path(path)
     try:
         return _restore(llm_class, path, overrides)
-    except (KeyError, IndexError, TypeError) as error:   # valid JSON, not our layout
+    except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as error:
+        # Valid JSON, not our layout (or nested past Python's stack).
         raise ValueError(f"{path} is a malformed snapshot ({type(error).__name__}: "
-                         f"{error})") from error
+                         f"{str(error)[:200]})") from None
 
 
 def _restore(llm_class, path: Path, overrides: dict):
+    from jpaged.engine.engine import check_state, make_scheduler   # engine imports this module
+
     host, arrays = _read(path)
     options = _options(host, overrides)
-    _check_model(host, options["model"])
+    vocab_size = _check_model(host, options["model"])
+    # The whole host state, checked on host-only schedulers before any pool exists.
+    config = EngineConfig.from_options(**{k: v for k, v in options.items()
+                                          if k not in ("model", "mesh")})
+    replicas = host["replicas"]
+    if not isinstance(replicas, list) or (
+            "mesh" not in options and len(replicas) != (config.data_parallel or 1)):
+        raise ValueError(f"the snapshot holds {len(replicas)} replicas, its options "
+                         f"data_parallel={config.data_parallel}")
+    for r, state in enumerate(replicas):
+        scheduler = make_scheduler(config)
+        check_state(_engine_from(state), scheduler, vocab_size)
+        _check_pages(scheduler.block_manager, state, arrays[f"replica{r}"], f"replica {r}")
     llm = llm_class(**options)
     _check_geometry(host["geometry"], _geometry(llm), "the restored LLM")
     engines = _engines(llm.engine)
-    if len(engines) != len(host["replicas"]):
-        raise ValueError(f"the snapshot has {len(host['replicas'])} data-parallel replicas, "
+    if len(engines) != len(replicas):
+        raise ValueError(f"the snapshot has {len(replicas)} data-parallel replicas, "
                          f"the restored LLM {len(engines)}")
-    for r, (engine, state) in enumerate(zip(engines, host["replicas"])):
-        _load_engine(engine, state, arrays[f"replica{r}"], llm.model_config)
+    for r, (engine, state) in enumerate(zip(engines, replicas)):
+        engine.load_state_dict(_engine_from(state))
+        _load_pages(engine, state, arrays[f"replica{r}"], llm.model_config)
     if isinstance(llm.engine, Replicas):
-        router = host["router"]
-        llm.engine.owner = {rid: int(r) for rid, r in router["owner"].items()}
-        llm.engine._ids = itertools.count(router["next_request_id"])
-        for pages, keys in zip(llm.engine.router.pages, router["pages"]):
-            pages.update(dict.fromkeys(keys))
+        llm.engine.load_state_dict(_unpack(host["router"]))
     return llm
+
+
+def _engine_from(state: dict) -> dict:
+    """An engine's ``state_dict`` from its JSON, with sequences made anew."""
+    seqs = [Sequence.from_state(_unpack(s)) for s in state["sequences"]]
+    return _unpack({k: v for k, v in state.items() if k != "sequences"}, seqs)
+
+
+def _check_pages(bm, state: dict, arrays: dict, where: str) -> None:
+    """The snapshot's page arrays hold exactly the pages its state uses."""
+    device, host = _pages_in_use(bm)
+    saved_device = np.asarray(arrays.get("device_pages", ())).tolist()
+    saved_host = np.asarray(arrays.get("host_pages", ())).tolist()
+    if saved_device != device or saved_host != host:
+        raise ValueError(f"{where}: the page arrays hold device pages {saved_device[:10]}... "
+                         f"and host pages {saved_host[:10]}..., the state uses "
+                         f"{device[:10]}... and {host[:10]}...")
 
 
 def _read(path: Path) -> tuple[dict, dict]:
@@ -366,15 +356,18 @@ def _options(host: dict, overrides: dict) -> dict:
     return options
 
 
-def _check_model(host: dict, model) -> None:
-    """Refuse a model whose config differs from the snapshot's, naming the fields."""
-    config = _config_dict(model_loading.model_config(model))
+def _check_model(host: dict, model) -> int:
+    """Refuse a model whose config differs from the snapshot's, naming the fields; returns
+    its vocabulary size."""
+    model_config = model_loading.model_config(model)
+    config = _config_dict(model_config)
     saved = host["config"]
     differ = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
     if differ:
         raise ValueError("the model differs from the snapshot's: " + ", ".join(
             f"{k}={_unpack(config.get(k))!r} (snapshot: {_unpack(saved.get(k))!r})"
             for k in differ))
+    return model_config.vocab_size
 
 
 def _check_geometry(saved: dict, now: dict, what: str) -> None:
@@ -384,44 +377,9 @@ def _check_geometry(saved: dict, now: dict, what: str) -> None:
             f"{k}={now.get(k)!r} (snapshot: {saved[k]!r})" for k in differ))
 
 
-def _load_engine(engine, state: dict, arrays: dict, config) -> None:
-    """Fill a fresh engine (same options) with a saved engine's state and pages."""
-    scheduler, bm, runner = engine.scheduler, engine.scheduler.block_manager, engine.runner
-    seqs = [_seq(s) for s in state["seqs"]]
-    now = time.perf_counter()
-    engine.requests = {r["request_id"]: _request(r, seqs, now) for r in state["requests"]}
-    engine._ids = itertools.count(state["next_request_id"])
-    engine.rng.bit_generator.state = _unpack(state["rng"])
-    engine.num_steps, engine.host_time = state["num_steps"], state["host_time"]
-    engine.step_time = state["step_time"]
-
-    s = state["scheduler"]
-    scheduler.seqs = {seqs[i].seq_id: seqs[i] for i in s["seqs"]}
-    scheduler.waiting = [seqs[i] for i in s["waiting"]]
-    scheduler.running = [seqs[i] for i in s["running"]]
-    scheduler.swapped = [seqs[i] for i in s["swapped"]]
-    scheduler.requests = {rid: [seqs[i] for i in group] for rid, group in s["requests"]}
-    scheduler._arrivals = itertools.count(s["next_arrival"])
-    scheduler._forks = itertools.count(s["next_fork"])
-    scheduler.num_preemptions = s["num_preemptions"]
-    tables = scheduler._tables
-    tables.free_rows = list(s["free_rows"])
-    # Each row is copied whole on its next use (as after a copy-on-write).
-    tables.rows = {seq_id: [row, 0] for seq_id, row in s["table_rows"]}
-    tables.array[:] = 0
-
-    b = state["block_manager"]
-    bm.ref_counts = list(b["ref_counts"])
-    bm.free_queue = OrderedDict.fromkeys(b["free_queue"])
-    bm.cache, bm.page_keys = {}, {}
-    for key, page, key_id in b["cache"]:
-        key = _unpack(key)
-        bm.cache[key] = (page, key_id)
-        bm.page_keys[page] = key
-    bm._key_ids = itertools.count(b["next_key_id"])
-    bm.host_free = list(b["host_free"])
-    bm.hit_tokens, bm.query_tokens = b["hit_tokens"], b["query_tokens"]
-
+def _load_pages(engine, state: dict, arrays: dict, config) -> None:
+    """Put a saved engine's pages into a fresh engine's pools."""
+    runner = engine.runner
     copies = _kv_copies(runner.cache, config)
     put = jax.jit(put_pages, donate_argnums=(0,))
     runner.cache = put(runner.cache, jnp.asarray(arrays["device_pages"]),
@@ -437,33 +395,3 @@ def _pool(leaves: dict, copies: int) -> KVCache:
     """Saved leaves as a KVCache with each kv head repeated ``copies`` times."""
     return KVCache(**{name: np.repeat(np.asarray(leaves[name]), copies, axis=1)
                       if name in leaves else None for name in LEAVES})
-
-
-def _seq(state: dict) -> Sequence:
-    seq = Sequence(state["seq_id"], state["token_ids"], state["max_tokens"],
-                   request_id=state["request_id"], order=_unpack(state["order"]),
-                   extra_keys=_unpack(state["extra_keys"]))
-    seq.num_prompt_tokens = state["num_prompt_tokens"]
-    seq.num_computed_tokens = state["num_computed_tokens"]
-    seq.status = SequenceStatus(state["status"])
-    seq.finish_reason = state["finish_reason"]
-    seq.block_table = list(state["block_table"])
-    seq.host_table = list(state["host_table"])
-    seq.cache_keys = list(state["cache_keys"])
-    return seq
-
-
-def _request(state: dict, seqs: list[Sequence], now: float) -> Request:
-    request = Request(state["request_id"], state["prompt"], state["prompt_token_ids"],
-                      SamplingParams(**_unpack(state["params"])), state["seeds"], now)
-    for name, value in state["metrics"].items():
-        if name in ("arrival_time", "first_token_time", "finished_time") and value is not None:
-            value += now
-        setattr(request.metrics, name, value)
-    request.finished = state["finished"]
-    for seq_id, s in state["streams"]:
-        request.streams[seq_id] = Stream(s["index"], s["seed"], s["cumulative_logprob"],
-                                         _unpack(s["logprobs"]), s["text"])
-    request.seqs = {seq_id: seqs[i] for seq_id, i in state["seqs"]}
-    request.hypotheses = [(score, seqs[i]) for score, i in state["hypotheses"]]
-    return request

@@ -4,7 +4,6 @@ Pure Python over integers; the device only ever sees the block tables and the pa
 plans this module returns.
 """
 
-import itertools
 from collections import OrderedDict
 
 from jpaged.host.sequence import Sequence
@@ -33,6 +32,11 @@ class BlockManager:
     burst of prompts cannot take the pages running sequences need to grow.
     """
 
+    # Attributes ``state_dict`` leaves out: the constructor's options, and ``page_keys``,
+    # rebuilt from ``cache`` (tests/test_state.py holds every attribute to one of the two).
+    DERIVED = ("num_pages", "page_size", "num_host_pages", "watermark_pages",
+               "enable_prefix_caching", "page_keys")
+
     def __init__(self, num_pages: int, page_size: int, *, num_host_pages: int = 0,
                  watermark: float = 0.01, enable_prefix_caching: bool = True):
         if num_pages < 2:
@@ -52,10 +56,70 @@ class BlockManager:
         self.free_queue = OrderedDict.fromkeys(range(1, num_pages))
         self.cache: dict[tuple, tuple[int, int]] = {}   # key -> (page, key id)
         self.page_keys: dict[int, tuple] = {}            # cached page -> its key
-        self._key_ids = itertools.count(1)               # 0 is the root: no parent page
+        self.next_key_id = 1                             # 0 is the root: no parent page
         self.host_free = list(range(num_host_pages))
         self.hit_tokens = 0
         self.query_tokens = 0
+
+    def state_dict(self) -> dict:
+        """The allocator's state as plain values (copies): ref counts, the free queue in
+        order, prefix-cache entries ``(key, page, key id)``, the key counter, the host free
+        list and the hit counters."""
+        return {"ref_counts": list(self.ref_counts), "free_queue": list(self.free_queue),
+                "cache": [(key, page, key_id) for key, (page, key_id) in self.cache.items()],
+                "next_key_id": self.next_key_id, "host_free": list(self.host_free),
+                "hit_tokens": self.hit_tokens, "query_tokens": self.query_tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the state of ``state_dict`` (of a block manager with these options).
+        Checks the sizes and ranges a later step would index with (a ValueError names
+        the first bad value); ``check_pages`` checks the rest against the holders."""
+        ref_counts, free_queue = list(state["ref_counts"]), list(state["free_queue"])
+        host_free = list(state["host_free"])
+        if len(ref_counts) != self.num_pages:
+            raise ValueError(f"{len(ref_counts)} ref counts for a pool of {self.num_pages} "
+                             f"pages")
+        _check_ids("free page", free_queue, 1, self.num_pages)
+        _check_ids("free host page", host_free, 0, self.num_host_pages)
+        next_key_id = _count("next_key_id", state["next_key_id"])
+        cache, page_keys = {}, {}
+        for key, page, key_id in state["cache"]:
+            _check_ids("cached page", [page], 1, self.num_pages)
+            _check_ids("prefix-cache key id", [key_id], 1, next_key_id)
+            if key in cache or page in page_keys:
+                raise ValueError(f"prefix-cache entry for page {page} given twice")
+            cache[key], page_keys[page] = (page, key_id), key
+        self.ref_counts = [_count("ref count", c) for c in ref_counts]
+        self.free_queue = OrderedDict.fromkeys(free_queue)
+        self.cache, self.page_keys, self.next_key_id = cache, page_keys, next_key_id
+        self.host_free = host_free
+        self.hit_tokens = _count("hit_tokens", state["hit_tokens"])
+        self.query_tokens = _count("query_tokens", state["query_tokens"])
+
+    def check_pages(self, holders: list[int], host_held: list[int]) -> None:
+        """Check the allocator against who holds what: ``holders[p]``, the block tables
+        holding device page p; ``host_held``, the host pages swapped sequences hold. Each
+        ref count equals its holders, the free queue holds exactly the pages nobody holds,
+        host pages are free or held, once, and every prefix-cache entry names its page.
+        Raises RuntimeError naming the first broken rule."""
+        for page in range(1, self.num_pages):
+            if self.ref_counts[page] != holders[page]:
+                raise RuntimeError(f"page {page}: ref count {self.ref_counts[page]}, held by "
+                                   f"{holders[page]} block tables")
+            if (page in self.free_queue) != (holders[page] == 0):
+                raise RuntimeError(f"page {page}: held by {holders[page]}, "
+                                   f"{'' if page in self.free_queue else 'not '}in the free "
+                                   f"queue")
+        if holders[0] or self.ref_counts[0]:
+            raise RuntimeError("the null page is held")
+        if len(self.free_queue) != sum(h == 0 for h in holders[1:]):
+            raise RuntimeError("the free queue holds a page outside the pool")
+        if sorted(host_held + self.host_free) != list(range(self.num_host_pages)):
+            raise RuntimeError(f"host pages: {sorted(host_held)} held, "
+                               f"{sorted(self.host_free)} free")
+        for page, key in self.page_keys.items():
+            if self.cache.get(key, (None,))[0] != page:
+                raise RuntimeError(f"page {page}: its prefix-cache entry names another page")
 
     @property
     def num_free_pages(self) -> int:
@@ -154,7 +218,8 @@ class BlockManager:
             key = (parent, tuple(seq.token_ids[i * ps:(i + 1) * ps]), seq.extra_keys)
             entry = self.cache.get(key)
             if entry is None:
-                entry = self.cache[key] = (seq.block_table[i], next(self._key_ids))
+                entry = self.cache[key] = (seq.block_table[i], self.next_key_id)
+                self.next_key_id += 1
                 self.page_keys[seq.block_table[i]] = key
             parent = entry[1]
             keys.append(parent)
@@ -280,3 +345,19 @@ class BlockManager:
             self.free_queue[page] = None
             if page not in self.page_keys:
                 self.free_queue.move_to_end(page, last=False)
+
+
+def _count(name: str, value) -> int:
+    """``value`` if it is an int >= 0, else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected an int >= 0")
+    return value
+
+
+def _check_ids(what: str, ids, low: int, high: int) -> None:
+    """Every id an int in [low, high), none twice; else a ValueError naming the first bad."""
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int) or not low <= i < high:
+            raise ValueError(f"{what} {i!r} is outside [{low}, {high})")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"a {what} is listed twice in {sorted(ids)[:20]}")

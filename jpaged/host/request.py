@@ -12,15 +12,37 @@ from jpaged.host.sequence import Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
+class Logprob:
+    """One entry of ``CompletionOutput.logprobs`` (vLLM's record): the token's logprob,
+    its rank in the distribution (1: the most likely) and its text (None without
+    detokenization)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclasses.dataclass
 class CompletionOutput:
-    """One generated sequence of a request (``n`` of them, or the best beams)."""
+    """One generated sequence of a request (``n`` of them, or the best beams).
+
+    ``logprobs``: per generated token, ``{token id: Logprob}`` of the sampled token and the
+    top ``SamplingParams.logprobs``. ``stop_reason``: the stop string or stop token id that
+    ended it (None for EOS, the length limit, or not finished)."""
 
     index: int
     token_ids: list[int]
     text: str | None
     cumulative_logprob: float
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None
+    stop_reason: int | str | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+TIMES = ("arrival_time", "first_token_time", "finished_time")   # of RequestMetrics
 
 
 @dataclasses.dataclass
@@ -56,8 +78,13 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     # With SamplingParams.prompt_logprobs: None for the first prompt token, then a dict
-    # {token id: logprob} of each prompt token and the top alternatives.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # {token id: Logprob} of each prompt token and the top alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (vLLM's field)."""
+        return self.metrics.num_cached_tokens
 
     @property
     def token_ids(self) -> list[int]:
@@ -81,10 +108,20 @@ class Stream:
     cumulative_logprob: float = 0.0
     logprobs: list = dataclasses.field(default_factory=list)
     text: str | None = None
+    stop_reason: int | str | None = None
+
+    def __post_init__(self):
+        # A stream rebuilt from its state (``Request.from_state``) has plain dicts.
+        self.logprobs = [{token: lp if isinstance(lp, Logprob) else Logprob(**lp)
+                          for token, lp in entry.items()} for entry in self.logprobs]
 
 
 class Request:
     """A prompt, its sampling parameters, and the sequences generating for it."""
+
+    # Every attribute is state (tests/test_state.py checks that ``state_dict`` has them all).
+    # Token rules come back from the params; a grammar state catches up with its tokens.
+    DERIVED = ("rules", "grammar_states")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seeds: list[int], arrival_time: float):
@@ -102,9 +139,54 @@ class Request:
         self.rules = None
         self.grammar_states: dict = {}
         # Filled position by position by the prefill steps (entry 0 stays None).
-        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         self.finished = False
+
+    def state_dict(self, clock: float) -> dict:
+        """Every attribute as plain values; the sequences as the objects themselves (a
+        sequence is shared with the scheduler: the caller writes each once). Times become
+        ages at ``clock`` (``time.perf_counter`` is per process)."""
+        metrics = dataclasses.asdict(self.metrics)
+        for name in TIMES:
+            if metrics[name] is not None:
+                metrics[name] -= clock
+        return {"request_id": self.request_id, "prompt": self.prompt,
+                "prompt_token_ids": list(self.prompt_token_ids),
+                "params": dataclasses.asdict(self.params), "seeds": list(self.seeds),
+                "metrics": metrics, "finished": self.finished,
+                "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
+                "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
+                "prompt_logprobs": None if self.prompt_logprobs is None else [
+                    e and {t: dataclasses.asdict(lp) for t, lp in e.items()}
+                    for e in self.prompt_logprobs]}
+
+    @classmethod
+    def from_state(cls, state: dict, clock: float) -> "Request":
+        """The request ``state_dict(...)`` describes, its ages turned back into times at
+        ``clock``. ``SamplingParams`` validates the parameters; the sequences are those
+        of ``state`` (the caller rebuilt them)."""
+        request = cls(state["request_id"], state["prompt"], list(state["prompt_token_ids"]),
+                      SamplingParams(**state["params"]), list(state["seeds"]), 0.0)
+        if not isinstance(request.request_id, str) or not all(
+                isinstance(s, int) for s in request.seeds):
+            raise ValueError(f"request {request.request_id!r}: malformed id or seeds")
+        request.metrics = RequestMetrics(**state["metrics"])
+        for name in TIMES:
+            if getattr(request.metrics, name) is not None:
+                setattr(request.metrics, name, getattr(request.metrics, name) + clock)
+        request.finished = bool(state["finished"])
+        request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
+        request.seqs = dict(state["seqs"])
+        request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
+        if state.get("prompt_logprobs") is not None:
+            request.prompt_logprobs = [e and {int(t): Logprob(**lp) for t, lp in e.items()}
+                                       for e in state["prompt_logprobs"]]
+        if (set(request.streams) - set(request.seqs) or len(request.seeds) < max(
+                (s.index + 1 for s in request.streams.values()), default=0)):
+            raise ValueError(f"request {request.request_id!r}: its streams and sequences "
+                             f"disagree")
+        return request
 
     @property
     def beam_width(self) -> int:
@@ -118,7 +200,7 @@ class Request:
             outputs.append(CompletionOutput(
                 stream.index, seq.output_token_ids, stream.text, stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
-                seq.finish_reason))
+                seq.finish_reason, stream.stop_reason))
         return outputs
 
 
@@ -132,9 +214,31 @@ def finished_copy(seq: Sequence, seq_id: str, token: int, reason: str) -> Sequen
     return done
 
 
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
+
+
 def prompt_token_ids(prompt, tokenizer) -> tuple[str | None, list[int]]:
-    """``(text or None, token ids)`` of a prompt: a string (encoded with ``tokenizer``) or
-    a list / array of token ids. Raises ValueError for anything else."""
+    """``(text or None, token ids)`` of a prompt: a string (encoded with ``tokenizer``), a
+    list / array of token ids, or vLLM's prompt dict: ``{"prompt": text}`` or
+    ``{"prompt_token_ids": ids}`` (both: the ids, with the text they came from). Raises
+    ValueError for anything else."""
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+        if unknown or not prompt:
+            raise ValueError(f"a prompt dict holds {' and/or '.join(PROMPT_KEYS)}; "
+                             f"{', '.join(unknown) or 'neither'} is not supported")
+        if "prompt_token_ids" not in prompt:
+            if not isinstance(prompt["prompt"], str):
+                raise ValueError(f"prompt must be a string, got "
+                                 f"{type(prompt['prompt']).__name__}")
+            return prompt_token_ids(prompt["prompt"], tokenizer)
+        ids = prompt["prompt_token_ids"]
+        if isinstance(ids, str):
+            raise ValueError("prompt_token_ids must be a list of token ids, got a string")
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        return text, prompt_token_ids(ids, None)[1]
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("a text prompt needs a tokenizer; this model has none: pass "

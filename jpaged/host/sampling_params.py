@@ -4,6 +4,7 @@ no JAX). The device sampler that reads them is `jpaged.engine.sampler`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 
@@ -38,20 +39,34 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+# vLLM's SamplingParams options jpaged does not have, and why; any other unknown keyword
+# is refused too (a ValueError, as every bad value).
+UNSUPPORTED = {
+    "logits_processors": "jpaged samples on the device and runs no Python logits processors",
+    "output_kind": "jpaged reports cumulative outputs only",
+    "extra_args": "jpaged has no sampling extensions to pass arguments to",
+}
+
+
 @dataclasses.dataclass
 class SamplingParams:
-    """How to generate the continuations of one request (host side).
+    """How to generate the continuations of one request (host side), with vLLM's names and
+    defaults.
 
     temperature 0 is greedy; top_k -1 or 0, top_p 1, min_p 0, repetition_penalty 1 and the
-    other penalties 0 are off. ``stop`` is normalized to a list of strings. ``logprobs``
-    asks for that many top logprobs per generated token besides the sampled token's.
-    ``best_of or n`` sequences are generated (the beam width under beam search) and the
-    best ``n`` returned. ``seed`` fixes the output; without it the engine draws one.
+    other penalties 0 are off. ``max_tokens`` None runs to the context (``max_model_len``).
+    ``stop`` is normalized to a list of strings; ``include_stop_str_in_output`` keeps the
+    stop string at the end of the text. ``logprobs`` asks for that many top logprobs per
+    generated token besides the sampled token's. ``best_of or n`` sequences are generated
+    (the beam width under beam search) and the best ``n`` returned. ``seed`` fixes the
+    output; without it the engine draws one. ``detokenize`` False leaves the text empty
+    (token ids only); ``skip_special_tokens`` drops special tokens from the text;
+    ``truncate_prompt_tokens`` keeps only the prompt's last that many tokens.
     ``prompt_logprobs`` asks for the logprob of every prompt token after the first and
     that many top alternatives (at most ``MAX_PROMPT_LOGPROBS``), computed in the prefill.
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -68,6 +83,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     length_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True
+    truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
@@ -81,8 +101,9 @@ class SamplingParams:
     structured_outputs: "StructuredOutputsParams | dict | None" = None
 
     def __post_init__(self):
-        self.max_tokens = _integer("max_tokens", self.max_tokens)
-        _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens is not None:
+            self.max_tokens = _integer("max_tokens", self.max_tokens)
+            _check(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
         self.temperature = _number("temperature", self.temperature)
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         self.top_k = _integer("top_k", self.top_k)
@@ -126,6 +147,21 @@ class SamplingParams:
                    f"{self.prompt_logprobs}")
         self._check_token_rules()
         self._check_guided()
+        for name in ("skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output", "detokenize"):
+            setattr(self, name, _flag(name, getattr(self, name)))
+        # Fast tokenizers (the only kind jpaged loads) join special tokens as their decoder
+        # says, as Hugging Face's do: there is no spacing to turn off.
+        _check(self.spaces_between_special_tokens, "spaces_between_special_tokens=False is "
+               "not supported: jpaged's fast tokenizers decode special tokens as their "
+               "decoder joins them")
+        _check(self.detokenize or not self.stop, f"stop strings {self.stop} need "
+               f"detokenize=True")
+        if self.truncate_prompt_tokens is not None:
+            self.truncate_prompt_tokens = _integer("truncate_prompt_tokens",
+                                                   self.truncate_prompt_tokens)
+            _check(self.truncate_prompt_tokens >= 1, f"truncate_prompt_tokens must be >= 1, "
+                   f"got {self.truncate_prompt_tokens}")
         if self.use_beam_search:
             self._check_beam_search()
 
@@ -146,7 +182,7 @@ class SamplingParams:
                 bias[token] = value
             self.logit_bias = bias
         self.min_tokens = _integer("min_tokens", self.min_tokens)
-        _check(0 <= self.min_tokens <= self.max_tokens,
+        _check(0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
                f"{self.min_tokens}")
         if self.allowed_token_ids is not None:
@@ -260,6 +296,25 @@ class SamplingParams:
         if self.seed is None:
             return [int(s) for s in rng.integers(0, 2**32, size=self.num_sequences)]
         return [derive_seed(self.seed, i) for i in range(self.num_sequences)]
+
+
+def _refuse_unknown_options(init):
+    """``SamplingParams(...)`` with an option it does not have is a ValueError naming it
+    (vLLM's reason when jpaged knows the option), not a TypeError."""
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        known = {field.name for field in dataclasses.fields(SamplingParams)}
+        for name in kwargs:
+            if name not in known:
+                why = UNSUPPORTED.get(name, f"the options are {', '.join(sorted(known))}")
+                raise ValueError(f"SamplingParams option {name}= is not supported: {why}")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+SamplingParams.__init__ = _refuse_unknown_options(SamplingParams.__init__)
 
 
 @dataclasses.dataclass

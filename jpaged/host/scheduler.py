@@ -8,7 +8,6 @@ token, and one step may mix both.
 import bisect
 import dataclasses
 import heapq
-import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -169,9 +168,48 @@ class Scheduler:
         self.swapped: list[Sequence] = []   # sorted by Sequence.order
         self.seqs: dict[str, Sequence] = {}                # live sequences by seq_id
         self.requests: dict[str, list[Sequence]] = {}      # live sequences by request id
-        self._arrivals = itertools.count()
-        self._forks = itertools.count(1)
+        self.next_arrival = 0
+        self.next_fork = 1
         self.num_preemptions = 0
+
+    # Attributes ``state_dict`` leaves out: the constructor's options, what they determine,
+    # and ``_tables``, a mirror of the block tables rebuilt on demand.
+    DERIVED = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "policy",
+               "preemption_mode", "static_batching", "max_len", "max_pages_per_seq", "_tables")
+
+    def state_dict(self) -> dict:
+        """The queues, counters and the block manager's state (``block_manager``). The
+        sequences are the objects themselves, shared with the requests: the caller writes
+        each once (see ``jpaged.engine.snapshot``)."""
+        return {"seqs": dict(self.seqs), "waiting": list(self.waiting),
+                "running": list(self.running), "swapped": list(self.swapped),
+                "requests": {rid: list(group) for rid, group in self.requests.items()},
+                "next_arrival": self.next_arrival, "next_fork": self.next_fork,
+                "num_preemptions": self.num_preemptions,
+                "block_manager": self.block_manager.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the state of ``state_dict`` (of a scheduler with these options), then
+        ``check`` it: a ValueError names the first broken rule, and the scheduler must not
+        be used after one."""
+        self.block_manager.load_state_dict(state["block_manager"])
+        self.seqs = dict(state["seqs"])
+        self.waiting = list(state["waiting"])
+        heapq.heapify(self.waiting)
+        self.running, self.swapped = sorted(state["running"]), sorted(state["swapped"])
+        self.requests = {rid: list(group) for rid, group in state["requests"].items()}
+        self.next_arrival = state["next_arrival"]
+        self.next_fork = state["next_fork"]
+        self.num_preemptions = state["num_preemptions"]
+        self._tables = TableRows(self.max_num_seqs, self.max_pages_per_seq)
+        for name in ("next_arrival", "next_fork", "num_preemptions"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected an int >= 0")
+        try:
+            self.check()
+        except RuntimeError as error:
+            raise ValueError(f"inconsistent scheduler state: {error}") from None
 
     # -- requests --------------------------------------------------------------------
 
@@ -197,7 +235,8 @@ class Scheduler:
                              f"{cdiv(len(prompt), bm.page_size)} pages, the pool can give one "
                              f"sequence {bm.num_usable_pages}")
         if order is None:
-            order = (priority if self.policy == "priority" else 0, next(self._arrivals), 0)
+            order = (priority if self.policy == "priority" else 0, self.next_arrival, 0)
+            self.next_arrival += 1
         seq = Sequence(request_id, prompt, max_tokens, order=order, extra_keys=extra_keys)
         self.seqs[request_id] = seq
         self.requests[request_id] = [seq]
@@ -218,7 +257,8 @@ class Scheduler:
         if child_id in self.seqs:
             raise ValueError(f"sequence id {child_id!r} is already in use")
         child = Sequence(child_id, seq.token_ids, seq.max_tokens, request_id=seq.request_id,
-                         order=seq.order[:2] + (next(self._forks),), extra_keys=seq.extra_keys)
+                         order=seq.order[:2] + (self.next_fork,), extra_keys=seq.extra_keys)
+        self.next_fork += 1
         if token_id is not None:
             child.token_ids[-1] = int(token_id)
         child.num_prompt_tokens = seq.num_prompt_tokens
@@ -380,48 +420,55 @@ class Scheduler:
         return stopped
 
     def check(self) -> None:
-        """Check the host state between steps (tests, soaks, debugging): every live
-        sequence sits in the queue of its status holding the pages that status allows, a
-        running one has a token left to compute (else it would never be scheduled again),
-        each page's ref count equals the block tables holding it, the free queue holds
-        exactly the pages nobody holds, and host pages are free or held, once. Raises
-        RuntimeError naming the first broken rule."""
+        """Check the host state between steps (tests, soaks, debugging, restored
+        snapshots): every live sequence sits once in the queue of its status and in its
+        request's group, holding the pages that status allows, in range; a running one has
+        a token left to compute (else it would never be scheduled again) and no more
+        tokens than ``max_len``; orders are unique (the queues bisect on them); then the
+        block manager's ``check_pages`` (ref counts equal holders, the free queue holds
+        exactly the pages nobody holds, host pages free or held once). Raises RuntimeError
+        naming the first broken rule."""
         bm, holders, host = self.block_manager, [0] * self.block_manager.num_pages, []
         queues = {RUNNING: self.running, SWAPPED: self.swapped, WAITING: self.waiting}
         if sum(map(len, queues.values())) != len(self.seqs):
             raise RuntimeError(f"{len(self.seqs)} live sequences, "
                                f"{sum(map(len, queues.values()))} queued")
         where = {id(seq): status for status, queue in queues.items() for seq in queue}
-        for seq in self.seqs.values():
+        grouped = {id(seq): rid for rid, group in self.requests.items() for seq in group}
+        if len(grouped) != len(self.seqs) or not all(self.requests.values()):
+            raise RuntimeError(f"{len(self.seqs)} live sequences, {len(grouped)} in request "
+                               f"groups")
+        if len({seq.order for seq in self.seqs.values()}) != len(self.seqs):
+            raise RuntimeError("two live sequences share a place in the queues (order)")
+        for seq_id, seq in self.seqs.items():
+            if seq.seq_id != seq_id or grouped.get(id(seq)) != seq.request_id:
+                raise RuntimeError(f"{seq} is filed under {seq_id!r} / request "
+                                   f"{grouped.get(id(seq))!r}")
             if where.get(id(seq)) is not seq.status:
                 raise RuntimeError(f"{seq} is not in the queue of its status")
             if (bool(seq.block_table), bool(seq.host_table)) != HOLDS[seq.status]:
                 raise RuntimeError(f"{seq} holds {len(seq.block_table)} pages and "
                                    f"{len(seq.host_table)} host pages")
-            if seq.status is RUNNING and not (
+            pages = seq.block_table or seq.host_table
+            if seq.num_tokens > self.max_len or len(pages) > self.max_pages_per_seq:
+                raise RuntimeError(f"{seq} is longer than max_len={self.max_len} tokens or "
+                                   f"{self.max_pages_per_seq} pages")
+            if seq.status is not WAITING and not (
                     seq.num_computed_tokens < seq.num_tokens
-                    and seq.num_computed_tokens <= len(seq.block_table) * bm.page_size):
+                    and seq.num_computed_tokens <= len(pages) * bm.page_size):
                 raise RuntimeError(f"{seq} has nothing left to compute or too few pages "
-                                   f"({len(seq.block_table)})")
+                                   f"({len(pages)})")
             if seq.status is WAITING and seq.num_computed_tokens:
                 raise RuntimeError(f"{seq} is waiting with computed tokens")
+            if len(seq.cache_keys) > len(pages):
+                raise RuntimeError(f"{seq}: {len(seq.cache_keys)} prefix-cache keys for "
+                                   f"{len(pages)} pages")
             for page in seq.block_table:
+                if not 0 < page < bm.num_pages:
+                    raise RuntimeError(f"{seq} holds page {page}, outside [1, {bm.num_pages})")
                 holders[page] += 1
             host += seq.host_table
-        for page in range(1, bm.num_pages):
-            if bm.ref_counts[page] != holders[page]:
-                raise RuntimeError(f"page {page}: ref count {bm.ref_counts[page]}, held by "
-                                   f"{holders[page]} block tables")
-            if (page in bm.free_queue) != (holders[page] == 0):
-                raise RuntimeError(f"page {page}: held by {holders[page]}, "
-                                   f"{'' if page in bm.free_queue else 'not '}in the free queue")
-        if holders[0] or bm.ref_counts[0]:
-            raise RuntimeError("the null page is held")
-        if sorted(host + bm.host_free) != list(range(bm.num_host_pages)):
-            raise RuntimeError(f"host pages: {sorted(host)} held, {sorted(bm.host_free)} free")
-        for page, key in bm.page_keys.items():
-            if bm.cache.get(key, (None,))[0] != page:
-                raise RuntimeError(f"page {page}: its prefix-cache entry names another page")
+        bm.check_pages(holders, host)
 
     def metrics(self) -> dict:
         return {**self.block_manager.metrics(self.running), "num_running": len(self.running),

@@ -8,7 +8,6 @@ device work overlaps the others' (JAX releases the GIL while a step runs).
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,20 @@ class Router:
         self.capacity = capacity
         self.prefix_aware = prefix_aware
         self.pages: list[OrderedDict] = [OrderedDict() for _ in range(num_replicas)]
+
+    DERIVED = ("page_size", "capacity", "prefix_aware")   # the constructor's options
+
+    def state_dict(self) -> dict:
+        """Each replica's page keys, least recently used first."""
+        return {"pages": [list(pages) for pages in self.pages]}
+
+    def load_state_dict(self, state: dict) -> None:
+        pages = state["pages"]
+        if len(pages) != len(self.pages) or not all(
+                isinstance(k, int) for keys in pages for k in keys):
+            raise ValueError(f"router state for {len(pages)} replicas (of int page keys), "
+                             f"this router has {len(self.pages)}")
+        self.pages = [OrderedDict.fromkeys(keys[-self.capacity:]) for keys in pages]
 
     def _keys(self, token_ids) -> list[int]:
         """One key per full page of the prompt, chained so a key names the whole prefix."""
@@ -96,14 +109,42 @@ class Replicas:
         self.router = Router(len(self.engines), block_manager.page_size,
                              block_manager.num_usable_pages, prefix_routing)
         self.owner: dict[str, int] = {}   # unfinished request id -> replica
-        self._ids = itertools.count()
+        self.next_id = 0                  # of requests added without an id
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="replica")
         self.tokenizer = self.engines[0].tokenizer
+
+    # Attributes ``state_dict`` leaves out: each engine saves its own state (a snapshot
+    # writes one per replica), the thread pool and the tokenizer are built anew.
+    DERIVED = ("engines", "_pool", "tokenizer")
+
+    def state_dict(self) -> dict:
+        """The router's state: request owners, the id counter and the router's record."""
+        return {"owner": dict(self.owner), "next_id": self.next_id,
+                "router": self.router.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take ``state_dict``'s state; the engines' states are loaded apart, first: every
+        owner must name a replica that follows that request."""
+        owner = dict(state["owner"])
+        if not all(isinstance(r, int) and 0 <= r < len(self.engines) for r in owner.values()):
+            raise ValueError(f"a request is routed to a replica outside [0, "
+                             f"{len(self.engines)})")
+        for replica, engine in enumerate(self.engines):
+            for request_id in engine.requests:
+                if owner.get(request_id) != replica:
+                    raise ValueError(f"replica {replica} follows request {request_id!r}, the "
+                                     f"router says replica {owner.get(request_id)!r}")
+        if isinstance(state["next_id"], bool) or not isinstance(state["next_id"], int):
+            raise ValueError(f"next_id={state['next_id']!r}: expected an int")
+        self.router.load_state_dict(state["router"])
+        self.owner, self.next_id = owner, state["next_id"]
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
                     priority: int = 0) -> str:
         """Queue a prompt on the replica the router picks; returns its request id."""
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:
+            request_id, self.next_id = str(self.next_id), self.next_id + 1
+        request_id = str(request_id)
         if request_id in self.owner:
             raise ValueError(f"request id {request_id!r} is already in use")
         # The engine's own rule: a bad prompt is refused here, before any replica sees it.
@@ -140,6 +181,11 @@ class Replicas:
             if output.finished:
                 self.owner.pop(output.request_id, None)
         return outputs
+
+    def warm_up(self) -> int:
+        """Each replica's ``LLMEngine.warm_up`` (a replica's devices compile their own
+        programs); returns the step shapes of one."""
+        return max(e.warm_up() for e in self.engines)
 
     @property
     def num_compilations(self) -> int:

@@ -41,7 +41,13 @@ def _bench(args) -> None:
             json.dump(results, f, indent=2)
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
 def _serve(args) -> None:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ValueError(f"two models: {args.model_tag!r} and --model {args.model!r}")
+    args.model = args.model_tag or args.model or "tiny"
     try:
         import jinja2, prometheus_client, starlette, uvicorn  # noqa: F401, E401
     except ImportError as error:
@@ -137,8 +143,10 @@ def main(argv=None) -> None:
                                 "/v1/completions, /v1/chat/completions, /v1/models, /health, "
                                 "/metrics. Needs the [serve] extra (starlette, uvicorn, "
                                 "prometheus-client, jinja2).")
-    serve.add_argument("--model", default="tiny",
-                       help="checkpoint directory, or 'tiny' for the embedded random model")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="checkpoint directory, or 'tiny' (as vLLM: jpaged serve MODEL)")
+    serve.add_argument("--model", default=None,
+                       help="the same as MODEL (default: 'tiny', the embedded random model)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000)
@@ -146,8 +154,19 @@ def main(argv=None) -> None:
                        help="the model name clients send (default: --model)")
     serve.add_argument("--chat-template", default=None,
                        help="a Jinja chat template file (default: the checkpoint's)")
+    serve.add_argument("--api-key", default=None,
+                       help="clients must send 'Authorization: Bearer KEY' to every /v1 "
+                       "route (default: $JPAGED_API_KEY, else $VLLM_API_KEY; none: open)")
+    serve.add_argument("--disable-log-requests", action="store_true",
+                       help="do not log each request's prompt length and sampling params")
+    serve.add_argument("--max-log-len", type=int, default=None,
+                       help="log at most this many prompt characters / token ids")
+    serve.add_argument("--log-level", "--uvicorn-log-level", dest="log_level",
+                       default="info", choices=LOG_LEVELS,
+                       help="the server's log level (vLLM: --uvicorn-log-level)")
+    serve.add_argument("--disable-uvicorn-access-log", action="store_true",
+                       help="no access log line per HTTP request")
     add_engine_arguments(serve)
-    serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=_serve)
 
     dist = commands.add_parser("distributed", help="one engine over several processes",

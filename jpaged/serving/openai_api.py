@@ -2,22 +2,20 @@
 
 Request bodies (already parsed JSON) become prompts and ``SamplingParams``; a bad value
 becomes a ``RequestError`` that renders as OpenAI's error body. Engine outputs become
-OpenAI's completion / chat-completion objects and streaming chunks. ``ChatTemplate``
-renders a checkpoint's chat template with Jinja2 the way Hugging Face's
-``apply_chat_template`` does.
+OpenAI's completion / chat-completion objects and streaming chunks. Chat templates live
+in ``jpaged.host.chat``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import itertools
 import json
 import os
 import re
 import time
 
-import numpy as np
-
+from jpaged.host import chat
 from jpaged.host.sampling_params import SamplingParams
 
 # OpenAI caps top logprobs at 20 (chat) and 5 (completions); jpaged allows 20 for both.
@@ -62,11 +60,16 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
+def model_not_found(model, served_name: str) -> RequestError:
+    """OpenAI's (and vLLM's) answer to an unknown model: a 404."""
+    return RequestError(f"the model {model!r} does not exist; this server serves "
+                        f"{served_name!r}", param="model", code="model_not_found", status=404)
+
+
 def check_model(body: dict, served_name: str) -> None:
     model = body.get("model", served_name)
     if model != served_name:
-        raise RequestError(f"the model {model!r} does not exist; this server serves "
-                           f"{served_name!r}", param="model", code="model_not_found")
+        raise model_not_found(model, served_name)
 
 
 def flag(body: dict, name: str, default: bool = False) -> bool:
@@ -219,90 +222,11 @@ def chat_params(body: dict, default_max_tokens: int) -> SamplingParams:
 
 
 def chat_messages(body: dict) -> list[dict]:
-    """The messages as ``{"role": str, "content": str}``; text parts of a list are joined."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(f"messages must be a non-empty list, got {messages!r}"[:300],
-                           param="messages")
-    result = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"messages[{i}] must be an object with a string role",
-                               param="messages")
-        content = message.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in content):
-                raise RequestError(f"messages[{i}].content: only text parts are supported",
-                                   param="messages")
-            content = "".join(p["text"] for p in content)
-        if content is not None and not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string or a list of text "
-                               f"parts, got {content!r}"[:300], param="messages")
-        result.append({**message, "content": content or ""})
-    return result
-
-
-class ChatTemplate:
-    """A checkpoint's chat template (``chat_template`` in ``tokenizer_config.json``, or
-    ``chat_template.jinja``), rendered in a sandbox as Hugging Face's ``apply_chat_template``
-    does: ``messages``, ``add_generation_prompt=True``, the special tokens by name,
-    ``raise_exception`` and ``strftime_now``."""
-
-    def __init__(self, source: str, special_tokens: dict[str, str]):
-        from jinja2 import ext, sandbox
-
-        env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                    extensions=[ext.loopcontrols])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-        self.template = env.from_string(source)
-        self.special_tokens = special_tokens
-
-    @classmethod
-    def from_directory(cls, directory: str) -> "ChatTemplate | None":
-        """The template of the checkpoint in ``directory``, or None when it has none."""
-        config = {}
-        path = os.path.join(directory, "tokenizer_config.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                config = json.load(f)
-        source = config.get("chat_template")
-        if isinstance(source, list):   # named templates: the default one
-            source = next((t["template"] for t in source if t.get("name") == "default"), None)
-        jinja_path = os.path.join(directory, "chat_template.jinja")
-        if source is None and os.path.isfile(jinja_path):
-            with open(jinja_path) as f:
-                source = f.read()
-        if source is None:
-            return None
-        special = {}
-        for name, token in config.items():
-            if name.endswith("_token") and token is not None:
-                special[name] = token["content"] if isinstance(token, dict) else token
-        return cls(source, special)
-
-    def render(self, messages: list[dict]) -> str:
-        from jinja2 import TemplateError
-
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=True,
-                                        tools=None, **self.special_tokens)
-        except TemplateError as error:
-            raise RequestError(f"the chat template rejected the messages: {error}",
-                               param="messages") from None
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _raise_exception(message):
-    from jinja2 import TemplateError
-
-    raise TemplateError(message)
+    """The body's messages (``jpaged.host.chat.chat_messages``)."""
+    try:
+        return chat.chat_messages(body.get("messages"))
+    except ValueError as error:
+        raise RequestError(str(error), param="messages") from None
 
 
 # -- responses ---------------------------------------------------------------------------
@@ -372,10 +296,11 @@ class Renderer:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _logprobs(self, completion, first: int, prompt=None):
+    def _logprobs(self, completion, first: int, offset: int = 0, prompt=None):
         """The logprobs of tokens ``first:`` of ``completion`` in the endpoint's format;
-        ``prompt``: the ``RequestOutput`` whose prompt tokens and logprobs come first
-        (echo)."""
+        ``offset``: the characters of text before them (``text_offset`` counts on from
+        there by each token's text, as vLLM's); ``prompt``: the ``RequestOutput`` whose
+        prompt tokens and logprobs come first (echo; the first prompt token's are null)."""
         if self.logprobs is None or completion.logprobs is None:
             return None
         ids = completion.token_ids[first:]
@@ -385,18 +310,19 @@ class Renderer:
                 ids, entries = prompt.prompt_token_ids + ids, prompt.prompt_logprobs + entries
             tokens = [self._token(t) for t in ids]
             return {"tokens": tokens,
-                    "token_logprobs": [e and e[t] for t, e in zip(ids, entries)],
-                    "top_logprobs": [e and {self._token(k): v for k, v in self._top(e, t)}
-                                     for t, e in zip(ids, entries)],
-                    "text_offset": [int(x) for x in np.cumsum([0] + [len(t) for t in tokens])[:-1]]}
-        return {"content": [{**self._chat_entry(t, e[t]),
-                             "top_logprobs": [self._chat_entry(k, v) for k, v in self._top(e, t)]}
+                    "token_logprobs": [e and e[t].logprob for t, e in zip(ids, entries)],
+                    "top_logprobs": [e and {self._token(k): v for k, v in self._top(e)}
+                                     for e in entries],
+                    "text_offset": list(itertools.accumulate(
+                        [len(t) for t in tokens[:-1]], initial=offset))[:len(tokens)]}
+        return {"content": [{**self._chat_entry(t, e[t].logprob),
+                             "top_logprobs": [self._chat_entry(k, v) for k, v in self._top(e)]}
                             for t, e in zip(ids, entries)]}
 
-    def _top(self, entry: dict, token: int) -> list[tuple[int, float]]:
+    def _top(self, entry: dict) -> list[tuple[int, float]]:
         """The ``logprobs`` most likely tokens (the engine adds the sampled one)."""
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        return ranked[:self.logprobs]
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1].logprob)
+        return [(token, lp.logprob) for token, lp in ranked[:self.logprobs]]
 
     def _chat_entry(self, token_id: int, logprob: float) -> dict:
         token = self._token(token_id)
@@ -420,7 +346,7 @@ class Renderer:
             for completion in output.outputs:
                 choice = {"index": self._index(p, completion),
                           "logprobs": self._logprobs(completion, 0,
-                                                     output if self.echo else None),
+                                                     prompt=output if self.echo else None),
                           "finish_reason": FINISH_REASONS.get(completion.finish_reason, "stop")}
                 text = completion.text or ""
                 if self.kind == "text_completion":
@@ -460,10 +386,11 @@ class Renderer:
             stream = streams[index]
             if stream.finished:
                 continue
+            sent = len(stream.text)
             text, first, finish = stream.advance(completion)
             if not text and finish is None and stream.num_tokens == first:
                 continue
-            choice = {"index": index, "logprobs": self._logprobs(completion, first),
+            choice = {"index": index, "logprobs": self._logprobs(completion, first, sent),
                       "finish_reason": finish}
             if self.kind == "text_completion":
                 choice["text"] = text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import logging
@@ -36,11 +37,11 @@ from jpaged.serving.openai_api import RequestError
 
 log = logging.getLogger("jpaged.serving.server")
 
-# How often a plain (non-streaming) request checks that its client is still connected.
-DISCONNECT_POLL_S = 0.5
 # TTFT / TPOT histogram buckets, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# Tokens per request histogram buckets.
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class Submission:
@@ -89,9 +90,12 @@ class EngineThread:
     """Owns the engine: adds and aborts requests from its queue, steps while any is
     unfinished, and delivers each output to its submission."""
 
-    def __init__(self, engine: Engine, metrics: "ServerMetrics"):
+    def __init__(self, engine: Engine, metrics: "ServerMetrics", warm_up=None, stats=None):
         self.engine = engine
         self.metrics = metrics
+        self.warm_up = warm_up   # run first, then `ready` is set
+        self.stats = stats       # a StatsLogger, or None
+        self.ready = threading.Event()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.owners: dict[str, tuple[Submission, int]] = {}
         self.seen_tokens: dict[str, int] = {}
@@ -126,6 +130,13 @@ class EngineThread:
     # -- the engine thread ---------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.warm_up is not None:
+            try:
+                self.warm_up()
+            except Exception:   # noqa: BLE001 - the server then answers 503 to /health
+                log.exception("warm-up failed; the engine thread stops")
+                return
+        self.ready.set()
         self._snapshot()
         while not self._stopping:
             try:
@@ -188,6 +199,8 @@ class EngineThread:
     def _abort(self, request_id: str) -> None:
         if self.owners.pop(request_id, None) is not None:
             self.seen_tokens.pop(request_id, None)
+            if self.stats is not None:
+                self.stats.forget(request_id)
             self.engine.abort(request_id)
 
     def _step(self) -> None:
@@ -196,6 +209,8 @@ class EngineThread:
         except Exception as error:   # noqa: BLE001 - every waiting client gets the error
             self._fail_all("the engine step failed", error)
             return
+        if self.stats is not None:
+            self.stats.observe(outputs)
         for output in outputs:
             owner = self.owners.get(output.request_id)
             if owner is None:
@@ -230,41 +245,82 @@ class EngineThread:
 class ServerMetrics:
     """The Prometheus registry behind ``/metrics``: the engine's gauges and counters
     (a snapshot the engine thread takes after every step), token counters and latency
-    histograms."""
+    histograms.
 
-    def __init__(self):
+    jpaged's ``jpaged_*`` series are the primary ones; every concept vLLM also exports is
+    there a second time under vLLM's name and labels (``vllm:num_requests_running``,
+    ``vllm:gpu_cache_usage_perc``, ``vllm:time_to_first_token_seconds``, ... with
+    ``model_name``), so dashboards built for vLLM work unchanged. Request latency and
+    per-request token histograms exist only under vLLM's names."""
+
+    def __init__(self, model_name: str = "jpaged"):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         self.snapshot: dict = {}
-        self.prompt_tokens = Counter("jpaged_prompt_tokens", "Prompt tokens of admitted "
-                                     "requests", registry=self.registry)
-        self.generation_tokens = Counter("jpaged_generation_tokens", "Generated tokens",
-                                         registry=self.registry)
+
+        def both(kind, name: str, vllm_name: str, doc: str, **options):
+            """The jpaged series and vLLM's twin (labelled with the model)."""
+            return (kind(name, doc, registry=self.registry, **options),
+                    kind(vllm_name, doc, ["model_name"], registry=self.registry,
+                         **options).labels(model_name))
+
+        def vllm_only(kind, name: str, doc: str, **options):
+            return kind(name, doc, ["model_name"], registry=self.registry,
+                        **options).labels(model_name)
+
+        self.prompt_tokens = both(Counter, "jpaged_prompt_tokens", "vllm:prompt_tokens",
+                                  "Prompt tokens of admitted requests")
+        self.generation_tokens = both(Counter, "jpaged_generation_tokens",
+                                      "vllm:generation_tokens", "Generated tokens")
         self.requests = Counter("jpaged_request_success", "Finished requests",
                                 ["finished_reason"], registry=self.registry)
-        self.ttft = Histogram("jpaged_time_to_first_token_seconds", "Time to first token",
-                              buckets=TTFT_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("jpaged_time_per_output_token_seconds",
-                              "Time per output token after the first", buckets=TPOT_BUCKETS,
-                              registry=self.registry)
+        self.vllm_requests = Counter("vllm:request_success", "Finished requests",
+                                     ["model_name", "finished_reason"], registry=self.registry)
+        self.ttft = both(Histogram, "jpaged_time_to_first_token_seconds",
+                         "vllm:time_to_first_token_seconds", "Time to first token",
+                         buckets=TTFT_BUCKETS)
+        self.tpot = both(Histogram, "jpaged_time_per_output_token_seconds",
+                         "vllm:time_per_output_token_seconds",
+                         "Time per output token after the first", buckets=TPOT_BUCKETS)
+        self.e2e = vllm_only(Histogram, "vllm:e2e_request_latency_seconds",
+                             "Arrival to last token", buckets=TTFT_BUCKETS)
+        self.request_prompt_tokens = vllm_only(Histogram, "vllm:request_prompt_tokens",
+                                               "Prompt tokens per request",
+                                               buckets=TOKEN_BUCKETS)
+        self.request_generation_tokens = vllm_only(Histogram, "vllm:request_generation_tokens",
+                                                   "Generated tokens per request",
+                                                   buckets=TOKEN_BUCKETS)
         self.registry.register(_EngineCollector(self))
 
     def observe_engine(self, snapshot: dict) -> None:
         self.snapshot = snapshot   # one reference swap: readers see a whole snapshot
 
     def observe_output(self, output, new_tokens: int, first: bool) -> None:
-        self.generation_tokens.inc(new_tokens)
+        for counter in self.generation_tokens:
+            counter.inc(new_tokens)
         if first:
-            self.prompt_tokens.inc(len(output.prompt_token_ids))
+            for counter in self.prompt_tokens:
+                counter.inc(len(output.prompt_token_ids))
             ttft = output.metrics.time_to_first_token
             if ttft is not None:
-                self.ttft.observe(ttft)
+                for histogram in self.ttft:
+                    histogram.observe(ttft)
         if output.finished:
-            self.requests.labels(output.finish_reason or "abort").inc()
-            tpot = output.metrics.time_per_output_token
-            if tpot is not None and output.metrics.num_output_tokens > 1:
-                self.tpot.observe(tpot)
+            reason = output.finish_reason or "abort"
+            self.requests.labels(reason).inc()
+            self.vllm_requests.labels(self.model_name, reason).inc()
+            metrics = output.metrics
+            tpot = metrics.time_per_output_token
+            if tpot is not None and metrics.num_output_tokens > 1:
+                for histogram in self.tpot:
+                    histogram.observe(tpot)
+            if metrics.finished_time is not None:
+                self.e2e.observe(metrics.finished_time - metrics.arrival_time)
+            self.request_prompt_tokens.observe(len(output.prompt_token_ids))
+            self.request_generation_tokens.observe(
+                sum(len(c.token_ids) for c in output.outputs))
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -273,7 +329,8 @@ class ServerMetrics:
 
 
 class _EngineCollector:
-    """Exposes the latest engine snapshot (``Engine.metrics()``)."""
+    """Exposes the latest engine snapshot (``Engine.metrics()``), under jpaged's names and
+    (``VLLM_*``) vLLM's."""
 
     GAUGES = {
         "num_running": ("jpaged_num_requests_running", "Sequences running"),
@@ -297,6 +354,18 @@ class _EngineCollector:
         "num_compilations": ("jpaged_step_compilations", "Step programs compiled (a new "
                              "shape bucket); each costs a pause"),
     }
+    # vLLM's names for the same snapshot values (v0 and v1 spellings where they differ).
+    VLLM_GAUGES = {
+        "num_running": ("vllm:num_requests_running",),
+        "num_waiting": ("vllm:num_requests_waiting",),
+        "num_swapped": ("vllm:num_requests_swapped",),
+        "kv_usage": ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    }
+    VLLM_COUNTERS = {
+        "num_preemptions": ("vllm:num_preemptions",),
+        "prefix_hit_tokens": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
+        "prefix_query_tokens": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
+    }
 
     def __init__(self, metrics: ServerMetrics):
         self.metrics = metrics
@@ -311,35 +380,67 @@ class _EngineCollector:
         for key, (name, doc) in self.COUNTERS.items():
             if key in snapshot:
                 yield CounterMetricFamily(name, doc, value=snapshot[key])
+        if "used_pages" in snapshot and snapshot.get("num_pages", 0) > 1:
+            # vLLM's KV cache usage: the fraction of the pool's usable pages held.
+            snapshot = {**snapshot, "kv_usage": snapshot["used_pages"]
+                        / (snapshot["num_pages"] - 1)}
+        model = [self.metrics.model_name]
+        for table, family in ((self.VLLM_GAUGES, GaugeMetricFamily),
+                              (self.VLLM_COUNTERS, CounterMetricFamily)):
+            for key, names in table.items():
+                if key not in snapshot:
+                    continue
+                for name in names:
+                    metric = family(name, f"jpaged's {key} under vLLM's name",
+                                    labels=["model_name"])
+                    metric.add_metric(model, snapshot[key])
+                    yield metric
 
 
 class Server:
     """The ASGI app over one engine thread.
 
     name: the model name clients send (``GET /v1/models`` lists it); chat_template: a
-    ``openai_api.ChatTemplate`` or None (then ``/v1/chat/completions`` answers 400);
+    ``jpaged.host.chat.ChatTemplate`` or None (then ``/v1/chat/completions`` answers 400);
     max_model_len: the context, which bounds a chat answer that sets no ``max_tokens``.
+    api_key: every ``/v1`` route then needs ``Authorization: Bearer <api_key>``.
+    warm_up: run on the engine thread before the first request (``LLM.warm_up``);
+    ``/health`` answers 503 until it is done. log_requests: log each request (its prompt
+    cut to ``max_log_len`` characters or ids). sampling_defaults: ``SamplingParams``
+    fields a request that leaves them unset gets (``LLM.get_default_sampling_params``).
+    log_stats: the periodic stats line (``jpaged.engine.stats``).
     """
 
     def __init__(self, engine: Engine, name: str, *, chat_template=None,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, api_key: str | None = None, warm_up=None,
+                 log_requests: bool = False, max_log_len: int | None = None,
+                 sampling_defaults: dict | None = None, log_stats: bool = False):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
         from starlette.routing import Route
+
+        from jpaged.engine.stats import StatsLogger
 
         self.engine = engine
         self.name = name
         self.chat_template = chat_template
         self.max_model_len = max_model_len
         self.tokenizer = engine.tokenizer
-        self.metrics = ServerMetrics()
-        self.engine_thread = EngineThread(engine, self.metrics)
+        self.log_requests = log_requests
+        self.max_log_len = max_log_len
+        self.sampling_defaults = dict(sampling_defaults or {})
+        self.metrics = ServerMetrics(name)
+        self.engine_thread = EngineThread(engine, self.metrics, warm_up,
+                                          StatsLogger(engine) if log_stats else None)
         self.app = Starlette(
             routes=[Route("/v1/completions", self.completions, methods=["POST"]),
                     Route("/v1/chat/completions", self.chat, methods=["POST"]),
                     Route("/v1/models", self.models, methods=["GET"]),
+                    Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                     Route("/health", self.health, methods=["GET"]),
                     Route("/metrics", self.prometheus, methods=["GET"])],
+            middleware=[Middleware(ApiKeyCheck, api_key=api_key)] if api_key else [],
             exception_handlers={HTTPException: self._http_error},
             lifespan=self._lifespan)
 
@@ -353,7 +454,7 @@ class Server:
 
     async def completions(self, request):
         try:
-            body = openai_api.parse_body(await request.body())
+            body = self._with_defaults(openai_api.parse_body(await request.body()))
             openai_api.check_model(body, self.name)
             prompts, params = openai_api.completion_request(body)
             self._fit_context(body, prompts, params)
@@ -363,7 +464,7 @@ class Server:
 
     async def chat(self, request):
         try:
-            body = openai_api.parse_body(await request.body())
+            body = self._with_defaults(openai_api.parse_body(await request.body()))
             openai_api.check_model(body, self.name)
             if self.chat_template is None:
                 raise RequestError(f"the model {self.name!r} has no chat template (no "
@@ -373,7 +474,10 @@ class Server:
             if self.tokenizer is None:
                 raise RequestError(f"the model {self.name!r} has no tokenizer",
                                    param="messages")
-            text = self.chat_template.render(openai_api.chat_messages(body))
+            try:
+                text = self.chat_template.render(openai_api.chat_messages(body))
+            except ValueError as error:
+                raise RequestError(str(error), param="messages") from None
             # The template writes the special tokens itself, as with Hugging Face.
             token_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
             room = max(self.max_model_len - len(token_ids), 1)
@@ -401,17 +505,33 @@ class Server:
             for length in lengths:
                 openai_api.check_context(length, params.max_tokens, self.max_model_len)
 
+    def _with_defaults(self, body: dict) -> dict:
+        """``body`` with the server's sampling defaults for the fields it leaves unset."""
+        return {**body, **{k: v for k, v in self.sampling_defaults.items()
+                           if body.get(k) is None}}
+
+    def _model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": 0, "owned_by": "jpaged",
+                "root": self.name, "max_model_len": self.max_model_len}
+
     async def models(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"object": "list", "data": [{
-            "id": self.name, "object": "model", "created": 0, "owned_by": "jpaged",
-            "max_model_len": self.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request):
+        from starlette.responses import JSONResponse
+
+        name = request.path_params["model"]
+        if name != self.name:
+            return self._error(openai_api.model_not_found(name, self.name))
+        return JSONResponse(self._model_card())
 
     async def health(self, request):
         from starlette.responses import Response
 
-        return Response(status_code=200 if self.engine_thread.alive else 503)
+        ready = self.engine_thread.alive and self.engine_thread.ready.is_set()
+        return Response(status_code=200 if ready else 503)
 
     async def prometheus(self, request):
         from prometheus_client import CONTENT_TYPE_LATEST
@@ -436,6 +556,9 @@ class Server:
                                      openai_api.flag(body, "return_token_ids"), echo=echo,
                                      drop_output=echo and body.get("max_tokens") == 0)
         submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop())
+        if self.log_requests:
+            log.info("Received request %s: prompt: %s, params: %s", renderer.id,
+                     self._loggable(prompts), params)
         try:
             await submission.accepted()
         except BaseException:
@@ -451,20 +574,28 @@ class Server:
             return Response(status_code=499)
         return JSONResponse(renderer.response(outputs))
 
+    def _loggable(self, prompts: list) -> list:
+        if self.max_log_len is None:
+            return prompts
+        return [p[:self.max_log_len] for p in prompts]
+
     async def _collect(self, request, submission: Submission) -> list | None:
         """The finished output of every prompt, or None (the requests aborted) if the
-        client goes away first."""
+        client goes away first: the abort reaches the engine thread's queue as soon as
+        the connection closes, so the requests stop within a step."""
         last: dict[int, Any] = {}
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
             while not submission.done:
-                try:
-                    index, output = await submission.next(DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
+                arrived = asyncio.ensure_future(submission.next())
+                await asyncio.wait({arrived, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not arrived.done():
+                    arrived.cancel()
+                    return None
+                index, output = arrived.result()
                 last[index] = output
         finally:
+            gone.cancel()
             if not submission.done:
                 self.engine_thread.abort(submission)
         return [last[i] for i in range(len(submission.request_ids))]
@@ -514,35 +645,86 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
+async def _disconnected(request) -> None:
+    """Returns when the client closes its connection (ASGI's ``http.disconnect``; the
+    request body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <api_key>``, or
+    it is a 401 with OpenAI's error body; ``/health`` and ``/metrics`` stay open (as
+    vLLM's ``--api-key``)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"].startswith("/v1")
+                and scope["method"] != "OPTIONS"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                from starlette.responses import JSONResponse
+
+                error = RequestError("missing or wrong API key: send the header "
+                                     "'Authorization: Bearer <key>'", status=401,
+                                     kind="authentication_error", code="invalid_api_key")
+                await JSONResponse(error.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, *, name: str = "jpaged",
-          chat_template=None, log_level: str = "info") -> None:
-    """Serve ``llm`` (a ``jpaged.LLM``) until interrupted."""
+          chat_template=None, log_level: str = "info", access_log: bool = True,
+          warm_up: bool = True, **options) -> None:
+    """Serve ``llm`` (a ``jpaged.LLM``) until interrupted. warm_up: compile every step
+    shape on the engine thread before the first request (``/health`` answers 503 until
+    then); options: ``Server``'s (api_key, log_requests, max_log_len)."""
     import uvicorn
 
+    started = time.perf_counter()
+
+    def warm_up_then_say_so():
+        llm.warm_up()
+        log.info("ready: warm-up took %.1f s", time.perf_counter() - started)
+
     server = Server(llm.engine, name, chat_template=chat_template,
-                    max_model_len=llm.max_model_len)
+                    max_model_len=llm.max_model_len,
+                    warm_up=warm_up_then_say_so if warm_up else None,
+                    sampling_defaults=llm.generation_defaults,
+                    log_stats=llm.config.log_stats, **options)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+                access_log=access_log, timeout_graceful_shutdown=5)
 
 
 def main(args) -> None:
-    """``jpaged serve``: build the ``LLM`` from the command line's options and serve it."""
+    """``jpaged serve``: build the ``LLM`` from the command line's options and serve it.
+    Unlike ``LLM``, it warms up (``--no-warmup`` or ``--enforce-eager`` skip it) and logs
+    stats (``--disable-log-stats``) unless told otherwise, as vLLM's server."""
     import os
 
     from jpaged.engine.config import options_from_args
     from jpaged.engine.engine import LLM
+    from jpaged.host.chat import ChatTemplate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     options = options_from_args(args)
-    template = None
-    if args.chat_template:
-        with open(args.chat_template) as f:
-            template = openai_api.ChatTemplate(f.read(), {})
-    elif os.path.isdir(args.model):
-        template = openai_api.ChatTemplate.from_directory(args.model)
+    warm_up = options.pop("warmup", True)   # on the engine thread, once the port is open
+    options.setdefault("log_stats", True)
+    api_key = (args.api_key or os.environ.get("JPAGED_API_KEY")
+               or os.environ.get("VLLM_API_KEY"))
     started = time.perf_counter()
     llm = LLM(args.model, **options)
-    log.info("loaded %s in %.1f s; serving on http://%s:%d", args.model,
-             time.perf_counter() - started, args.host, args.port)
+    template = llm.chat_template
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            template = ChatTemplate(f.read(), template.special_tokens if template else {})
+    log.info("loaded %s in %.1f s; serving on http://%s:%d%s", args.model,
+             time.perf_counter() - started, args.host, args.port,
+             " (warming up: /health answers 503 until ready)" if warm_up else "")
     serve(llm, args.host, args.port, name=args.served_model_name or args.model,
-          chat_template=template, log_level=args.log_level)
+          chat_template=template, log_level=args.log_level,
+          access_log=not args.disable_uvicorn_access_log, warm_up=warm_up, api_key=api_key,
+          log_requests=not args.disable_log_requests, max_log_len=args.max_log_len)

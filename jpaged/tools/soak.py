@@ -45,7 +45,8 @@ class FaultInjector:
     "after": the device step ran (pages moved, K/V written), then KeyboardInterrupt;
     "consumed": the page moves ran, then the donated pool is consumed (deleted) and
     ``InjectedDeviceError`` raised; "apply": ``InjectedFault`` in the middle of the host
-    update, after tokens were appended, samples forked and beams advanced.
+    update, after tokens were appended, samples forked and beams advanced (from the
+    engine's stop rules, ``engine.stop.check``, which beams do not call).
     ``failed``: faults raised; ``moves``: page moves (swaps, copies) of the plans that
     failed in the device step.
     """
@@ -54,16 +55,16 @@ class FaultInjector:
         self.engine, self.kind, self.calls = engine, kind, set(calls)
         self.armed = None
         self.count = self.failed = self.moves = 0
-        self._execute, self._check_stop = engine.runner.execute, engine._check_stop
+        self._execute = engine.runner.execute
         engine.runner.execute = self._failing_execute
-        engine._check_stop = self._failing_check_stop
+        engine.stop = _FailingStop(engine.stop, self)
 
     def arm(self, kind: str) -> None:
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}: expected one of {FAULT_KINDS}")
         self.armed = kind
 
-    def _due(self, apply: bool) -> str | None:
+    def due(self, apply: bool) -> str | None:
         if self.armed is not None:
             if (self.armed == "apply") != apply:
                 return None
@@ -74,14 +75,8 @@ class FaultInjector:
         self.count += 1
         return self.kind if self.count in self.calls else None
 
-    def _failing_check_stop(self, seq) -> None:
-        if self._due(apply=True):
-            self.failed += 1
-            raise InjectedFault("fault injected in the host update")
-        self._check_stop(seq)
-
     def _failing_execute(self, moves, batch):
-        kind = self._due(apply=False)
+        kind = self.due(apply=False)
         if kind is None:
             return self._execute(moves, batch)
         self.failed += 1
@@ -96,6 +91,22 @@ class FaultInjector:
         for pool in jax.tree.leaves(runner.cache):
             pool.delete()
         raise InjectedDeviceError("RESOURCE_EXHAUSTED: out of memory while running the step")
+
+
+class _FailingStop:
+    """An engine's ``StopRules`` whose ``check`` raises when the injector says so."""
+
+    def __init__(self, rules, injector: FaultInjector):
+        self._rules, self._injector = rules, injector
+
+    def __getattr__(self, name):
+        return getattr(self._rules, name)
+
+    def check(self, params, seq, stream) -> bool:
+        if self._injector.due(apply=True):
+            self._injector.failed += 1
+            raise InjectedFault("fault injected in the host update")
+        return self._rules.check(params, seq, stream)
 
 
 FAULTS = (KeyboardInterrupt, InjectedDeviceError, InjectedFault)
@@ -224,9 +235,8 @@ class Soak:
             while self.engine.has_unfinished_requests():   # drain: every request ends
                 self._step(False)
         r.preemptions = self.engine.scheduler.num_preemptions
-        bm = self.engine.scheduler.block_manager
-        r.pages_leaked = (bm.num_pages - 1 - bm.num_free_pages + sum(map(bool, bm.ref_counts))
-                          + bm.num_host_pages - len(bm.host_free))
+        pool = self.engine.metrics()
+        r.pages_leaked = pool["used_pages"] + pool["host_used_pages"]
         r.faults_by_kind = dict(r.faults_by_kind)
         r.fault_moves = self.injector.moves
         r.seconds = time.perf_counter() - start
@@ -310,8 +320,8 @@ class Soak:
         if index not in self.expected:
             params = SamplingParams(temperature=0.0, ignore_eos=True,
                                     max_tokens=self.config.max_tokens)
-            self.expected[index] = self.reference.generate([self.prompts[index]],
-                                                           params)[0].token_ids
+            self.expected[index] = self.reference.generate([self.prompts[index]], params,
+                                                           use_tqdm=False)[0].token_ids
         return self.expected[index]
 
     def _check_progress(self) -> None:

@@ -1,0 +1,386 @@
+"""Mosaic GPU paged decode: a decode-shaped tile, keys on wgmma's 64-row side.
+
+Hardware, interpret mode, pools, 8-bit pages and split-K as in ``ragged_attention``; this
+kernel takes decode only (one query token per row, at position ``length - 1``), which is
+what ``impl="mosaic"`` runs for ``paged_attention``; prefill chunks stay with the ragged
+kernel.
+
+Why another tile. wgmma's M side is 64 rows. The ragged kernel puts the query heads of a
+GQA group there (``S = Q K^T``), so a decode token of group 4 fills 4 rows of 64: 94% of
+its MMA and softmax work is padding. Here the keys are the M side and the group is N:
+``S^T = K Q^T`` (M = ``block_kv`` keys, N = ``cols`` = the group rounded up to 16, K =
+head_dim) and ``O^T = V^T P^T`` (M = head_dim, N = ``cols``, K = ``block_kv``), the
+softmax statistics running down the columns. P^T is the B operand of the second product,
+so it goes through a ``[block_kv, cols]`` shared-memory tile each step (2 KiB at 64 keys,
+16 columns). Why 16 and not the group: wgmma's B from shared memory needs a swizzle of 32+
+bytes on its minor dimension, and both operands of one wgmma the same swizzle, so every
+16-bit tile here uses ``swizzle = min(swizzle of head_dim, swizzle of cols)`` (32 bytes at
+16 columns). Padded MMA work: ``1 - group / cols``: 75% at group 4, 50% at 8, none from 16
+(the ragged kernel: 94%, 88%, 75%). head_dim must be 64, 128 or 256 (M of ``O^T``).
+
+Memory path: q is read by one TMA box of ``cols`` heads starting at the group's first
+head from q padded by ``cols - group`` zero heads at the end (B x 12 x D values at group
+4: q is never padded to 64 rows); the output is float32 ``O^T [D, cols]`` and its
+log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
+is a division). K/V pages come through the same TMA ring as in the ragged kernel.
+
+Shapes: q ``[B, Hq, D]``; pages ``[Hkv, P, S, D]`` or ``[L, Hkv, P, S, D]`` with
+``layer``; block_tables ``int32[B, W]``; lengths ``int32[B]``. Output ``[B, Hq, D]`` in
+q's dtype, zeros for length 0. Matches ``reference.paged_decode_reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jpaged.pallas_kernels import ragged_attention as ra
+from jpaged.pallas_kernels.quantization import is_quantized
+from jpaged.pallas_kernels.splits import merge_splits
+
+pl, plgpu = ra.pl, ra.plgpu
+
+MIN_COLS = 16          # wgmma B tile: 16 bf16 columns = the smallest swizzle (32 bytes)
+HEAD_DIMS = (64, 128, 256)
+LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
+
+
+def num_cols(group: int) -> int:
+    """N of the decode tile: the GQA group rounded up to a power of two >= 16."""
+    return max(MIN_COLS, int(pl.next_power_of_2(group)))
+
+
+def padded_fraction(group: int) -> float:
+    """Share of the tile's MMA columns that hold no query head."""
+    return 1.0 - group / num_cols(group)
+
+
+def _swizzle(head_dim: int, cols: int, dtype) -> int:
+    e = jnp.dtype(dtype).itemsize
+    return min(plgpu.find_swizzle(head_dim * e * 8), plgpu.find_swizzle(cols * e * 8))
+
+
+def _transforms(swizzle: int, dtype):
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group,
+               q_dtype=None) -> int:
+    """Shared memory of one program, each buffer rounded up to 1 KiB: q tile, K and V
+    rings, P^T tile, output and log-sum-exp tiles (8-bit pages: scale rings and the two
+    16-bit tiles)."""
+    e, e_q = jnp.dtype(dtype).itemsize, ra.compute_dtype(dtype, q_dtype).itemsize
+    cols, block_kv = num_cols(group), pages_per_block * page_size
+    ring = num_stages * block_kv * head_dim * e
+    buffers = [cols * head_dim * e_q, ring, ring, block_kv * cols * e_q,
+               head_dim * cols * 4, LSE_ROWS * cols * 4]
+    if is_quantized(dtype):
+        buffers += [num_stages * block_kv * 4] * 2 + [block_kv * head_dim * e_q] * 2
+    return sum(-(-size // ra.SMEM_ALIGN) * ra.SMEM_ALIGN for size in buffers)
+
+
+def default_num_stages(head_dim, page_size, dtype, pages_per_block, group,
+                       q_dtype=None) -> int:
+    """Two ring slots where they fit shared memory (always, at 227 KiB), else one."""
+    fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, ra.DEFAULT_NUM_STAGES,
+                      group, q_dtype) <= ra.SMEM_BUDGET
+    return ra.DEFAULT_NUM_STAGES if fits else 1
+
+
+def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
+                 pages_per_block=None, num_stages=None, *, q_dtype=None,
+                 interpret=False) -> None:
+    """Raise ValueError naming the constraint if this kernel cannot take the
+    configuration: the ragged kernel's constraints, plus head_dim in (64, 128, 256)
+    (M of O^T = V^T P^T) and its own shared-memory budget."""
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
+                         f"decode tile (head_dim is the 64-row M side of O^T = V^T P^T)")
+    if pages_per_block is None:
+        pages_per_block = ra.default_pages_per_block(page_size)
+    group = num_q_heads // num_kv_heads if num_kv_heads else 0
+    if num_stages is None and group:
+        num_stages = default_num_stages(head_dim, page_size, dtype, pages_per_block, group,
+                                        q_dtype)
+    # The ring's checks are the ragged kernel's; its shared memory is counted below.
+    ra.check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype, pages_per_block,
+                    1, q_dtype=q_dtype, interpret=interpret)
+    if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
+        raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
+    if num_stages * pages_per_block > ra.MAX_BARRIERS:
+        raise ValueError(f"num_stages={num_stages} x pages_per_block={pages_per_block} page "
+                         f"copies in flight: Mosaic GPU allows only up to {ra.MAX_BARRIERS} "
+                         f"barriers per group")
+    need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group, q_dtype)
+    if need > ra.SMEM_BUDGET:
+        raise ValueError(f"head_dim={head_dim}, num_stages={num_stages} need {need} bytes "
+                         f"of shared memory, over the {ra.SMEM_BUDGET}-byte budget")
+
+
+def _matmul(a_ref, b_ref, *, transpose_a=False, transpose_b=False, interpret):
+    """``op(a) @ op(b)`` of shared-memory tiles, float32: wgmma compiled, float32
+    dot_general in interpret mode (jax 0.10.2's interpreter has no transposed wgmma)."""
+    if interpret:
+        dims = (((0 if transpose_a else 1,), (1 if transpose_b else 0,)), ((), ()))
+        return lax.dot_general(a_ref[...], b_ref[...], dims,
+                               preferred_element_type=jnp.float32)
+    a = a_ref.transpose((1, 0)) if transpose_a else a_ref
+    b = b_ref.transpose((1, 0)) if transpose_b else b_ref
+
+    def scope(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]   # reading the accumulator waits for the wgmma
+    return pl.run_scoped(scope, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
+
+
+def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs,
+                   num_kv_heads, group, page_size, pages_per_block, num_stages, num_splits,
+                   quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
+    # layer_ref int32[1]; tables_ref int32[B, W]; kv_lens_ref int32[B];
+    # q_ref [B, Hq + cols - group, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
+    # quantized: then the rows' scales [Hkv, B, W' * S] (ragged_attention.row_scales);
+    # outputs: o_ref float32 [Hkv, splits, B, D, cols], lse_ref float32
+    # [Hkv, splits, B, 64, cols] (each row the same).
+    scale_refs, (o_ref, lse_ref) = (refs[:2], refs[2:]) if quantized else ((), refs)
+    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    matmul = functools.partial(_matmul, interpret=interpret)
+    head_dim, cols = q_ref.shape[-1], num_cols(group)
+    width = tables_ref.shape[1]
+    block_kv = pages_per_block * page_size
+    h, row, split = (lax.axis_index(name) for name in ("kv_head", "row", "split"))
+    pool_head = layer_ref[0] * num_kv_heads + h
+    kv_len = kv_lens_ref[row]
+    pos = kv_len - 1
+    kv_start = (jnp.int32(0) if sliding_window is None
+                else jnp.maximum(pos - (sliding_window - 1), 0))
+    row_first = kv_start // block_kv
+    row_steps = jnp.maximum((kv_len + block_kv - 1) // block_kv - row_first, 0)
+    per_split = (row_steps + num_splits - 1) // num_splits
+    first = row_first + split * per_split
+    num_steps = jnp.clip(row_steps - split * per_split, 0, per_split)
+    layout = plgpu.Layout.WGMMA
+
+    def keyed(ref):
+        """A ``[block_kv]`` per-key vector -> float32 ``[block_kv, cols]`` (down rows)."""
+        x = ref[...] if interpret else plgpu.load(ref, (), layout=layout.reduce(1))
+        return lax.broadcast_in_dim(x.astype(jnp.float32), (block_kv, cols), [0])
+
+    def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,
+               v_barriers, *quant):
+        if quantized:
+            ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = quant
+
+        def issue(step):
+            slot = step % num_stages
+            for p in range(pages_per_block):
+                index = jnp.minimum((first + step) * pages_per_block + p, width - 1)
+                page = tables_ref[row, index]
+                rows = pl.ds(p * page_size, page_size)
+                barrier = slot * pages_per_block + p
+                plgpu.copy_gmem_to_smem(k_ref.at[pool_head, page], k_smem.at[slot, rows],
+                                        k_barriers.at[barrier])
+                plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
+                                        v_barriers.at[barrier])
+            if quantized:
+                keys = pl.ds((first + step) * block_kv, block_kv)
+                for ref, smem, barriers in zip(scale_refs, (ks_smem, vs_smem),
+                                               (ks_barriers, vs_barriers)):
+                    plgpu.copy_gmem_to_smem(ref.at[h, row, keys], smem.at[slot],
+                                            barriers.at[slot])
+
+        def wait(barriers, slot):
+            for p in range(pages_per_block):
+                plgpu.barrier_wait(barriers.at[slot * pages_per_block + p])
+
+        def widened(codes_smem, tile_smem):
+            codes = codes_smem[...]
+            if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float16:
+                codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
+            tile_smem[...] = codes.astype(dtype)
+            plgpu.commit_smem()
+            return tile_smem
+
+        for step in range(num_stages):
+            pl.when(step < num_steps)(functools.partial(issue, step))
+        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(h * group, cols)], q_smem,
+                                q_barrier.at[0])
+        plgpu.barrier_wait(q_barrier.at[0])
+        m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
+        l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
+        acc = cast(jnp.zeros((head_dim, cols), jnp.float32), layout)
+
+        def body(step, carry):
+            acc, m_i, l_i = carry
+            slot = step % num_stages
+            key0 = (first + step) * block_kv
+            wait(k_barriers, slot)
+            k_tile = k_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(ks_barriers.at[slot])
+                k_tile = widened(k_tile, k16_smem)
+            s = matmul(k_tile, q_smem, transpose_b=True)             # S^T [block_kv, cols]
+            if quantized:
+                s = s * keyed(ks_smem.at[slot])
+            s = s * sm_scale
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
+            visible = key < kv_len
+            if sliding_window is not None:
+                visible &= key > pos - sliding_window
+            s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m_i, s.max(axis=0))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp(m_i - m_safe)
+            probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [1]))
+            l_i = l_i * alpha + probs.sum(axis=0)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            wait(v_barriers, slot)
+            v_tile = v_smem.at[slot]
+            if quantized:
+                plgpu.barrier_wait(vs_barriers.at[slot])
+                v_tile = widened(v_tile, v16_smem)
+                probs = probs * jnp.where(key < kv_len, keyed(vs_smem.at[slot]), 0.0)
+
+            @pl.when(key0 + block_kv > kv_len)
+            def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
+                v_old = v_tile[...]
+                v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
+                                    layout)
+                v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
+                plgpu.commit_smem()
+
+            p_smem[...] = probs.astype(dtype)
+            plgpu.commit_smem()
+            acc = acc + matmul(v_tile, p_smem, transpose_a=True)     # O^T [D, cols]
+            pl.when(step + num_stages < num_steps)(
+                functools.partial(issue, step + num_stages))
+            return acc, m_new, l_i
+
+        acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
+        denom = lax.broadcast_in_dim(l_i, acc.shape, [1])
+        o_smem[...] = jnp.where(denom > 0, acc / jnp.maximum(denom, 1e-30), 0.0)
+        lse = jnp.where(l_i > 0, m_i + jnp.log(jnp.maximum(l_i, 1e-30)), -jnp.inf)
+        lse_smem[...] = lax.broadcast_in_dim(lse, (LSE_ROWS, cols), [1])
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, split, row])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, split, row])
+        plgpu.wait_smem_to_gmem(0)
+
+    num_barriers = num_stages * pages_per_block
+    page_dtype = k_ref.dtype
+    swizzle = _swizzle(head_dim, cols, dtype)
+    tile = _transforms(swizzle, dtype)
+    ring = (num_stages, block_kv, head_dim)
+    # A 16-bit ring feeds wgmma (the decode swizzle); an 8-bit one is only loaded.
+    ring_tf = tile if not quantized else ra._smem_transforms(head_dim, page_dtype)
+    scratch = [
+        plgpu.SMEM((cols, head_dim), dtype, transforms=tile),
+        plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
+        plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
+        plgpu.SMEM((block_kv, cols), dtype, transforms=tile),
+        plgpu.SMEM((head_dim, cols), jnp.float32),
+        plgpu.SMEM((LSE_ROWS, cols), jnp.float32),
+        plgpu.Barrier(num_barriers=1),
+        plgpu.Barrier(num_barriers=num_barriers),
+        plgpu.Barrier(num_barriers=num_barriers),
+    ]
+    if quantized:
+        scale_dtype = scale_refs[0].dtype
+        scratch += [plgpu.SMEM((num_stages, block_kv), scale_dtype),
+                    plgpu.SMEM((num_stages, block_kv), scale_dtype),
+                    plgpu.Barrier(num_barriers=num_stages),
+                    plgpu.Barrier(num_barriers=num_stages),
+                    plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile),
+                    plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile)]
+    pl.run_scoped(scoped, *scratch)
+
+
+def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_scale=None,
+                 v_scale=None, sm_scale=None, soft_cap=None, sliding_window=None,
+                 pages_per_block=None, num_stages=None, num_splits=None, interpret=False):
+    """Decode attention with the decode-shaped Mosaic tile (shapes in the module doc).
+
+    ``num_splits`` (default: ``ragged_attention.plan_num_splits`` over one block per
+    row) cuts each row's keys into runs merged afterwards.
+    """
+    num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
+    batch = q.shape[0]
+    if pages_per_block is None:
+        pages_per_block = ra.default_pages_per_block(page_size)
+    ra.check_scales(k_pages, k_scale, v_scale)
+    if num_splits is None:
+        rows = jnp.arange(batch, dtype=jnp.int32)
+        num_splits = ra.plan_num_splits(
+            rows, lengths, num_kv_heads=num_kv_heads, group=ra.BLOCK_ROWS,
+            width=block_tables.shape[1], page_size=page_size,
+            pages_per_block=pages_per_block, head_dim=head_dim, dtype=k_pages.dtype,
+            q_dtype=q.dtype, check_partial_smem=False)
+    elif not (isinstance(num_splits, numbers.Integral) and num_splits > 0):
+        raise ValueError(f"num_splits={num_splits!r} must be a positive integer")
+    return _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale,
+                         layer=layer, sm_scale=sm_scale, soft_cap=soft_cap,
+                         sliding_window=sliding_window, pages_per_block=pages_per_block,
+                         num_stages=num_stages, num_splits=int(num_splits),
+                         interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "num_splits",
+    "interpret"))
+def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, *, layer,
+                  sm_scale, soft_cap, sliding_window, pages_per_block, num_stages,
+                  num_splits, interpret):
+    batch, num_q_heads, head_dim = q.shape
+    quantized = k_scale is not None
+    if k_pages.ndim == 4:
+        k_pages, v_pages = k_pages[None], v_pages[None]
+        if quantized:
+            k_scale, v_scale = k_scale[None], v_scale[None]
+    num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+    check_config(num_q_heads, num_kv_heads, head_dim, page_size, k_pages.dtype,
+                 pages_per_block, num_stages, q_dtype=q.dtype, interpret=interpret)
+    group = num_q_heads // num_kv_heads
+    if num_stages is None:
+        num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block,
+                                        group, q.dtype)
+    if not quantized and q.dtype != k_pages.dtype:
+        raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
+                         f"(wgmma takes one operand type)")
+    cols = num_cols(group)
+    # cols - group zero heads at the end (rounded up to TMA's 8-row tiling): the last
+    # group's box stays inside q.
+    extra = -(-(num_q_heads + cols - group) // 8) * 8 - num_q_heads
+    q_boxed = jnp.pad(q, ((0, 0), (0, extra), (0, 0)))
+    layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
+        jnp.int32)
+    flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)
+    scales = () if not quantized else tuple(
+        ra.row_scales(x, block_tables, layer[0], pages_per_block) for x in (k_scale, v_scale))
+    kernel = functools.partial(
+        _decode_kernel, num_kv_heads=num_kv_heads, group=group, page_size=page_size,
+        pages_per_block=pages_per_block, num_stages=num_stages, num_splits=num_splits,
+        quantized=quantized, sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=sliding_window, dtype=q.dtype, interpret=interpret)
+    parts = (num_kv_heads, num_splits, batch)
+    call = plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((*parts, head_dim, cols), jnp.float32),
+                          jax.ShapeDtypeStruct((*parts, LSE_ROWS, cols), jnp.float32)),
+        grid=(num_kv_heads, batch, num_splits), grid_names=("kv_head", "row", "split"),
+        **({"interpret": ra._interpret_params()} if interpret else {}))
+    o_t, lse = call(layer, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_boxed,
+                    k_pages.reshape(flat), v_pages.reshape(flat), *scales)
+    # [Hkv, splits, B, D, cols] -> [B, Hkv, splits, group, D], merged over the splits.
+    o = o_t[..., :group].transpose(2, 0, 1, 4, 3)
+    lse = lse[:, :, :, 0, :group].transpose(2, 0, 1, 3)
+    out = merge_splits(o, lse)                                       # [B, Hkv, group, D]
+    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
+
+
+__all__ = ["check_config", "paged_decode", "num_cols", "padded_fraction", "smem_bytes"]
