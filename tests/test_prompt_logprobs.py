@@ -45,11 +45,12 @@ def check(output, expected, prompt, top):
     for p in range(1, len(prompt)):
         row = expected[p - 1]
         entry = scores[p]
-        assert abs(entry[prompt[p]] - row[prompt[p]]) < TOLERANCE, p
+        assert abs(entry[prompt[p]].logprob - row[prompt[p]]) < TOLERANCE, p
+        assert entry[prompt[p]].rank == 1 + np.sum(row > row[prompt[p]]), p
         best = np.argsort(-row)[:top]
         assert set(best) <= set(entry) and len(entry) <= top + 1, (p, best, entry)
         for token, logprob in entry.items():
-            assert abs(logprob - row[token]) < TOLERANCE, (p, token)
+            assert abs(logprob.logprob - row[token]) < TOLERANCE, (p, token)
 
 
 def prompts(n, length, seed=0):

@@ -76,7 +76,7 @@ class LLMEngine:
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
-    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop")
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "_grammars")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
