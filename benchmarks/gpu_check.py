@@ -16,7 +16,8 @@ them for an H200 without touching a device):
           past 2**31 elements in 32-bit range: ``lowering.install_wide_offsets``), 8-bit
           pages (int8, float8_e4m3fn) with NaN scales in free slots; the Mosaic GPU ragged
           kernel over GQA groups 1/4/8, pages 16/64, head_dims 64/128, a sliding window, a
-          soft cap and a stacked pool (``gpu_mosaic.VARIANTS``, each bound 3x the error the
+          soft cap, a stacked pool, 8-bit pages and forced split-K decode
+          (``gpu_mosaic.variants()``, each bound 3x the error the
           same inputs give in interpret mode, computed on the CPU and committed in
           ``gpu_mosaic_bounds.json``), and Mosaic decode and prefill chunks of 512 and
           2048 tokens;
@@ -73,6 +74,7 @@ from jax import lax
 
 import gpu_mosaic
 from jpaged.pallas_kernels import lowering
+from jpaged.pallas_kernels import mosaic_decode as md
 from jpaged.pallas_kernels import paged_decode as pd
 from jpaged.pallas_kernels import ragged_attention as ra
 from jpaged.pallas_kernels import xla_attention
@@ -135,7 +137,7 @@ H200 = Rates()
 # Fraction of the read rate each implementation's loop is assumed to reach (estimates
 # only: low, so the budget errs toward not starting what would not finish). The XLA path
 # gathers pages into a copy first; prefill is assumed at 30% of the matmul rate.
-EFFICIENCY = {"ours": 0.5, "mosaic": 0.5, "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
+EFFICIENCY = {"ours": 0.5, "mosaic_decode": 0.5, "mosaic": 0.5, "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
 PREFILL_MATMUL_FRACTION = 0.3
 
 
@@ -144,7 +146,8 @@ class Case:
     """One checked configuration: batch x context (the table's capacity) in ``dtype``
     (a float dtype, or "int8" / "fp8": 8-bit pages, bfloat16 queries); ``num_splits``
     None is the kernel's own choice; ``q_scale`` > 1 makes logits peaky. ``kernel``
-    "triton" (decode) or "mosaic" (each row's last ``chunk`` positions are queries).
+    "triton" (decode), "mosaic_decode" (the Mosaic decode tile) or "mosaic" (the ragged
+    Mosaic kernel: each row's last ``chunk`` positions are queries).
     ``group``, ``page_size``, ``head_dim``, ``num_kv_heads`` replace the suite model's;
     ``num_layers``
     stacks the pool (the last layer is read); ``bound`` replaces the dtype's bound."""
@@ -223,6 +226,8 @@ TINY_CHECKS = [
     Case("window-softcap-stacked", 2, 96, q_scale=2.0, sliding_window=40, soft_cap=5.0,
          num_layers=2),
     Case("mosaic-decode", 3, 96, kernel="mosaic", q_scale=2.0, bound=MOSAIC_TINY_BOUND),
+    Case("mosaic-decode-tile", 3, 96, kernel="mosaic_decode", q_scale=2.0,
+         bound=MOSAIC_TINY_BOUND),
     Case("mosaic-prefill", 2, 96, kernel="mosaic", chunk=24, bound=MOSAIC_TINY_BOUND),
 ]
 
@@ -262,8 +267,10 @@ class Shape:
 
 
 # Decode kernels and their peers; 8-bit pages: the kernels that read them.
-DECODE_IMPLS = ("ours", "mosaic", "xla", "jax_pallas", "cudnn")
-DECODE_IMPLS_8BIT = ("ours", "xla")
+# "mosaic_decode": the decode tile impl="mosaic" runs; "mosaic": the ragged kernel on
+# decode rows.
+DECODE_IMPLS = ("ours", "mosaic_decode", "mosaic", "xla", "jax_pallas", "cudnn")
+DECODE_IMPLS_8BIT = ("ours", "mosaic_decode", "mosaic", "xla")
 PREFILL_IMPLS = ("mosaic", "xla")
 # The short sweep, timed right after the checks, kernel-only time on its first row of
 # each kernel; the long sweep after it.
@@ -277,7 +284,7 @@ LONG = ([Shape("decode", b, c) for b, c in [
            for f in ("int8", "fp8")]
         + [Shape("prefill", 1, c, chunk=k) for c in (4096, 16384, 32768) for k in (512, 2048)])
 TINY_SHORT = [Shape("decode", 2, 64), Shape("decode", 2, 64, "int8"),
-              Shape("decode", 2, 64, "fp8"), Shape("prefill", 1, 64, chunk=16)]
+              Shape("prefill", 1, 64, chunk=16)]
 TINY_LONG = [Shape("decode", 2, 128)]
 TUNE_SHAPES = [(1, 32768), (64, 4096)]
 FORMATS_8BIT = tuple(name for name in ("int8", "fp8") if name in FORMATS)
@@ -317,6 +324,8 @@ class Settings:
         if self.interpret:  # far too slow interpreted, or GPU-only; the GPU run times them
             impls = tuple(i for i in impls if i not in ("jax_pallas", "cudnn"))
         if self.tiny and stage == "long":  # the short stage already ran Mosaic's path
+            impls = tuple(i for i in impls if not i.startswith("mosaic"))
+        if self.tiny and shape.dtype in FORMATS:  # the dry run's 8-bit Mosaic: the tile's
             impls = tuple(i for i in impls if i != "mosaic")
         return impls
 
@@ -510,7 +519,8 @@ def run_check(case: Case, settings: Settings, seed: int) -> dict:
                         num_layers=case.num_layers)
     rows = list(range(min(CHECK_ROWS, case.batch)))
     options = dict(soft_cap=case.soft_cap, sliding_window=case.sliding_window,
-                   layer=inputs.layer, interpret=settings.interpret)
+                   layer=inputs.layer, num_splits=case.num_splits, interpret=settings.interpret,
+                   **inputs.scales)
     if case.kernel == "mosaic":
         q_seq = np.repeat(np.arange(case.batch, dtype=np.int32), case.chunk)
         q_pos = (np.repeat(lengths, case.chunk) - case.chunk
@@ -524,9 +534,9 @@ def run_check(case: Case, settings: Settings, seed: int) -> dict:
         groups = [[(r * case.chunk + i, r, int(q_pos[r * case.chunk + i])) for i in ends]
                   for r in rows]
     else:
-        out = pd.paged_decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0],
-                              inputs.lengths, num_splits=case.num_splits, **options,
-                              **inputs.scales)
+        decode = md.paged_decode if case.kernel == "mosaic_decode" else pd.paged_decode
+        out = decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0], inputs.lengths,
+                     **options)
         groups = [[(r, r, int(lengths[r]) - 1)] for r in rows]
     out = np.asarray(out.astype(jnp.float32), np.float64)
     errors = []
@@ -685,10 +695,13 @@ def decode_step(impl: str, interpret: bool):
     if impl == "xla":
         return lambda k, v, lengths, scales, q, tables: xla_attention.paged_decode(
             q, k, v, tables, lengths, **scales)
+    if impl == "mosaic_decode":
+        return lambda k, v, lengths, scales, q, tables: md.paged_decode(
+            q, k, v, tables, lengths, interpret=interpret, **scales)
     if impl == "mosaic":
         return lambda k, v, lengths, scales, q, tables: ra.paged_attention_tokens(
             q, k, v, tables, lengths, jnp.arange(q.shape[0], dtype=jnp.int32), lengths - 1,
-            interpret=interpret)
+            interpret=interpret, **scales)
     if impl == "jax_pallas":
         def jax_pallas(k, v, lengths, scales, q, tables):
             from jax.experimental.pallas.ops.gpu import paged_attention as peer
@@ -713,7 +726,8 @@ def prefill_step(impl: str, interpret: bool, chunk: int, context: int):
 
 
 # Device event names of each kernel, for its kernel-only time.
-KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode", "mosaic": r"attention_kernel|mosaic",
+KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode", "mosaic_decode": r"decode_kernel|mosaic",
+                   "mosaic": r"attention_kernel|mosaic",
                    "jax_pallas": r"paged_attention", "cudnn": r"cudnn|fmha|flash"}
 
 
@@ -1057,6 +1071,9 @@ def markdown(report: dict) -> str:
         tuning = {k: v for k, v in point.items() if k not in ("batch", "context", "seconds")}
         lines.append(f"\nTune {point['batch']} x {point['context']} {tuning}: "
                      f"{fmt_us(point.get('seconds'))}")
+    if report["item_errors"]:
+        lines += ["", "## Items that raised", ""]
+        lines += [f"- {e['label']}: {e['error']}" for e in report["item_errors"]]
     if report["skipped"]:
         lines += ["", "## Skipped (over the budget or stopped)", ""]
         lines += [f"- {s['label']} ({s['stage']}, est. {s['estimate_s']:.0f} s): "
@@ -1083,7 +1100,8 @@ def new_report(settings: Settings) -> dict:
     return dict(device=getattr(device, "device_kind", str(device)), jax=jax.__version__,
                   interpret=settings.interpret, tiny=settings.tiny, verdict="INCOMPLETE",
                   ok=False, verdict_checks=[], checks=[], timings=[], autotune=[], items=[],
-                  skipped=[], plan=[], warnings=gpu_mosaic.bound_warnings())
+                  skipped=[], item_errors=[], plan=[],
+                  warnings=gpu_mosaic.bound_warnings())
 
 
 def run(settings: Settings, out_dir: Path) -> dict:
@@ -1106,7 +1124,12 @@ def run(settings: Settings, out_dir: Path) -> dict:
                                               reason=f"budget: {left:.0f} s left"))
                 continue
             start = time.monotonic()
-            current.run()
+            try:
+                current.run()
+            except Exception as error:  # noqa: BLE001 - one item must not end the run
+                traceback.print_exc(limit=5)
+                report["item_errors"].append(dict(
+                    label=current.label, error=f"{type(error).__name__}: {error}"[:400]))
             report["items"].append(dict(stage=current.stage, label=current.label,
                                         estimate_s=current.estimate_s,
                                         took_s=time.monotonic() - start))

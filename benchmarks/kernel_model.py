@@ -3,11 +3,9 @@ its planner and its resources, for Llama-3-8B decode on an H100/H200 (132 SMs).
 
 No GPU and no timing: for each kernel and (batch, context) this asks the kernel's own
 split planner what grid it launches, takes the CTAs one SM holds from compiled figures
-where there are some (the Triton kernel: ``results/kernel_resources.json``; the Mosaic
-ragged kernel: 255 registers at 128 threads from issue 23's sm_90 compile of its
-single-split version) or from shared memory alone where there are none yet (the Mosaic
-decode tile: marked ``smem-only``, an upper bound until its cubin is compiled), and
-derives:
+(the Triton kernel: ``results/kernel_resources.json``; the Mosaic kernels:
+``results/mosaic_resources.json``, registers from their sm_90a cubins, shared memory from
+their own estimate), and derives:
 
 - ``CTAs``: programs launched; ``busy``: the share of the 132 SMs the first wave reaches;
 - ``res/SM``: CTAs resident per SM; ``KiB/SM``: bytes of K/V copies in flight per SM
@@ -37,17 +35,11 @@ from jpaged.pallas_kernels import paged_decode as pd
 from jpaged.pallas_kernels import ragged_attention as ra
 
 NUM_SMS = 132
-SMEM_PER_SM = 228 * 1024
-SMEM_RESERVED_PER_BLOCK = 1024
-REGISTERS_PER_SM = 65536
-MAX_BLOCKS_PER_SM = 32
 # Llama-3-8B attention: 32 query heads over 8 kv heads of 128; pages of 16 tokens.
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 DTYPE = jnp.bfloat16
 BATCHES = (1, 4, 16, 64, 256)
 CONTEXTS = (1024, 4096, 16384, 32768)
-# The Mosaic ragged kernel's registers per thread, compiled for sm_90 (issue 23).
-RAGGED_REGISTERS = 255
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -62,15 +54,6 @@ class Row:
     inflight_kib_per_sm: float
     padded: float
     resident_source: str
-
-
-def by_smem(smem: int) -> int:
-    return min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_BLOCK))
-
-
-def by_registers(registers: int, threads: int) -> int:
-    per_warp = -(-registers * 32 // 256) * 256
-    return (REGISTERS_PER_SM // per_warp) // (threads // 32)
 
 
 def triton_row(batch, context, compiled) -> Row:
@@ -89,7 +72,17 @@ def triton_row(batch, context, compiled) -> Row:
                 tokens, 1 - (NUM_Q_HEADS // NUM_KV_HEADS) / rows, source)
 
 
-def ragged_row(batch, context) -> Row:
+def compiled_mosaic() -> dict:
+    """(kernel, split-K or not) -> CTAs per SM of the head_dim 128, page 16, bf16 rows."""
+    path = RESULTS / "mosaic_resources.json"
+    if not path.exists():
+        return {}
+    return {(r["kernel"], r["num_splits"] > 1): r["ctas_per_sm"]
+            for r in json.loads(path.read_text())
+            if (r["head_dim"], r["page_size"], r["pages"]) == (HEAD_DIM, PAGE_SIZE, "bfloat16")}
+
+
+def ragged_row(batch, context, mosaic) -> Row:
     group = NUM_Q_HEADS // NUM_KV_HEADS
     ppb = ra.default_pages_per_block(PAGE_SIZE)
     rows = np.arange(batch, dtype=np.int32)
@@ -98,14 +91,14 @@ def ragged_row(batch, context) -> Row:
                                 width=context // PAGE_SIZE, page_size=PAGE_SIZE,
                                 pages_per_block=ppb, head_dim=HEAD_DIM, dtype=DTYPE)
     stages = ra.default_num_stages(HEAD_DIM, PAGE_SIZE, DTYPE, ppb, splits)
-    smem = ra.smem_bytes(HEAD_DIM, PAGE_SIZE, DTYPE, ppb, stages, splits)
-    resident = min(by_smem(smem), by_registers(RAGGED_REGISTERS, 128))
+    resident = mosaic.get(("ragged", splits > 1))
     num_blocks = -(-batch // (ra.BLOCK_ROWS // group)) + batch + 1   # launched, empty too
     return _row("mosaic-ragged", batch, context, NUM_KV_HEADS * num_blocks * splits, resident,
-                stages, ppb * PAGE_SIZE, 1 - group / ra.BLOCK_ROWS, "compiled regs + smem")
+                stages, ppb * PAGE_SIZE, 1 - group / ra.BLOCK_ROWS,
+                "compiled" if resident else "-")
 
 
-def decode_tile_row(batch, context) -> Row:
+def decode_tile_row(batch, context, mosaic) -> Row:
     group = NUM_Q_HEADS // NUM_KV_HEADS
     ppb = ra.default_pages_per_block(PAGE_SIZE)
     rows = np.arange(batch, dtype=np.int32)
@@ -115,9 +108,10 @@ def decode_tile_row(batch, context) -> Row:
                                 pages_per_block=ppb, head_dim=HEAD_DIM, dtype=DTYPE,
                                 check_partial_smem=False)
     stages = md.default_num_stages(HEAD_DIM, PAGE_SIZE, DTYPE, ppb, group)
-    smem = md.smem_bytes(HEAD_DIM, PAGE_SIZE, DTYPE, ppb, stages, group)
-    return _row("mosaic-decode", batch, context, NUM_KV_HEADS * batch * splits, by_smem(smem),
-                stages, ppb * PAGE_SIZE, md.padded_fraction(group), "smem-only")
+    resident = mosaic.get(("decode", splits > 1))
+    return _row("mosaic-decode", batch, context, NUM_KV_HEADS * batch * splits, resident,
+                stages, ppb * PAGE_SIZE, md.padded_fraction(group),
+                "compiled" if resident else "-")
 
 
 def _row(kernel, batch, context, ctas, resident, stages, tokens, padded, source) -> Row:
@@ -147,9 +141,11 @@ def table(rows) -> str:
 
 
 def main():
-    compiled = compiled_triton()
+    compiled, mosaic = compiled_triton(), compiled_mosaic()
     rows = [make(b, c) for b in BATCHES for c in CONTEXTS
-            for make in (lambda b, c: triton_row(b, c, compiled), ragged_row, decode_tile_row)]
+            for make in (lambda b, c: triton_row(b, c, compiled),
+                         lambda b, c: ragged_row(b, c, mosaic),
+                         lambda b, c: decode_tile_row(b, c, mosaic))]
     text = table(rows)
     print(text)
     RESULTS.mkdir(exist_ok=True)
@@ -157,8 +153,8 @@ def main():
              "From the kernels' own split planners and resources; no GPU, no timing "
              "(`benchmarks/kernel_model.py`). busy = share of SMs the first wave reaches; "
              "KiB/SM = K/V copies in flight per SM (resident CTAs used x stages x step "
-             "bytes); pad = share of MMA work on padding. `smem-only`: resident CTAs "
-             "bounded by shared memory alone (no compiled registers yet).\n\n")
+             "bytes); pad = share of MMA work on padding; res/SM from the sm_90a compiles "
+             "(results/kernel_resources.json, results/mosaic_resources.json).\n\n")
     (RESULTS / "kernel_model.md").write_text(intro + text + "\n")
     (RESULTS / "kernel_model.json").write_text(
         json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from jpaged.engine import snapshot
+from jpaged.engine import snapshot_files
 from jpaged.engine.engine import LLM
 from jpaged.host.sampling_params import SamplingParams
 
@@ -61,7 +61,8 @@ def measure(num_pages: int, fill: float, kv_cache_dtype: str, work: pathlib.Path
     LLM("tiny", **options)
     build_s = time.perf_counter() - t0
     pool_bytes = num_pages * llm.kv_cache_info()["bytes_per_page"]
-    size, host_bytes = directory_bytes(path), (path / snapshot.HOST_FILE).stat().st_size
+    size = directory_bytes(path)
+    host_bytes = (snapshot_files.data_dir(path) / snapshot_files.HOST_FILE).stat().st_size
     shutil.rmtree(path)
     return dict(num_pages=num_pages, kv_cache_dtype=kv_cache_dtype, requests=requests,
                 used_pages=metrics["used_pages"], cached_pages=metrics["cached_pages"],

@@ -36,6 +36,11 @@ import numpy as np
 from serve import ROOT, make_trace, play, server_compilations
 
 WINDOW_S = 60.0
+NOTE = ("`warm` is the warmed-up server playing the same minute a second time. Ready after: "
+        "from launch to /health 200 (the cold server loads the model only; the warm-up one "
+        "also compiles every step shape of its configuration, most of which this trace never "
+        "meets). All finished after: from the first arrival to the last request's last "
+        "token.")
 
 
 def launch(model: str, options: list[str], log_path: pathlib.Path):
@@ -79,6 +84,18 @@ def first_minute(url: str, model: str, trace: list[dict]) -> dict:
             "compilations": server_compilations(url) - before}
 
 
+def table(runs: dict) -> str:
+    lines = ["| run | ready after (s) | warm-up (s, shapes) | finished in the minute | "
+             "output tokens/s | TTFT p50 (s) | TTFT p99 (s) | compiles in the minute | "
+             "all finished after (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['ready_s']:.1f} | {r['warmup_s']:.1f} "
+                     f"({r['warmup_shapes']}) | {r['finished_in_window']}/{r['requests']} | "
+                     f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | "
+                     f"{r['ttft_p99_s']:.2f} | {r['compilations']} | {r['all_done_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -120,15 +137,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=60)
         log_path.unlink()
-    lines = ["| run | ready after (s) | warm-up (s, shapes) | finished in the minute | "
-             "output tokens/s | TTFT p50 (s) | TTFT p99 (s) | compiles in the minute |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in runs.items():
-        lines.append(f"| {name} | {r['ready_s']:.1f} | {r['warmup_s']:.1f} "
-                     f"({r['warmup_shapes']}) | {r['finished_in_window']}/{r['requests']} | "
-                     f"{r['output_tokens_per_s']:.1f} | {r['ttft_p50_s']:.2f} | "
-                     f"{r['ttft_p99_s']:.2f} | {r['compilations']} |")
-    text = "\n".join(lines)
+    text = table(runs)
     print(text)
     load = os.getloadavg()[0]
     report = {"config": {**{k: str(v) if isinstance(v, pathlib.Path) else v
@@ -143,8 +152,7 @@ def main() -> None:
         f"{load:.1f} at the end: timings are noisy), model {args.model!r}: {len(trace)} "
         f"streaming requests arriving over {WINDOW_S:.0f} s (Poisson {args.rate}/s), prompts of "
         f"{args.prompt_len[0]}..{args.prompt_len[1]} random token ids, {args.max_tokens} "
-        f"output tokens each.\n\n{text}\n\n`warm` is the warmed-up server playing the same "
-        f"minute a second time.\n")
+        f"output tokens each.\n\n{text}\n\n{NOTE}\n")
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                                         q_dtype)
     # The ring's checks are the ragged kernel's; its shared memory is counted below.
     ra.check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype, pages_per_block,
-                    1, q_dtype=q_dtype, interpret=interpret)
+                    1, q_dtype=q_dtype, interpret=interpret, refuse_spilling=False)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
     if num_stages * pages_per_block > ra.MAX_BARRIERS:
@@ -373,7 +373,7 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         kernel, out_type=(jax.ShapeDtypeStruct((*parts, head_dim, cols), jnp.float32),
                           jax.ShapeDtypeStruct((*parts, LSE_ROWS, cols), jnp.float32)),
         grid=(num_kv_heads, batch, num_splits), grid_names=("kv_head", "row", "split"),
-        **({"interpret": ra._interpret_params()} if interpret else {}))
+        **({"interpret": ra._interpret_params(interpret)} if interpret else {}))
     o_t, lse = call(layer, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_boxed,
                     k_pages.reshape(flat), v_pages.reshape(flat), *scales)
     # [Hkv, splits, B, D, cols] -> [B, Hkv, splits, group, D], merged over the splits.

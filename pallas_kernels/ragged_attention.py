@@ -67,7 +67,11 @@ dtype or 8-bit pages (float32 runs in interpret mode only), head_dim 32, 64, 128
 pages of 8+ tokens (a power of two), a GQA group dividing 64, 64-256 keys per step, at
 most 32 page copies in flight (one barrier each; Mosaic GPU's limit per barrier array),
 and the buffers within 227 KiB of shared memory (one ring slot instead of two where two
-do not fit).
+do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
+registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
+head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
+(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-244
+registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
 (one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
@@ -132,7 +136,18 @@ SMEM_BUDGET = 227 * 1024 - 3 * 1024
 # Mosaic GPU's limit on one barrier array ("Only up to 32 barriers per group"): the ring
 # has one barrier per page copy.
 MAX_BARRIERS = 32
+# Compiled for sm_90a from the CPU (benchmarks/mosaic_resources.py, jax 0.10.2), these
+# configurations spill registers (255 per thread and local memory): every head_dim 256
+# (436-884 bytes of spill stores) and head_dim 128 with 8+ page copies a step (page 8:
+# 44 bytes). check_config refuses them on a GPU; REFUSE_SPILLING = False lets the
+# resource report compile them anyway.
+REFUSE_SPILLING = True
 SMEM_ALIGN = 1024          # Mosaic GPU aligns each swizzled buffer to 1 KiB
+
+
+def spills(head_dim: int, pages_per_block: int) -> bool:
+    """Whether the ragged kernel spills registers here, by its sm_90a compile."""
+    return head_dim >= 256 or (head_dim >= 128 and pages_per_block >= 8)
 
 
 def default_pages_per_block(page_size: int) -> int:
@@ -177,7 +192,7 @@ def default_num_stages(head_dim, page_size, dtype, pages_per_block, num_splits=1
 
 def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                  pages_per_block=None, num_stages=None, *, num_splits=1, q_dtype=None,
-                 interpret=False) -> None:
+                 interpret=False, refuse_spilling=True) -> None:
     """Raise ValueError naming the constraint if the kernel cannot take this configuration.
 
     wgmma needs 64 rows (so the GQA group must divide 64), N a multiple of 8 up to 256 and
@@ -232,6 +247,13 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                                         num_splits, q_dtype)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
+    if (not interpret and refuse_spilling and REFUSE_SPILLING
+            and spills(head_dim, pages_per_block)):
+        raise ValueError(f"head_dim={head_dim} with pages_per_block={pages_per_block}: the "
+                         f"Mosaic ragged kernel compiled for sm_90a spills registers (255 "
+                         f"per thread; benchmarks/results/mosaic_resources.md); decode at "
+                         f"this head_dim runs the decode tile (mosaic_decode), prefill needs "
+                         f"impl='xla'")
     if num_stages * pages_per_block > MAX_BARRIERS:
         raise ValueError(f"num_stages={num_stages} x pages_per_block={pages_per_block} = "
                          f"{num_stages * pages_per_block} page copies in flight, each with "
@@ -245,8 +267,11 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                          f"the {SMEM_BUDGET}-byte Hopper budget")
 
 
-def _interpret_params():
-    """Mosaic GPU's interpret mode (private in jax 0.10.2), or a clear error."""
+def _interpret_params(interpret=True):
+    """Mosaic GPU's interpret mode (private in jax 0.10.2), or a clear error. ``interpret``
+    may be an ``InterpretGPUParams`` already (e.g. with ``detect_races=True``)."""
+    if not isinstance(interpret, bool):
+        return interpret
     try:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError as err:  # pragma: no cover - depends on the installed jax
@@ -692,7 +717,7 @@ def _paged_attention_tokens(q, k_pages, v_pages, block_tables, kv_lens, q_seq, q
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(num_kv_heads, num_blocks, num_splits),
         grid_names=("kv_head", "block", "split"),
-        **({"interpret": _interpret_params()} if interpret else {}))
+        **({"interpret": _interpret_params(interpret)} if interpret else {}))
     scales = () if not quantized else tuple(
         row_scales(x, block_tables, layer[0], pages_per_block) for x in (k_scale, v_scale))
     result = call(layer, blk_seq, blk_lo, blk_hi, row_pos, block_tables.astype(jnp.int32),

@@ -142,6 +142,8 @@ def test_every_option_is_a_flag_with_its_default_in_help():
                            (["--swap-space", "1"], dict(host_cache_bytes=GIB,
                                                         preemption_mode="swap")),
                            (["--enforce-eager"], dict(warmup=False)),
+                           (["--dtype", "half"], dict(dtype="float16")),
+                           (["--dtype", "auto"], dict(dtype=None)),
                            (["--no-enforce-eager"], dict(warmup=True)),
                            (["--disable-log-stats"], dict(log_stats=False)),
                            (["--trust-remote-code", "--tokenizer-mode", "auto"], {}),
@@ -152,13 +154,13 @@ def test_every_option_is_a_flag_with_its_default_in_help():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(page_size=0), "page_size must be >= 1, got 0"),
+    (dict(page_size=0), "page_size must be a positive integer, got 0"),
     (dict(page_size=True), "page_size must be int, got True"),
     (dict(num_pages=1), "num_pages must be >= 2"),
-    (dict(kv_cache_dtype="int4"), "kv_cache_dtype must be one of auto, int8, fp8, got 'int4'"),
-    (dict(attention_impl="flash"), "attention_impl must be one of"),
-    (dict(preemption_mode="drop"), "preemption_mode must be one of"),
-    (dict(dtype="int3"), "dtype must be one of"),
+    (dict(kv_cache_dtype="int4"), "kv_cache_dtype='int4' is not one of auto, int8, fp8"),
+    (dict(attention_impl="flash"), "attention_impl='flash' is not one of"),
+    (dict(preemption_mode="drop"), "preemption_mode='drop' is not one of"),
+    (dict(dtype="int3"), "dtype='int3' is not one of"),
     (dict(watermark=1.5), r"watermark must be in \[0, 1\), got 1.5"),
     (dict(memory_utilization=float("nan")), "memory_utilization must be float"),
     (dict(num_pages=64, kv_cache_bytes=2**20), "pass one of"),

@@ -246,6 +246,13 @@ def test_abort_frees_everything(model):
     ([1, 2, 3], dict(stop=5), "unknown stop type"),
     ([1, 99999], {}, "token id 99999 is outside the vocabulary"),
     ("text", {}, "needs a tokenizer"),
+    # Bounds at admission (issue 20): each used to leave the scheduler holding a request
+    # the engine did not track, or fail the step of every request in the batch.
+    ([1, 2, 3], dict(n=10**12), "n=1000000000000 exceeds max_num_seqs=8"),
+    ([1, 2, 3], dict(n=9, seed=1), "n=9 exceeds max_num_seqs=8"),
+    ([1, 2, 3], dict(top_k=2**31), "top_k=2147483648 exceeds the vocabulary size"),
+    ([1, 2, 3], dict(logprobs=10**6), "logprobs=1000000 exceeds the vocabulary size"),
+    ([1, 2, 3], dict(use_beam_search=True, best_of=300), "best_of=300 exceeds max_num_seqs"),
 ])
 def test_bad_requests_leave_others_running(model, references, prompt, params, message):
     batch, expected = references
@@ -259,6 +266,17 @@ def test_bad_requests_leave_others_running(model, references, prompt, params, me
     while engine.has_unfinished_requests():
         result = next((o for o in engine.step() if o.finished), result)
     assert result.request_id == good and result.token_ids == expected[1]
+
+
+def test_beam_width_is_bounded_by_the_vocabulary(model):
+    """2 * width candidates per beam step must exist: 300 beams of a 512-token vocabulary
+    are refused at admission, and the engine holds nothing afterwards."""
+    llm = LLM(model, page_size=4, num_pages=64, max_num_seqs=300, max_num_batched_tokens=512,
+              max_model_len=128)
+    with pytest.raises(ValueError, match=r"best_of=300 beams need 2 \* 300 candidates"):
+        llm.engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, best_of=300,
+                                                         use_beam_search=True))
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.scheduler.requests
 
 
 def test_generate_is_all_or_nothing(model):

@@ -67,7 +67,8 @@ def test_dry_run_passes(full_dry_run):
                 if c.dtype != "fp8" or "fp8" in gpu_check.FORMATS_8BIT]
     assert names == expected + ["2x128"]
     assert report["verdict_checks"] == expected
-    assert {"int8", "window-softcap-stacked", "mosaic-decode", "mosaic-prefill"} <= set(names)
+    assert {"int8", "window-softcap-stacked", "mosaic-decode", "mosaic-decode-tile",
+            "mosaic-prefill"} <= set(names)
     assert all(c["rel_errors"] and not c["nan"] for c in report["checks"])
     assert not report["skipped"] and not report.get("stopped")
 
@@ -82,15 +83,17 @@ def test_dry_run_times_every_kernel_early(full_dry_run):
         report["timings"], [i for i in report["items"] if i["label"].startswith("time")])
         if item["stage"] == "short"}
     assert {("decode", "ours", "bfloat16"), ("decode", "mosaic", "bfloat16"),
+            ("decode", "mosaic_decode", "bfloat16"), ("decode", "mosaic_decode", "int8"),
             ("decode", "xla", "bfloat16"), ("prefill", "mosaic", "bfloat16"),
             ("prefill", "xla", "bfloat16")} <= short
-    assert {("decode", "ours", f) for f in gpu_check.FORMATS_8BIT} <= short
+    assert ("decode", "ours", "int8") in short
     assert all(r["seconds"] > 0 and "errors" not in r for r in report["timings"])
     profiled = [(r["impl"], r["phase"], r["dtype"]) for r in report["timings"]
                 if "kernel_s" in r]
     assert {("ours", "decode", "bfloat16"), ("ours", "decode", "int8"),
-            ("mosaic", "decode", "bfloat16"), ("mosaic", "prefill", "bfloat16")} <= set(
-        profiled)
+            ("mosaic", "decode", "bfloat16"), ("mosaic_decode", "decode", "bfloat16"),
+            ("mosaic_decode", "decode", "int8"),
+            ("mosaic", "prefill", "bfloat16")} <= set(profiled)
     assert len(profiled) == len(set(profiled))
     assert all(r["kernel_s"] is None and r["kernel_note"] for r in report["timings"]
                if "kernel_s" in r)
@@ -107,7 +110,8 @@ def test_plan_fits_the_first_minutes():
     assert stages == sorted(stages, key=gpu_check.STAGES.index)
     # The verdict's checks: both pools past the 32-bit limits, every Mosaic variant.
     checks = [i.label.removeprefix("check ") for i in items if i.verdict]
-    assert {"pool>4GiB", "int8-pool-3GiB"} <= set(checks)
+    assert {"pool>4GiB", "int8-pool-3GiB", "mosaic-int8-pool-3GiB",
+            "mosaic-decode-tile-int8-pool-3GiB"} <= set(checks)
     assert {c["name"] for c in gpu_mosaic.variants()} <= set(checks)
     int8_3gib = next(c for c in gpu_check.CHECKS if c.name == "int8-pool-3GiB")
     elements = 2 * int8_3gib.batch * int8_3gib.context * 8 * 128 // 2
@@ -153,6 +157,20 @@ def test_sigterm_keeps_the_verdict(tmp_path, monkeypatch, fresh_jax):
     assert signal.getsignal(signal.SIGTERM) is not gpu_check._stop
 
 
+def test_an_item_that_raises_does_not_end_the_run(tmp_path, monkeypatch, fresh_jax):
+    small_plan(monkeypatch)
+
+    def broken(*args):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(gpu_check, "time_item", broken)
+    status, report = dry_run(tmp_path, monkeypatch)
+    assert status == 0 and report["verdict"] == "PASS"
+    timed = [i for i in report["items"] if i["label"].startswith("time")]
+    assert timed and len(report["item_errors"]) == len(timed)
+    assert "out of memory, say" in (tmp_path / "gpu_check.md").read_text()
+
+
 def test_budget_is_checked_before_every_item(tmp_path, monkeypatch, fresh_jax):
     """With no budget nothing starts and the verdict says INCOMPLETE, not PASS; with a
     budget for the checks only, they run and the timing items are skipped one by one."""
@@ -172,7 +190,7 @@ def test_budget_is_checked_before_every_item(tmp_path, monkeypatch, fresh_jax):
 def test_mosaic_bounds_are_committed_for_every_variant():
     """Each variant's bound is 3x its committed interpret-mode error, for exactly its
     fields; the variants cover groups 1/4/8, pages 16/64, head_dims 64/128, decode and
-    prefill, a window, a soft cap and a stacked pool."""
+    prefill, a window, a soft cap, a stacked pool, split-K decode and 8-bit pages."""
     variants = gpu_mosaic.variants()
     assert {v["group"] for v in variants} == {1, 4, 8}
     assert {v["page_size"] for v in variants} == {16, 64}
@@ -183,6 +201,12 @@ def test_mosaic_bounds_are_committed_for_every_variant():
     assert any(v.get("sliding_window") for v in variants)
     assert any(v.get("soft_cap") for v in variants)
     assert any(v.get("num_layers") for v in variants)
+    assert any((v.get("num_splits") or 1) > 1 for v in variants)
+    assert set(gpu_check.FORMATS_8BIT) <= {v.get("dtype") for v in variants}
+    tile = [v for v in variants if v["kernel"] == "mosaic_decode"]
+    assert {(v["group"], v["page_size"], v["head_dim"]) for v in tile} == {
+        (g, p, d) for g in (1, 4, 8) for p in (16, 64) for d in (64, 128)}
+    assert {v.get("dtype") for v in tile} >= set(gpu_check.FORMATS_8BIT)
     committed = gpu_mosaic.load_bounds()["cases"]
     for case in gpu_mosaic.variant_cases():
         entry = committed[case["name"]]

@@ -315,6 +315,49 @@ def test_disconnect_aborts_and_frees_pages(server, checkpoint):
         'jpaged_request_success_total{finished_reason=length}')
 
 
+def test_a_disconnect_aborts_even_while_outputs_stream_in():
+    """The abort does not wait for a pause in the outputs: with an output every 10 ms
+    (a fast engine), a client gone after 0.3 s has its submission aborted at once."""
+    from jpaged.serving.server import Server, Submission
+
+    server = Server(LLM("tiny", num_pages=16, max_num_seqs=4,
+                        max_num_batched_tokens=16).engine, "tiny")
+
+    class Request:   # the ASGI side of a client that hangs up after 0.3 s
+        def __init__(self):
+            self.gone_at = time.monotonic() + 0.3
+
+        async def receive(self):
+            await asyncio.sleep(max(0.0, self.gone_at - time.monotonic()))
+            return {"type": "http.disconnect"}
+
+        async def is_disconnected(self):
+            return time.monotonic() >= self.gone_at
+
+    class Output:
+        finished = False
+
+    async def run():
+        submission = Submission(["0-0"], [[5]], None, asyncio.get_running_loop())
+
+        async def feed():
+            while True:
+                submission.queue.put_nowait((0, Output()))
+                await asyncio.sleep(0.01)
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            started = time.monotonic()
+            result = await asyncio.wait_for(server._collect(Request(), submission), 5)
+            return result, time.monotonic() - started, submission
+        finally:
+            feeder.cancel()
+
+    result, seconds, submission = asyncio.run(run())
+    assert result is None and seconds < 1.5
+    assert server.engine_thread.inbox.get_nowait() == ("abort", submission)
+
+
 BAD_COMPLETIONS = [
     ("{not json", "invalid_json"),
     ("[1, 2]", "invalid_json"),
@@ -566,14 +609,23 @@ def test_api_key_flag_and_command_line_refusals(capsys):
     from jpaged.serving.cli import main
     from jpaged.serving.server import Server
 
-    server = Server(LLM("tiny", num_pages=16, max_num_seqs=4,
-                        max_num_batched_tokens=16).engine, "tiny", api_key="k")
+    llm = LLM("tiny", num_pages=16, max_num_seqs=4, max_num_batched_tokens=16)
+    # The checkpoint's generation_config.json defaults fill what a request leaves unset.
+    server = Server(llm.engine, "tiny", api_key="k",
+                    sampling_defaults={"temperature": 0.0, "max_tokens": 3})
+    key = {"Authorization": "Bearer k"}
     with TestClient(server.app) as http:
         assert http.get("/v1/models").status_code == 401
-        assert http.get("/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
-        assert http.get("/v1/models/tiny", headers={"Authorization": "Bearer k"}).json()[
-            "id"] == "tiny"
+        assert http.get("/v1/models", headers=key).status_code == 200
+        assert http.get("/v1/models/tiny", headers=key).json()["id"] == "tiny"
         assert http.get("/health").status_code == 200
+        answer = http.post("/v1/completions", headers=key, json={
+            "model": "tiny", "prompt": [5, 6, 7], "return_token_ids": True}).json()
+        want = greedy(llm, [[5, 6, 7]], 3)[0]
+        assert answer["choices"][0]["token_ids"] == want.token_ids
+        answer = http.post("/v1/completions", headers=key, json={
+            "model": "tiny", "prompt": [5, 6, 7], "max_tokens": 5}).json()
+        assert answer["usage"]["completion_tokens"] == 5
     for argv, message in ((["serve", "a", "--model", "b"], "two models"),
                           (["serve", "--quantization", "awq"], "quantization='awq' is not "
                            "supported"),

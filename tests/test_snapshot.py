@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jpaged.engine import snapshot
+from jpaged.engine import snapshot, snapshot_files
 from jpaged.engine.engine import LLM
 from jpaged.host.sampling_params import SamplingParams
+from snapshot_edit import data_dir, host, write_host
 
 ROOT = Path(__file__).resolve().parents[1]
 # A pool small enough that swapping and preemption happen within a few steps.
@@ -110,8 +111,7 @@ def saved(tmp_path_factory):
     llm = _started()
     _check_busy(llm)
     llm.save_snapshot(path)
-    state = json.loads((path / snapshot.HOST_FILE).read_text())
-    return path, _outputs(llm), state
+    return path, _outputs(llm), host(path)
 
 
 def _without_times(state: dict) -> dict:
@@ -127,7 +127,7 @@ def test_restore_in_process_continues_exactly(saved, tmp_path):
     llm = LLM.from_snapshot(path)
     # The restored engine, saved again, is the same state (times aside).
     llm.save_snapshot(tmp_path / "again")
-    again = json.loads((tmp_path / "again" / snapshot.HOST_FILE).read_text())
+    again = host(tmp_path / "again")
     assert _without_times(again) == _without_times(json.loads(json.dumps(state)))
     _compare(_outputs(llm), want)
     bm = llm.engine.scheduler.block_manager
@@ -199,20 +199,22 @@ def test_existing_path_is_refused_unless_overwrite(saved, tmp_path):
 
 
 def test_a_failed_save_leaves_the_old_snapshot(saved, tmp_path, monkeypatch):
+    """An exception once the new files are written, before the commit (a kill at every
+    step: tests/test_snapshot_files.py)."""
     path, want, _ = saved
     target = tmp_path / "s"
     LLM.from_snapshot(path).save_snapshot(target)
-    real_write = snapshot._write
 
-    def crash(directory, host, arrays):   # the arrays written, then the process "dies"
-        real_write(directory, host, arrays)
-        raise KeyboardInterrupt
+    def crash(step):
+        if step == "manifest":
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(snapshot, "_write", crash)
+    monkeypatch.setattr(snapshot_files, "_after_step", crash)
     with pytest.raises(KeyboardInterrupt):
         LLM("tiny", **OPTIONS).save_snapshot(target, overwrite=True)
     monkeypatch.undo()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]   # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    assert len(list(target.iterdir())) == 2   # the manifest and its data: no temporary left
     _compare(_outputs(LLM.from_snapshot(target)), want)
 
 
@@ -222,19 +224,22 @@ def test_truncated_snapshots_are_refused(saved, tmp_path):
     path, _, _ = saved
     no_host = tmp_path / "no_host"
     shutil.copytree(path, no_host)
-    (no_host / snapshot.HOST_FILE).unlink()
-    with pytest.raises(ValueError, match="not a complete snapshot"):
+    (data_dir(no_host) / snapshot.HOST_FILE).unlink()
+    with pytest.raises(ValueError, match="truncated or damaged: files missing"):
         LLM.from_snapshot(no_host)
     no_arrays = tmp_path / "no_arrays"
     shutil.copytree(path, no_arrays)
-    shutil.rmtree(no_arrays / snapshot.ARRAYS_DIR)
+    shutil.rmtree(data_dir(no_arrays) / "arrays")
     with pytest.raises(ValueError, match="truncated"):
         LLM.from_snapshot(no_arrays)
     cut = tmp_path / "cut"
     shutil.copytree(path, cut)
-    text = (cut / snapshot.HOST_FILE).read_text()
-    (cut / snapshot.HOST_FILE).write_text(text[:len(text) // 2])
-    with pytest.raises(ValueError, match="not a complete snapshot"):
+    text = (data_dir(cut) / snapshot.HOST_FILE).read_text()
+    (data_dir(cut) / snapshot.HOST_FILE).write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        LLM.from_snapshot(cut)
+    (cut / snapshot_files.MANIFEST).unlink()
+    with pytest.raises(ValueError, match="not a complete snapshot: no manifest.json"):
         LLM.from_snapshot(cut)
 
 
@@ -254,19 +259,161 @@ def test_foreign_snapshots_are_refused(saved, tmp_path):
     # A snapshot whose recorded geometry disagrees with its own arrays.
     forged = tmp_path / "forged"
     shutil.copytree(path, forged)
-    host = json.loads((forged / snapshot.HOST_FILE).read_text())
-    host["geometry"]["head_dim"] = 64
-    (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
+    state = host(forged)
+    state["geometry"]["head_dim"] = 64
+    write_host(forged, state)
     with pytest.raises(ValueError, match="geometry says"):
         LLM.from_snapshot(forged)
-    del host["geometry"]["head_dim"], host["replicas"]
-    (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
+    del state["geometry"]["head_dim"], state["replicas"]
+    write_host(forged, state)
     with pytest.raises(ValueError, match="malformed snapshot"):
         LLM.from_snapshot(forged)
-    host["format"] = "something-else"
-    (forged / snapshot.HOST_FILE).write_text(json.dumps(host))
-    with pytest.raises(ValueError, match="not a jpaged-snapshot"):
-        LLM.from_snapshot(forged)
+
+
+# -- untrusted snapshots: every edit refused before a pool is allocated ------------------
+
+def _seq_with(state: dict, what) -> dict:
+    """The first saved sequence (JSON) of replica 0 for which ``what(seq)`` holds."""
+    return next(q for q in state["replicas"][0]["sequences"] if what(q))
+
+
+def _set(path, value):
+    """An edit setting the item at ``path`` (keys / indices from the host state) to
+    ``value`` (or to ``value(old)`` if callable)."""
+    def edit(state):
+        *head, last = path
+        for key in head:
+            state = state[key]
+        state[last] = value(state[last]) if callable(value) else value
+    return edit
+
+
+def _live(q):
+    return q["status"] != "finished" and q["block_table"]
+
+
+R = ("replicas", 0)
+BM = R + ("scheduler", "block_manager")
+EDITS = {
+    "num_pages": (_set(("options", "num_pages"), 10**6), "num_pages=1000000 differ"),
+    "geometry_and_options": (lambda s: (_set(("options", "num_pages"), 10**6)(s),
+                                        _set(("geometry", "num_pages"), 10**6)(s)),
+                             "block manager has 40 pages"),
+    "page_out_of_range": (lambda s: _seq_with(s, _live)["block_table"].__setitem__(0, 10**6),
+                          "outside"),
+    "negative_page": (lambda s: _seq_with(s, _live)["block_table"].__setitem__(0, -1),
+                      "outside"),
+    "ref_count": (_set(BM + ("ref_counts", 1), lambda c: c + 1), "ref count"),
+    "token_id": (lambda s: _seq_with(s, _live)["token_ids"].__setitem__(0, 10**9),
+                 "outside the vocabulary"),
+    "computed": (lambda s: _seq_with(s, _live).__setitem__("num_computed_tokens", 10**4),
+                 "num_computed_tokens"),
+    "queue": (_set(R + ("scheduler", "waiting"), lambda w: w[1:]), "live sequences"),
+    "status": (lambda s: _seq_with(s, _live).__setitem__("status", "waiting"),
+               "queue of its status|holds"),
+    "pages_saved": (_set(R + ("device_pages",), lambda p: p[:-1]), "saves device pages"),
+    "rng": (_set(R + ("rng",), {"bit_generator": "nope"}), "RNG state"),
+    "seq_reference": (_set(R + ("scheduler", "waiting", 0), {"__seq__": 9999}),
+                      "sequence reference 9999"),
+    "unknown_tag": (_set(R + ("scheduler", "waiting", 0), {"__pickle__": "x"}), "unknown tag"),
+    "params": (_set(R + ("requests", 0, "params", "top_p"), 7.0), "top_p"),
+    "request_dropped": (_set(R + ("requests",), lambda r: r[1:]), "does not follow"),
+    "counter": (_set(R + ("next_id",), "x"), "next_id"),
+    "arrival_counter": (_set(R + ("scheduler", "next_arrival"), 0), "the counters are at"),
+    "key_counter": (_set(BM + ("next_key_id",), 1), "key id|key counter"),
+    "stream": (lambda s: next(iter(s["replicas"][0]["requests"][0]["streams"].values()))
+               .__setitem__("cumulative_logprob", "x"), "stream"),
+    "hit_tokens": (_set(BM + ("hit_tokens",), -1), "hit_tokens=-1"),
+    "cache_key": (_set(BM + ("cache", 0, "__tuple__", 0, "__tuple__", 1, "__tuple__", 0), 10**9),
+                  "prefix-cache key"),
+    "fingerprint": (_set(("fingerprint",), "0" * 64), "fingerprint differs"),
+    "model_path": (_set(("model",), "/"), "fingerprint|more than"),
+    "config": (_set(("config", "vocab_size"), 7), "vocab_size"),
+    "replicas": (_set(("replicas",), []), "replicas"),
+    "nested_list": (_set(R + ("sequences", 0, "extra_keys"), json.loads("[" * 900 + "]" * 900)),
+                    "malformed|hashable"),
+}
+
+
+@pytest.fixture
+def no_pool(monkeypatch):
+    """Fails the test if anything allocates a KV pool."""
+    from jpaged.core.cache import KVCache
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pool was allocated before the snapshot was refused")
+
+    monkeypatch.setattr(KVCache, "create", refuse)
+
+
+@pytest.mark.parametrize("name", list(EDITS))
+def test_edited_snapshots_are_refused_before_allocating(saved, tmp_path, no_pool, name):
+    """Edits that keep the checksums right (the manifest re-signed), so they reach the
+    checks behind them: each is a ValueError naming the problem, before any pool."""
+    import shutil
+
+    edit, match = EDITS[name]
+    path = tmp_path / "s"
+    shutil.copytree(saved[0], path)
+    state = host(path)
+    edit(state)
+    write_host(path, state)
+    with pytest.raises(ValueError, match=match):
+        LLM.from_snapshot(path)
+
+
+def test_deep_nesting_and_unsigned_edits_are_refused(saved, tmp_path, no_pool):
+    import shutil
+
+    from snapshot_edit import resign
+
+    path = tmp_path / "s"
+    shutil.copytree(saved[0], path)
+    text = (data_dir(path) / snapshot.HOST_FILE).read_text()
+    deep = text.replace('"num_steps": ', '"num_steps": ' + "[" * 100_000 + "]" * 100_000 + ", "
+                        '"was": ', 1)
+    resign(path, snapshot.HOST_FILE, deep.encode())
+    with pytest.raises(ValueError, match="nested too deeply"):
+        LLM.from_snapshot(path)
+    (data_dir(path) / snapshot.HOST_FILE).write_text(text.replace('"num_steps": ',
+                                                                  '"num_steps": 1', 1))
+    with pytest.raises(ValueError, match="truncated or damaged|SHA-256"):
+        LLM.from_snapshot(path)
+
+
+def test_byte_flips_in_arrays_are_refused(saved, tmp_path, no_pool):
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(saved[0], path)
+    targets = sorted((data_dir(path) / "arrays").iterdir())
+    assert len(targets) >= 4   # device and host K and V
+    for target in targets:
+        original = target.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(original) // 3] ^= 0x01
+        target.write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match=f"{target.name} is damaged: its SHA-256"):
+            LLM.from_snapshot(path)
+        target.write_bytes(original)
+
+
+def test_pools_beyond_the_memory_bound_are_refused(saved, no_pool):
+    with pytest.raises(ValueError, match="more than max_pool_bytes=100000"):
+        LLM.from_snapshot(saved[0], max_pool_bytes=10**5)
+
+
+def test_a_restore_leaves_no_temporary_directories(saved, tmp_path):
+    """A dead writer's data directory (its pid is gone) is removed by the next restore."""
+    import shutil
+
+    path = tmp_path / "s"
+    shutil.copytree(saved[0], path)
+    shutil.copytree(data_dir(path), path / "data-999999999-0123abcd")
+    (path / ".manifest.json-data-999999999-0123abcd.tmp").write_text("{}")
+    assert len(list(path.iterdir())) == 4
+    LLM.from_snapshot(path)
+    assert len(list(path.iterdir())) == 2
 
 
 def test_bundle_model_needs_model_override(tmp_path):

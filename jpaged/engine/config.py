@@ -137,8 +137,9 @@ class EngineConfig:
     memory_utilization: float | None = _option(
         None, "size the pool from this fraction of each device's memory, less the weights "
         "(vLLM: gpu_memory_utilization; a CPU falls back to 64 MiB)")
-    dtype: str | None = _option(None, "the parameters' dtype (default: the checkpoint's)",
-                                PARAM_DTYPES)
+    dtype: str | None = _option(None, "the parameters' dtype (default, or vLLM's 'auto': "
+                                "the checkpoint's; vLLM's 'half' and 'float' too)",
+                                PARAM_DTYPES + tuple(DTYPE_NAMES))
     kv_cache_dtype: str = _option("auto", "the pool's dtype: auto (the model's), or 8-bit "
                                   "pages with a scale per token", KV_CACHE_DTYPES)
     max_num_seqs: int = _option(64, "sequences per step")
@@ -187,14 +188,14 @@ class EngineConfig:
             _check_type(field.name, value, hints[field.name])
             choices = field.metadata["choices"]
             if choices and value not in choices:
-                raise ValueError(f"{field.name} must be one of {', '.join(choices)}, got "
-                                 f"{value!r}")
+                raise ValueError(f"{field.name}={value!r} is not one of "
+                                 f"{', '.join(choices)}")
         for name in ("page_size", "num_pages", "kv_cache_bytes", "max_num_seqs",
                      "max_num_batched_tokens", "max_model_len", "tensor_parallel",
                      "data_parallel"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise ValueError(f"{name} must be a positive integer, got {value}")
         for name in ("num_host_pages", "host_cache_bytes"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

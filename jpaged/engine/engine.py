@@ -119,15 +119,36 @@ class LLMEngine:
         if bad:
             raise ValueError(f"request {request_id!r}: token id {bad[0]} is outside the "
                              f"vocabulary [0, {vocab})")
+        self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
-        request = Request(request_id, text, token_ids, params, params.sequence_seeds(self.rng),
-                          time.perf_counter())
+        # Everything that can fail happens before the scheduler queues the prompt, and
+        # nothing after it can: the request is wholly in the engine or not at all.
+        request = Request(request_id, text, token_ids, params,
+                          params.sequence_seeds(self.rng), time.perf_counter())
         self._rules(request)   # checks the token ids and compiles the grammar, or raises
         seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority,
                                          extra_keys=_prompt_logprobs_key(params))
         self._track(request, seq)
         return request_id
+
+    def _check_bounds(self, params: SamplingParams) -> None:
+        """``params`` against the model and the configuration: values the sampler's int32
+        columns and top-k calls can hold, and no more sequences than one step runs."""
+        vocab = self.model.config.vocab_size
+        if params.top_k > vocab:
+            raise ValueError(f"top_k={params.top_k} exceeds the vocabulary size {vocab} "
+                             f"(-1 or 0 turn top-k off)")
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"logprobs={params.logprobs} exceeds the vocabulary size {vocab}")
+        width, limit = params.num_sequences, self.scheduler.max_num_seqs
+        name = "best_of" if params.best_of is not None else "n"
+        if width > limit:
+            raise ValueError(f"{name}={width} exceeds max_num_seqs={limit}, the sequences "
+                             f"one step runs")
+        if params.use_beam_search and 2 * width > vocab:
+            raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
+                             f"more than the vocabulary size {vocab}")
 
     def _rules(self, request: Request) -> TokenRules | None:
         """The request's token rules, built when first needed (after a snapshot restore
@@ -497,7 +518,8 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if bad:
             raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
                              f"the vocabulary [0, {vocab_size})")
-        if not any(scheduler.seqs.get(seq_id) is seq for seq_id, seq in request.seqs.items()):
+        if request.finished or not any(scheduler.seqs.get(seq_id) is seq
+                                       for seq_id, seq in request.seqs.items()):
             raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
                              f"never finish")
         for seq_id, seq in request.seqs.items():
@@ -512,12 +534,14 @@ def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
         if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
             raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
                              f"which the engine does not follow")
-    for key in scheduler.block_manager.cache:
+    for key, (_, key_id) in scheduler.block_manager.cache.items():
         if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
+                or not isinstance(key[0], int) or not 0 <= key[0] < key_id
                 or len(key[1]) != scheduler.block_manager.page_size
                 or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
-            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (parent, "
-                             f"{scheduler.block_manager.page_size} token ids, extra keys)")
+            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (an earlier parent "
+                             f"key id, {scheduler.block_manager.page_size} token ids, extra "
+                             f"keys)")
     return requests, rng
 
 
@@ -645,19 +669,24 @@ class LLM:
     def save_snapshot(self, path, overwrite: bool = False) -> None:
         """Write the whole engine between two steps to the directory ``path``: the pages in
         use (device and swap pool), block tables, block manager, scheduler queues and every
-        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is refused
-        unless ``overwrite``; a failed save leaves it as it was."""
+        request with its RNG streams (``jpaged.engine.snapshot``). An existing ``path`` is
+        refused unless ``overwrite``; the replacement is atomic: ``path`` holds the old
+        snapshot or the new one, whole, wherever the save fails or the process dies."""
         snapshot.save(self, path, overwrite)
 
     @classmethod
-    def from_snapshot(cls, path, **overrides) -> "LLM":
+    def from_snapshot(cls, path, *, max_pool_bytes: int | None = None,
+                      **overrides) -> "LLM":
         """An ``LLM`` resuming the snapshot at ``path``: stepping on gives the tokens the
         saved one would have. The model is the snapshot's ("tiny" or its checkpoint
-        directory) unless ``model=``; ``tensor_parallel=`` / ``mesh=`` and
-        ``attention_impl=`` may differ, other options must equal the snapshot's. A
-        truncated or foreign snapshot (another model config or pool geometry) raises a
-        ValueError naming what differs."""
-        return snapshot.restore(cls, path, **overrides)
+        directory, whose files must match the fingerprint saved with it) unless
+        ``model=``; ``tensor_parallel=`` / ``mesh=`` and ``attention_impl=`` may differ,
+        other options must equal the snapshot's. The snapshot is verified whole before
+        any pool is allocated (checksums, options, model, host state; see
+        ``jpaged.engine.snapshot``), and its pools must fit in ``max_pool_bytes`` (default:
+        this machine's memory). A damaged, truncated or foreign snapshot raises a
+        ValueError naming the problem."""
+        return snapshot.restore(cls, path, max_pool_bytes, **overrides)
 
     def kv_cache_info(self) -> dict:
         """The KV pool of each replica: num_pages (null page included), page_size,

@@ -1,52 +1,53 @@
 """Engine snapshots: everything an ``LLM`` holds between two steps, written to a directory
-and restored in another process, also on another tensor-parallel size.
+and restored in another process, also on another tensor-parallel size; verified whole
+before anything is allocated.
 
-A snapshot directory holds:
+The state is the classes' own: ``LLMEngine.state_dict`` (its requests, RNG and counters,
+and the scheduler's, holding the block manager's), ``Replicas.state_dict`` for data
+parallelism. This module keeps the format, the arrays and the checks; the files and their
+checksums are ``jpaged.engine.snapshot_files``'s (a manifest with the SHA-256 of every
+file, committed atomically: a snapshot directory always holds one complete snapshot).
 
-- ``snapshot.json``: the host state, plain JSON: the format version, the ``LLM`` options
-  and model spec, the model config and the pool geometry (checked on restore), then per
-  replica the engine (request-id counter, its ``numpy`` RNG state, step counters), every
-  request (tokens, ``SamplingParams``, seeds, streams with logprobs, beam hypotheses,
-  metrics), every sequence once (tokens, computed count, status, order, block and host
-  tables, prefix-cache key ids), the scheduler's queues, order counters and table rows,
-  and the block manager (ref counts, the free queue in order, prefix-cache entries with
-  their key ids, the key counter, the host pool's free list).
-  JSON rather than pickle: a snapshot names no Python class, so it survives the engine's
-  modules moving, and reading one never runs code. Values of open type (tuples in cache
-  keys, ``extra_keys``, dicts keyed by token id) go through ``_pack``.
-- ``arrays/``: an orbax checkpoint of the pages in use only: device pages with a ref
-  count or a prefix-cache entry, host (swap) pages not free, K and V and the scales of
-  an 8-bit pool, with the model's own kv heads (tensor parallelism's replicated kv heads
-  dropped on save and repeated on restore, so the pool reshards to any size).
+- ``snapshot.json``: the host state, plain JSON: the format version, the ``LLM`` options,
+  the model spec and its fingerprint (``model_loading.fingerprint``), the model config
+  and the pool geometry, then per replica the engine's state, each sequence once under
+  ``sequences`` (the requests and the scheduler refer to them by index). JSON rather
+  than pickle: a snapshot names no Python class, so it survives the engine's modules
+  moving, and reading one never runs code. Values of open type (tuples in cache keys,
+  ``extra_keys``, dicts keyed by token id, sequences) are tagged by ``_pack``.
+- ``arrays/``: the pages in use only (device pages with a ref count or a prefix-cache
+  entry, host pages not free), K and V and the scales of an 8-bit pool, with the model's
+  own kv heads (tensor parallelism's replicated kv heads dropped on save and repeated on
+  restore, so the pool reshards to any size).
 
-``snapshot.json`` is written last, into a temporary directory beside the target that is
-renamed into place: a crash mid-save leaves the previous snapshot whole.
+A restore checks, in this order, before allocating any pool: every file's checksum, the
+format version, the options against the geometry and a memory bound, the model's config
+and fingerprint, the whole host state of every replica on host-only schedulers
+(``jpaged.engine.engine.check_state``) and the page arrays against the pages that state
+uses. A ValueError names the first problem.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.engine import model_loading
+from jpaged.engine import model_loading, snapshot_files
 from jpaged.engine.config import EngineConfig
-from jpaged.core.cache import KVCache, put_pages
+from jpaged.core.cache import SCALE_DTYPE, KVCache, is_quantized, put_pages
 from jpaged.parallel.replicas import Replicas
 from jpaged.host.sequence import Sequence
 
-FORMAT = "jpaged-snapshot"
+FORMAT = snapshot_files.FORMAT
 # 2: the classes' own ``state_dict``s (``jpaged.host``, ``LLMEngine``, ``Replicas``).
-VERSION = 2
-HOST_FILE = "snapshot.json"
-ARRAYS_DIR = "arrays"
+# 3: a manifest of checksums committed atomically, raw array files, the model's fingerprint.
+VERSION = 3
+HOST_FILE = snapshot_files.HOST_FILE
 LEAVES = ("k", "v", "k_scale", "v_scale")
 # LLM options a restore may change: where and how the same state runs, not what it is.
 # ``dtype``: the params' (a snapshot of dtype=None taken on an accelerator holds bfloat16
@@ -121,56 +122,22 @@ def _unpack(x, seqs: list | None = None):
 def save(llm, path, overwrite: bool = False) -> None:
     """Write ``llm``'s whole state to the directory ``path`` (see the module docstring)."""
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite:   # before the device-to-host copies
         raise ValueError(f"{path} already exists; pass overwrite=True to replace it")
     engines = _engines(llm.engine)
     host = {"format": FORMAT, "version": VERSION, "model": llm._spec,
+            "fingerprint": None if llm._spec is None else model_loading.fingerprint(llm._spec),
             "options": llm.config.to_dict(), "config": _config_dict(llm.model_config),
             "geometry": _geometry(llm), "replicas": [], "router": None}
     arrays = {}
     for r, engine in enumerate(engines):
-        state, arrays[f"replica{r}"] = _engine_state(engine, llm.model_config)
+        state, pools = _engine_state(engine, llm.model_config)
         host["replicas"].append(state)
+        arrays.update({f"replica{r}.{kind}.{leaf}": array for kind, leaves in pools.items()
+                       for leaf, array in leaves.items()})
     if isinstance(llm.engine, Replicas):
         host["router"] = _pack(llm.engine.state_dict())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        _write(tmp, host, arrays)
-        _replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write(directory: Path, host: dict, arrays: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    directory.mkdir()
-    ocp.PyTreeCheckpointer().save((directory / ARRAYS_DIR).absolute(), arrays)
-    # Last, and on disk before the rename: a directory without it is an unfinished save.
-    with open(directory / HOST_FILE, "w") as f:
-        f.write(json.dumps(host))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an old ``path`` is moved aside first and removed only
-    once the new one is in place."""
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        path.rename(old)
-    try:
-        tmp.rename(path)
-    except BaseException:
-        if old is not None:
-            old.rename(path)
-        raise
-    if old is not None and old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old is not None:
-        old.unlink()
+    snapshot_files.write(path, VERSION, host, arrays, overwrite)
 
 
 def _engines(engine) -> list:
@@ -198,20 +165,17 @@ def _kv_copies(cache: KVCache, config) -> int:
 
 
 def _engine_state(engine, config) -> tuple[dict, dict]:
-    """One engine's ``state_dict`` as JSON (each sequence once, under ``sequences``) and
-    its pages in use as numpy arrays."""
+    """One engine's ``state_dict`` as JSON (each sequence once, under ``sequences``; the
+    pages it saves under ``device_pages`` and ``host_pages``) and those pages as numpy
+    arrays, ``{"device": {leaf: array}, "host": ...}``."""
     bm, runner, seqs = engine.scheduler.block_manager, engine.runner, _Sequences()
     state = _pack(engine.state_dict(), seqs)
     state["sequences"] = [_pack(seq.state_dict()) for seq in seqs.seqs]
-    # The null page always goes along: orbax refuses empty arrays.
-    device_pages, host_pages = _pages_in_use(bm)
+    state["device_pages"], state["host_pages"] = _pages_in_use(bm)
     copies = _kv_copies(runner.cache, config)
-    arrays = {"device_pages": np.asarray(device_pages, np.int32),
-              "device": _take(runner.cache, device_pages, copies)}
-    if host_pages:
-        arrays["host_pages"] = np.asarray(host_pages, np.int32)
-        arrays["host"] = _take(runner.host.pages, host_pages, copies)
-    state["num_device_pages"], state["num_host_pages"] = len(device_pages), len(host_pages)
+    arrays = {"device": _take(runner.cache, state["device_pages"], copies)}
+    if state["host_pages"]:
+        arrays["host"] = _take(runner.host.pages, state["host_pages"], copies)
     return state, arrays
 
 
@@ -232,36 +196,37 @@ def _take(pool: KVCache, pages: list[int], copies: int) -> dict:
 
 # -- restoring -------------------------------------------------------------------------
 
-def restore(llm_class, path, **overrides):
+def restore(llm_class, path, max_pool_bytes: int | None = None, **overrides):
     """A new ``llm_class`` (``LLM``) holding the snapshot at ``path``; see
     ``LLM.from_snapshot``."""
     path = Path(path)
     try:
-        return _restore(llm_class, path, overrides)
+        return _restore(llm_class, path, max_pool_bytes, overrides)
     except (KeyError, IndexError, TypeError, AttributeError, RecursionError) as error:
         # Valid JSON, not our layout (or nested past Python's stack).
         raise ValueError(f"{path} is a malformed snapshot ({type(error).__name__}: "
                          f"{str(error)[:200]})") from None
 
 
-def _restore(llm_class, path: Path, overrides: dict):
+def _restore(llm_class, path: Path, max_pool_bytes: int | None, overrides: dict):
     from jpaged.engine.engine import check_state, make_scheduler   # engine imports this module
 
-    host, arrays = _read(path)
+    host, arrays = snapshot_files.read(path, VERSION)
     options = _options(host, overrides)
-    vocab_size = _check_model(host, options["model"])
-    # The whole host state, checked on host-only schedulers before any pool exists.
     config = EngineConfig.from_options(**{k: v for k, v in options.items()
                                           if k not in ("model", "mesh")})
     replicas = host["replicas"]
-    if not isinstance(replicas, list) or (
+    if not isinstance(replicas, list) or not replicas or (
             "mesh" not in options and len(replicas) != (config.data_parallel or 1)):
-        raise ValueError(f"the snapshot holds {len(replicas)} replicas, its options "
+        raise ValueError(f"the snapshot holds {str(replicas)[:40]} replicas, its options "
                          f"data_parallel={config.data_parallel}")
+    _check_sizes(host, config, replicas, max_pool_bytes)
+    vocab_size = _check_model(host, options["model"])
+    # The whole host state, checked on host-only schedulers before any pool exists.
     for r, state in enumerate(replicas):
         scheduler = make_scheduler(config)
         check_state(_engine_from(state), scheduler, vocab_size)
-        _check_pages(scheduler.block_manager, state, arrays[f"replica{r}"], f"replica {r}")
+        _check_arrays(scheduler.block_manager, state, arrays, host["geometry"], f"replica{r}")
     llm = llm_class(**options)
     _check_geometry(host["geometry"], _geometry(llm), "the restored LLM")
     engines = _engines(llm.engine)
@@ -270,7 +235,7 @@ def _restore(llm_class, path: Path, overrides: dict):
                          f"the restored LLM {len(engines)}")
     for r, (engine, state) in enumerate(zip(engines, replicas)):
         engine.load_state_dict(_engine_from(state))
-        _load_pages(engine, state, arrays[f"replica{r}"], llm.model_config)
+        _load_pages(engine, state, arrays, f"replica{r}", llm.model_config)
     if isinstance(llm.engine, Replicas):
         llm.engine.load_state_dict(_unpack(host["router"]))
     return llm
@@ -279,62 +244,77 @@ def _restore(llm_class, path: Path, overrides: dict):
 def _engine_from(state: dict) -> dict:
     """An engine's ``state_dict`` from its JSON, with sequences made anew."""
     seqs = [Sequence.from_state(_unpack(s)) for s in state["sequences"]]
-    return _unpack({k: v for k, v in state.items() if k != "sequences"}, seqs)
+    return _unpack({k: v for k, v in state.items()
+                    if k not in ("sequences", "device_pages", "host_pages")}, seqs)
 
 
-def _check_pages(bm, state: dict, arrays: dict, where: str) -> None:
-    """The snapshot's page arrays hold exactly the pages its state uses."""
-    device, host = _pages_in_use(bm)
-    saved_device = np.asarray(arrays.get("device_pages", ())).tolist()
-    saved_host = np.asarray(arrays.get("host_pages", ())).tolist()
-    if saved_device != device or saved_host != host:
-        raise ValueError(f"{where}: the page arrays hold device pages {saved_device[:10]}... "
-                         f"and host pages {saved_host[:10]}..., the state uses "
-                         f"{device[:10]}... and {host[:10]}...")
-
-
-def _read(path: Path) -> tuple[dict, dict]:
-    """The host state and the arrays of a snapshot, checked for completeness."""
-    import orbax.checkpoint as ocp
-
-    if not path.is_dir():
-        raise ValueError(f"{path} is not a snapshot directory")
-    try:
-        host = json.loads((path / HOST_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a complete snapshot: cannot read {HOST_FILE} "
-                         f"({error})") from None
-    if host.get("format") != FORMAT or host.get("version") != VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} version {VERSION} file (format="
-                         f"{host.get('format')!r}, version={host.get('version')!r})")
-    try:
-        arrays = ocp.PyTreeCheckpointer().restore((path / ARRAYS_DIR).absolute())
-    except Exception as error:   # orbax raises many types for a damaged checkpoint
-        raise ValueError(f"{path} is truncated or damaged: its page arrays do not restore "
-                         f"({type(error).__name__}: {error})") from None
+def _check_sizes(host: dict, config: EngineConfig, replicas: list,
+                 max_pool_bytes: int | None) -> None:
+    """Before anything is allocated: the options the pool is built from equal the recorded
+    geometry and the saved block managers' sizes, and the pools fit in ``max_pool_bytes``
+    (default: the memory of this machine's devices, or of the host where a device reports
+    none), device and swap pools of every replica together."""
     geometry = host["geometry"]
-    for r, state in enumerate(host["replicas"]):
-        _check_arrays(arrays.get(f"replica{r}"), state, geometry, f"{path} replica {r}")
-    return host, arrays
+    for name in ("page_size", "num_pages", "num_host_pages"):
+        if getattr(config, name) != geometry[name]:
+            raise ValueError(f"options {name}={getattr(config, name)!r} differ from the "
+                             f"snapshot's pool geometry {name}={geometry[name]!r}")
+    for r, state in enumerate(replicas):
+        saved = len(state["scheduler"]["block_manager"]["ref_counts"])
+        if saved != config.num_pages:
+            raise ValueError(f"replica {r}'s block manager has {saved} pages, the options "
+                             f"num_pages={config.num_pages}")
+    page_bytes = KVCache.bytes_per_page(geometry["num_layers"], geometry["num_kv_heads"],
+                                        geometry["head_dim"], geometry["page_size"],
+                                        jnp.dtype(geometry["kv_cache_dtype"]))
+    need = page_bytes * (config.num_pages + config.num_host_pages) * len(replicas)
+    limit = _memory() if max_pool_bytes is None else max_pool_bytes
+    if need > limit:
+        raise ValueError(f"the snapshot's pools (num_pages={config.num_pages}, "
+                         f"num_host_pages={config.num_host_pages}, {len(replicas)} replicas) "
+                         f"need {need} bytes, more than max_pool_bytes={limit}")
 
 
-def _check_arrays(arrays, state: dict, geometry: dict, where: str) -> None:
-    if arrays is None:
-        raise ValueError(f"{where}: no page arrays in the snapshot (truncated)")
-    for kind, count in (("device", state["num_device_pages"]),
-                        ("host", state["num_host_pages"])):
-        if not count:
+def _memory() -> int:
+    """The devices' memory, summed, or the host's physical memory where they report none."""
+    stats = [d.memory_stats() or {} for d in jax.devices()]
+    if all("bytes_limit" in s for s in stats):
+        return sum(s["bytes_limit"] for s in stats) + _host_memory()
+    return _host_memory()
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_arrays(bm, state: dict, arrays: dict, geometry: dict, replica: str) -> None:
+    """The page arrays of ``replica`` hold exactly the pages its state uses (``bm``, that
+    state loaded), with the recorded geometry."""
+    device, host = _pages_in_use(bm)
+    if state["device_pages"] != device or state["host_pages"] != host:
+        raise ValueError(f"{replica}: the snapshot saves device pages "
+                         f"{str(state['device_pages'])[:60]} and host pages "
+                         f"{str(state['host_pages'])[:60]}, its state uses "
+                         f"{str(device)[:60]} and {str(host)[:60]}")
+    for kind, pages in (("device", device), ("host", host)):
+        names = {f"{replica}.{kind}.{leaf}" for leaf in LEAVES} & set(arrays)
+        if not pages:
             continue
-        leaves = arrays.get(kind, {})
-        expected = (geometry["num_layers"], geometry["num_kv_heads"], count,
-                    geometry["page_size"], geometry["head_dim"])
-        k = leaves.get("k")
-        if k is None or "v" not in leaves or len(arrays.get(f"{kind}_pages", ())) != count:
-            raise ValueError(f"{where}: {kind} pages missing from the arrays (truncated)")
-        if tuple(k.shape) != expected or k.dtype.name != geometry["kv_cache_dtype"]:
-            raise ValueError(f"{where}: {kind} pages are {k.dtype.name}{list(k.shape)}, the "
-                             f"recorded geometry says {geometry['kv_cache_dtype']}"
-                             f"{list(expected)}")
+        quantized = is_quantized(jnp.dtype(geometry["kv_cache_dtype"]))
+        want = {f"{replica}.{kind}.{leaf}" for leaf in (LEAVES if quantized else LEAVES[:2])}
+        if names != want:
+            raise ValueError(f"{replica}: {kind} page arrays {sorted(names)}, expected "
+                             f"{sorted(want)} (truncated)")
+        shape = [geometry["num_layers"], geometry["num_kv_heads"], len(pages),
+                 geometry["page_size"], geometry["head_dim"]]
+        for name in sorted(names):
+            array, dtype = arrays[name], geometry["kv_cache_dtype"]
+            want_shape = shape if name.endswith((".k", ".v")) else shape[:-1]
+            if name.endswith("_scale"):
+                dtype = SCALE_DTYPE.name
+            if list(array.shape) != want_shape or array.dtype.name != dtype:
+                raise ValueError(f"{replica}: {name} is {array.dtype.name}{list(array.shape)}, "
+                                 f"the recorded geometry says {dtype}{want_shape}")
 
 
 def _options(host: dict, overrides: dict) -> dict:
@@ -357,8 +337,13 @@ def _options(host: dict, overrides: dict) -> dict:
 
 
 def _check_model(host: dict, model) -> int:
-    """Refuse a model whose config differs from the snapshot's, naming the fields; returns
-    its vocabulary size."""
+    """Refuse a model whose fingerprint (a name or directory: ``model_loading.fingerprint``,
+    before reading anything of it) or config differs from the snapshot's, naming what
+    differs; returns its vocabulary size."""
+    if isinstance(model, str) and host["fingerprint"] is not None:
+        if model_loading.fingerprint(model) != host["fingerprint"]:
+            raise ValueError(f"model {model!r} is not the one the snapshot was taken with: "
+                             f"its files' fingerprint differs")
     model_config = model_loading.model_config(model)
     config = _config_dict(model_config)
     saved = host["config"]
@@ -377,21 +362,22 @@ def _check_geometry(saved: dict, now: dict, what: str) -> None:
             f"{k}={now.get(k)!r} (snapshot: {saved[k]!r})" for k in differ))
 
 
-def _load_pages(engine, state: dict, arrays: dict, config) -> None:
+def _load_pages(engine, state: dict, arrays: dict, replica: str, config) -> None:
     """Put a saved engine's pages into a fresh engine's pools."""
     runner = engine.runner
     copies = _kv_copies(runner.cache, config)
     put = jax.jit(put_pages, donate_argnums=(0,))
-    runner.cache = put(runner.cache, jnp.asarray(arrays["device_pages"]),
-                       _pool(arrays["device"], copies))
-    if state["num_host_pages"]:
-        pages = np.asarray(arrays["host_pages"])
+    runner.cache = put(runner.cache, jnp.asarray(state["device_pages"], jnp.int32),
+                       _pool(arrays, f"{replica}.device", copies))
+    if state["host_pages"]:
+        pages = np.asarray(state["host_pages"])
         for pool, new in zip(jax.tree.leaves(runner.host.pages),
-                             jax.tree.leaves(_pool(arrays["host"], copies))):
+                             jax.tree.leaves(_pool(arrays, f"{replica}.host", copies))):
             pool[:, :, pages] = new
 
 
-def _pool(leaves: dict, copies: int) -> KVCache:
-    """Saved leaves as a KVCache with each kv head repeated ``copies`` times."""
-    return KVCache(**{name: np.repeat(np.asarray(leaves[name]), copies, axis=1)
-                      if name in leaves else None for name in LEAVES})
+def _pool(arrays: dict, prefix: str, copies: int) -> KVCache:
+    """The saved leaves ``prefix.k`` ... as a KVCache, each kv head repeated ``copies``
+    times."""
+    return KVCache(**{name: np.repeat(arrays[f"{prefix}.{name}"], copies, axis=1)
+                      if f"{prefix}.{name}" in arrays else None for name in LEAVES})

@@ -168,7 +168,8 @@ class Request:
         of ``state`` (the caller rebuilt them)."""
         request = cls(state["request_id"], state["prompt"], list(state["prompt_token_ids"]),
                       SamplingParams(**state["params"]), list(state["seeds"]), 0.0)
-        if not isinstance(request.request_id, str) or not all(
+        if not isinstance(request.request_id, str) or not isinstance(
+                request.prompt, (str, type(None))) or not all(
                 isinstance(s, int) for s in request.seeds):
             raise ValueError(f"request {request.request_id!r}: malformed id or seeds")
         request.metrics = RequestMetrics(**state["metrics"])
@@ -177,6 +178,14 @@ class Request:
                 setattr(request.metrics, name, getattr(request.metrics, name) + clock)
         request.finished = bool(state["finished"])
         request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
+        for seq_id, stream in request.streams.items():
+            if not (isinstance(stream.index, int) and 0 <= stream.index < len(request.seeds)
+                    and isinstance(stream.seed, int)
+                    and isinstance(stream.cumulative_logprob, (int, float))
+                    and isinstance(stream.logprobs, list)
+                    and isinstance(stream.text, (str, type(None)))):
+                raise ValueError(f"request {request.request_id!r}: stream {seq_id!r} is "
+                                 f"malformed ({str(stream)[:100]})")
         request.seqs = dict(state["seqs"])
         request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
         if state.get("prompt_logprobs") is not None:

@@ -210,6 +210,15 @@ class Scheduler:
             self.check()
         except RuntimeError as error:
             raise ValueError(f"inconsistent scheduler state: {error}") from None
+        # Counters ahead of what they numbered: a new order or prefix-cache key id must not
+        # repeat a live one (queues bisect on orders; key ids chain cached pages).
+        for seq in self.seqs.values():
+            if seq.order[1] >= self.next_arrival or seq.order[2] >= self.next_fork:
+                raise ValueError(f"{seq} has order {seq.order}, the counters are at arrival "
+                                 f"{self.next_arrival}, fork {self.next_fork}")
+            if not all(0 < k < self.block_manager.next_key_id for k in seq.cache_keys):
+                raise ValueError(f"{seq} names prefix-cache key ids {seq.cache_keys[:8]}, "
+                                 f"the key counter is at {self.block_manager.next_key_id}")
 
     # -- requests --------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import json
 import sys
 
 from jpaged.engine.config import add_arguments as add_engine_arguments
+from jpaged.serving.limits import add_arguments as add_limit_arguments
 
 
 def _generate(args) -> None:
@@ -167,6 +168,7 @@ def main(argv=None) -> None:
     serve.add_argument("--disable-uvicorn-access-log", action="store_true",
                        help="no access log line per HTTP request")
     add_engine_arguments(serve)
+    add_limit_arguments(serve)
     serve.set_defaults(run=_serve)
 
     dist = commands.add_parser("distributed", help="one engine over several processes",

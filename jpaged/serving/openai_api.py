@@ -16,10 +16,8 @@ import re
 import time
 
 from jpaged.host import chat
-from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.sampling_params import MAX_PROMPT_LOGPROBS, SamplingParams
 
-# OpenAI caps top logprobs at 20 (chat) and 5 (completions); jpaged allows 20 for both.
-MAX_LOGPROBS = 20
 # Sampling fields both endpoints take, under the same names in OpenAI / vLLM and jpaged.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
@@ -194,7 +192,7 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
         raise RequestError("prompt token ids must be integers, not booleans", param="prompt")
     echo = flag(body, "echo")
     max_tokens = _count(body, "max_tokens", 16)
-    logprobs = _count(body, "logprobs", None, MAX_LOGPROBS)
+    logprobs = _count(body, "logprobs", None)
     if max_tokens == 0 and not echo:
         raise RequestError("max_tokens=0 needs echo: true (scoring the prompt)",
                            param="max_tokens")
@@ -202,6 +200,9 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
         raise RequestError("echo is not supported with stream", param="echo")
     if echo and flag(body, "use_beam_search"):
         raise RequestError("echo is not supported with use_beam_search", param="echo")
+    if echo and logprobs is not None and logprobs > MAX_PROMPT_LOGPROBS:
+        raise RequestError(f"logprobs={logprobs} with echo asks for prompt logprobs, at most "
+                           f"{MAX_PROMPT_LOGPROBS}", param="logprobs")
     params = sampling_params(body, max_tokens=max(max_tokens, 1), logprobs=logprobs)
     if echo and logprobs is not None:
         params.prompt_logprobs = logprobs
@@ -213,7 +214,7 @@ def chat_params(body: dict, default_max_tokens: int) -> SamplingParams:
     context when the body sets no limit."""
     limit = _count(body, "max_completion_tokens", None)
     limit = _count(body, "max_tokens", limit)
-    top = _count(body, "top_logprobs", None, MAX_LOGPROBS)
+    top = _count(body, "top_logprobs", None)
     if top is not None and not flag(body, "logprobs"):
         raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (top or 0) if flag(body, "logprobs") else None

@@ -33,10 +33,14 @@ from typing import Any
 
 from jpaged.serving import openai_api
 from jpaged.core.interfaces import Engine
+from jpaged.host.request import prompt_token_ids
+from jpaged.serving.limits import ServerLimits, guarded_protocol, limits_from_args
 from jpaged.serving.openai_api import RequestError
 
 log = logging.getLogger("jpaged.serving.server")
 
+# Bodies smaller than this are parsed on the event loop (a thread hop costs more).
+PARSE_INLINE_BYTES = 64 * 1024
 # TTFT / TPOT histogram buckets, seconds.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -45,42 +49,83 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class Submission:
-    """The requests of one HTTP call (one per prompt) and the asyncio queue their outputs
-    arrive on: ``(prompt index, RequestOutput)``, ``ACCEPTED`` once all were added, or an
-    exception."""
+    """The requests of one HTTP call (one per prompt) and the outputs that reached the
+    event loop for them.
+
+    Outputs are cumulative (each holds all of its request's tokens so far), so only the
+    newest one per prompt is kept: a client that reads slowly gets fewer, larger chunks,
+    and one that stops reading holds one output per prompt, not one per step. If an
+    output waits untaken for ``send_timeout`` seconds the client is not reading:
+    ``on_stall`` (the server aborts the requests) is called once."""
 
     ACCEPTED = "accepted"
 
-    def __init__(self, request_ids: list[str], prompts: list, params, loop):
+    def __init__(self, request_ids: list[str], prompts: list, params, loop,
+                 send_timeout: float = float("inf"), on_stall=None):
         self.request_ids = request_ids
         self.prompts = prompts
         self.params = params
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.send_timeout = send_timeout
+        self.on_stall = on_stall
+        self.latest: dict[int, Any] = {}     # prompt index -> newest untaken output
+        self.error: BaseException | None = None
+        self.is_accepted = False
+        self.ready = asyncio.Event()
+        self.waiting_since: float | None = None   # when the oldest untaken output came
         self.finished: set[int] = set()
 
     def put(self, item) -> None:
         """Called from the engine thread."""
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._deliver, item)
         except RuntimeError:   # the event loop has closed: the server is shutting down
             pass
+
+    def _deliver(self, item) -> None:
+        """On the event loop: keep ``item``, replacing an older output of its prompt."""
+        if isinstance(item, BaseException):
+            self.error = self.error or item
+        elif item == Submission.ACCEPTED:
+            self.is_accepted = True
+        else:
+            index, output = item
+            self.latest[index] = output
+            now = self.loop.time()
+            if self.waiting_since is None:
+                self.waiting_since = now
+            elif now - self.waiting_since > self.send_timeout and self.on_stall is not None:
+                stall, self.on_stall = self.on_stall, None
+                self.error = self.error or RequestError(
+                    f"the client took no output for send_timeout={self.send_timeout} s",
+                    status=408, code="send_timeout")
+                stall(self)
+        self.ready.set()
 
     @property
     def done(self) -> bool:
         return len(self.finished) == len(self.request_ids)
 
+    async def _wait(self, timeout: float | None) -> None:
+        self.ready.clear()
+        await asyncio.wait_for(self.ready.wait(), timeout)
+
     async def accepted(self) -> None:
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
+        while not (self.is_accepted or self.error):
+            await self._wait(None)
+        if self.error is not None:
+            raise self.error
 
     async def next(self, timeout: float | None = None):
-        """The next ``(prompt index, RequestOutput)``; raises what the engine raised."""
-        item = await asyncio.wait_for(self.queue.get(), timeout)
-        if isinstance(item, BaseException):
-            raise item
-        index, output = item
+        """The newest ``(prompt index, RequestOutput)`` of the prompt whose output waited
+        longest; raises what the engine raised."""
+        while not (self.latest or self.error):
+            await self._wait(timeout)
+        if self.error is not None:
+            raise self.error
+        index = next(iter(self.latest))
+        output = self.latest.pop(index)
+        self.waiting_since = self.loop.time() if self.latest else None
         if output.finished:
             self.finished.add(index)
         return index, output
@@ -105,10 +150,11 @@ class EngineThread:
 
     # -- called from the event loop ------------------------------------------------------
 
-    def submit(self, prompts: list, params, loop) -> Submission:
+    def submit(self, prompts: list, params, loop,
+               send_timeout: float = float("inf")) -> Submission:
         prefix = f"{next(self._ids)}-"
         submission = Submission([prefix + str(i) for i in range(len(prompts))], prompts,
-                                params, loop)
+                                params, loop, send_timeout, self.abort)
         self.inbox.put(("add", submission))
         return submission
 
@@ -414,7 +460,8 @@ class Server:
     def __init__(self, engine: Engine, name: str, *, chat_template=None,
                  max_model_len: int = 2048, api_key: str | None = None, warm_up=None,
                  log_requests: bool = False, max_log_len: int | None = None,
-                 sampling_defaults: dict | None = None, log_stats: bool = False):
+                 sampling_defaults: dict | None = None, log_stats: bool = False,
+                 limits: ServerLimits | None = None):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
         from starlette.middleware import Middleware
@@ -426,6 +473,7 @@ class Server:
         self.name = name
         self.chat_template = chat_template
         self.max_model_len = max_model_len
+        self.limits = ServerLimits() if limits is None else limits
         self.tokenizer = engine.tokenizer
         self.log_requests = log_requests
         self.max_log_len = max_log_len
@@ -454,9 +502,13 @@ class Server:
 
     async def completions(self, request):
         try:
-            body = self._with_defaults(openai_api.parse_body(await request.body()))
+            body = self._with_defaults(await self._body(request))
             openai_api.check_model(body, self.name)
             prompts, params = openai_api.completion_request(body)
+            self.limits.check_prompts(prompts)
+            self.limits.check_params(params)
+            # Text is tokenized off the event loop and off the engine thread.
+            prompts = await asyncio.to_thread(self._token_ids, prompts)
             self._fit_context(body, prompts, params)
             return await self._generate(request, body, prompts, params, "text_completion")
         except RequestError as error:
@@ -464,7 +516,7 @@ class Server:
 
     async def chat(self, request):
         try:
-            body = self._with_defaults(openai_api.parse_body(await request.body()))
+            body = self._with_defaults(await self._body(request))
             openai_api.check_model(body, self.name)
             if self.chat_template is None:
                 raise RequestError(f"the model {self.name!r} has no chat template (no "
@@ -474,14 +526,11 @@ class Server:
             if self.tokenizer is None:
                 raise RequestError(f"the model {self.name!r} has no tokenizer",
                                    param="messages")
-            try:
-                text = self.chat_template.render(openai_api.chat_messages(body))
-            except ValueError as error:
-                raise RequestError(str(error), param="messages") from None
-            # The template writes the special tokens itself, as with Hugging Face.
-            token_ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            messages = openai_api.chat_messages(body)
+            token_ids = await asyncio.to_thread(self._chat_token_ids, messages)
             room = max(self.max_model_len - len(token_ids), 1)
             params = openai_api.chat_params(body, room)
+            self.limits.check_params(params)
             if params.max_tokens != room:   # set by the body
                 openai_api.check_context(len(token_ids), params.max_tokens, self.max_model_len)
             return await self._generate(request, body, [token_ids], params, "chat.completion")
@@ -492,11 +541,7 @@ class Server:
         """A completion's prompt plus ``max_tokens`` must fit the context: a 400 when the
         body set ``max_tokens``; the default (16) shrinks to the room left. A prompt alone
         too long is the engine's 400."""
-        from jpaged.host.request import prompt_token_ids
-
-        if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
-            return   # the engine refuses the text prompt
-        lengths = [len(prompt_token_ids(p, self.tokenizer)[1]) for p in prompts]
+        lengths = [len(p) for p in prompts]   # token ids by now
         if body.get("max_tokens") is None:
             params.max_tokens = max(1, min(params.max_tokens,
                                            self.max_model_len - max(lengths)))
@@ -504,6 +549,29 @@ class Server:
         elif body["max_tokens"] > 0:   # 0: scoring, one token generated and dropped
             for length in lengths:
                 openai_api.check_context(length, params.max_tokens, self.max_model_len)
+
+    async def _body(self, request) -> dict:
+        """The request's JSON object, within the body and depth limits; a large one is
+        parsed off the event loop."""
+        raw = await self.limits.read_body(request)
+        if len(raw) < PARSE_INLINE_BYTES:
+            return self.limits.parse_body(raw)
+        return await asyncio.to_thread(self.limits.parse_body, raw)
+
+    def _token_ids(self, prompts: list) -> list[list[int]]:
+        """Each prompt as token ids (``jpaged.host.request.prompt_token_ids``'s rule)."""
+        try:
+            return [prompt_token_ids(p, self.tokenizer)[1] for p in prompts]
+        except ValueError as error:
+            raise RequestError(str(error), param="prompt") from None
+
+    def _chat_token_ids(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.chat_template.render(messages)
+        except ValueError as error:
+            raise RequestError(str(error), param="messages") from None
+        # The template writes the special tokens itself, as with Hugging Face.
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def _with_defaults(self, body: dict) -> dict:
         """``body`` with the server's sampling defaults for the fields it leaves unset."""
@@ -555,7 +623,8 @@ class Server:
         renderer = openai_api.Renderer(kind, self.name, self.tokenizer, params.n, params.logprobs,
                                      openai_api.flag(body, "return_token_ids"), echo=echo,
                                      drop_output=echo and body.get("max_tokens") == 0)
-        submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop())
+        submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop(),
+                                               self.limits.send_timeout)
         if self.log_requests:
             log.info("Received request %s: prompt: %s, params: %s", renderer.id,
                      self._loggable(prompts), params)
@@ -633,7 +702,9 @@ class Server:
     def _error(error: RequestError):
         from starlette.responses import JSONResponse
 
-        return JSONResponse(error.body(), status_code=error.status)
+        # A body refused part way (too large, too slow) is left unread: end the connection.
+        headers = {"connection": "close"} if error.status in (408, 413) else None
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     async def _http_error(self, request, exc):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -678,13 +749,16 @@ class ApiKeyCheck:
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, *, name: str = "jpaged",
           chat_template=None, log_level: str = "info", access_log: bool = True,
-          warm_up: bool = True, **options) -> None:
+          warm_up: bool = True, limits: ServerLimits | None = None, **options) -> None:
     """Serve ``llm`` (a ``jpaged.LLM``) until interrupted. warm_up: compile every step
     shape on the engine thread before the first request (``/health`` answers 503 until
-    then); options: ``Server``'s (api_key, log_requests, max_log_len)."""
+    then); limits: the request and connection limits (``ServerLimits``); options:
+    ``Server``'s (api_key, log_requests, max_log_len)."""
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     started = time.perf_counter()
+    limits = ServerLimits() if limits is None else limits
 
     def warm_up_then_say_so():
         llm.warm_up()
@@ -694,9 +768,10 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, *, name: str = "jpaged
                     max_model_len=llm.max_model_len,
                     warm_up=warm_up_then_say_so if warm_up else None,
                     sampling_defaults=llm.generation_defaults,
-                    log_stats=llm.config.log_stats, **options)
+                    log_stats=llm.config.log_stats, limits=limits, **options)
     uvicorn.run(server.app, host=host, port=port, log_level=log_level,
-                access_log=access_log, timeout_graceful_shutdown=5)
+                access_log=access_log, timeout_graceful_shutdown=5,
+                http=guarded_protocol(AutoHTTPProtocol, limits), **limits.uvicorn_options())
 
 
 def main(args) -> None:
@@ -711,6 +786,7 @@ def main(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     options = options_from_args(args)
+    limits = limits_from_args(args)
     warm_up = options.pop("warmup", True)   # on the engine thread, once the port is open
     options.setdefault("log_stats", True)
     api_key = (args.api_key or os.environ.get("JPAGED_API_KEY")
@@ -727,4 +803,5 @@ def main(args) -> None:
     serve(llm, args.host, args.port, name=args.served_model_name or args.model,
           chat_template=template, log_level=args.log_level,
           access_log=not args.disable_uvicorn_access_log, warm_up=warm_up, api_key=api_key,
-          log_requests=not args.disable_log_requests, max_log_len=args.max_log_len)
+          log_requests=not args.disable_log_requests, max_log_len=args.max_log_len,
+          limits=limits)
