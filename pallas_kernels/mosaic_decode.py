@@ -18,9 +18,10 @@ bytes on its minor dimension, and both operands of one wgmma the same swizzle, s
 16 columns). Padded MMA work: ``1 - group / cols``: 75% at group 4, 50% at 8, none from 16
 (the ragged kernel: 94%, 88%, 75%). head_dim must be 64, 128 or 256 (M of ``O^T``).
 
-Memory path: q is read by one TMA box of ``cols`` heads starting at the group's first
-head from q padded by ``cols - group`` zero heads at the end (B x 12 x D values at group
-4: q is never padded to 64 rows); the output is float32 ``O^T [D, cols]`` and its
+Memory path: q is read by one TMA copy of its ``[cols, D]`` group tile, q laid out
+``[B, Hkv, cols, D]`` (a reshape from group 16 on; below, ``cols - group`` zero rows per
+kv head: 16 rows at group 4, not the ragged kernel's 64, and a decode token's q is
+``1 / (2 n)`` of the K/V bytes it reads at n context tokens); the output is float32 ``O^T [D, cols]`` and its
 log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
 is a division). K/V pages come through the same TMA ring as in the ragged kernel.
 
@@ -142,7 +143,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                    num_kv_heads, group, page_size, pages_per_block, num_stages, num_splits,
                    quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
     # layer_ref int32[1]; tables_ref int32[B, W]; kv_lens_ref int32[B];
-    # q_ref [B, Hq + cols - group, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
+    # q_ref [B, Hkv, cols, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
     # quantized: then the rows' scales [Hkv, B, W' * S] (ragged_attention.row_scales);
     # outputs: o_ref float32 [Hkv, splits, B, D, cols], lse_ref float32
     # [Hkv, splits, B, 64, cols] (each row the same).
@@ -167,7 +168,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
     def keyed(ref):
         """A ``[block_kv]`` per-key vector -> float32 ``[block_kv, cols]`` (down rows)."""
-        x = ref[...] if interpret else plgpu.load(ref, (), layout=layout.reduce(1))
+        x = ref[...] if interpret else ra.load(ref, layout.reduce(1))
         return lax.broadcast_in_dim(x.astype(jnp.float32), (block_kv, cols), [0])
 
     def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,
@@ -207,8 +208,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
         for step in range(num_stages):
             pl.when(step < num_steps)(functools.partial(issue, step))
-        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(h * group, cols)], q_smem,
-                                q_barrier.at[0])
+        plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
         m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
         l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
@@ -353,10 +353,11 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     cols = num_cols(group)
-    # cols - group zero heads at the end (rounded up to TMA's 8-row tiling): the last
-    # group's box stays inside q.
-    extra = -(-(num_q_heads + cols - group) // 8) * 8 - num_q_heads
-    q_boxed = jnp.pad(q, ((0, 0), (0, extra), (0, 0)))
+    # [B, Hkv, cols, D]: a free reshape from group 16 on; below, cols - group zero rows
+    # per kv head (a TMA box at a head offset that is not a multiple of 8 does not lower
+    # on jax 0.12).
+    q_boxed = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
+                      ((0, 0), (0, 0), (0, cols - group), (0, 0)))
     layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
         jnp.int32)
     flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)

@@ -70,7 +70,7 @@ and the buffers within 227 KiB of shared memory (one ring slot instead of two wh
 do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
 head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
-(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-244
+(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-248
 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
@@ -96,6 +96,7 @@ Output ``[T, Hq, D]`` in q's dtype, zeros for a token that sees no key. Matches
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 
 import jax
@@ -281,6 +282,14 @@ def _interpret_params(interpret=True):
     return InterpretGPUParams()
 
 
+def load(ref, layout):
+    """``plgpu.load`` of a whole ref in ``layout``: jax 0.10 takes an index argument,
+    0.12 does not."""
+    if "idx" in inspect.signature(plgpu.load).parameters:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
 def _smem_transforms(minor: int, dtype):
     """Tiling + swizzle for a ``[rows, minor]`` shared-memory tile read by wgmma."""
     swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
@@ -351,7 +360,7 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
     def columns(ref):
         """A ``[block_kv]`` per-key vector in shared memory -> float32 ``[64, block_kv]``,
         the same value down each column of the S tile."""
-        x = ref[...] if interpret else plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        x = ref[...] if interpret else load(ref, plgpu.Layout.WGMMA.reduce(0))
         return lax.broadcast_in_dim(x.astype(jnp.float32), (BLOCK_ROWS, block_kv), [1])
 
     def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers, *extra):

@@ -331,6 +331,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         swap-ins, copy-on-write copies, the token writes) is rolled back: the invariant's
         shadow check then proves every computed position still holds its own K/V."""
         s = self.sched
+        s.begin()
         out = s.schedule()
         batch = self.builder.build(out)
         stages = [lambda: self.shadow.copy(out.swap_out, "device", "host"),
@@ -340,9 +341,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                                                  int(batch.slot_mapping[j]),
                                                  int(batch.positions[j]))
                                for j in range(out.num_tokens)])
+        if done:
+            s.device_may_write()
         for stage in stages[:done]:
             stage()
-        s.roll_back(out)
+        s.roll_back()
         s.check()
 
     def check_arrays(self, out, batch):

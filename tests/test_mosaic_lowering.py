@@ -160,7 +160,7 @@ def test_spilling_configurations_are_refused_but_lower(monkeypatch):
         with pytest.raises(ValueError, match="spills registers"):
             ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16)
         ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16, interpret=True)
-    mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16)
+    mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16, interpret=True)
     ra.check_config(8, 2, 128, 16, jnp.bfloat16)
     monkeypatch.setattr(ra, "REFUSE_SPILLING", False)
     assert_lowers(export.__wrapped__(256, 16, 4, jnp.bfloat16))

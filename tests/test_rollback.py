@@ -93,6 +93,7 @@ def _work(setup):
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_faults_leave_the_tokens_of_a_clean_run(model, clean, setup, kind):
     llm = LLM(model, page_size=4, max_model_len=128, **SETUPS[setup])
+    llm.engine.isolate_faults = False   # each fault reaches the caller (tests/test_faults.py)
     injector = FaultInjector(llm.engine, kind, calls=[2, 3, 5, 8, 10])
     assert run(llm.engine, _work(setup), injector) == clean[setup]
     assert injector.failed == 5
@@ -122,6 +123,12 @@ def test_device_oom_in_generate_recovers_the_pool(model):
     llm = LLM(model, page_size=4, num_pages=48, max_model_len=128, kv_cache_dtype="int8")
     batch = [p for p, _ in workload()[:3]]
     expected = [o.token_ids for o in llm.generate(batch, GREEDY)]
+    injector = FaultInjector(llm.engine, "consumed", calls=[3])
+    # Fault isolation retries the step (in halves): it succeeds, nobody is failed.
+    assert [o.token_ids for o in llm.generate(batch, GREEDY)] == expected
+    assert injector.failed == 1 and llm.engine.can_step
+    check_all_free(llm.engine)
+    llm.engine.isolate_faults = False
     FaultInjector(llm.engine, "consumed", calls=[3])
     with pytest.raises(InjectedDeviceError):
         llm.generate(batch, GREEDY)

@@ -18,13 +18,14 @@ def model():
 
 def test_tiny_soak(model):
     """A few hundred operations, greedy and seeded requests only (two programs to compile)."""
-    config = SoakConfig(operations=250, seed=1, fault_rate=0.08, snapshot_every=70, num_prompts=8,
+    config = SoakConfig(operations=250, seed=4, fault_rate=0.08, snapshot_every=70, num_prompts=8,
                         kinds=dict(greedy=.6, seeded=.4), logprobs=False)
     result = Soak(model, config).run()
     assert result.operations == 250 and result.pages_leaked == 0
     assert result.faults_injected >= 5 and result.faults_survived == result.faults_injected
     assert result.snapshots >= 2 and result.greedy_checked >= 10
     assert result.preemptions > 0
+    assert result.faults_by_kind["host"] > 0 and result.host_points > 0
 
 
 @pytest.mark.slow

@@ -222,16 +222,26 @@ def _mosaic(q, k_pages, v_pages, page_table, q_seq, q_pos, *, interpret, **optio
 
 
 def _mosaic_decode(q, k_pages, v_pages, page_table, *, interpret, **options):
-    """Decode on Mosaic GPU: the decode-shaped tile where head_dim allows (64, 128, 256),
-    else the ragged kernel with one token per row."""
+    """Decode on Mosaic GPU: the decode-shaped tile where its check_config takes the
+    configuration (head_dim 64, 128, 256; a jax it lowers on), else the ragged kernel
+    with one token per row (which then names what it refuses)."""
     from jpaged.pallas_kernels import mosaic_decode
-    if k_pages.shape[-1] not in mosaic_decode.HEAD_DIMS:
+    interpret = not _on_gpu() if interpret is None else interpret
+    try:
+        mosaic_decode.check_config(q.shape[1], k_pages.shape[-4], k_pages.shape[-1],
+                                   k_pages.shape[-2], k_pages.dtype,
+                                   options.get("pages_per_block"), q_dtype=q.dtype,
+                                   interpret=interpret)
+        decode_tile = True
+    except ValueError:   # head_dim 32, or a jax it does not lower on: the ragged kernel
+        decode_tile = False
+    if not decode_tile:
         rows = jnp.arange(q.shape[0], dtype=jnp.int32)
         return _mosaic(q, k_pages, v_pages, page_table, rows, page_table.lengths - 1,
                        interpret=interpret, **options)
     return mosaic_decode.paged_decode(
         q, k_pages, v_pages, page_table.block_tables, page_table.lengths,
-        interpret=not _on_gpu() if interpret is None else interpret, **options)
+        interpret=interpret, **options)
 
 
 def _choose_decode_impl(impl, q, k_pages, pages_per_block) -> str:

@@ -141,7 +141,9 @@ class Engine(Protocol):
 
     ``step`` returns the ``RequestOutput``\\ s of the requests that made progress;
     ``metrics`` the queue, pool and prefix-cache counters (``LLMEngine.metrics``);
-    ``tokenizer`` the model's, or None.
+    ``tokenizer`` the model's, or None; ``can_step`` False while its steps fail for
+    every request (a failure some requests cause fails those alone; the server's
+    ``/health`` answers 503 meanwhile).
     """
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
@@ -157,3 +159,5 @@ class Engine(Protocol):
     def num_steps(self) -> int: ...
     @property
     def tokenizer(self) -> Any: ...
+    @property
+    def can_step(self) -> bool: ...

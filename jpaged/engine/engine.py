@@ -30,6 +30,7 @@ from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.host.block_manager import BlockManager
+from jpaged.host.journal import deferred_interrupts
 from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
 from jpaged.engine.config import (FALLBACK_KV_BYTES, EngineConfig,
@@ -71,12 +72,17 @@ class LLMEngine:
         self.num_steps = 0
         self.host_time = 0.0
         self.step_time = 0.0
+        # Fault isolation (see `step`); `can_step`: False while steps fail for every request.
+        self.isolate_faults = True
+        self.can_step = True
+        self._suspects = None   # the request ids of the step being run, for `_isolate`
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
-    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "_grammars")
+    DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
+               "_suspects", "_grammars")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -122,14 +128,19 @@ class LLMEngine:
         self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
-        # Everything that can fail happens before the scheduler queues the prompt, and
-        # nothing after it can: the request is wholly in the engine or not at all.
-        request = Request(request_id, text, token_ids, params,
-                          params.sequence_seeds(self.rng), time.perf_counter())
-        self._rules(request)   # checks the token ids and compiles the grammar, or raises
-        seq = self.scheduler.add_request(request_id, token_ids, max_tokens, priority,
-                                         extra_keys=_prompt_logprobs_key(params))
-        self._track(request, seq)
+        rules = self._make_rules(params)   # checks ids, compiles the grammar, or raises
+        scheduler = self.scheduler
+        with scheduler.transaction():   # all or nothing, like a step
+            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority,
+                                        extra_keys=_prompt_logprobs_key(params))
+            scheduler.journal.attr(self.rng.bit_generator, "state")
+            request = Request(request_id, text, token_ids, params,
+                              params.sequence_seeds(self.rng), time.perf_counter())
+            request.rules = rules
+            request.seqs[seq.seq_id] = seq
+            request.streams[seq.seq_id] = Stream(0, request.seeds[0])
+            scheduler.journal.item(self.requests, request_id)
+            self.requests[request_id] = request
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -150,18 +161,24 @@ class LLMEngine:
             raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
                              f"more than the vocabulary size {vocab}")
 
+    def _make_rules(self, params: SamplingParams) -> TokenRules | None:
+        """``params``' token rules (None without any); the grammar compiler is built with
+        the first structured-output request."""
+        if not params.uses_token_rules:
+            return None
+        if params.guided is not None and self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"guided_{params.guided[0]} needs a tokenizer (structured "
+                                 f"outputs constrain text); this model has none")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
+                                             self.stop.eos_token_ids)
+        return TokenRules(params, self.model.config.vocab_size, self.stop.eos_token_ids,
+                          self.tokenizer, self._grammars)
+
     def _rules(self, request: Request) -> TokenRules | None:
-        """The request's token rules, built when first needed (after a snapshot restore
-        too); the grammar compiler is built with the first structured-output request."""
-        if request.rules is None and request.params.uses_token_rules:
-            if request.params.guided is not None and self._grammars is None:
-                if self.tokenizer is None:
-                    raise ValueError(f"guided_{request.params.guided[0]} needs a tokenizer "
-                                     f"(structured outputs constrain text); this model has none")
-                self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
-                                                 self.stop.eos_token_ids)
-            request.rules = TokenRules(request.params, self.model.config.vocab_size,
-                                       self.stop.eos_token_ids, self.tokenizer, self._grammars)
+        """The request's token rules, rebuilt when missing (after a snapshot restore)."""
+        if request.rules is None:
+            request.rules = self._make_rules(request.params)
         return request.rules
 
     def _rule_row(self, row: int, request: Request, seq: Sequence, seed: int) -> SamplingRow:
@@ -175,19 +192,15 @@ class LLMEngine:
         return SamplingRow(row, request.params, seed, seq, rules.bias_entries(outputs),
                            rules.mask(request.grammar_states[seq.seq_id], outputs))
 
-    def _track(self, request: Request, seq: Sequence) -> None:
-        """Start following ``request``, whose prompt the scheduler queued as ``seq``."""
-        request.seqs[seq.seq_id] = seq
-        request.streams[seq.seq_id] = Stream(0, request.seeds[0])
-        self.requests[request.request_id] = request
-
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
         if request_id not in self.requests:
             raise ValueError(f"unknown request id {request_id!r}")
-        self.requests.pop(request_id)
-        if request_id in self.scheduler.requests:
-            self.scheduler.abort(request_id)
+        with self.scheduler.transaction():
+            self.scheduler.journal.item(self.requests, request_id)
+            self.requests.pop(request_id)
+            if request_id in self.scheduler.requests:
+                self.scheduler.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -225,56 +238,108 @@ class LLMEngine:
         """Run one step; returns the requests that made progress (finished ones last time).
 
         The map's four steps: plan (host), build the batch, run it (device), apply it.
-        All or nothing: if anything raises, the step is undone (``_roll_back``, or
-        ``_restart`` once the host update has begun) and the exception re-raised."""
+        All or nothing: it is one transaction of the scheduler's journal, which records
+        every change of the host state (block manager, scheduler, sequences, requests)
+        before it is made; if anything raises, ``_roll_back`` replays it backwards.
+
+        Fault isolation (``isolate_faults``): if the step raised an ``Exception``, the
+        requests that make it fail are searched for (``_isolate``) and finished with
+        reason "error"; the others go on as if nothing had happened. A failure that is
+        no request's (every one fails, even alone) is re-raised and ``can_step`` is False
+        until a step succeeds. A ``KeyboardInterrupt`` is re-raised at once."""
+        try:
+            outputs = self._step()
+        except Exception as error:
+            if not self.isolate_faults:
+                self.can_step = False
+                raise
+            outputs = self._isolate(error)
+        self.can_step = True
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         start = time.perf_counter()
-        plan = self.scheduler.schedule()
+        scheduler = self.scheduler
+        scheduler.begin()
+        self._suspects = None
+        try:
+            plan = scheduler.schedule()
+            self._suspects = list(dict.fromkeys(seq.request_id for seq in plan.seqs))
+            if plan.seqs:
+                forks = self._pending_forks(plan)
+                batch = self._build(plan, forks)
+                scheduler.device_may_write()
+                sampled = self._run(plan, batch)
+                outputs = self._apply(plan, batch, forks, sampled)
+                scheduler.commit()   # in here: a fault up to its last instruction undoes
+        except BaseException:
+            self._roll_back()
+            raise
         if not plan.seqs:
-            self.scheduler.roll_back(plan)   # its preemptions' swap-outs will not run
+            self._roll_back()   # its preemptions' swap-outs will not run
             return self._idle()
-        try:
-            forks = self._pending_forks(plan)
-            batch = self._build(plan, forks)
-            sampled = self._run(plan, batch)
-        except BaseException:
-            self._roll_back(plan)
-            raise
-        sampling = {seq.request_id: (self.requests[seq.request_id], seq)
-                    for seq, sample in zip(plan.seqs, plan.sample) if sample}
-        try:
-            outputs = self._apply(plan, batch, forks, sampled)
-        except BaseException:
-            self._restart(sampling.values())
-            raise
         self._count_step(start)
         return outputs
 
-    def _roll_back(self, plan: StepPlan) -> None:
-        """The step failed before the host update: the scheduler undoes its plan; if the
-        failure consumed the donated pool, a zeroed one replaces it and every running
-        sequence recomputes."""
-        self.scheduler.roll_back(plan)
-        if self.runner.replace_lost_cache():
-            self.scheduler.drop_device_pages()
+    def _roll_back(self) -> None:
+        """The step failed: the scheduler undoes it (and repairs what the device may have
+        overwritten); if the failure consumed the donated pool, a zeroed one replaces it
+        and every running sequence recomputes. A Ctrl-C waits until this is done."""
+        with deferred_interrupts():
+            self.scheduler.roll_back()
+            if self.runner.replace_lost_cache():
+                self.scheduler.drop_device_pages()
 
-    def _restart(self, requests) -> None:
-        """The host update failed part way, so the host state of the requests that were
-        sampling (tokens, forks, beams, logprobs, finished or not) cannot be trusted:
-        each ``(request, one of its sequences)`` starts over from its prompt, keeping its
-        seeds, arrival and place in the queue, and so regenerates exactly its tokens. The
-        device step did run: the pages it filled stay in the prefix cache, and the other
-        rows (prefill chunks) keep their progress."""
-        for old, seq in requests:
-            if old.request_id in self.scheduler.requests:
-                self.scheduler.abort(old.request_id)
-            fresh = self.scheduler.add_request(old.request_id, old.prompt_token_ids,
-                                               seq.max_tokens, extra_keys=seq.extra_keys,
-                                               order=seq.order[:2] + (0,))
-            request = Request(old.request_id, old.prompt, old.prompt_token_ids, old.params,
-                              old.seeds, old.metrics.arrival_time)
-            # The prompt's pages stay cached under its own key: keep their scores too.
-            request.prompt_logprobs, request.rules = old.prompt_logprobs, old.rules
-            self._track(request, fresh)
+    def _isolate(self, error: Exception) -> list[RequestOutput]:
+        """The step failed with ``error`` and was rolled back: bisect its requests (those
+        of its plan, or every request if planning failed). A group that fails is split
+        and each half retried as a step of its own (``Scheduler.only``); a half that
+        succeeds has made its step. A request failing alone is a culprit, finished with
+        reason "error". If every request fails, nobody is to blame: ``error`` is
+        re-raised and ``can_step`` is False."""
+        suspects = self._suspects or list(self.requests)
+        outputs, culprits = [], []
+
+        def search(group: list[str]) -> None:   # ``group``'s step just failed
+            if len(group) == 1:
+                culprits.append(group[0])
+                return
+            for part in (group[:len(group) // 2], group[len(group) // 2:]):
+                try:
+                    with self.scheduler.only(part):
+                        outputs.extend(self._step())
+                except Exception:   # noqa: BLE001 - a culprit is in this part
+                    search(part)
+
+        if len(suspects) == 1:   # the step had one request: once more, alone
+            try:
+                with self.scheduler.only(suspects):
+                    return self._step()
+            except Exception:   # noqa: BLE001
+                pass
+        search(suspects)
+        if len(culprits) == len(suspects) and len(suspects) > 1 or not suspects:
+            self.can_step = False
+            raise error
+        for request_id in culprits:
+            outputs.append(self._fail(request_id, error))
+        return outputs
+
+    def _fail(self, request_id: str, error: Exception) -> RequestOutput:
+        """Finish every sequence of a request whose steps fail with reason "error"."""
+        request, scheduler = self.requests[request_id], self.scheduler
+        with scheduler.transaction():
+            scheduler.journal.call(request.restore, request.state())
+            scheduler.journal.item(self.requests, request_id)
+            for seq in list(scheduler.requests.get(request_id, ())):
+                scheduler.finish(seq, "error")
+            for seq in request.seqs.values():
+                if seq.finish_reason is None:   # finished outputs keep their reason
+                    scheduler.journal.attr(seq, "finish_reason")
+                    seq.finish_reason = "error"
+            request.error = f"{type(error).__name__}: {error}"
+            self._maybe_finish(request, time.perf_counter())
+        return self._output(request)
 
     def _idle(self) -> list[RequestOutput]:
         if self.scheduler.waiting or self.scheduler.swapped:
@@ -342,6 +407,7 @@ class LLMEngine:
 
     def _apply(self, plan: StepPlan, batch: StepBatch, forks, sampled) -> list[RequestOutput]:
         """Append sampled tokens, fork samples and beams, stop sequences; host side."""
+        self._journal_requests(plan)
         for row, seq in enumerate(plan.seqs):
             metrics = self.requests[seq.request_id].metrics
             if not metrics.scheduled:
@@ -373,11 +439,20 @@ class LLMEngine:
             self._maybe_finish(request, now)
         return [self._output(r) for r in touched.values()]
 
+    def _journal_requests(self, plan: StepPlan) -> None:
+        """Record the requests of the plan's rows, about to change (``Request.state``:
+        O(rows))."""
+        journal = self.scheduler.journal
+        for request in {seq.request_id: self.requests[seq.request_id]
+                        for seq in plan.seqs}.values():
+            journal.call(request.restore, request.state())
+
     def _new_seq_id(self, step):
         request_id = step.request.request_id
         return lambda: f"{request_id}#{self._next_id()}"
 
     def _next_id(self) -> str:
+        self.scheduler.journal.attr(self, "next_id")   # a beam's sequence: inside a step
         self.next_id += 1
         return str(self.next_id - 1)
 
@@ -402,8 +477,8 @@ class LLMEngine:
             [token], skip_special_tokens=False)
 
     def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
-        """Store the step's prompt logprobs by position (a recomputed chunk rewrites the
-        same values)."""
+        """Store the step's prompt logprobs by position. Not journaled: if the step is
+        rolled back, its chunks run again and write the same scores."""
         at = 0
         for row, k in self._scored(plan)[0]:
             seq, start = plan.seqs[row], plan.start_positions[row]
@@ -456,6 +531,7 @@ class LLMEngine:
         request.metrics.finished_time = now
         request.metrics.num_output_tokens = max(
             (s.num_output_tokens for s in request.seqs.values()), default=0)
+        self.scheduler.journal.item(self.requests, request.request_id)
         self.requests.pop(request.request_id, None)
 
     def _output(self, request: Request) -> RequestOutput:
@@ -470,8 +546,8 @@ class LLMEngine:
 def _prompt_logprobs_key(params: SamplingParams):
     """The prefix-cache key part of a request: a request scoring its prompt reads no other
     request's cached pages (their prompt logprobs were never kept), so its pages are
-    keyed apart; they still serve its own recompute (after a preemption or a restart),
-    whose scores it keeps."""
+    keyed apart; they still serve its own recompute (after a preemption), whose scores
+    it keeps."""
     return None if params.prompt_logprobs is None else ("prompt_logprobs", uuid.uuid4().hex)
 
 
@@ -722,11 +798,12 @@ class LLM:
                 pending -= {o.request_id for o in outputs if o.finished}   # before yielding:
                 yield from outputs                     # finished ones are no longer abortable
         finally:
-            for request_id in pending:
-                # Data-parallel replicas: a replica may have finished a request in a step
-                # whose outputs another replica's failure never let through.
-                with contextlib.suppress(ValueError):
-                    self.engine.abort(request_id)
+            with deferred_interrupts():   # a second Ctrl-C waits until every one is aborted
+                for request_id in pending:
+                    # A request may have finished in a step whose outputs the interrupt
+                    # never let through.
+                    with contextlib.suppress(ValueError):
+                        self.engine.abort(request_id)
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] |
                  None = None, use_tqdm=True, *, priority: Seq[int] | None = None,

@@ -95,6 +95,8 @@ def _pack(x, seqs: _Sequences | None = None):
 def _unpack(x, seqs: list | None = None):
     """The value ``_pack`` wrote, sequence references resolved in ``seqs``."""
     if isinstance(x, list):
+        if not any(isinstance(i, (list, dict)) for i in x):   # token ids: no recursion
+            return list(x)
         return [_unpack(i, seqs) for i in x]
     if not isinstance(x, dict):
         return x
@@ -113,7 +115,7 @@ def _unpack(x, seqs: list | None = None):
     if not isinstance(value, list):
         raise ValueError(f"{tags[0]} holds a {type(value).__name__}, not a list")
     if tags[0] == "__tuple__":
-        return tuple(_unpack(i, seqs) for i in value)
+        return tuple(_unpack(value, seqs))
     return {_unpack(k, seqs): _unpack(v, seqs) for k, v in value}
 
 
@@ -379,5 +381,6 @@ def _load_pages(engine, state: dict, arrays: dict, replica: str, config) -> None
 def _pool(arrays: dict, prefix: str, copies: int) -> KVCache:
     """The saved leaves ``prefix.k`` ... as a KVCache, each kv head repeated ``copies``
     times."""
-    return KVCache(**{name: np.repeat(arrays[f"{prefix}.{name}"], copies, axis=1)
-                      if f"{prefix}.{name}" in arrays else None for name in LEAVES})
+    leaves = {name: arrays.get(f"{prefix}.{name}") for name in LEAVES}
+    return KVCache(**{name: leaf if leaf is None or copies == 1 else
+                      np.repeat(leaf, copies, axis=1) for name, leaf in leaves.items()})

@@ -6,6 +6,7 @@ plans this module returns.
 
 from collections import OrderedDict
 
+from jpaged.host.journal import Journal
 from jpaged.host.sequence import Sequence
 from jpaged.core.shapes import cdiv
 
@@ -30,12 +31,23 @@ class BlockManager:
 
     ``watermark``: fraction of the pool that admission of new prompts leaves free, so a
     burst of prompts cannot take the pages running sequences need to grow.
+
+    ``journal``: every change to the pages' state (and to sequences' tables) is recorded
+    there first, so a failed step can be undone (``jpaged.host.journal``). The free queue
+    is derived state: its order is that of ``stamps`` (a page's place, given when it
+    joins the queue: decreasing at the front, increasing at the back), so an undo
+    restores the stamps and rebuilds the queue (``rebuild_free_queue``). ``taken``: the
+    pages this transaction took from the free queue, the only ones a step's device writes
+    can overwrite besides the slots its rows own.
     """
 
     # Attributes ``state_dict`` leaves out: the constructor's options, and ``page_keys``,
     # rebuilt from ``cache`` (tests/test_state.py holds every attribute to one of the two).
+    # The stamps are the free queue's order, which state_dict saves; ``journal`` and
+    # ``taken`` live within one transaction.
     DERIVED = ("num_pages", "page_size", "num_host_pages", "watermark_pages",
-               "enable_prefix_caching", "page_keys")
+               "enable_prefix_caching", "page_keys", "stamps", "_front", "_back", "journal",
+               "taken")
 
     def __init__(self, num_pages: int, page_size: int, *, num_host_pages: int = 0,
                  watermark: float = 0.01, enable_prefix_caching: bool = True):
@@ -54,6 +66,10 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_pages
         self.free_queue = OrderedDict.fromkeys(range(1, num_pages))
+        self.stamps = [page - num_pages for page in range(num_pages)]
+        self._front, self._back = -num_pages, 0   # the last stamps given at each end
+        self.journal = Journal()
+        self.taken: list[int] = []
         self.cache: dict[tuple, tuple[int, int]] = {}   # key -> (page, key id)
         self.page_keys: dict[int, tuple] = {}            # cached page -> its key
         self.next_key_id = 1                             # 0 is the root: no parent page
@@ -90,7 +106,7 @@ class BlockManager:
                 raise ValueError(f"prefix-cache entry for page {page} given twice")
             cache[key], page_keys[page] = (page, key_id), key
         self.ref_counts = [_count("ref count", c) for c in ref_counts]
-        self.free_queue = OrderedDict.fromkeys(free_queue)
+        self.set_free_queue(free_queue)
         self.cache, self.page_keys, self.next_key_id = cache, page_keys, next_key_id
         self.host_free = host_free
         self.hit_tokens = _count("hit_tokens", state["hit_tokens"])
@@ -149,13 +165,21 @@ class BlockManager:
         if needed > len(self.free_queue):
             raise RuntimeError(f"sequence {seq.seq_id!r} needs {needed} pages, "
                                f"{len(self.free_queue)} are free")
+        journal = self.journal
         for page, _ in hits:
             self._take(page)
         fresh = cdiv(seq.num_tokens, self.page_size) - len(hits)
-        seq.block_table = [page for page, _ in hits] + [self._pop_free() for _ in range(fresh)]
+        table = [page for page, _ in hits]   # joins seq first: a fault leaks no page
+        journal.attr(seq, "block_table")
+        seq.block_table = table
+        for _ in range(fresh):
+            table.append(self._pop_free())
+        journal.attr(seq, "cache_keys")
         seq.cache_keys = [key_id for _, key_id in hits]
         num_cached = len(hits) * self.page_size
         if self.enable_prefix_caching:
+            journal.attr(self, "query_tokens")
+            journal.attr(self, "hit_tokens")
             self.query_tokens += seq.num_tokens
             self.hit_tokens += num_cached
         return num_cached
@@ -173,12 +197,14 @@ class BlockManager:
         """
         table, num_tokens = seq.block_table, len(seq.token_ids)   # hot: no property calls
         if len(table) * self.page_size < num_tokens:
+            self.journal.length(table)
             table.append(self._pop_free())
             return None
         i = (num_tokens - 1) // self.page_size
         src = table[i]
         if self.ref_counts[src] == 1:
             return None
+        self.journal.item(table, i)
         table[i] = self._pop_free()
         self._release(src)
         return src, table[i]
@@ -189,16 +215,23 @@ class BlockManager:
         Tail pages are released first so that, among cached pages, a sequence's tail is
         evicted before its head (a head is more likely to be a shared prefix).
         """
+        journal = self.journal
         for page in reversed(seq.block_table):
             self._release(page)
+        journal.length(self.host_free)
         self.host_free.extend(seq.host_table)
+        journal.vars(seq)   # the tables are replaced, not changed: O(1) to record
         seq.block_table, seq.host_table, seq.cache_keys = [], [], []
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Let ``child`` share every page of ``parent`` (copy-on-write on the next write)."""
+        journal = self.journal
+        journal.attr(child, "block_table")
         child.block_table = list(parent.block_table)
+        journal.attr(child, "cache_keys")
         child.cache_keys = list(parent.cache_keys)
         for page in child.block_table:
+            journal.item(self.ref_counts, page)
             self.ref_counts[page] += 1
 
     # -- prefix cache ----------------------------------------------------------------
@@ -212,15 +245,22 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return
-        ps, keys = self.page_size, seq.cache_keys
+        ps, keys, journal = self.page_size, seq.cache_keys, self.journal
         parent = keys[-1] if keys else 0
-        for i in range(len(keys), seq.num_computed_tokens // ps):
+        start, end = len(keys), seq.num_computed_tokens // ps
+        if start < end:
+            journal.length(keys)
+        for i in range(start, end):
             key = (parent, tuple(seq.token_ids[i * ps:(i + 1) * ps]), seq.extra_keys)
             entry = self.cache.get(key)
             if entry is None:
-                entry = self.cache[key] = (seq.block_table[i], self.next_key_id)
+                page = seq.block_table[i]
+                journal.item(self.page_keys, page)
+                journal.item(self.cache, key)
+                journal.attr(self, "next_key_id")
+                entry = self.cache[key] = (page, self.next_key_id)
                 self.next_key_id += 1
-                self.page_keys[seq.block_table[i]] = key
+                self.page_keys[page] = key
             parent = entry[1]
             keys.append(parent)
 
@@ -259,11 +299,16 @@ class BlockManager:
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
         """Move ``seq``'s pages to the host pool; returns (device page, host page) copies."""
-        plan = [(page, self.host_free.pop()) for page in seq.block_table]
+        free, n = self.host_free, len(seq.block_table)
+        plan = list(zip(seq.block_table, reversed(free[len(free) - n:])))
+        journal = self.journal
+        journal.attr(self, "host_free")   # replaced, not changed: O(1) to record
+        self.host_free = free[:len(free) - n]
+        journal.vars(seq)
+        seq.host_table = [host for _, host in plan]   # held by seq before its pages go
         for page in reversed(seq.block_table):
             self._release(page)
         seq.block_table = []
-        seq.host_table = [host for _, host in plan]
         return plan
 
     def can_swap_in(self, seq: Sequence) -> bool:
@@ -273,10 +318,16 @@ class BlockManager:
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
         """Move ``seq``'s pages back to the device; returns (host page, device page) copies."""
-        plan = [(host, self._pop_free()) for host in seq.host_table]
+        journal = self.journal
+        journal.vars(seq)
+        table = seq.block_table = []
+        plan = []
+        for host in seq.host_table:
+            table.append(self._pop_free())
+            plan.append((host, table[-1]))
+        journal.length(self.host_free)
         self.host_free.extend(seq.host_table)
         seq.host_table = []
-        seq.block_table = [page for _, page in plan]
         return plan
 
     # -- metrics ---------------------------------------------------------------------
@@ -327,24 +378,70 @@ class BlockManager:
         return self.ref_counts[table[(num_tokens - 1) // self.page_size]] > 1
 
     def _take(self, page: int) -> None:
+        self.journal.item(self.ref_counts, page)
         if self.ref_counts[page] == 0:
             del self.free_queue[page]
         self.ref_counts[page] += 1
 
     def _pop_free(self) -> int:
-        page, _ = self.free_queue.popitem(last=False)
-        key = self.page_keys.pop(page, None)
+        """The front page of the free queue, held once. The caller must record where the
+        page goes (a table) before its next fault point: until then it is free on undo."""
+        journal, page = self.journal, next(iter(self.free_queue))
+        if journal.active:
+            self.taken.append(page)
+        journal.item(self.ref_counts, page)
+        key = self.page_keys.get(page)
         if key is not None:
+            journal.item(self.page_keys, page)
+            journal.item(self.cache, key)
             del self.cache[key]
+            del self.page_keys[page]
+        del self.free_queue[page]
         self.ref_counts[page] = 1
         return page
 
     def _release(self, page: int) -> None:
+        journal = self.journal
+        journal.item(self.ref_counts, page)
         self.ref_counts[page] -= 1
         if self.ref_counts[page] == 0:
-            self.free_queue[page] = None
-            if page not in self.page_keys:
-                self.free_queue.move_to_end(page, last=False)
+            journal.item(self.stamps, page)
+            if page in self.page_keys:   # the back: evicted last, least recent first
+                self._back += 1
+                self.stamps[page] = self._back
+                self.free_queue[page] = None
+            else:                        # the front: reused first
+                self._to_front(page)
+
+    def _to_front(self, page: int) -> None:
+        self._front -= 1
+        self.stamps[page] = self._front
+        self.free_queue[page] = None
+        self.free_queue.move_to_end(page, last=False)
+
+    def set_free_queue(self, pages) -> None:
+        """Make ``pages`` the free queue, in this order (a snapshot restored)."""
+        pages = list(pages)
+        self.free_queue = OrderedDict.fromkeys(pages)
+        for i, page in enumerate(pages):
+            self.stamps[page] = i - len(pages)
+        self._front, self._back = -len(pages), 0
+
+    def rebuild_free_queue(self) -> None:
+        """After an undo: the free queue is the pages with no holder, in stamp order."""
+        self.free_queue = OrderedDict.fromkeys(sorted(
+            (p for p in range(1, self.num_pages) if self.ref_counts[p] == 0),
+            key=self.stamps.__getitem__))
+
+    def forget_pages(self, pages) -> None:
+        """Drop the prefix-cache entries of ``pages`` (their K/V was overwritten); free ones
+        move to the front of the queue. Not journaled: for recovery, after an undo."""
+        for page in pages:
+            key = self.page_keys.pop(page, None)
+            if key is not None:
+                del self.cache[key]
+                if self.ref_counts[page] == 0:
+                    self._to_front(page)
 
 
 def _count(name: str, value) -> int:

@@ -142,6 +142,29 @@ class Request:
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         self.finished = False
+        self.error: str | None = None   # why it finished with reason "error"
+
+    def state(self) -> tuple:
+        """What a step may change of this request, for ``restore`` if the step fails
+        (``jpaged.host.journal``): O(its streams). Lists only grow in a step, so their
+        lengths are kept; every other field of the request's streams and metrics is kept
+        whatever it is, so a field added to them later is covered."""
+        return (self.finished, self.error, len(self.hypotheses), vars(self.metrics).copy(),
+                self.seqs.copy(), self.streams.copy(),
+                [(stream, vars(stream).copy(), len(stream.logprobs))
+                 for stream in self.streams.values()])
+
+    def restore(self, state: tuple) -> None:
+        self.finished, self.error, hypotheses, metrics, seqs, streams, stream_states = state
+        del self.hypotheses[hypotheses:]
+        vars(self.metrics).update(metrics)
+        self.seqs.clear()
+        self.seqs.update(seqs)
+        self.streams.clear()
+        self.streams.update(streams)
+        for stream, fields, logprobs in stream_states:
+            del stream.logprobs[logprobs:]
+            vars(stream).update(fields)
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a
@@ -157,6 +180,7 @@ class Request:
                 "metrics": metrics, "finished": self.finished,
                 "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
                 "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
+                "error": self.error,
                 "prompt_logprobs": None if self.prompt_logprobs is None else [
                     e and {t: dataclasses.asdict(lp) for t, lp in e.items()}
                     for e in self.prompt_logprobs]}
@@ -177,6 +201,7 @@ class Request:
             if getattr(request.metrics, name) is not None:
                 setattr(request.metrics, name, getattr(request.metrics, name) + clock)
         request.finished = bool(state["finished"])
+        request.error = state.get("error")
         request.streams = {seq_id: Stream(**s) for seq_id, s in state["streams"].items()}
         for seq_id, stream in request.streams.items():
             if not (isinstance(stream.index, int) and 0 <= stream.index < len(request.seeds)

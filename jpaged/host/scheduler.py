@@ -6,6 +6,7 @@ token, and one step may mix both.
 """
 
 import bisect
+import contextlib
 import dataclasses
 import heapq
 from typing import NamedTuple
@@ -13,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jpaged.host.block_manager import BlockManager
+from jpaged.host.journal import truncate, deferred_interrupts
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import cdiv
 
@@ -54,6 +56,11 @@ class TableRows:
         entry = self.rows.pop(seq.seq_id, None)
         if entry is not None:
             self.free_rows.append(entry[0])
+
+    def reset(self) -> None:
+        """Forget every row (after an undo): each table is copied whole on its next use."""
+        self.free_rows = list(range(self.padding))
+        self.rows = {}
 
 
 class PageMoves(NamedTuple):
@@ -133,6 +140,12 @@ class Scheduler:
         batch runs until its last sequence finishes.
     A sequence stops with reason "length" at ``max_tokens`` or when it reaches
     ``max_model_len`` tokens (or what one sequence can hold of the pool, if less).
+
+    Transactions: between ``begin`` and ``commit`` every change is recorded in the block
+    manager's ``journal`` before it is made, and ``roll_back`` returns the scheduler, the
+    block manager and the sequences to their state at ``begin`` (``jpaged.host.journal``).
+    The queues and the block-table mirror are derived from the sequences' statuses and
+    tables and rebuilt after an undo, so queue operations cost nothing extra.
     """
 
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int = 256,
@@ -152,6 +165,7 @@ class Scheduler:
         if preemption_mode not in ("recompute", "swap"):
             raise ValueError(f"preemption_mode={preemption_mode!r}: expected 'recompute' or 'swap'")
         self.block_manager = block_manager
+        self.journal = block_manager.journal
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -173,9 +187,11 @@ class Scheduler:
         self.num_preemptions = 0
 
     # Attributes ``state_dict`` leaves out: the constructor's options, what they determine,
-    # and ``_tables``, a mirror of the block tables rebuilt on demand.
+    # ``_tables``, a mirror of the block tables rebuilt on demand, and the block manager's
+    # ``journal``, which lives within one transaction.
     DERIVED = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "policy",
-               "preemption_mode", "static_batching", "max_len", "max_pages_per_seq", "_tables")
+               "preemption_mode", "static_batching", "max_len", "max_pages_per_seq", "_tables",
+               "journal")
 
     def state_dict(self) -> dict:
         """The queues, counters and the block manager's state (``block_manager``). The
@@ -245,8 +261,12 @@ class Scheduler:
                              f"sequence {bm.num_usable_pages}")
         if order is None:
             order = (priority if self.policy == "priority" else 0, self.next_arrival, 0)
+            self.journal.attr(self, "next_arrival")
             self.next_arrival += 1
         seq = Sequence(request_id, prompt, max_tokens, order=order, extra_keys=extra_keys)
+        journal = self.journal
+        journal.item(self.seqs, request_id)
+        journal.item(self.requests, request_id)
         self.seqs[request_id] = seq
         self.requests[request_id] = [seq]
         heapq.heappush(self.waiting, seq)
@@ -267,15 +287,19 @@ class Scheduler:
             raise ValueError(f"sequence id {child_id!r} is already in use")
         child = Sequence(child_id, seq.token_ids, seq.max_tokens, request_id=seq.request_id,
                          order=seq.order[:2] + (self.next_fork,), extra_keys=seq.extra_keys)
+        self.journal.attr(self, "next_fork")
         self.next_fork += 1
         if token_id is not None:
             child.token_ids[-1] = int(token_id)
         child.num_prompt_tokens = seq.num_prompt_tokens
         child.num_computed_tokens = seq.num_computed_tokens
         child.status = RUNNING
+        journal = self.journal
+        journal.item(self.seqs, child_id)
+        journal.item(self.requests, seq.request_id)
         self.block_manager.fork(seq, child)
         self.seqs[child_id] = child
-        self.requests[seq.request_id].append(child)
+        self.requests[seq.request_id] = self.requests[seq.request_id] + [child]
         bisect.insort(self.running, child)
         return child
 
@@ -283,6 +307,10 @@ class Scheduler:
         """Stop one sequence and free its pages."""
         if self.seqs.get(seq.seq_id) is not seq:
             raise ValueError(f"sequence {seq.seq_id!r} is not live")
+        journal = self.journal
+        journal.vars(seq)
+        journal.item(self.seqs, seq.seq_id)
+        journal.item(self.requests, seq.request_id)
         if seq.status is WAITING:
             self.waiting.remove(seq)
             heapq.heapify(self.waiting)
@@ -292,9 +320,10 @@ class Scheduler:
         self._tables.release(seq)
         seq.status, seq.finish_reason = FINISHED, reason
         del self.seqs[seq.seq_id]
-        siblings = self.requests[seq.request_id]
-        siblings.remove(seq)
-        if not siblings:
+        siblings = [s for s in self.requests[seq.request_id] if s is not seq]
+        if siblings:
+            self.requests[seq.request_id] = siblings
+        else:
             del self.requests[seq.request_id]
 
     def abort(self, request_id: str) -> None:
@@ -310,38 +339,84 @@ class Scheduler:
     # -- steps -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """Pick this step's rows and reserve their slots. All or nothing: if it raises,
-        what it had planned is rolled back (``roll_back``)."""
+        """Pick this step's rows and reserve their slots. Inside a transaction
+        (``begin``), a fault part way is undone by ``roll_back``."""
         out = StepPlan(tables=self._tables.array)
-        try:
-            self._plan(out)
-        except BaseException:
-            self.roll_back(out)
-            raise
+        self._plan(out)
         return out
 
-    def roll_back(self, out: StepPlan) -> None:
-        """Undo ``out``, planned by ``schedule``, whose device step did not happen or
-        failed: the state is as if the step had never run, give or take harmless extra
-        work. The plan is the undo record, so planning costs nothing extra.
+    # -- transactions ----------------------------------------------------------------
 
-        A row goes back to its last computed token (``start_positions``) and keeps its
-        pages. A row whose pages were being filled by a page move (swap-in or
-        copy-on-write), and a sequence this step swapped out, cannot trust those pages:
-        it is preempted to recompute (pages and host pages freed, back to the waiting
-        queue). Sequences this step preempted to recompute stay so. The prefix cache is
-        untouched: ``update`` registers pages only after a step succeeded."""
-        moved = {dst for _, dst in out.swap_in} | {dst for _, dst in out.copies}
-        for seq, start in zip(out.seqs, out.start_positions):
-            if seq.status is not RUNNING:
-                continue
-            if moved and not moved.isdisjoint(seq.block_table):
-                self._recompute(seq)
-            else:
-                seq.num_computed_tokens = start
-        for seq in out.preempted:
-            if seq.status is SWAPPED:
-                self._recompute(seq)
+    def begin(self) -> None:
+        """Start recording every change (a step, or a request added or aborted)."""
+        self.block_manager.taken = []
+        self.journal.begin()
+
+    def commit(self) -> None:
+        self.journal.commit()
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """``begin``; ``commit`` if the body returns, ``roll_back`` if it raises."""
+        self.begin()
+        try:
+            yield
+            self.commit()
+        except BaseException:
+            with deferred_interrupts():
+                self.roll_back()
+            raise
+
+    @contextlib.contextmanager
+    def only(self, request_ids):
+        """Plan for the sequences of ``request_ids`` alone (fault isolation): the others
+        are hidden from the queues, which are derived state, and come back after."""
+        ids = set(request_ids)
+        self.running = [s for s in self.running if s.request_id in ids]
+        self.swapped = [s for s in self.swapped if s.request_id in ids]
+        self.waiting = [s for s in self.waiting if s.request_id in ids]
+        heapq.heapify(self.waiting)
+        try:
+            yield
+        finally:
+            self._rebuild_queues()
+
+    def device_may_write(self) -> None:
+        """The step's page moves and device step are about to start: from here, an undo
+        also repairs the pages they may have overwritten (see ``roll_back``)."""
+        self.journal.device = True
+
+    def roll_back(self) -> None:
+        """Return to the state at ``begin``: the journal is replayed backwards, then the
+        queues, the free queue and the table mirror are rebuilt from what it restored.
+
+        If the device may have run part of the step, the pages the step took from the free
+        queue may hold what it wrote: K/V of this step's tokens (harmless, the rows
+        recompute them), a swapped-in or copied page, or K/V over a page a sequence this
+        step preempted or swapped out held before and holds again now. Those pages leave
+        the prefix cache, and a sequence holding one recomputes (back to waiting). Every
+        other page holds what it held before the step: a step writes only its rows'
+        slots past their computed tokens and the pages it took; the host pages a
+        swap-out wrote were free before (no step both swaps in and out)."""
+        bm, written = self.block_manager, self.journal.device
+        self.journal.undo()
+        bm.rebuild_free_queue()
+        self._rebuild_queues()
+        taken, bm.taken = set(bm.taken), []
+        if written and taken:
+            bm.forget_pages(taken)
+            for seq in list(self.running):
+                if not taken.isdisjoint(seq.block_table):
+                    self._recompute(seq)
+
+    def _rebuild_queues(self) -> None:
+        queues = {RUNNING: [], SWAPPED: [], WAITING: []}
+        for seq in self.seqs.values():
+            queues[seq.status].append(seq)
+        self.running, self.swapped = sorted(queues[RUNNING]), sorted(queues[SWAPPED])
+        self.waiting = queues[WAITING]
+        heapq.heapify(self.waiting)
+        self._tables.reset()
 
     def drop_device_pages(self) -> None:
         """The device pool was lost (a failed step consumed the donated cache and a zeroed
@@ -401,6 +476,7 @@ class Scheduler:
                 if not bm.can_allocate(seq):
                     break
                 heapq.heappop(self.waiting)
+                self.journal.attr(seq, "num_computed_tokens")
                 seq.num_computed_tokens = bm.allocate(seq)
                 budget -= self._admit(out, seq, budget)
         out.table_rows = [self._tables.row(seq) for seq in out.seqs]
@@ -409,7 +485,8 @@ class Scheduler:
         """After the device step: cache the newly computed full pages and append one sampled
         token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
         non-sampling rows are ignored). Returns the sequences that stopped on length."""
-        stopped, bm = [], self.block_manager
+        stopped, bm, journal = [], self.block_manager, self.journal
+        log = journal.log if journal.active else None
         sampled = np.asarray(sampled_token_ids).ravel()
         if len(sampled) < len(out.seqs):
             raise ValueError(f"{len(sampled)} sampled token ids for {len(out.seqs)} rows")
@@ -420,6 +497,8 @@ class Scheduler:
             if seq.status is RUNNING:
                 bm.cache_full_pages(seq)
             if sample:
+                if log is not None:   # Journal.length, inlined: once per row and step
+                    log.append((truncate, seq.token_ids, len(seq.token_ids)))
                 seq.token_ids.append(token)
                 num_tokens = len(seq.token_ids)
                 if (num_tokens - seq.num_prompt_tokens >= seq.max_tokens
@@ -487,28 +566,34 @@ class Scheduler:
     # -- internals -------------------------------------------------------------------
 
     def _admit(self, out: StepPlan, seq: Sequence, budget: int) -> int:
+        self.journal.attr(seq, "status")
         seq.status = RUNNING
         bisect.insort(self.running, seq)
         return self._add_row(out, seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
 
     def _add_row(self, out: StepPlan, seq: Sequence, n: int) -> int:
+        start, journal = seq.num_computed_tokens, self.journal
         out.seqs.append(seq)
         out.num_new_tokens.append(n)
-        out.start_positions.append(seq.num_computed_tokens)
-        seq.num_computed_tokens += n   # advanced now, so a second schedule() never repeats it
+        out.start_positions.append(start)
+        if journal.active:   # Journal.attr, inlined: once per row and step
+            journal.log.append((setattr, seq, "num_computed_tokens", start))
+        seq.num_computed_tokens = start + n   # now, so a second schedule() never repeats it
         out.sample.append(seq.num_computed_tokens == len(seq.token_ids))
         return n
 
     def _preempt(self, seq: Sequence, out: StepPlan) -> None:
-        bm = self.block_manager
+        bm, journal = self.block_manager, self.journal
         if self.preemption_mode == "swap" and bm.can_swap_out(seq):
             self._tables.release(seq)
+            journal.attr(seq, "status")
             out.swap_out += bm.swap_out(seq)
             seq.status = SWAPPED
             bisect.insort(self.swapped, seq)
         else:
             self._requeue(seq)
         out.preempted.append(seq)
+        journal.attr(self, "num_preemptions")
         self.num_preemptions += 1
 
     def _dequeue(self, seq: Sequence) -> None:
@@ -523,6 +608,7 @@ class Scheduler:
 
     def _requeue(self, seq: Sequence) -> None:
         """Free ``seq``'s pages and send it back to the waiting queue to recompute."""
+        self.journal.vars(seq)
         self._tables.release(seq)
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from jpaged.core.interfaces import Engine
 
+from jpaged.host.journal import deferred_interrupts
 from jpaged.host.request import prompt_token_ids
 
 # A prefix match is ignored when its replica has this many more unfinished requests than
@@ -112,10 +113,13 @@ class Replicas:
         self.next_id = 0                  # of requests added without an id
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="replica")
         self.tokenizer = self.engines[0].tokenizer
+        self.outbox: list = []   # outputs of replicas whose step succeeded beside a failure
 
     # Attributes ``state_dict`` leaves out: each engine saves its own state (a snapshot
     # writes one per replica), the thread pool and the tokenizer are built anew.
-    DERIVED = ("engines", "_pool", "tokenizer")
+    # ``outbox``: outputs of a step that failed in another replica, returned by the next
+    # ``step``; transient like a step's outputs (a snapshot taken before it loses them).
+    DERIVED = ("engines", "_pool", "tokenizer", "outbox")
 
     def state_dict(self) -> dict:
         """The router's state: request owners, the id counter and the router's record."""
@@ -150,16 +154,23 @@ class Replicas:
         # The engine's own rule: a bad prompt is refused here, before any replica sees it.
         _, token_ids = prompt_token_ids(prompt, self.tokenizer)
         replica = self.router.choose(token_ids, [len(e.requests) for e in self.engines])
-        self.engines[replica].add_request(prompt, params, request_id, priority)
-        self.router.record(replica, token_ids)
-        self.owner[request_id] = replica
+        self.owner[request_id] = replica   # first: an add cut short leaves an abortable id
+        try:
+            self.engines[replica].add_request(prompt, params, request_id, priority)
+        except BaseException:
+            del self.owner[request_id]   # the engine's add is all or nothing
+            raise
+        self.router.record(replica, token_ids)   # an estimate: a partial record is harmless
         return request_id
 
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
         if request_id not in self.owner:
             raise ValueError(f"unknown request id {request_id!r}")
-        self.engines[self.owner.pop(request_id)].abort(request_id)
+        engine = self.engines[self.owner[request_id]]
+        if request_id in engine.requests:   # else it finished in a step not yet reported
+            engine.abort(request_id)
+        del self.owner[request_id]
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.engines)
@@ -174,18 +185,37 @@ class Replicas:
         return total
 
     def step(self) -> list:
-        """One step of every replica with work; their outputs, together."""
+        """One step of every replica with work; their outputs, together.
+
+        Each replica's step is all or nothing. If one fails, the others' steps are waited
+        for (a Ctrl-C too waits for them: a replica's step must not overlap its next one)
+        and their outputs kept for the next call; the first failure is re-raised, its
+        replica rolled back alone."""
         busy = [e for e in self.engines if e.has_unfinished_requests()]
-        outputs = [o for outs in self._pool.map(lambda e: e.step(), busy) for o in outs]
-        for output in outputs:
-            if output.finished:
-                self.owner.pop(output.request_id, None)
+        with deferred_interrupts():
+            futures = [self._pool.submit(e.step) for e in busy]
+            errors = [f.exception() for f in futures]   # waits for every one
+            outputs, self.outbox = self.outbox, []
+            outputs += [o for f, e in zip(futures, errors) if e is None for o in f.result()]
+            for output in outputs:
+                if output.finished:
+                    self.owner.pop(output.request_id, None)
+            error = next((e for e in errors if e is not None), None)
+            if error is not None:
+                self.outbox = outputs
+        if error is not None:
+            raise error
         return outputs
 
     def warm_up(self) -> int:
         """Each replica's ``LLMEngine.warm_up`` (a replica's devices compile their own
         programs); returns the step shapes of one."""
         return max(e.warm_up() for e in self.engines)
+
+    @property
+    def can_step(self) -> bool:
+        """False while some replica's steps fail for every request (see ``LLMEngine.step``)."""
+        return all(getattr(e, "can_step", True) for e in self.engines)
 
     @property
     def num_compilations(self) -> int:

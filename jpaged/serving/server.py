@@ -598,7 +598,8 @@ class Server:
     async def health(self, request):
         from starlette.responses import Response
 
-        ready = self.engine_thread.alive and self.engine_thread.ready.is_set()
+        ready = (self.engine_thread.alive and self.engine_thread.ready.is_set()
+                 and getattr(self.engine, "can_step", True))   # False: steps fail for all
         return Response(status_code=200 if ready else 503)
 
     async def prometheus(self, request):

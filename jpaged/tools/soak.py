@@ -4,7 +4,9 @@ give the tokens of a clean run. Used by ``benchmarks/soak.py`` and ``tests/test_
 
 Operations, drawn at random: add a request (random sampling parameters: greedy, seeded
 or unseeded sampling, ``n`` parallel samples, beam search, logprobs), abort one, step, or
-step with a fault injected (see ``FaultInjector``); and every ``snapshot_every`` steps a
+step with a fault injected (see ``FaultInjector``; kind "host": an ``InjectedFault`` or a
+``KeyboardInterrupt`` at the k-th call of a random function of the host path, see
+``jpaged.tools.faults``); and every ``snapshot_every`` steps a
 snapshot saved and restored into a fresh ``LLM`` that carries on. After every step
 ``Scheduler.check`` runs (no page leaked, ref counts equal the block tables holding each
 page, every running sequence has a token left to compute), and a request that has not
@@ -24,12 +26,10 @@ import numpy as np
 from jpaged.engine.batch import BatchBuilder
 from jpaged.engine.engine import LLM
 from jpaged.host.sampling_params import SamplingParams
+from jpaged.tools.faults import HostTracer, InjectedFault, random_point
 
 FAULT_KINDS = ("interrupt", "after", "consumed", "apply")
-
-
-class InjectedFault(Exception):
-    """A fault a soak or test injected: a bug in the host update."""
+SOAK_FAULTS = FAULT_KINDS + ("host",)
 
 
 class InjectedDeviceError(RuntimeError):
@@ -138,6 +138,7 @@ class SoakConfig:
         greedy=.4, seeded=.2, sampled=.1, n=.2, beam=.1))
     logprobs: bool = True
     one_bucket: bool = True           # one token / page bucket: a handful of programs
+    host_faults: bool = True          # also kind "host" (traces every step: slower)
     snapshot_every: int = 300         # steps; 0: never
     stuck_steps: int = 400
     time_limit_s: float | None = None
@@ -152,7 +153,8 @@ class SoakResult:
     finished: int = 0
     faults_injected: int = 0
     faults_survived: int = 0
-    faults_by_kind: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(FAULT_KINDS, 0))
+    faults_by_kind: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(SOAK_FAULTS, 0))
+    host_points: int = 0      # distinct host-path points (function, occurrence) faulted
     fault_moves: int = 0
     snapshots: int = 0
     greedy_checked: int = 0
@@ -186,6 +188,7 @@ class Soak:
         self.greedy: dict[str, int] = {}          # request id -> prompt index
         self.last_progress: dict[str, tuple] = {}  # request id -> (step, progress signature)
         self.expected: dict[int, list[int]] = {}
+        self.host_points: set = set()
         self.result = SoakResult()
 
     def _prompts(self) -> list[list[int]]:
@@ -203,6 +206,9 @@ class Soak:
         """Faults into the engine's steps; with ``one_bucket``, batches padded to the
         scheduler's limits, so the soak compiles a handful of programs, not dozens."""
         self.injector = FaultInjector(self.llm.engine)
+        self.tracer = HostTracer([self.llm.engine]) if self.config.host_faults else None
+        if self.tracer and getattr(self, "_counts", None):
+            self.tracer.counts = self._counts   # the profile so far carries on
         self._one_bucket(self.llm.engine)
 
     def _one_bucket(self, engine) -> None:
@@ -239,6 +245,7 @@ class Soak:
         r.pages_leaked = pool["used_pages"] + pool["host_used_pages"]
         r.faults_by_kind = dict(r.faults_by_kind)
         r.fault_moves = self.injector.moves
+        r.host_points = len(self.host_points)
         r.seconds = time.perf_counter() - start
         if r.pages_leaked:
             raise RuntimeError(f"{r.pages_leaked} pages leaked at the end of the soak")
@@ -279,15 +286,26 @@ class Soak:
 
     def _step(self, fault: bool) -> None:
         r = self.result
-        kind = str(self.rng.choice(FAULT_KINDS)) if fault else None
-        if kind:
+        kinds = SOAK_FAULTS if self.tracer and self.tracer.counts else FAULT_KINDS
+        kind = str(self.rng.choice(kinds)) if fault else None
+        if kind == "host":
+            point = random_point(self.tracer.counts, self.rng)
+            self.tracer.arm(point, KeyboardInterrupt if self.rng.random() < 0.5 else None)
+        elif kind:
             self.injector.arm(kind)
+        failed = self.injector.failed + (self.tracer.num_fired if self.tracer else 0)
         try:
             outputs = self.engine.step()
         except FAULTS:
             if kind is None:   # not ours: the user's Ctrl-C
                 raise
             outputs = []
+        if self.tracer:
+            if self.tracer.fired:
+                self.host_points.add(self.tracer.fired)
+            self.tracer.arm(None)
+        if self.injector.failed + (self.tracer.num_fired if self.tracer else 0) > failed:
+            # raised, or isolated and retried by the engine
             r.faults_injected += 1
             r.faults_by_kind[kind] += 1
             self.engine.scheduler.check()   # raises on the first broken rule
@@ -345,6 +363,7 @@ class Soak:
         self.llm.save_snapshot(path, overwrite=True)   # counters included
         moves = self.injector.moves
         self.llm = LLM.from_snapshot(path, model=self.model)
+        self._counts = self.tracer.counts if self.tracer else None
         self._instrument()
         self.injector.moves = moves
         self.engine.scheduler.check()
