@@ -5,7 +5,7 @@ reserves their slots (host), the batch builder lays the plan out as a ``StepBatc
 runner moves pages and runs one jitted step that samples on the device, and the engine
 applies the sampled ids: appends them, forks parallel samples and beams, applies the stop
 rules and reports outputs (host). Records live in ``jpaged.host.request``, beam search in
-``jpaged.engine.beam_search``, stop rules in ``jpaged.host.stop``.
+``jpaged.host.beam_search``, stop rules in ``jpaged.host.stop``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence as Seq
 import jax
 import numpy as np
 
-from jpaged.engine import beam_search
 from jpaged.engine import model_loading
 from jpaged.engine import offline
 from jpaged.engine.stats import StatsLogger
@@ -29,6 +28,7 @@ from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.engine.host_state import check_state, make_scheduler
+from jpaged.host import beam_search
 from jpaged.host.journal import deferred_interrupts
 from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
@@ -72,13 +72,16 @@ class LLMEngine:
         self.isolate_faults = True
         self.can_step = True
         self._suspects = None   # the request ids of the step being run, for `_isolate`
+        self._final_only: set[str] = set()      # live requests added with stream=False
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
+    # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
+    # step).
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
-               "_suspects")
+               "_suspects", "_final_only")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -98,6 +101,7 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
+        self._final_only = set()
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -105,8 +109,11 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a prompt (text, or a list of token ids); returns its request id."""
+                    request_id: str | None = None, priority: int = 0,
+                    stream: bool = True) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id.
+        ``stream=False``: ``step`` reports the request only when it finishes (building an
+        output every step costs time proportional to its length)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
@@ -134,6 +141,8 @@ class LLMEngine:
             request.streams[seq.seq_id] = Stream(0, request.seeds[0])
             scheduler.journal.item(self.requests, request_id)
             self.requests[request_id] = request
+        if not stream:   # once the add has succeeded
+            self._final_only.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -163,6 +172,7 @@ class LLMEngine:
             self.requests.pop(request_id)
             if request_id in self.scheduler.requests:
                 self.scheduler.abort(request_id)
+        self._final_only.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -373,13 +383,12 @@ class LLMEngine:
                                        i))
         for step in beams:
             children += beam_search.advance(step, self.scheduler, self._new_seq_id(step))
-        for seq in [seq for _, seq in appended] + children:
-            self._check_stop(seq)
+        self._check_stops([seq for _, seq in appended] + children)
         for request in touched.values():
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             self._maybe_finish(request, now)
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
 
     def _journal_requests(self, plan: StepPlan) -> None:
         """Record the requests of the plan's rows, about to change (``Request.state``:
@@ -432,18 +441,24 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stop(self, seq: Sequence) -> None:
+    def _check_stops(self, seqs: list[Sequence]) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
-        limit stopped it in the same step. Beams stop through their candidates and are
-        detokenized when they finish."""
-        request = self.requests[seq.request_id]
-        if request.beam_width or not self.stop.check(request.params, seq,
-                                                     request.streams[seq.seq_id]):
+        limit stopped it in the same step. All are detokenized in one batch; beams stop
+        through their candidates and are detokenized when they finish."""
+        rows = []
+        for seq in seqs:
+            request = self.requests[seq.request_id]
+            if not request.beam_width:
+                rows.append((request.params, seq, request.streams[seq.seq_id]))
+        if not rows:
             return
-        if seq.status is FINISHED:
-            seq.finish_reason = "stop"
-        else:
-            self.scheduler.finish(seq, "stop")
+        for (_, seq, _), stop in zip(rows, self.stop.check_all(rows)):
+            if not stop:
+                continue
+            if seq.status is FINISHED:
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
 
     # -- outputs ---------------------------------------------------------------------
 
@@ -456,6 +471,12 @@ class LLMEngine:
             (s.num_output_tokens for s in request.seqs.values()), default=0)
         self.scheduler.journal.item(self.requests, request.request_id)
         self.requests.pop(request.request_id, None)
+        self._final_only.discard(request.request_id)
+
+    def _outputs(self, requests) -> list[RequestOutput]:
+        """Outputs of the requests that made progress: streamed or finished ones."""
+        return [self._output(r) for r in requests
+                if r.finished or r.request_id not in self._final_only]
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = (beam_search.completions(request, lambda ids: self.stop.decode(
@@ -632,7 +653,14 @@ class LLM:
         If the caller stops early (``close()``, a ``break`` that drops the generator, an
         exception such as ``KeyboardInterrupt``), the requests not yet finished are
         aborted, so the engine is left as it was before the call."""
-        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority))
+        return self._run(prompts, sampling_params, priority, stream=True)
+
+    def _run(self, prompts, sampling_params, priority, stream: bool
+             ) -> Iterator[RequestOutput]:
+        """``stream``'s loop; ``stream=False`` yields finished outputs only (the engine
+        builds no others unless the stats logger counts them)."""
+        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority,
+                                stream or self._stats is not None))
         try:
             while pending:
                 outputs = self.engine.step()
@@ -664,7 +692,7 @@ class LLM:
         finished = {}
         progress = offline.Progress(use_tqdm, len(prompts))
         try:
-            for output in self.stream(prompts, sampling_params, priority):
+            for output in self._run(prompts, sampling_params, priority, stream=False):
                 if output.finished:
                     finished[output.request_id] = output
                     progress.finished(output)
@@ -717,7 +745,7 @@ class LLM:
         decode = (lambda ids: None) if tokenizer is None else tokenizer.decode
         return [offline.beam_search_output(output, decode) for output in outputs]
 
-    def _add(self, prompts: list, params, priority) -> list[str]:
+    def _add(self, prompts: list, params, priority, stream: bool = True) -> list[str]:
         """Add every prompt, or none: a bad one aborts those this call already added."""
         if params is None:
             params = self.get_default_sampling_params()
@@ -733,7 +761,7 @@ class LLM:
         ids = []
         try:
             for prompt, p, rank in zip(prompts, params, priority):
-                ids.append(self.engine.add_request(prompt, p, priority=rank))
+                ids.append(self.engine.add_request(prompt, p, priority=rank, stream=stream))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

@@ -280,33 +280,3 @@ def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 
         top_ids=top_ids.astype(jnp.int32),
         top_logprobs=top_logits - log_total[:, None],
         ranks=1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32))
-
-
-def beam_candidates(logprobs: jax.Array, beam_scores: jax.Array,
-                    width: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One beam-search step for groups of ``width`` beams (static), jittable.
-
-    logprobs: ``f32[G * width, V]``, next-token logprobs of every beam (e.g.
-    ``jax.nn.log_softmax(apply_penalties(logits, tensors))``), a request's beams in
-    consecutive rows. beam_scores: ``f32[G * width]``, each beam's cumulative logprob;
-    -inf for beams that do not exist (at the first step every beam of a group holds the
-    same prompt, so all but one must be -inf or the candidates repeat).
-    Returns parents (the row of ``logprobs`` a candidate extends), tokens and cumulative
-    scores, each ``[G, 2 * width]``, best first: twice the width so that ``width`` beams
-    remain after the engine sets aside candidates that end the sequence (as vLLM and HF).
-    """
-    rows, vocab = logprobs.shape
-    if rows % width or 2 * width > width * vocab:
-        raise ValueError(f"logprobs of shape {logprobs.shape} do not split into groups of "
-                         f"width={width} beams with 2 * width candidates each")
-    groups = rows // width
-    totals = (beam_scores[:, None] + logprobs).reshape(groups, width * vocab)
-    scores, flat = lax.top_k(totals, 2 * width)
-    parents = flat // vocab + width * jnp.arange(groups, dtype=flat.dtype)[:, None]
-    return parents.astype(jnp.int32), (flat % vocab).astype(jnp.int32), scores
-
-
-def beam_score(cumulative_logprob, num_tokens, length_penalty: float):
-    """A finished beam's rank (higher is better): ``cumulative_logprob / num_tokens **
-    length_penalty``, vLLM's formula with num_tokens = prompt plus output tokens."""
-    return cumulative_logprob / num_tokens ** length_penalty

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from jpaged.host.detokenizer import DecodeState
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.sequence import Sequence, SequenceStatus
 
@@ -98,7 +99,12 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class Stream:
-    """Host state of one generated sequence: its seed and what it has produced."""
+    """Host state of one generated sequence: its seed and what it has produced.
+
+    ``text``: its text (None without a tokenizer) as of ``current_text``. The stop rules
+    decode it incrementally (``jpaged.host.stop``) into ``decoder``, which is not state: a
+    stream rebuilt from its state decodes its tokens again on its next step.
+    """
 
     index: int
     seed: int
@@ -111,6 +117,19 @@ class Stream:
         # A stream rebuilt from its state (``Request.from_state``) has plain dicts.
         self.logprobs = [{token: lp if isinstance(lp, Logprob) else Logprob(**lp)
                           for token, lp in entry.items()} for entry in self.logprobs]
+        self.decoder: DecodeState | None = None
+
+    def decoding(self, skip_special_tokens: bool = True) -> DecodeState:
+        """The decoder state, started (from the first output token) when missing."""
+        if self.decoder is None:
+            self.decoder = DecodeState(skip_special_tokens)
+        return self.decoder
+
+    def current_text(self) -> str | None:
+        """``text``, brought up to date with the decoder (joining its pieces once)."""
+        if self.decoder is not None:
+            self.text = self.decoder.text
+        return self.text
 
 
 class Request:
@@ -154,12 +173,15 @@ class Request:
         for stream, fields, logprobs in stream_states:
             del stream.logprobs[logprobs:]
             vars(stream).update(fields)
+            stream.decoder = None   # advanced in place: decodes its tokens again
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a
         sequence is shared with the scheduler: the caller writes each once). Times become
         ages at ``clock`` (``time.perf_counter`` is per process)."""
         metrics = dataclasses.asdict(self.metrics)
+        for stream in self.streams.values():
+            stream.current_text()   # the decoder's text into the state
         for name in TIMES:
             if metrics[name] is not None:
                 metrics[name] -= clock
@@ -215,7 +237,7 @@ class Request:
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
             outputs.append(CompletionOutput(
-                stream.index, seq.output_token_ids, stream.text, stream.cumulative_logprob,
+                stream.index, seq.output_token_ids, stream.current_text(), stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
                 seq.finish_reason, stream.stop_reason))
         return outputs
