@@ -333,7 +333,10 @@ class LLMEngine:
         wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
                       for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
                      default=0)
-        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0)
+        # Capped at the vocabulary (admission bounds ``wanted`` by it): a power of two past
+        # a vocabulary of 32,000 would be more top-k candidates than logits.
+        vocab = self.model.config.vocab_size
+        return self.batcher.build(plan, rows, bucket(wanted, 0, vocab) if wanted else 0)
 
     def _run(self, plan: StepPlan, batch: StepBatch):
         device_start = time.perf_counter()
