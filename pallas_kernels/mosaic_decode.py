@@ -18,9 +18,10 @@ bytes on its minor dimension, and both operands of one wgmma the same swizzle, s
 16 columns). Padded MMA work: ``1 - group / cols``: 75% at group 4, 50% at 8, none from 16
 (the ragged kernel: 94%, 88%, 75%). head_dim must be 64, 128 or 256 (M of ``O^T``).
 
-Memory path: q is read by one TMA box of ``cols`` heads starting at the group's first
-head from q padded by ``cols - group`` zero heads at the end (B x 12 x D values at group
-4: q is never padded to 64 rows); the output is float32 ``O^T [D, cols]`` and its
+Memory path: q is read by one TMA copy of its ``[cols, D]`` group tile, q laid out
+``[B, Hkv, cols, D]`` (a reshape from group 16 on; below, ``cols - group`` zero rows per
+kv head: 16 rows at group 4, not the ragged kernel's 64, and a decode token's q is
+``1 / (2 n)`` of the K/V bytes it reads at n context tokens); the output is float32 ``O^T [D, cols]`` and its
 log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
 is a division). K/V pages come through the same TMA ring as in the ragged kernel.
 
@@ -47,11 +48,6 @@ pl, plgpu = ra.pl, ra.plgpu
 MIN_COLS = 16          # wgmma B tile: 16 bf16 columns = the smallest swizzle (32 bytes)
 HEAD_DIMS = (64, 128, 256)
 LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
-# Lowered for CUDA on jax 0.10.2 (and compiled to sm_90a there); on jax 0.12.1 Mosaic
-# GPU's layout inference fails on this kernel (an assertion while diagnosing an
-# unsatisfiable layout system; not yet isolated), so check_config refuses compiled use
-# from jax 0.11 on and impl="mosaic" decode runs the ragged kernel there.
-LOWERS_BEFORE_JAX = (0, 11)
 
 
 def num_cols(group: int) -> int:
@@ -106,10 +102,6 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
                          f"decode tile (head_dim is the 64-row M side of O^T = V^T P^T)")
-    if not interpret and _jax_version() >= LOWERS_BEFORE_JAX:
-        raise ValueError(f"the Mosaic decode tile does not lower on jax {jax.__version__} "
-                         f"(Mosaic GPU layout inference; it lowers on jax < "
-                         f"{'.'.join(map(str, LOWERS_BEFORE_JAX))}); use the ragged kernel")
     if pages_per_block is None:
         pages_per_block = ra.default_pages_per_block(page_size)
     group = num_q_heads // num_kv_heads if num_kv_heads else 0
@@ -129,10 +121,6 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if need > ra.SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, num_stages={num_stages} need {need} bytes "
                          f"of shared memory, over the {ra.SMEM_BUDGET}-byte budget")
-
-
-def _jax_version() -> tuple[int, ...]:
-    return tuple(int(part) for part in jax.__version__.split(".")[:2])
 
 
 def _matmul(a_ref, b_ref, *, transpose_a=False, transpose_b=False, interpret):
@@ -155,7 +143,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                    num_kv_heads, group, page_size, pages_per_block, num_stages, num_splits,
                    quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
     # layer_ref int32[1]; tables_ref int32[B, W]; kv_lens_ref int32[B];
-    # q_ref [B, Hq + cols - group, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
+    # q_ref [B, Hkv, cols, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
     # quantized: then the rows' scales [Hkv, B, W' * S] (ragged_attention.row_scales);
     # outputs: o_ref float32 [Hkv, splits, B, D, cols], lse_ref float32
     # [Hkv, splits, B, 64, cols] (each row the same).
@@ -220,8 +208,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
         for step in range(num_stages):
             pl.when(step < num_steps)(functools.partial(issue, step))
-        plgpu.copy_gmem_to_smem(q_ref.at[row, pl.ds(h * group, cols)], q_smem,
-                                q_barrier.at[0])
+        plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
         plgpu.barrier_wait(q_barrier.at[0])
         m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
         l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
@@ -366,10 +353,11 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     cols = num_cols(group)
-    # cols - group zero heads at the end (rounded up to TMA's 8-row tiling): the last
-    # group's box stays inside q.
-    extra = -(-(num_q_heads + cols - group) // 8) * 8 - num_q_heads
-    q_boxed = jnp.pad(q, ((0, 0), (0, extra), (0, 0)))
+    # [B, Hkv, cols, D]: a free reshape from group 16 on; below, cols - group zero rows
+    # per kv head (a TMA box at a head offset that is not a multiple of 8 does not lower
+    # on jax 0.12).
+    q_boxed = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
+                      ((0, 0), (0, 0), (0, cols - group), (0, 0)))
     layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
         jnp.int32)
     flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)

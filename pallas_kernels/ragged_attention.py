@@ -70,7 +70,7 @@ and the buffers within 227 KiB of shared memory (one ring slot instead of two wh
 do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
 head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
-(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-244
+(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-248
 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token

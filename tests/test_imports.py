@@ -176,7 +176,8 @@ def test_import_jpaged_is_lazy():
 
 def test_host_side_loads_no_jax():
     loaded = loaded_after("import jpaged.host.scheduler, jpaged.host.request, "
-                          "jpaged.host.stop, jpaged.host.sampling_params")
+                          "jpaged.host.stop, jpaged.host.sampling_params, "
+                          "jpaged.host.detokenizer, jpaged.host.beam_search")
     assert not under(loaded, "jax", "flax", "jpaged.engine", "jpaged.models")
 
 

@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from jpaged.engine.sampler import SamplingTensors, apply_filters, apply_penalties, beam_candidates, beam_score, sample
+from jpaged.engine.sampler import SamplingTensors, apply_filters, apply_penalties, sample
+from jpaged.host.beam_search import beam_candidates, beam_score
 from jpaged.host.sampling_params import SamplingParams
 
 # Most tests share a few programs (vocabulary 16, batches of 8 or 2048): compiling is the

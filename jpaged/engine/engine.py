@@ -5,7 +5,7 @@ reserves their slots (host), the batch builder lays the plan out as a ``StepBatc
 runner moves pages and runs one jitted step that samples on the device, and the engine
 applies the sampled ids: appends them, forks parallel samples and beams, applies the stop
 rules and reports outputs (host). Records live in ``jpaged.host.request``, beam search in
-``jpaged.engine.beam_search``, stop rules in ``jpaged.host.stop``.
+``jpaged.host.beam_search``, stop rules in ``jpaged.host.stop``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import dataclasses
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence as Seq
 
 import jax
 import numpy as np
 
-from jpaged.engine import beam_search
 from jpaged.engine import model_loading
 from jpaged.engine import offline
 from jpaged.engine.stats import StatsLogger
@@ -28,7 +28,8 @@ from jpaged.host.chat import ChatTemplate, chat_messages
 from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
-from jpaged.host.block_manager import BlockManager
+from jpaged.engine.host_state import check_state, make_scheduler
+from jpaged.host import beam_search
 from jpaged.host.journal import deferred_interrupts
 from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
@@ -42,6 +43,8 @@ from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
+from jpaged.host.grammar import GrammarCompiler
+from jpaged.host.token_rules import TokenRules
 
 RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
@@ -64,6 +67,7 @@ class LLMEngine:
         self.stop = StopRules(model.eos_token_ids, self.tokenizer)
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarCompiler | None = None
         self.next_id = 0   # of requests without an id, and of beams' sequences
         self.num_steps = 0
         self.host_time = 0.0
@@ -72,13 +76,16 @@ class LLMEngine:
         self.isolate_faults = True
         self.can_step = True
         self._suspects = None   # the request ids of the step being run, for `_isolate`
+        self._final_only: set[str] = set()      # live requests added with stream=False
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
+    # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
+    # step).
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
-               "_suspects")
+               "_suspects", "_final_only", "_grammars")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -98,6 +105,7 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
+        self._final_only = set()
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -105,8 +113,11 @@ class LLMEngine:
     # -- requests --------------------------------------------------------------------
 
     def add_request(self, prompt, params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> str:
-        """Queue a prompt (text, or a list of token ids); returns its request id."""
+                    request_id: str | None = None, priority: int = 0,
+                    stream: bool = True) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id.
+        ``stream=False``: ``step`` reports the request only when it finishes (building an
+        output every step costs time proportional to its length)."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
@@ -124,16 +135,21 @@ class LLMEngine:
         self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
+        rules = self._make_rules(params)   # checks ids, compiles the grammar, or raises
         scheduler = self.scheduler
         with scheduler.transaction():   # all or nothing, like a step
-            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority)
+            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority,
+                                        extra_keys=_prompt_logprobs_key(params))
             scheduler.journal.attr(self.rng.bit_generator, "state")
             request = Request(request_id, text, token_ids, params,
                               params.sequence_seeds(self.rng), time.perf_counter())
+            request.rules = rules
             request.seqs[seq.seq_id] = seq
             request.streams[seq.seq_id] = Stream(0, request.seeds[0])
             scheduler.journal.item(self.requests, request_id)
             self.requests[request_id] = request
+        if not stream:   # once the add has succeeded
+            self._final_only.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -154,6 +170,37 @@ class LLMEngine:
             raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
                              f"more than the vocabulary size {vocab}")
 
+    def _make_rules(self, params: SamplingParams) -> TokenRules | None:
+        """``params``' token rules (None without any); the grammar compiler is built with
+        the first structured-output request."""
+        if not params.uses_token_rules:
+            return None
+        if params.guided is not None and self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"guided_{params.guided[0]} needs a tokenizer (structured "
+                                 f"outputs constrain text); this model has none")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
+                                             self.stop.eos_token_ids)
+        return TokenRules(params, self.model.config.vocab_size, self.stop.eos_token_ids,
+                          self.tokenizer, self._grammars)
+
+    def _rules(self, request: Request) -> TokenRules | None:
+        """The request's token rules, rebuilt when missing (after a snapshot restore)."""
+        if request.rules is None:
+            request.rules = self._make_rules(request.params)
+        return request.rules
+
+    def _rule_row(self, row: int, request: Request, seq: Sequence, seed: int) -> SamplingRow:
+        """A sampling row with the token rules of ``seq``'s next token, if any."""
+        rules = self._rules(request)
+        if rules is None:
+            return SamplingRow(row, request.params, seed, seq)
+        if seq.seq_id not in request.grammar_states:
+            request.grammar_states[seq.seq_id] = rules.new_state()
+        outputs = seq.output_token_ids
+        return SamplingRow(row, request.params, seed, seq, rules.bias_entries(outputs),
+                           rules.mask(request.grammar_states[seq.seq_id], outputs))
+
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
         if request_id not in self.requests:
@@ -163,6 +210,7 @@ class LLMEngine:
             self.requests.pop(request_id)
             if request_id in self.scheduler.requests:
                 self.scheduler.abort(request_id)
+        self._final_only.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -315,15 +363,37 @@ class LLMEngine:
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
-            rows.append(SamplingRow(row, request.params, request.streams[seq.seq_id].seed, seq))
-        for row, index in forks:
+            seed = request.streams[seq.seq_id].seed
+            rows.append(self._rule_row(row, request, seq, seed) if plan.sample[row]
+                        else SamplingRow(row, request.params, seed, seq))
+        for row, index in forks:   # a fork's first token has its parent's rules
             request = self.requests[plan.seqs[row].request_id]
-            rows.append(SamplingRow(row, request.params, request.seeds[index], plan.seqs[row]))
+            rows.append(rows[row]._replace(seed=request.seeds[index]))
         # Top logprobs: 2 * width candidates per beam, or what the requests ask for.
         wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
                       for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
                      default=0)
-        return self.batcher.build(plan, rows, bucket(wanted, 0) if wanted else 0)
+        scored, prompt_top = self._scored(plan)
+        # Capped at the vocabulary (admission bounds ``wanted`` by it): a power of two past
+        # a vocabulary of 32,000 would be more top-k candidates than logits.
+        vocab = self.model.config.vocab_size
+        return self.batcher.build(plan, rows, bucket(wanted, 0, vocab) if wanted else 0,
+                                  scored, bucket(prompt_top, 0, vocab) if prompt_top else 0)
+
+    def _scored(self, plan: StepPlan) -> tuple[list[tuple[int, int]], int]:
+        """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
+        them (its first k tokens predict prompt tokens), and the most top ids asked."""
+        scored, top = [], 0
+        for row, seq in enumerate(plan.seqs):
+            params = self.requests[seq.request_id].params
+            if params.prompt_logprobs is None:
+                continue
+            start = plan.start_positions[row]
+            k = min(start + plan.num_new_tokens[row], seq.num_prompt_tokens - 1) - start
+            if k > 0:
+                scored.append((row, k))
+                top = max(top, params.prompt_logprobs)
+        return scored, top
 
     def _run(self, plan: StepPlan, batch: StepBatch):
         device_start = time.perf_counter()
@@ -356,6 +426,7 @@ class LLMEngine:
             if not metrics.scheduled:
                 # A prefix-cache hit starts the first chunk past the cached pages.
                 metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+        self._record_prompt(plan, batch, sampled)
         rows = len(batch.context_lens)   # the forks' samples follow the padded rows
         tokens = np.array(sampled.tokens[:rows])
         beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)
@@ -373,13 +444,12 @@ class LLMEngine:
                                        i))
         for step in beams:
             children += beam_search.advance(step, self.scheduler, self._new_seq_id(step))
-        for seq in [seq for _, seq in appended] + children:
-            self._check_stop(seq)
+        self._check_stops([seq for _, seq in appended] + children)
         for request in touched.values():
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             self._maybe_finish(request, now)
-        return [self._output(r) for r in touched.values()]
+        return self._outputs(touched.values())
 
     def _journal_requests(self, plan: StepPlan) -> None:
         """Record the requests of the plan's rows, about to change (``Request.state``:
@@ -418,6 +488,25 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode(
             [token], skip_special_tokens=False)
 
+    def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
+        """Store the step's prompt logprobs by position. Not journaled: if the step is
+        rolled back, its chunks run again and write the same scores."""
+        at = 0
+        for row, k in self._scored(plan)[0]:
+            seq, start = plan.seqs[row], plan.start_positions[row]
+            request = self.requests[seq.request_id]
+            top = request.params.prompt_logprobs
+            text = self._token_text if request.params.detokenize else lambda t: None
+            for i in range(at, at + k):
+                entry = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
+                         enumerate(zip(sampled.prompt_top_ids[i, :top],
+                                       sampled.prompt_top_logprobs[i, :top]), 1)}
+                target = int(batch.prompt_targets[i])
+                entry[target] = Logprob(float(sampled.prompt_logprobs[i]),
+                                        int(sampled.prompt_ranks[i]), text(target))
+                request.prompt_logprobs[start + 1 + i - at] = entry
+            at += k
+
     def _fork(self, parent: Sequence, index: int, token: int, sampled, row: int):
         """Completion ``index`` of a parallel-sampling request starts as a fork of ``parent``
         (sharing its pages), with its own first token."""
@@ -432,18 +521,24 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stop(self, seq: Sequence) -> None:
+    def _check_stops(self, seqs: list[Sequence]) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
-        limit stopped it in the same step. Beams stop through their candidates and are
-        detokenized when they finish."""
-        request = self.requests[seq.request_id]
-        if request.beam_width or not self.stop.check(request.params, seq,
-                                                     request.streams[seq.seq_id]):
+        limit stopped it in the same step. All are detokenized in one batch; beams stop
+        through their candidates and are detokenized when they finish."""
+        rows = []
+        for seq in seqs:
+            request = self.requests[seq.request_id]
+            if not request.beam_width:
+                rows.append((request.params, seq, request.streams[seq.seq_id]))
+        if not rows:
             return
-        if seq.status is FINISHED:
-            seq.finish_reason = "stop"
-        else:
-            self.scheduler.finish(seq, "stop")
+        for (_, seq, _), stop in zip(rows, self.stop.check_all(rows)):
+            if not stop:
+                continue
+            if seq.status is FINISHED:
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
 
     # -- outputs ---------------------------------------------------------------------
 
@@ -456,83 +551,28 @@ class LLMEngine:
             (s.num_output_tokens for s in request.seqs.values()), default=0)
         self.scheduler.journal.item(self.requests, request.request_id)
         self.requests.pop(request.request_id, None)
+        self._final_only.discard(request.request_id)
+
+    def _outputs(self, requests) -> list[RequestOutput]:
+        """Outputs of the requests that made progress: streamed or finished ones."""
+        return [self._output(r) for r in requests
+                if r.finished or r.request_id not in self._final_only]
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = (beam_search.completions(request, lambda ids: self.stop.decode(
                        ids, request.params)) if request.beam_width
                    else request.sampled_completions())
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             outputs, request.finished, request.metrics)
+                             outputs, request.finished, request.metrics,
+                             request.prompt_logprobs)
 
 
-def make_scheduler(config: EngineConfig) -> Scheduler:
-    """The scheduler and block manager of one replica of an ``LLM`` whose ``config`` has
-    every size resolved (``LLM.config``: ``num_pages``, ``num_host_pages``,
-    ``max_model_len``)."""
-    block_manager = BlockManager(config.num_pages, config.page_size,
-                                 num_host_pages=config.num_host_pages,
-                                 watermark=config.watermark,
-                                 enable_prefix_caching=config.enable_prefix_caching)
-    return Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
-                     max_num_batched_tokens=config.max_num_batched_tokens,
-                     max_model_len=config.max_model_len,
-                     preemption_mode=config.preemption_mode,
-                     static_batching=config.static_batching)
-
-
-def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
-    """Load ``state`` (``LLMEngine.state_dict``) into ``scheduler`` (host only: no pool,
-    no model) and check it whole: the scheduler's own rules (``Scheduler.check``), every
-    request's sequences live in the scheduler or finished, every live sequence's request
-    known, token ids in ``[0, vocab_size)``, the counters and the RNG state valid. Returns
-    ``(requests by id, the numpy Generator)``; raises ValueError naming the first problem.
-    A snapshot runs it before allocating any pool, then ``LLMEngine.load_state_dict``."""
-    for name in ("next_id", "num_steps"):
-        if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
-            raise ValueError(f"{name}={state[name]!r}: expected an int >= 0")
-    rng = np.random.default_rng()
-    try:
-        rng.bit_generator.state = state["rng"]
-    except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"the RNG state does not restore ({error})") from None
-    scheduler.load_state_dict(state["scheduler"])
-    requests = {}
-    for r in state["requests"]:
-        request = Request.from_state(r, time.perf_counter())
-        if request.request_id in requests:
-            raise ValueError(f"request id {request.request_id!r} is given twice")
-        requests[request.request_id] = request
-        seqs = list(request.seqs.values()) + [seq for _, seq in request.hypotheses]
-        tokens = [request.prompt_token_ids] + [seq.token_ids for seq in seqs]
-        bad = [t for ids in tokens for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
-                             f"the vocabulary [0, {vocab_size})")
-        if request.finished or not any(scheduler.seqs.get(seq_id) is seq
-                                       for seq_id, seq in request.seqs.items()):
-            raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
-                             f"never finish")
-        for seq_id, seq in request.seqs.items():
-            live = scheduler.seqs.get(seq_id) is seq
-            if (seq.seq_id != seq_id or seq.request_id != request.request_id
-                    or live == (seq.status is FINISHED)):
-                raise ValueError(f"request {request.request_id!r}: sequence {seq_id!r} is "
-                                 f"{seq.status.value} but {'' if live else 'not '}live in "
-                                 f"the scheduler, or filed under another id")
-    for request_id, group in scheduler.requests.items():
-        request = requests.get(request_id)
-        if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
-            raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
-                             f"which the engine does not follow")
-    for key, (_, key_id) in scheduler.block_manager.cache.items():
-        if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
-                or not isinstance(key[0], int) or not 0 <= key[0] < key_id
-                or len(key[1]) != scheduler.block_manager.page_size
-                or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
-            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (an earlier parent "
-                             f"key id, {scheduler.block_manager.page_size} token ids, extra "
-                             f"keys)")
-    return requests, rng
+def _prompt_logprobs_key(params: SamplingParams):
+    """The prefix-cache key part of a request: a request scoring its prompt reads no other
+    request's cached pages (their prompt logprobs were never kept), so its pages are
+    keyed apart; they still serve its own recompute (after a preemption), whose scores
+    it keeps."""
+    return None if params.prompt_logprobs is None else ("prompt_logprobs", uuid.uuid4().hex)
 
 
 class LLM:
@@ -702,7 +742,14 @@ class LLM:
         If the caller stops early (``close()``, a ``break`` that drops the generator, an
         exception such as ``KeyboardInterrupt``), the requests not yet finished are
         aborted, so the engine is left as it was before the call."""
-        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority))
+        return self._run(prompts, sampling_params, priority, stream=True)
+
+    def _run(self, prompts, sampling_params, priority, stream: bool
+             ) -> Iterator[RequestOutput]:
+        """``stream``'s loop; ``stream=False`` yields finished outputs only (the engine
+        builds no others unless the stats logger counts them)."""
+        pending = set(self._add(offline.as_prompt_list(prompts), sampling_params, priority,
+                                stream or self._stats is not None))
         try:
             while pending:
                 outputs = self.engine.step()
@@ -734,7 +781,7 @@ class LLM:
         finished = {}
         progress = offline.Progress(use_tqdm, len(prompts))
         try:
-            for output in self.stream(prompts, sampling_params, priority):
+            for output in self._run(prompts, sampling_params, priority, stream=False):
                 if output.finished:
                     finished[output.request_id] = output
                     progress.finished(output)
@@ -787,7 +834,7 @@ class LLM:
         decode = (lambda ids: None) if tokenizer is None else tokenizer.decode
         return [offline.beam_search_output(output, decode) for output in outputs]
 
-    def _add(self, prompts: list, params, priority) -> list[str]:
+    def _add(self, prompts: list, params, priority, stream: bool = True) -> list[str]:
         """Add every prompt, or none: a bad one aborts those this call already added."""
         if params is None:
             params = self.get_default_sampling_params()
@@ -803,7 +850,7 @@ class LLM:
         ids = []
         try:
             for prompt, p, rank in zip(prompts, params, priority):
-                ids.append(self.engine.add_request(prompt, p, priority=rank))
+                ids.append(self.engine.add_request(prompt, p, priority=rank, stream=stream))
         except ValueError:
             for request_id in ids:
                 self.engine.abort(request_id)

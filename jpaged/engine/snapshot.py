@@ -23,7 +23,7 @@ file, committed atomically: a snapshot directory always holds one complete snaps
 A restore checks, in this order, before allocating any pool: every file's checksum, the
 format version, the options against the geometry and a memory bound, the model's config
 and fingerprint, the whole host state of every replica on host-only schedulers
-(``jpaged.engine.engine.check_state``) and the page arrays against the pages that state
+(``jpaged.engine.host_state.check_state``) and the page arrays against the pages that state
 uses. A ValueError names the first problem.
 """
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.engine import model_loading, snapshot_files
+from jpaged.engine.host_state import check_state, make_scheduler
 from jpaged.engine.config import EngineConfig
 from jpaged.core.cache import SCALE_DTYPE, KVCache, is_quantized, put_pages
 from jpaged.parallel.replicas import Replicas
@@ -95,6 +96,8 @@ def _pack(x, seqs: _Sequences | None = None):
 def _unpack(x, seqs: list | None = None):
     """The value ``_pack`` wrote, sequence references resolved in ``seqs``."""
     if isinstance(x, list):
+        if not any(isinstance(i, (list, dict)) for i in x):   # token ids: no recursion
+            return list(x)
         return [_unpack(i, seqs) for i in x]
     if not isinstance(x, dict):
         return x
@@ -113,7 +116,7 @@ def _unpack(x, seqs: list | None = None):
     if not isinstance(value, list):
         raise ValueError(f"{tags[0]} holds a {type(value).__name__}, not a list")
     if tags[0] == "__tuple__":
-        return tuple(_unpack(i, seqs) for i in value)
+        return tuple(_unpack(value, seqs))
     return {_unpack(k, seqs): _unpack(v, seqs) for k, v in value}
 
 
@@ -209,7 +212,6 @@ def restore(llm_class, path, max_pool_bytes: int | None = None, **overrides):
 
 
 def _restore(llm_class, path: Path, max_pool_bytes: int | None, overrides: dict):
-    from jpaged.engine.engine import check_state, make_scheduler   # engine imports this module
 
     host, arrays = snapshot_files.read(path, VERSION)
     options = _options(host, overrides)
@@ -379,5 +381,6 @@ def _load_pages(engine, state: dict, arrays: dict, replica: str, config) -> None
 def _pool(arrays: dict, prefix: str, copies: int) -> KVCache:
     """The saved leaves ``prefix.k`` ... as a KVCache, each kv head repeated ``copies``
     times."""
-    return KVCache(**{name: np.repeat(arrays[f"{prefix}.{name}"], copies, axis=1)
-                      if f"{prefix}.{name}" in arrays else None for name in LEAVES})
+    leaves = {name: arrays.get(f"{prefix}.{name}") for name in LEAVES}
+    return KVCache(**{name: leaf if leaf is None or copies == 1 else
+                      np.repeat(leaf, copies, axis=1) for name, leaf in leaves.items()})

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 
+from jpaged.host.detokenizer import DecodeState
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.sequence import Sequence, SequenceStatus
 
@@ -77,6 +78,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then a dict
+    # {token id: Logprob} of each prompt token and the top alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:
@@ -98,7 +102,12 @@ class RequestOutput:
 
 @dataclasses.dataclass
 class Stream:
-    """Host state of one generated sequence: its seed and what it has produced."""
+    """Host state of one generated sequence: its seed and what it has produced.
+
+    ``text``: its text (None without a tokenizer) as of ``current_text``. The stop rules
+    decode it incrementally (``jpaged.host.stop``) into ``decoder``, which is not state: a
+    stream rebuilt from its state decodes its tokens again on its next step.
+    """
 
     index: int
     seed: int
@@ -111,13 +120,27 @@ class Stream:
         # A stream rebuilt from its state (``Request.from_state``) has plain dicts.
         self.logprobs = [{token: lp if isinstance(lp, Logprob) else Logprob(**lp)
                           for token, lp in entry.items()} for entry in self.logprobs]
+        self.decoder: DecodeState | None = None
+
+    def decoding(self, skip_special_tokens: bool = True) -> DecodeState:
+        """The decoder state, started (from the first output token) when missing."""
+        if self.decoder is None:
+            self.decoder = DecodeState(skip_special_tokens)
+        return self.decoder
+
+    def current_text(self) -> str | None:
+        """``text``, brought up to date with the decoder (joining its pieces once)."""
+        if self.decoder is not None:
+            self.text = self.decoder.text
+        return self.text
 
 
 class Request:
     """A prompt, its sampling parameters, and the sequences generating for it."""
 
     # Every attribute is state (tests/test_state.py checks that ``state_dict`` has them all).
-    DERIVED = ()
+    # Token rules come back from the params; a grammar state catches up with its tokens.
+    DERIVED = ("rules", "grammar_states")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seeds: list[int], arrival_time: float):
@@ -130,6 +153,13 @@ class Request:
         self.streams: dict[str, Stream] = {}       # live and finished sequences by seq_id
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
+        # Token rules (``jpaged.host.token_rules.TokenRules``, set by the engine) and each
+        # sequence's grammar position, by seq_id (rebuilt from its tokens when missing).
+        self.rules = None
+        self.grammar_states: dict = {}
+        # Filled position by position by the prefill steps (entry 0 stays None).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         self.finished = False
         self.error: str | None = None   # why it finished with reason "error"
 
@@ -154,12 +184,15 @@ class Request:
         for stream, fields, logprobs in stream_states:
             del stream.logprobs[logprobs:]
             vars(stream).update(fields)
+            stream.decoder = None   # advanced in place: decodes its tokens again
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a
         sequence is shared with the scheduler: the caller writes each once). Times become
         ages at ``clock`` (``time.perf_counter`` is per process)."""
         metrics = dataclasses.asdict(self.metrics)
+        for stream in self.streams.values():
+            stream.current_text()   # the decoder's text into the state
         for name in TIMES:
             if metrics[name] is not None:
                 metrics[name] -= clock
@@ -169,7 +202,10 @@ class Request:
                 "metrics": metrics, "finished": self.finished,
                 "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
                 "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
-                "error": self.error}
+                "error": self.error,
+                "prompt_logprobs": None if self.prompt_logprobs is None else [
+                    e and {t: dataclasses.asdict(lp) for t, lp in e.items()}
+                    for e in self.prompt_logprobs]}
 
     @classmethod
     def from_state(cls, state: dict, clock: float) -> "Request":
@@ -199,6 +235,9 @@ class Request:
                                  f"malformed ({str(stream)[:100]})")
         request.seqs = dict(state["seqs"])
         request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
+        if state.get("prompt_logprobs") is not None:
+            request.prompt_logprobs = [e and {int(t): Logprob(**lp) for t, lp in e.items()}
+                                       for e in state["prompt_logprobs"]]
         if (set(request.streams) - set(request.seqs) or len(request.seeds) < max(
                 (s.index + 1 for s in request.streams.values()), default=0)):
             raise ValueError(f"request {request.request_id!r}: its streams and sequences "
@@ -215,7 +254,7 @@ class Request:
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
             outputs.append(CompletionOutput(
-                stream.index, seq.output_token_ids, stream.text, stream.cumulative_logprob,
+                stream.index, seq.output_token_ids, stream.current_text(), stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
                 seq.finish_reason, stream.stop_reason))
         return outputs

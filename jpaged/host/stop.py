@@ -1,10 +1,18 @@
-"""Stop rules: when a generated sequence ends with reason "stop". Host only."""
+"""Stop rules: when a generated sequence ends with reason "stop". Host only.
+
+Text is decoded incrementally (``jpaged.host.detokenizer``) and stop strings are searched
+only in the new text plus the last ``len(longest stop) - 1`` characters before it, so a
+step costs the same at any output length.
+"""
 
 from __future__ import annotations
 
+from jpaged.host.detokenizer import DecodeState, Detokenizer
 from jpaged.host.request import Stream
 from jpaged.host.sampling_params import SamplingParams
-from jpaged.host.sequence import Sequence
+from jpaged.host.sequence import Sequence, SequenceStatus
+
+FINISHED = SequenceStatus.FINISHED
 
 
 class StopRules:
@@ -14,6 +22,7 @@ class StopRules:
     def __init__(self, eos_token_ids, tokenizer=None):
         self.eos_token_ids = set(eos_token_ids or ())
         self.tokenizer = tokenizer
+        self.detokenizer = None if tokenizer is None else Detokenizer(tokenizer)
 
     def is_stop_token(self, params: SamplingParams, token: int) -> bool:
         return token in params.stop_token_ids or (not params.ignore_eos
@@ -32,19 +41,61 @@ class StopRules:
         return self.tokenizer.decode(token_ids, skip_special_tokens=params.skip_special_tokens)
 
     def check(self, params: SamplingParams, seq: Sequence, stream: Stream) -> bool:
-        """Detokenize ``seq``'s output into ``stream.text`` (cut before a stop string, or
-        after it with ``include_stop_str_in_output``) and say whether its last token or
-        its text stops it; ``stream.stop_reason`` names the stop token id or string."""
-        token = seq.token_ids[-1]
-        stop = self.is_stop_token(params, token)
-        if stop and token in params.stop_token_ids:
-            stream.stop_reason = token
-        if self.tokenizer is not None:
-            stream.text = self.decode(seq.output_token_ids, params)
-            for s in params.stop:
-                at = stream.text.find(s)
-                if at >= 0:
-                    end = at + len(s) if params.include_stop_str_in_output else at
-                    stream.text, stop, stream.stop_reason = stream.text[:end], True, s
-                    break
-        return stop
+        """``check_all`` for one sequence."""
+        return self.check_all([(params, seq, stream)])[0]
+
+    def check_all(self, rows: list[tuple[SamplingParams, Sequence, Stream]]) -> list[bool]:
+        """Detokenize each sequence's new tokens into its ``stream`` (the text cut before
+        a stop string, or after it with ``include_stop_str_in_output``) and say whether
+        its last token or its text stops it; ``stream.stop_reason`` names the stop token
+        id or string. A sequence that stops here or is finished gets its held-back text
+        too."""
+        stops = []
+        for params, seq, stream in rows:
+            token = seq.token_ids[-1]
+            stops.append(self.is_stop_token(params, token))
+            if stops[-1] and token in params.stop_token_ids:
+                stream.stop_reason = token
+        if self.detokenizer is None:
+            return stops
+        decoding = []
+        for i, (params, seq, stream) in enumerate(rows):
+            if params.detokenize:
+                decoding.append(i)
+            else:
+                stream.text = ""
+        if not decoding:
+            return stops
+        states = [rows[i][2].decoding(rows[i][0].skip_special_tokens) for i in decoding]
+        news = self.detokenizer.step(states, [
+            rows[i][1].token_ids[rows[i][1].num_prompt_tokens + state.fed:]
+            for i, state in zip(decoding, states)])
+        for i, state, new in zip(decoding, states, news):
+            params, seq, stream = rows[i]
+            if stops[i] or seq.status is FINISHED:
+                new += self.detokenizer.flush(state)
+            found = _find_stop(params, state, new)
+            if found is not None:
+                stops[i], stream.stop_reason = True, found
+        return stops
+
+
+def _find_stop(params: SamplingParams, state: DecodeState, new: str) -> str | None:
+    """Append ``new`` to ``state``'s text; if a stop string now appears, cut the text
+    before its first occurrence (after it with ``include_stop_str_in_output``) and return
+    it. Only ``new`` and the characters before it that a stop string could share with it
+    are searched."""
+    if not params.stop:
+        state.emit(new, 0)
+        return None
+    keep = max(map(len, params.stop)) - 1
+    region = state.tail + new
+    found = min(((at, s) for s in params.stop if (at := region.find(s)) >= 0), default=None)
+    before = len(state.text) - len(state.tail)   # where `region` starts in the text
+    state.emit(new, keep)
+    if found is None:
+        return None
+    at, stop = found
+    end = at + len(stop) if params.include_stop_str_in_output else at
+    state.cut(state.text[:before + end])
+    return stop

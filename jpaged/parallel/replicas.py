@@ -144,7 +144,7 @@ class Replicas:
         self.owner, self.next_id = owner, state["next_id"]
 
     def add_request(self, prompt, params=None, request_id: str | None = None,
-                    priority: int = 0) -> str:
+                    priority: int = 0, stream: bool = True) -> str:
         """Queue a prompt on the replica the router picks; returns its request id."""
         if request_id is None:
             request_id, self.next_id = str(self.next_id), self.next_id + 1
@@ -156,7 +156,7 @@ class Replicas:
         replica = self.router.choose(token_ids, [len(e.requests) for e in self.engines])
         self.owner[request_id] = replica   # first: an add cut short leaves an abortable id
         try:
-            self.engines[replica].add_request(prompt, params, request_id, priority)
+            self.engines[replica].add_request(prompt, params, request_id, priority, stream)
         except BaseException:
             del self.owner[request_id]   # the engine's add is all or nothing
             raise

@@ -46,7 +46,8 @@ class FaultInjector:
     "consumed": the page moves ran, then the donated pool is consumed (deleted) and
     ``InjectedDeviceError`` raised; "apply": ``InjectedFault`` in the middle of the host
     update, after tokens were appended, samples forked and beams advanced (from the
-    engine's stop rules, ``engine.stop.check``, which beams do not call).
+    engine's stop rules, ``engine.stop.check_all``, once per step, which beams do not
+    call).
     ``failed``: faults raised; ``moves``: page moves (swaps, copies) of the plans that
     failed in the device step.
     """
@@ -94,7 +95,8 @@ class FaultInjector:
 
 
 class _FailingStop:
-    """An engine's ``StopRules`` whose ``check`` raises when the injector says so."""
+    """An engine's ``StopRules`` whose ``check_all`` (once per step) raises when the
+    injector says so."""
 
     def __init__(self, rules, injector: FaultInjector):
         self._rules, self._injector = rules, injector
@@ -102,11 +104,11 @@ class _FailingStop:
     def __getattr__(self, name):
         return getattr(self._rules, name)
 
-    def check(self, params, seq, stream) -> bool:
+    def check_all(self, rows) -> list[bool]:
         if self._injector.due(apply=True):
             self._injector.failed += 1
             raise InjectedFault("fault injected in the host update")
-        return self._rules.check(params, seq, stream)
+        return self._rules.check_all(rows)
 
 
 FAULTS = (KeyboardInterrupt, InjectedDeviceError, InjectedFault)

@@ -1,22 +1,54 @@
 """Beam search on the engine's sequences: each step every live beam's top ``2 * width``
 tokens are ranked together, the best continue (the first of a parent in place, the others
 as forks sharing its pages) and those ending on a stop token become finished hypotheses.
-The ranking itself runs on the device (``sampling.beam_candidates``)."""
+The device returns each beam's top ``2 * width`` logprobs; ranking those few candidates is
+numpy on the host (``beam_candidates``), not one more device call per request and step."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import jax.numpy as jnp
 import numpy as np
 
 from jpaged.host.request import CompletionOutput, Request, Stream, finished_copy
-from jpaged.engine.sampler import beam_candidates, beam_score
 from jpaged.host.scheduler import Scheduler, StepPlan
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.host.stop import StopRules
 
 FINISHED = SequenceStatus.FINISHED
+
+
+def beam_candidates(logprobs: np.ndarray, beam_scores: np.ndarray,
+                    width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One beam-search step for groups of ``width`` beams.
+
+    logprobs: ``f32[G * width, V]``, next-token logprobs of every beam (or each beam's
+    top candidates, V of them), a request's beams in consecutive rows. beam_scores:
+    ``f32[G * width]``, each beam's cumulative logprob; -inf for beams that do not exist
+    (at the first step every beam of a group holds the same prompt, so all but one must be
+    -inf or the candidates repeat).
+    Returns parents (the row of ``logprobs`` a candidate extends), tokens (columns) and
+    cumulative scores, each ``[G, 2 * width]``, best first, ties to the lower index:
+    twice the width so that ``width`` beams remain after the engine sets aside candidates
+    that end the sequence (as vLLM and HF).
+    """
+    logprobs, beam_scores = np.asarray(logprobs), np.asarray(beam_scores)
+    rows, vocab = logprobs.shape
+    if rows % width or 2 * width > width * vocab:
+        raise ValueError(f"logprobs of shape {logprobs.shape} do not split into groups of "
+                         f"width={width} beams with 2 * width candidates each")
+    groups = rows // width
+    totals = (beam_scores[:, None] + logprobs).reshape(groups, width * vocab)
+    flat = np.argsort(-totals, axis=-1, kind="stable")[:, :2 * width]
+    parents = flat // vocab + width * np.arange(groups)[:, None]
+    return (parents.astype(np.int32), (flat % vocab).astype(np.int32),
+            np.take_along_axis(totals, flat, axis=-1))
+
+
+def beam_score(cumulative_logprob, num_tokens, length_penalty: float):
+    """A finished beam's rank (higher is better): ``cumulative_logprob / num_tokens **
+    length_penalty``, vLLM's formula with num_tokens = prompt plus output tokens."""
+    return cumulative_logprob / num_tokens ** length_penalty
 
 
 class BeamStep:
@@ -53,8 +85,7 @@ def choose(plan: StepPlan, requests: dict[str, Request], sampled, tokens: np.nda
         top[:len(ranked)] = sampled.top_logprobs[np.asarray(rows)[ranked], :2 * width]
         scores = np.full(width, -np.inf, np.float32)
         scores[:len(ranked)] = np.asarray(beam_scores)[ranked]
-        parents, columns, new_scores = (np.asarray(x)[0] for x in beam_candidates(
-            jnp.asarray(top), jnp.asarray(scores), width))
+        parents, columns, new_scores = (x[0] for x in beam_candidates(top, scores, width))
         parents = ranked[np.minimum(parents, len(ranked) - 1)]
         ids = sampled.top_ids[np.asarray(rows)[parents], columns]
         for parent, token, score in zip(parents, ids, new_scores):

@@ -1,0 +1,234 @@
+"""Host overhead of the engine: what Python costs around each device step.
+
+A stub model (``StubConfig``) whose forward is nearly free puts the engine's own work on
+the critical path: one request per row, greedy, ``ignore_eos``, a byte-level BPE tokenizer
+(Llama 3's kind, trained here) and two stop strings that never match, so every step
+detokenizes and searches every row.
+
+1. Host time per sequence per step, batch 32 / 128 / 256, outputs of 128 / 1024 / 4096
+   tokens: the mean step time over the last 64 decode steps, divided by the batch.
+2. A simulated device: the stub's step sleeps ``--device-ms`` (5 / 10 / 20 ms) inside the
+   jitted call (a host callback), so it occupies "the device" for a fixed time whatever this
+   CPU's speed. Reported: device idle fraction (1 - busy / wall) and output tokens/s against
+   the ideal batch / step time, without and (when the engine has it) with overlap.
+
+Writes benchmarks/results/host_overhead.{json,md}.
+
+    python benchmarks/host_overhead.py            # ~4 min on 2 shared cores
+    python benchmarks/host_overhead.py --quick    # batch 32 / 128, outputs 128 / 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import pathlib
+import platform
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.core.interfaces import ModelBundle
+from jpaged.engine.config import EngineConfig
+from jpaged.engine.engine import LLM
+from jpaged.host.sampling_params import SamplingParams
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+STOP = ["\x00never\x00", "\x01also never\x01"]   # control characters the text never holds
+PROMPT_LEN = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class StubConfig:
+    """A model with one tiny KV layer whose logits pick a pseudo-random next token from the
+    last one; ``device_ms`` > 0 makes each step sleep that long on the device side."""
+
+    vocab_size: int
+    device_ms: float = 0.0
+    num_layers: int = 1
+    num_kv_heads: int = 1
+    head_dim: int = 8
+    max_position_embeddings: int = 8192
+
+
+class DeviceClock:
+    """Sums the time the simulated device spends in its steps."""
+
+    busy = 0.0
+    lock = threading.Lock()
+
+    @classmethod
+    def sleep(cls, seconds: float, x):
+        start = time.perf_counter()
+        time.sleep(seconds)
+        with cls.lock:
+            cls.busy += time.perf_counter() - start
+        return x
+
+
+def stub_forward(params, config: StubConfig, cache, token_ids, meta, logits_indices):
+    """Logits ``f32[R, V]`` peaked at ``(last token * 31 + position * 17 + 5) mod V``:
+    varied text, no model arithmetic. The cache is returned untouched."""
+    tokens, positions = token_ids[logits_indices], meta.positions[logits_indices]
+    if config.device_ms:
+        tokens = jax.pure_callback(
+            lambda t: DeviceClock.sleep(config.device_ms / 1000, t),
+            jax.ShapeDtypeStruct(tokens.shape, tokens.dtype), tokens)
+    nxt = (tokens * 31 + positions * 17 + 5) % config.vocab_size
+    return jax.nn.one_hot(nxt, config.vocab_size, dtype=jnp.float32) * 10.0, cache
+
+
+def train_tokenizer():
+    """A byte-level BPE (GPT-2 / Llama 3 kind) of 1024 tokens, trained on this repo's docs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    root = pathlib.Path(__file__).parent.parent
+    text = [(root / name).read_text() for name in ("README.md", "docs/architecture.md")]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(text, trainers.BpeTrainer(
+        vocab_size=1024, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|end|>"]))
+    return tokenizer
+
+
+def make_llm(tokenizer, batch: int, output_len: int, device_ms: float = 0.0,
+             **options) -> LLM:
+    config = StubConfig(tokenizer.get_vocab_size(), device_ms)
+    model = ModelBundle(config, {"unused": jnp.zeros((), jnp.float32)}, stub_forward,
+                        tokenizer=tokenizer)
+    page = 16
+    pages = batch * (-(-(PROMPT_LEN + output_len) // page)) + 8
+    return LLM(model, num_pages=pages, page_size=page, max_num_seqs=batch,
+               max_num_batched_tokens=max(batch, 256), max_model_len=PROMPT_LEN + output_len + 16,
+               enable_prefix_caching=False, **options)
+
+
+def run(llm: LLM, batch: int, output_len: int, last: int = 64) -> dict:
+    """Generate ``batch`` requests of ``output_len`` tokens; time every step."""
+    engine = llm.engine
+    rng = np.random.default_rng(0)
+    vocab = llm.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, stop=STOP)
+    # As LLM.generate: outputs only when finished (older engines take no `stream`).
+    final_only = ({"stream": False} if "stream" in inspect.signature(engine.add_request).parameters
+                  else {})
+    for _ in range(batch):
+        engine.add_request(rng.integers(1, vocab, PROMPT_LEN).tolist(), params, **final_only)
+    times, busy = [], []
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t, b = time.perf_counter(), DeviceClock.busy
+        engine.step()
+        times.append(time.perf_counter() - t)
+        busy.append(DeviceClock.busy - b)
+    wall = time.perf_counter() - start
+    steps = np.array(times)
+    # The last `last` full-batch decode steps (the final steps may only drain); the
+    # median, so a step that compiled a new page-table width does not count.
+    tail = steps[-last - 2:-2] if len(steps) > last + 4 else steps[1:]
+    return dict(batch=batch, output_len=output_len, steps=len(steps), wall_s=wall,
+                device_busy_s=float(sum(busy)),
+                step_ms_tail=float(np.median(tail) * 1e3),
+                us_per_seq_step=float(np.median(tail) / batch * 1e6),
+                tokens_per_s=batch * output_len / wall)
+
+
+def host_table(rows: list[dict]) -> str:
+    lens = sorted({r["output_len"] for r in rows})
+    lines = ["| batch | overlap | " + " | ".join(f"{n} tokens" for n in lens) + " |",
+             "|---" * (len(lens) + 2) + "|"]
+    for batch, overlap in sorted({(r["batch"], r["overlap"]) for r in rows}):
+        cells = {r["output_len"]: r for r in rows
+                 if r["batch"] == batch and r["overlap"] == overlap}
+        lines.append(f"| {batch} | {overlap} | " + " | ".join(
+            f"{cells[n]['us_per_seq_step']:.1f} µs ({cells[n]['step_ms_tail']:.2f} ms/step)"
+            if n in cells else "" for n in lens) + " |")
+    return "\n".join(lines)
+
+
+def device_table(rows: list[dict]) -> str:
+    lines = ["| device step | overlap | device idle | host on the critical path per step "
+             "(per sequence) | output tokens/s | ideal tokens/s | of ideal |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ideal = r["batch"] / (r["device_ms"] / 1000)
+        waited = (r["wall_s"] - r["device_busy_s"]) / r["steps"]
+        lines.append(f"| {r['device_ms']:g} ms | {r['overlap']} | "
+                     f"{1 - r['device_busy_s'] / r['wall_s']:.1%} | {waited * 1e3:.2f} ms "
+                     f"({waited / r['batch'] * 1e6:.1f} µs) | {r['tokens_per_s']:.0f} | "
+                     f"{ideal:.0f} | {r['tokens_per_s'] / ideal:.1%} |")
+    return "\n".join(lines)
+
+
+def _overlap(overlap: bool | None) -> str:
+    return "n/a (synchronous engine)" if overlap is None else ("on" if overlap else "off")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128, 256])
+    parser.add_argument("--output-lens", type=int, nargs="+", default=[128, 1024, 4096])
+    parser.add_argument("--device-ms", type=float, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--device-batch", type=int, default=256)
+    parser.add_argument("--device-output-len", type=int, default=256)
+    parser.add_argument("--out", default=str(RESULTS / "host_overhead"))
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.output_lens = [32, 128], [128, 1024]
+    tokenizer = train_tokenizer()
+    overlaps = ([False, True] if "async_scheduling" in
+                {f.name for f in dataclasses.fields(EngineConfig)} else [None])
+
+    host = []
+    for batch in args.batches:
+        for output_len in args.output_lens:
+            for overlap in overlaps:
+                options = {} if overlap is None else {"async_scheduling": overlap}
+                llm = make_llm(tokenizer, batch, output_len, **options)
+                run(llm, batch, min(output_len, 64))   # compile the buckets first
+                host.append({**run(llm, batch, output_len), "overlap": _overlap(overlap)})
+                print(host[-1], flush=True)
+    device = []
+    for device_ms in args.device_ms:
+        for overlap in overlaps:
+            options = {} if overlap is None else {"async_scheduling": overlap}
+            llm = make_llm(tokenizer, args.device_batch, args.device_output_len, device_ms,
+                           **options)
+            run(llm, args.device_batch, args.device_output_len)   # compiles every width
+            row = run(llm, args.device_batch, args.device_output_len)
+            device.append({**row, "device_ms": device_ms, "overlap": _overlap(overlap)})
+            print(device[-1], flush=True)
+
+    env = f"{jax.devices()[0].platform} ({platform.machine()}), jax {jax.__version__}"
+    md = "\n".join([
+        "# Host overhead per step", "",
+        f"{env}, shared 2-core machine (timings are noisy). Stub model (nearly free forward), "
+        f"byte-level BPE tokenizer of {tokenizer.get_vocab_size()} tokens, greedy, "
+        f"`ignore_eos`, two stop strings that never match, prompts of {PROMPT_LEN} tokens.",
+        "`python benchmarks/host_overhead.py" + (" --quick`" if args.quick else "`"), "",
+        "## Host time per sequence per step (median of the last 64 decode steps)", "",
+        "The stub's device step is nearly free, so a step's wall time is host time; with "
+        "overlap the host still does all of it, in another order.", "",
+        host_table(host), "",
+        f"## Simulated device (batch {args.device_batch}, outputs of "
+        f"{args.device_output_len} tokens)", "",
+        "The stub's step sleeps the given time inside the jitted call. Idle = 1 - busy / "
+        "wall; ideal tokens/s = batch / device step.", "",
+        device_table(device), ""])
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(env=env, host=host, device=device),
+                                                   indent=1))
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
