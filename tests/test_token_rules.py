@@ -92,14 +92,24 @@ def test_min_tokens_masks_eos_and_stop_ids(model):
     assert stop_ids.token_ids[0] not in (first, second)
 
 
-def test_bad_words(model):
+def word_tokenizer():
     from tokenizers import Tokenizer, decoders, models as tok_models, pre_tokenizers
 
     tokenizer = Tokenizer(tok_models.WordLevel({f"w{i}": i for i in range(CONFIG.vocab_size)},
                                                unk_token="w0"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##")
-    llm = llm_for(model, tokenizer=tokenizer)
+    return tokenizer
+
+
+def test_bad_word_bans_its_last_token_after_its_prefix_only():
+    rules = TokenRules(SamplingParams(bad_words=["w3 w4", "w7"]), 10, tokenizer=word_tokenizer())
+    assert rules.bias_entries([1, 2]) == [(7, -np.inf)]
+    assert sorted(rules.bias_entries([1, 3])) == [(4, -np.inf), (7, -np.inf)]
+
+
+def test_bad_words(model):
+    llm = llm_for(model, tokenizer=word_tokenizer())
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     plain = llm.generate(["w5 w17 w33"], greedy)[0].token_ids
     one = llm.generate(["w5 w17 w33"], SamplingParams(
