@@ -268,6 +268,19 @@ def test_bad_requests_leave_others_running(model, references, prompt, params, me
     assert result.request_id == good and result.token_ids == expected[1]
 
 
+def test_logprobs_up_to_a_vocabulary_that_is_no_power_of_two():
+    """logprobs = the whole vocabulary (300 tokens) is admitted and runs beside another
+    request: the top-k width is not rounded up past the vocabulary."""
+    config = tiny_config(num_layers=1, vocab_size=300, max_position_embeddings=128)
+    llm = LLM(Model(config, init_params(config, jax.random.key(1))), page_size=4,
+              num_pages=32, max_num_seqs=4, max_model_len=64)
+    everything = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=300)
+    outputs = llm.generate([[1, 2, 3], [4, 5]], [everything, GREEDY])
+    assert [len(o.token_ids) for o in outputs] == [3, 12]
+    for entry, token in zip(outputs[0].outputs[0].logprobs, outputs[0].token_ids):
+        assert len(entry) == 300 and max(entry, key=lambda t: entry[t].logprob) == token
+
+
 def test_beam_width_is_bounded_by_the_vocabulary(model):
     """2 * width candidates per beam step must exist: 300 beams of a 512-token vocabulary
     are refused at admission, and the engine holds nothing afterwards."""
