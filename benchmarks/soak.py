@@ -6,9 +6,15 @@ benchmarks/results/soak.{json,md}. Exits non-zero at the first broken rule.
     python benchmarks/soak.py                         # 10^5 operations (about 15 min on 2 cores)
     python benchmarks/soak.py --operations 5000       # a couple of minutes
     python benchmarks/soak.py --time-limit 600        # stop adding work after 10 minutes
+    python benchmarks/soak.py --data-parallel 2       # two replicas on fake CPU devices
 """
 
 import argparse
+import os
+import sys
+
+if "--data-parallel" in sys.argv:   # fake CPU devices: JAX reads XLA_FLAGS when it starts
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import dataclasses
 import json
 import pathlib
@@ -47,6 +53,7 @@ def main():
     parser.add_argument("--snapshot-every", type=int, default=300,
                         help="steps between snapshots (0: none)")
     parser.add_argument("--preemption-mode", default="swap", choices=["swap", "recompute"])
+    parser.add_argument("--data-parallel", type=int, default=1)
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which no operation starts (the run then drains)")
     parser.add_argument("--out", type=pathlib.Path,
@@ -54,7 +61,8 @@ def main():
     args = parser.parse_args()
     config = SoakConfig(operations=args.operations, seed=args.seed, fault_rate=args.fault_rate,
                         snapshot_every=args.snapshot_every,
-                        preemption_mode=args.preemption_mode, time_limit_s=args.time_limit)
+                        preemption_mode=args.preemption_mode, time_limit_s=args.time_limit,
+                        data_parallel=args.data_parallel)
     model_config = tiny_config(num_layers=2, max_position_embeddings=128)
     model = Model(model_config, init_params(model_config, jax.random.key(0)))
     result = dataclasses.asdict(Soak(model, config).run())
@@ -64,12 +72,13 @@ def main():
     record = dict(result=result, config=dataclasses.asdict(config),
                   machine=dict(platform=platform.platform(), jax=jax.__version__,
                                backend=jax.default_backend()))
-    (args.out / "soak.json").write_text(json.dumps(record, indent=2) + "\n")
-    (args.out / "soak.md").write_text(
+    name = "soak" if args.data_parallel == 1 else f"soak_dp{args.data_parallel}"
+    (args.out / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / f"{name}.md").write_text(
         "# Soak\n\n`python benchmarks/soak.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k != "out" and v is not None) + f"` on {jax.default_backend()}\n\n" + md + "\n")
-    print(f"wrote {args.out}/soak.{{json,md}}")
+    print(f"wrote {args.out}/{name}.{{json,md}}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ a data-parallel replica's failure keeps the other replicas' outputs.
 The CI sweeps take a sample; ``-m slow`` runs every point (numbers in the closing note of
 issue 19 and ``benchmarks/fault_sweep.py``)."""
 
+import json
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -192,3 +196,33 @@ def test_a_replica_failure_keeps_the_other_replicas_outputs(model):
         outputs = engine.step()
     assert done == clean
     faults.assert_empty(engine)
+
+
+@pytest.mark.slow
+def test_data_parallel_2_sweep_on_fake_devices():
+    """``LLM(data_parallel=2)`` on two of 8 fake CPU devices (XLA_FLAGS must be set before
+    JAX starts, so in a subprocess): a fault at every function, one in 2."""
+    code = (
+        "import json, jax\n"
+        "from test_faults import SETUPS, workload\n"
+        "from jpaged.engine.engine import LLM\n"
+        "from jpaged.models import Model, init_params\n"
+        "from jpaged.tools import faults\n"
+        "from test_faults import CONFIG\n"
+        "model = Model(CONFIG, init_params(CONFIG, jax.random.key(0)))\n"
+        "make = lambda: LLM(model, data_parallel=2, page_size=4, max_model_len=128,\n"
+        "                   **SETUPS['swap'])\n"
+        "assert len(make().engine.engines) == 2\n"
+        "r = faults.sweep(make, workload('swap'), 'call', max_k=1, every=2)\n"
+        "print(json.dumps(r.row()))\n")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(result)
+    assert result["points"] >= 40 and result["faults"] == result["points"]
+    assert not result["unreached"]

@@ -374,7 +374,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "w5", "seed": 1.5}, "seed"),
     ({"prompt": "w5", "stream": "yes"}, "stream"),
     ({"prompt": "w5", "best_of": 3}, "best_of"),
-    ({"prompt": "w5", "echo": True}, "echo"),
+    ({"prompt": "w5", "echo": True, "stream": True}, "echo"),
     ({}, "prompt"),
     ({"prompt": []}, "prompt"),
     ({"prompt": [1, 2, CONFIG.vocab_size]}, "prompt"),

@@ -2,6 +2,12 @@
 steps with faults injected and snapshots restored, every step checked (no page leaked,
 ref counts equal holders, nothing stuck), greedy requests equal to a clean run."""
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
 
@@ -44,3 +50,21 @@ def test_soak_refuses_an_unknown_fault(model):
     soak = Soak(model, SoakConfig(operations=1, snapshot_every=0))
     with pytest.raises(ValueError, match="unknown fault kind 'meteor'"):
         soak.injector.arm("meteor")
+
+
+@pytest.mark.slow
+def test_soak_data_parallel_2(tmp_path):
+    """``benchmarks/soak.py --data-parallel 2``: two replicas on fake CPU devices (set before
+    JAX starts, so in a subprocess), faults in either replica's steps."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "soak.py"), "--data-parallel", "2",
+         "--operations", "400", "--seed", "3", "--fault-rate", "0.08", "--snapshot-every", "100",
+         "--out", str(tmp_path)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    result = json.loads((tmp_path / "soak_dp2.json").read_text())["result"]
+    assert result["pages_leaked"] == 0 and result["faults_injected"] >= 5
+    assert result["faults_survived"] == result["faults_injected"]
+    assert result["greedy_checked"] >= 10 and result["snapshots"] >= 1

@@ -269,7 +269,7 @@ def test_cached_prompt_tokens_are_reported(llm):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda llm: SamplingParams(min_tokens=2), "min_tokens= is not supported"),
+    (lambda llm: SamplingParams(output_kind=1), "output_kind= is not supported"),
     (lambda llm: SamplingParams(logits_processors=[]), "logits_processors= is not supported"),
     (lambda llm: SamplingParams(no_such=1), "no_such= is not supported"),
     (lambda llm: SamplingParams(spaces_between_special_tokens=False),

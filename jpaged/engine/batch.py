@@ -39,8 +39,12 @@ class StepBatch:
     logits_indices: ``int32[R]``, the flat token whose logits sampling row r uses: rows
         0..B-1 are the plan's rows (0 when padded), the rest extra samples of a row's
         logits (the first tokens of parallel samples). sampling: its ``R`` rows.
+    prompt_indices, prompt_targets: ``int32[L]``, the flat tokens whose prompt logprobs
+        this step scores and the prompt token that follows each (L = 0 when no row asks
+        for prompt logprobs, else a bucket; padding 0).
     is_decode (static): every row has one token and token i belongs to row i (T == B).
     num_top (static): top logprobs to return per sampling row.
+    num_prompt_top (static): top logprobs to return per scored prompt token.
     """
 
     token_ids: jax.Array
@@ -51,8 +55,13 @@ class StepBatch:
     context_lens: jax.Array
     logits_indices: jax.Array
     sampling: SamplingTensors
+    prompt_indices: jax.Array = dataclasses.field(
+        default_factory=lambda: np.zeros(0, np.int32))
+    prompt_targets: jax.Array = dataclasses.field(
+        default_factory=lambda: np.zeros(0, np.int32))
     is_decode: bool = dataclasses.field(default=False, metadata=dict(static=True))
     num_top: int = dataclasses.field(default=0, metadata=dict(static=True))
+    num_prompt_top: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     def attention_metadata(self, attention_impl: str = "auto") -> AttentionMetadata:
         """The model's view of this batch; ``attention_impl`` is the runner's choice."""
@@ -65,12 +74,15 @@ class StepBatch:
 class SamplingRow(NamedTuple):
     """One token to sample: from the logits of plan row ``row``, with ``params`` and
     ``seed``, continuing ``seq`` (its output count is the step index; its tokens feed
-    the penalties)."""
+    the penalties). bias, mask: the row's token rules this step (``(token id, bias)``
+    entries, an ``int32[W]`` allowed bitmask; None: none), see ``jpaged.host.token_rules``."""
 
     row: int
     params: SamplingParams
     seed: int
     seq: Sequence
+    bias: list | None = None
+    mask: np.ndarray | None = None
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -98,9 +110,11 @@ class BatchBuilder:
                    scheduler.max_num_batched_tokens, scheduler.max_pages_per_seq, **buckets)
 
     def build(self, plan: StepPlan, sampling: list[SamplingRow] | None = None,
-              num_top: int = 0) -> StepBatch:
+              num_top: int = 0, scored: list[tuple[int, int]] = (),
+              num_prompt_top: int = 0) -> StepBatch:
         """The batch of ``plan``. sampling: one ``SamplingRow`` per plan row, in order, then
-        any extra rows; default: every row greedy."""
+        any extra rows; default: every row greedy. scored: ``(plan row, k)``: score the
+        first k tokens of the row's chunk against the token after each (prompt logprobs)."""
         seqs, num_rows, num_tokens = plan.seqs, plan.num_seqs, plan.num_tokens
         counts = np.array(plan.num_new_tokens, np.int32)
         starts = np.array(plan.start_positions, np.int32)
@@ -128,6 +142,7 @@ class BatchBuilder:
         logits_indices = np.zeros(size, np.int32)
         logits_indices[:num_rows] = last
         logits_indices[rows:rows + len(extra)] = last[[r.row for r in extra]]
+        prompt_indices, prompt_targets = self._scored(plan, scored, last - counts + 1)
         return StepBatch(
             token_ids=token_ids, positions=_padded(pos, tokens),
             slot_mapping=_padded(slots, tokens), q_seq=_padded(row, tokens),
@@ -135,7 +150,22 @@ class BatchBuilder:
             logits_indices=logits_indices,
             sampling=_sampling_tensors(sampling[:num_rows] + [None] * (rows - num_rows)
                                        + extra, size),
-            is_decode=is_decode, num_top=num_top)
+            prompt_indices=prompt_indices, prompt_targets=prompt_targets,
+            is_decode=is_decode, num_top=num_top, num_prompt_top=num_prompt_top)
+
+    def _scored(self, plan: StepPlan, scored, first: np.ndarray):
+        """``prompt_indices`` and ``prompt_targets`` of the ``scored`` rows; ``first``:
+        each row's first flat token."""
+        total = sum(k for _, k in scored)
+        size = bucket(total, self.min_token_bucket, self.max_num_batched_tokens) if total else 0
+        indices, targets = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        at = 0
+        for row, k in scored:
+            start = plan.start_positions[row]
+            indices[at:at + k] = np.arange(first[row], first[row] + k)
+            targets[at:at + k] = plan.seqs[row].token_ids[start + 1:start + 1 + k]
+            at += k
+        return indices, targets
 
 
     def step_shapes(self) -> list[tuple[bool, int, int, int]]:
@@ -186,4 +216,5 @@ def _sampling_tensors(rows: list[SamplingRow | None], size: int) -> SamplingTens
             output_tokens=[r.seq.output_token_ids if r else [] for r in rows])
     return SamplingTensors.from_params(
         params, [r.seed if r else 0 for r in rows],
-        [r.seq.num_output_tokens if r else 0 for r in rows], batch=size, **histories)
+        [r.seq.num_output_tokens if r else 0 for r in rows], batch=size, **histories,
+        bias=[r and r.bias for r in rows], masks=[r and r.mask for r in rows])

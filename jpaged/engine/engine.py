@@ -15,6 +15,7 @@ import dataclasses
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence as Seq
 
 import jax
@@ -27,8 +28,8 @@ from jpaged.host.chat import ChatTemplate, chat_messages
 from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
+from jpaged.engine.host_state import check_state, make_scheduler
 from jpaged.host import beam_search
-from jpaged.host.block_manager import BlockManager
 from jpaged.host.journal import deferred_interrupts
 from jpaged.core.cache import KVCache, kv_cache_dtype as resolve_kv_cache_dtype
 from jpaged.core.interfaces import Engine, Model
@@ -42,6 +43,8 @@ from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
 from jpaged.host.sequence import Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
+from jpaged.host.grammar import GrammarCompiler
+from jpaged.host.token_rules import TokenRules
 
 RUNNING, FINISHED = SequenceStatus.RUNNING, SequenceStatus.FINISHED
 
@@ -64,6 +67,7 @@ class LLMEngine:
         self.stop = StopRules(model.eos_token_ids, self.tokenizer)
         self.rng = np.random.default_rng(seed)
         self.requests: dict[str, Request] = {}
+        self._grammars: GrammarCompiler | None = None
         self.next_id = 0   # of requests without an id, and of beams' sequences
         self.num_steps = 0
         self.host_time = 0.0
@@ -81,7 +85,7 @@ class LLMEngine:
     # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
     # step).
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
-               "_suspects", "_final_only")
+               "_suspects", "_final_only", "_grammars")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -131,12 +135,15 @@ class LLMEngine:
         self._check_bounds(params)
         # max_tokens None: up to the context, where the scheduler stops every sequence.
         max_tokens = params.max_tokens or self.scheduler.max_model_len
+        rules = self._make_rules(params)   # checks ids, compiles the grammar, or raises
         scheduler = self.scheduler
         with scheduler.transaction():   # all or nothing, like a step
-            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority)
+            seq = scheduler.add_request(request_id, token_ids, max_tokens, priority,
+                                        extra_keys=_prompt_logprobs_key(params))
             scheduler.journal.attr(self.rng.bit_generator, "state")
             request = Request(request_id, text, token_ids, params,
                               params.sequence_seeds(self.rng), time.perf_counter())
+            request.rules = rules
             request.seqs[seq.seq_id] = seq
             request.streams[seq.seq_id] = Stream(0, request.seeds[0])
             scheduler.journal.item(self.requests, request_id)
@@ -162,6 +169,37 @@ class LLMEngine:
         if params.use_beam_search and 2 * width > vocab:
             raise ValueError(f"{name}={width} beams need 2 * {width} candidates per step, "
                              f"more than the vocabulary size {vocab}")
+
+    def _make_rules(self, params: SamplingParams) -> TokenRules | None:
+        """``params``' token rules (None without any); the grammar compiler is built with
+        the first structured-output request."""
+        if not params.uses_token_rules:
+            return None
+        if params.guided is not None and self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError(f"guided_{params.guided[0]} needs a tokenizer (structured "
+                                 f"outputs constrain text); this model has none")
+            self._grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size,
+                                             self.stop.eos_token_ids)
+        return TokenRules(params, self.model.config.vocab_size, self.stop.eos_token_ids,
+                          self.tokenizer, self._grammars)
+
+    def _rules(self, request: Request) -> TokenRules | None:
+        """The request's token rules, rebuilt when missing (after a snapshot restore)."""
+        if request.rules is None:
+            request.rules = self._make_rules(request.params)
+        return request.rules
+
+    def _rule_row(self, row: int, request: Request, seq: Sequence, seed: int) -> SamplingRow:
+        """A sampling row with the token rules of ``seq``'s next token, if any."""
+        rules = self._rules(request)
+        if rules is None:
+            return SamplingRow(row, request.params, seed, seq)
+        if seq.seq_id not in request.grammar_states:
+            request.grammar_states[seq.seq_id] = rules.new_state()
+        outputs = seq.output_token_ids
+        return SamplingRow(row, request.params, seed, seq, rules.bias_entries(outputs),
+                           rules.mask(request.grammar_states[seq.seq_id], outputs))
 
     def abort(self, request_id: str) -> None:
         request_id = str(request_id)
@@ -325,18 +363,37 @@ class LLMEngine:
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
-            rows.append(SamplingRow(row, request.params, request.streams[seq.seq_id].seed, seq))
-        for row, index in forks:
+            seed = request.streams[seq.seq_id].seed
+            rows.append(self._rule_row(row, request, seq, seed) if plan.sample[row]
+                        else SamplingRow(row, request.params, seed, seq))
+        for row, index in forks:   # a fork's first token has its parent's rules
             request = self.requests[plan.seqs[row].request_id]
-            rows.append(SamplingRow(row, request.params, request.seeds[index], plan.seqs[row]))
+            rows.append(rows[row]._replace(seed=request.seeds[index]))
         # Top logprobs: 2 * width candidates per beam, or what the requests ask for.
         wanted = max([2 * r.beam_width or (r.params.logprobs or 0)
                       for r in map(self.requests.get, {s.request_id for s in plan.seqs})],
                      default=0)
+        scored, prompt_top = self._scored(plan)
         # Capped at the vocabulary (admission bounds ``wanted`` by it): a power of two past
         # a vocabulary of 32,000 would be more top-k candidates than logits.
         vocab = self.model.config.vocab_size
-        return self.batcher.build(plan, rows, bucket(wanted, 0, vocab) if wanted else 0)
+        return self.batcher.build(plan, rows, bucket(wanted, 0, vocab) if wanted else 0,
+                                  scored, bucket(prompt_top, 0, vocab) if prompt_top else 0)
+
+    def _scored(self, plan: StepPlan) -> tuple[list[tuple[int, int]], int]:
+        """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
+        them (its first k tokens predict prompt tokens), and the most top ids asked."""
+        scored, top = [], 0
+        for row, seq in enumerate(plan.seqs):
+            params = self.requests[seq.request_id].params
+            if params.prompt_logprobs is None:
+                continue
+            start = plan.start_positions[row]
+            k = min(start + plan.num_new_tokens[row], seq.num_prompt_tokens - 1) - start
+            if k > 0:
+                scored.append((row, k))
+                top = max(top, params.prompt_logprobs)
+        return scored, top
 
     def _run(self, plan: StepPlan, batch: StepBatch):
         device_start = time.perf_counter()
@@ -369,6 +426,7 @@ class LLMEngine:
             if not metrics.scheduled:
                 # A prefix-cache hit starts the first chunk past the cached pages.
                 metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+        self._record_prompt(plan, batch, sampled)
         rows = len(batch.context_lens)   # the forks' samples follow the padded rows
         tokens = np.array(sampled.tokens[:rows])
         beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)
@@ -430,6 +488,25 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode(
             [token], skip_special_tokens=False)
 
+    def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
+        """Store the step's prompt logprobs by position. Not journaled: if the step is
+        rolled back, its chunks run again and write the same scores."""
+        at = 0
+        for row, k in self._scored(plan)[0]:
+            seq, start = plan.seqs[row], plan.start_positions[row]
+            request = self.requests[seq.request_id]
+            top = request.params.prompt_logprobs
+            text = self._token_text if request.params.detokenize else lambda t: None
+            for i in range(at, at + k):
+                entry = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
+                         enumerate(zip(sampled.prompt_top_ids[i, :top],
+                                       sampled.prompt_top_logprobs[i, :top]), 1)}
+                target = int(batch.prompt_targets[i])
+                entry[target] = Logprob(float(sampled.prompt_logprobs[i]),
+                                        int(sampled.prompt_ranks[i]), text(target))
+                request.prompt_logprobs[start + 1 + i - at] = entry
+            at += k
+
     def _fork(self, parent: Sequence, index: int, token: int, sampled, row: int):
         """Completion ``index`` of a parallel-sampling request starts as a fork of ``parent``
         (sharing its pages), with its own first token."""
@@ -486,77 +563,16 @@ class LLMEngine:
                        ids, request.params)) if request.beam_width
                    else request.sampled_completions())
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
-                             outputs, request.finished, request.metrics)
+                             outputs, request.finished, request.metrics,
+                             request.prompt_logprobs)
 
 
-def make_scheduler(config: EngineConfig) -> Scheduler:
-    """The scheduler and block manager of one replica of an ``LLM`` whose ``config`` has
-    every size resolved (``LLM.config``: ``num_pages``, ``num_host_pages``,
-    ``max_model_len``)."""
-    block_manager = BlockManager(config.num_pages, config.page_size,
-                                 num_host_pages=config.num_host_pages,
-                                 watermark=config.watermark,
-                                 enable_prefix_caching=config.enable_prefix_caching)
-    return Scheduler(block_manager, max_num_seqs=config.max_num_seqs,
-                     max_num_batched_tokens=config.max_num_batched_tokens,
-                     max_model_len=config.max_model_len,
-                     preemption_mode=config.preemption_mode,
-                     static_batching=config.static_batching)
-
-
-def check_state(state: dict, scheduler: Scheduler, vocab_size: int):
-    """Load ``state`` (``LLMEngine.state_dict``) into ``scheduler`` (host only: no pool,
-    no model) and check it whole: the scheduler's own rules (``Scheduler.check``), every
-    request's sequences live in the scheduler or finished, every live sequence's request
-    known, token ids in ``[0, vocab_size)``, the counters and the RNG state valid. Returns
-    ``(requests by id, the numpy Generator)``; raises ValueError naming the first problem.
-    A snapshot runs it before allocating any pool, then ``LLMEngine.load_state_dict``."""
-    for name in ("next_id", "num_steps"):
-        if isinstance(state[name], bool) or not isinstance(state[name], int) or state[name] < 0:
-            raise ValueError(f"{name}={state[name]!r}: expected an int >= 0")
-    rng = np.random.default_rng()
-    try:
-        rng.bit_generator.state = state["rng"]
-    except (ValueError, TypeError, KeyError) as error:
-        raise ValueError(f"the RNG state does not restore ({error})") from None
-    scheduler.load_state_dict(state["scheduler"])
-    requests = {}
-    for r in state["requests"]:
-        request = Request.from_state(r, time.perf_counter())
-        if request.request_id in requests:
-            raise ValueError(f"request id {request.request_id!r} is given twice")
-        requests[request.request_id] = request
-        seqs = list(request.seqs.values()) + [seq for _, seq in request.hypotheses]
-        tokens = [request.prompt_token_ids] + [seq.token_ids for seq in seqs]
-        bad = [t for ids in tokens for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"request {request.request_id!r}: token id {bad[0]} is outside "
-                             f"the vocabulary [0, {vocab_size})")
-        if request.finished or not any(scheduler.seqs.get(seq_id) is seq
-                                       for seq_id, seq in request.seqs.items()):
-            raise ValueError(f"request {request.request_id!r} has no live sequence: it would "
-                             f"never finish")
-        for seq_id, seq in request.seqs.items():
-            live = scheduler.seqs.get(seq_id) is seq
-            if (seq.seq_id != seq_id or seq.request_id != request.request_id
-                    or live == (seq.status is FINISHED)):
-                raise ValueError(f"request {request.request_id!r}: sequence {seq_id!r} is "
-                                 f"{seq.status.value} but {'' if live else 'not '}live in "
-                                 f"the scheduler, or filed under another id")
-    for request_id, group in scheduler.requests.items():
-        request = requests.get(request_id)
-        if request is None or any(request.seqs.get(s.seq_id) is not s for s in group):
-            raise ValueError(f"the scheduler runs sequences of request {request_id!r}, "
-                             f"which the engine does not follow")
-    for key, (_, key_id) in scheduler.block_manager.cache.items():
-        if (not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[1], tuple)
-                or not isinstance(key[0], int) or not 0 <= key[0] < key_id
-                or len(key[1]) != scheduler.block_manager.page_size
-                or not all(isinstance(t, int) and 0 <= t < vocab_size for t in key[1])):
-            raise ValueError(f"prefix-cache key {str(key)[:100]} is not (an earlier parent "
-                             f"key id, {scheduler.block_manager.page_size} token ids, extra "
-                             f"keys)")
-    return requests, rng
+def _prompt_logprobs_key(params: SamplingParams):
+    """The prefix-cache key part of a request: a request scoring its prompt reads no other
+    request's cached pages (their prompt logprobs were never kept), so its pages are
+    keyed apart; they still serve its own recompute (after a preemption), whose scores
+    it keeps."""
+    return None if params.prompt_logprobs is None else ("prompt_logprobs", uuid.uuid4().hex)
 
 
 class LLM:

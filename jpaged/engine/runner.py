@@ -16,7 +16,7 @@ import numpy as np
 from jpaged.core.attention import check_impl
 from jpaged.engine.batch import StepBatch
 from jpaged.core.cache import KVCache, copy_pages, put_pages, take_pages
-from jpaged.engine.sampler import SamplerOutput, sample
+from jpaged.engine.sampler import SamplerOutput, sample, score_tokens
 from jpaged.host.scheduler import PageMoves
 from jpaged.core.shapes import bucket
 
@@ -33,9 +33,18 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
     batch's shapes, so every engine running the same model shares the compiled programs."""
     global _num_step_traces
     _num_step_traces += 1   # Python runs only while tracing: counts compilations
+    # Prompt logprobs ride on the same forward: their tokens' logits follow the sampling
+    # rows' (none when L = 0, so a step without them is unchanged).
+    rows = batch.logits_indices.shape[0]
     logits, cache = forward(params, config, cache, batch.token_ids,
-                            batch.attention_metadata(attention_impl), batch.logits_indices)
-    return sample(logits, batch.sampling, batch.num_top), cache
+                            batch.attention_metadata(attention_impl),
+                            jnp.concatenate([batch.logits_indices, batch.prompt_indices]))
+    sampled = sample(logits[:rows], batch.sampling, batch.num_top)
+    if batch.prompt_indices.shape[0]:
+        sampled = sampled._replace(**dict(zip(
+            ("prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs", "prompt_ranks"),
+            score_tokens(logits[rows:], batch.prompt_targets, batch.num_prompt_top))))
+    return sampled, cache
 
 
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -100,7 +109,7 @@ class ModelRunner:
         self.move_pages(moves)
         result, self.cache = _step(self.model.forward, self.model.config, self.attention_impl,
                                    self.model.params, self.cache, batch)
-        return SamplerOutput(*jax.device_get(tuple(result)))
+        return jax.device_get(result)
 
     def move_pages(self, moves: PageMoves) -> None:
         """Swap-out, swap-in, then copy-on-write copies, in the order the plan needs."""

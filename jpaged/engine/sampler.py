@@ -30,6 +30,8 @@ GREEDY_TEMPERATURE = 1e-5
 TOP_CANDIDATES = 256
 # Token-history widths (penalties) are powers of two, at least this, so they compile rarely.
 MIN_HISTORY_WIDTH = 16
+# Bias-entry widths (logit_bias, banned tokens) are powers of two, at least this.
+MIN_BIAS_WIDTH = 8
 
 
 def _pad_histories(histories, rows: int, batch: int, width: int | None,
@@ -58,6 +60,10 @@ class SamplingTensors:
     seed: ``u32[B]`` and step: ``i32[B]`` (the index of the token being generated) make
     the row's PRNG key; prompt_tokens ``i32[B, Hp]`` and output_tokens ``i32[B, Ho]``: the
     token history for penalties, -1 padded (width 0 when no row uses penalties).
+    bias_ids ``i32[B, K]`` (-1 padded) and bias_values ``f32[B, K]``: added to the logits
+    (logit_bias; -inf bans a token); token_mask ``i32[B, W]``: the allowed tokens as a
+    bitmask (``jpaged.host.token_rules``; all bits set for an unconstrained row); each
+    of width 0 when no row needs it (see ``jpaged.host.token_rules``).
     """
 
     temperature: jax.Array
@@ -71,6 +77,11 @@ class SamplingTensors:
     step: jax.Array
     prompt_tokens: jax.Array
     output_tokens: jax.Array
+    bias_ids: jax.Array = dataclasses.field(default_factory=lambda: np.zeros((0, 0), np.int32))
+    bias_values: jax.Array = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0), np.float32))
+    token_mask: jax.Array = dataclasses.field(
+        default_factory=lambda: np.zeros((0, 0), np.int32))
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int],
@@ -78,14 +89,18 @@ class SamplingTensors:
                     prompt_tokens: Sequence[Sequence[int]] | None = None,
                     output_tokens: Sequence[Sequence[int]] | None = None, *,
                     batch: int | None = None, prompt_width: int | None = None,
-                    output_width: int | None = None) -> "SamplingTensors":
+                    output_width: int | None = None,
+                    bias: Sequence[Sequence[tuple[int, float]] | None] | None = None,
+                    masks: Sequence[np.ndarray | None] | None = None) -> "SamplingTensors":
         """Numpy arrays for ``len(params)`` sequences, padded to ``batch`` rows.
 
         seeds: each sequence's seed (from `SamplingParams.sequence_seeds`; taken modulo
         2**32). steps: how many tokens each sequence has generated so far. The histories
         are needed only when some row uses penalties, and dropped (width 0) otherwise;
         their widths default to the next power of two >= the longest (at least 16).
-        Padded rows are greedy with every filter and penalty off.
+        Padded rows are greedy with every filter and penalty off. bias: per row, its
+        ``(token id, bias)`` entries or None; masks: per row, its ``int32[W]`` allowed
+        bitmask or None (all allowed); see ``jpaged.host.token_rules``.
         """
         rows = len(params)
         batch = rows if batch is None else batch
@@ -118,11 +133,49 @@ class SamplingTensors:
             step=column(steps, 0, np.int32),
             prompt_tokens=prompt,
             output_tokens=output,
+            **_token_rule_arrays(bias, masks, rows, batch),
         )
 
     @property
     def batch(self) -> int:
         return self.temperature.shape[0]
+
+
+def _token_rule_arrays(bias, masks, rows: int, batch: int) -> dict:
+    """``bias_ids``, ``bias_values`` and ``token_mask`` of `SamplingTensors.from_params`."""
+    out = {}
+    if bias is not None and any(bias):
+        width = bucket(max(len(b or ()) for b in bias), MIN_BIAS_WIDTH)
+        ids, values = np.full((batch, width), -1, np.int32), np.zeros((batch, width), np.float32)
+        for row, entries in enumerate(bias[:rows]):
+            if entries:
+                ids[row, :len(entries)], values[row, :len(entries)] = zip(*entries)
+        out.update(bias_ids=ids, bias_values=values)
+    if masks is not None and any(m is not None for m in masks):
+        width = next(len(m) for m in masks if m is not None)
+        token_mask = np.full((batch, width), -1, np.int32)
+        for row, mask in enumerate(masks[:rows]):
+            if mask is not None:
+                token_mask[row] = mask
+        out["token_mask"] = token_mask
+    return out
+
+
+def apply_token_rules(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
+    """``f32[B, V]`` plus each row's bias entries, -inf where its bitmask clears the bit.
+    Both are skipped at trace time when no row of the batch has them (width 0)."""
+    vocab = logits.shape[-1]
+    if tensors.bias_ids.shape[1]:
+        ids = jnp.where(tensors.bias_ids < 0, vocab, tensors.bias_ids)   # padding: dropped
+        rows = jnp.arange(ids.shape[0])[:, None]
+        logits = logits.at[rows, ids].add(tensors.bias_values, mode="drop")
+    if tensors.token_mask.shape[1]:
+        token = jnp.arange(vocab)
+        words = lax.bitcast_convert_type(jnp.take(tensors.token_mask, token // 32, axis=1),
+                                         jnp.uint32)
+        allowed = (jnp.right_shift(words, (token % 32).astype(jnp.uint32)) & 1) == 1
+        logits = jnp.where(allowed, logits, -jnp.inf)
+    return logits
 
 
 def _token_counts(tokens: jax.Array, vocab: int) -> jax.Array:
@@ -225,13 +278,35 @@ def _draw(logits: jax.Array, tensors: SamplingTensors) -> jax.Array:
 
 
 class SamplerOutput(NamedTuple):
-    """What `sample` returns (a pytree; unpacks like a tuple)."""
+    """What `sample` returns (a pytree; unpacks like a tuple). The runner adds the prompt
+    logprobs of the step's scored prompt tokens (`score_tokens`; L = 0 when none)."""
 
     tokens: jax.Array        # i32[B]
     logprobs: jax.Array      # f32[B], of the sampled token
     top_ids: jax.Array       # i32[B, N], most likely first
     top_logprobs: jax.Array  # f32[B, N]
     ranks: jax.Array         # i32[B], of the sampled token: 1 + tokens more likely
+    prompt_logprobs: jax.Array | None = None      # f32[L], of each scored prompt token
+    prompt_top_ids: jax.Array | None = None       # i32[L, K]
+    prompt_top_logprobs: jax.Array | None = None  # f32[L, K]
+    prompt_ranks: jax.Array | None = None         # i32[L]
+
+
+def score_tokens(logits: jax.Array, targets: jax.Array, num_top: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Prompt logprobs, jittable (``num_top`` static): logits ``[L, V]`` at prompt
+    positions, targets ``i32[L]`` the prompt token that follows each. Returns the target's
+    logprob ``f32[L]``, the ``num_top`` most likely ids ``i32[L, K]`` and their logprobs
+    ``f32[L, K]``, and the target's rank ``i32[L]`` (1 + tokens more likely), all of the
+    model's raw distribution (no penalty, bias or temperature: a score of the prompt, as
+    vLLM's prompt_logprobs)."""
+    logits = logits.astype(jnp.float32)
+    log_total = jax.nn.logsumexp(logits, axis=-1)
+    top_logits, top_ids = lax.top_k(logits, num_top)
+    target = jnp.take_along_axis(logits, targets[:, None], axis=-1)
+    return (target[:, 0] - log_total, top_ids.astype(jnp.int32),
+            top_logits - log_total[:, None],
+            1 + jnp.sum(logits > target, axis=-1, dtype=jnp.int32))
 
 
 def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 0, *,
@@ -263,13 +338,15 @@ def sample(logits: jax.Array, tensors: SamplingTensors, num_top_logprobs: int = 
         raise ValueError(f"greedy_only=True but row {row} has temperature "
                          f"{float(tensors.temperature[row]):g}")
     logits = apply_penalties(logits.astype(jnp.float32), tensors)
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # Token rules choose the token; the logprobs below stay those of the model (vLLM v1).
+    ruled = apply_token_rules(logits, tensors)
+    best = jnp.argmax(ruled, axis=-1).astype(jnp.int32)
     if greedy_only:
         tokens = best
     else:
         tokens = lax.cond(
             jnp.all(greedy), lambda: best,
-            lambda: jnp.where(greedy, best, _draw(apply_filters(logits, tensors), tensors)))
+            lambda: jnp.where(greedy, best, _draw(apply_filters(ruled, tensors), tensors)))
     # logprob = logit - logsumexp: no [B, V] log_softmax is materialized.
     log_total = jax.nn.logsumexp(logits, axis=-1)
     top_logits, top_ids = lax.top_k(logits, num_top_logprobs)

@@ -23,7 +23,7 @@ file, committed atomically: a snapshot directory always holds one complete snaps
 A restore checks, in this order, before allocating any pool: every file's checksum, the
 format version, the options against the geometry and a memory bound, the model's config
 and fingerprint, the whole host state of every replica on host-only schedulers
-(``jpaged.engine.engine.check_state``) and the page arrays against the pages that state
+(``jpaged.engine.host_state.check_state``) and the page arrays against the pages that state
 uses. A ValueError names the first problem.
 """
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.engine import model_loading, snapshot_files
+from jpaged.engine.host_state import check_state, make_scheduler
 from jpaged.engine.config import EngineConfig
 from jpaged.core.cache import SCALE_DTYPE, KVCache, is_quantized, put_pages
 from jpaged.parallel.replicas import Replicas
@@ -211,7 +212,6 @@ def restore(llm_class, path, max_pool_bytes: int | None = None, **overrides):
 
 
 def _restore(llm_class, path: Path, max_pool_bytes: int | None, overrides: dict):
-    from jpaged.engine.engine import check_state, make_scheduler   # engine imports this module
 
     host, arrays = snapshot_files.read(path, VERSION)
     options = _options(host, overrides)

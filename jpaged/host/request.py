@@ -78,6 +78,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then a dict
+    # {token id: Logprob} of each prompt token and the top alternatives.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def num_cached_tokens(self) -> int:
@@ -136,7 +139,8 @@ class Request:
     """A prompt, its sampling parameters, and the sequences generating for it."""
 
     # Every attribute is state (tests/test_state.py checks that ``state_dict`` has them all).
-    DERIVED = ()
+    # Token rules come back from the params; a grammar state catches up with its tokens.
+    DERIVED = ("rules", "grammar_states")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                  params: SamplingParams, seeds: list[int], arrival_time: float):
@@ -149,6 +153,13 @@ class Request:
         self.streams: dict[str, Stream] = {}       # live and finished sequences by seq_id
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
+        # Token rules (``jpaged.host.token_rules.TokenRules``, set by the engine) and each
+        # sequence's grammar position, by seq_id (rebuilt from its tokens when missing).
+        self.rules = None
+        self.grammar_states: dict = {}
+        # Filled position by position by the prefill steps (entry 0 stays None).
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         self.finished = False
         self.error: str | None = None   # why it finished with reason "error"
 
@@ -191,7 +202,10 @@ class Request:
                 "metrics": metrics, "finished": self.finished,
                 "streams": {seq_id: dataclasses.asdict(s) for seq_id, s in self.streams.items()},
                 "seqs": dict(self.seqs), "hypotheses": list(self.hypotheses),
-                "error": self.error}
+                "error": self.error,
+                "prompt_logprobs": None if self.prompt_logprobs is None else [
+                    e and {t: dataclasses.asdict(lp) for t, lp in e.items()}
+                    for e in self.prompt_logprobs]}
 
     @classmethod
     def from_state(cls, state: dict, clock: float) -> "Request":
@@ -221,6 +235,9 @@ class Request:
                                  f"malformed ({str(stream)[:100]})")
         request.seqs = dict(state["seqs"])
         request.hypotheses = [(float(score), seq) for score, seq in state["hypotheses"]]
+        if state.get("prompt_logprobs") is not None:
+            request.prompt_logprobs = [e and {int(t): Logprob(**lp) for t, lp in e.items()}
+                                       for e in state["prompt_logprobs"]]
         if (set(request.streams) - set(request.seqs) or len(request.seeds) < max(
                 (s.index + 1 for s in request.streams.values()), default=0)):
             raise ValueError(f"request {request.request_id!r}: its streams and sequences "

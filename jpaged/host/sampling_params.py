@@ -10,6 +10,10 @@ import numbers
 
 import numpy as np
 
+# The most top alternatives ``prompt_logprobs`` may ask for per prompt token (vLLM's
+# default ``max_logprobs``): each costs a column of every scored token's top-k.
+MAX_PROMPT_LOGPROBS = 20
+
 
 def _integer(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -38,9 +42,6 @@ def _check(ok: bool, message: str) -> None:
 # vLLM's SamplingParams options jpaged does not have, and why; any other unknown keyword
 # is refused too (a ValueError, as every bad value).
 UNSUPPORTED = {
-    "min_tokens": "jpaged has no minimum length: a stop token ends a sequence at once",
-    "bad_words": "jpaged cannot ban words while sampling",
-    "allowed_token_ids": "jpaged cannot restrict sampling to a set of tokens",
     "logits_processors": "jpaged samples on the device and runs no Python logits processors",
     "output_kind": "jpaged reports cumulative outputs only",
     "extra_args": "jpaged has no sampling extensions to pass arguments to",
@@ -61,6 +62,8 @@ class SamplingParams:
     output; without it the engine draws one. ``detokenize`` False leaves the text empty
     (token ids only); ``skip_special_tokens`` drops special tokens from the text;
     ``truncate_prompt_tokens`` keeps only the prompt's last that many tokens.
+    ``prompt_logprobs`` asks for the logprob of every prompt token after the first and
+    that many top alternatives (at most ``MAX_PROMPT_LOGPROBS``), computed in the prefill.
     """
 
     max_tokens: int | None = 16
@@ -85,6 +88,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     detokenize: bool = True
     truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_json_object: bool = False
+    structured_outputs: "StructuredOutputsParams | dict | None" = None
 
     def __post_init__(self):
         if self.max_tokens is not None:
@@ -126,6 +140,13 @@ class SamplingParams:
             self.logprobs = _integer("logprobs", self.logprobs)
             _check(self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}")
         self.length_penalty = _number("length_penalty", self.length_penalty)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer("prompt_logprobs", self.prompt_logprobs)
+            _check(0 <= self.prompt_logprobs <= MAX_PROMPT_LOGPROBS,
+                   f"prompt_logprobs must be in [0, {MAX_PROMPT_LOGPROBS}], got "
+                   f"{self.prompt_logprobs}")
+        self._check_token_rules()
+        self._check_guided()
         for name in ("skip_special_tokens", "spaces_between_special_tokens",
                      "include_stop_str_in_output", "detokenize"):
             setattr(self, name, _flag(name, getattr(self, name)))
@@ -143,6 +164,95 @@ class SamplingParams:
                    f"got {self.truncate_prompt_tokens}")
         if self.use_beam_search:
             self._check_beam_search()
+
+    def _check_token_rules(self) -> None:
+        # Token ids are checked against the vocabulary when the engine adds the request.
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to biases, got "
+                                 f"{self.logit_bias!r}")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                if isinstance(token, str) and token.lstrip("-").isdigit():
+                    token = int(token)   # JSON object keys are strings
+                token, value = _integer("logit_bias token id", token), _number(
+                    "logit_bias", value)
+                _check(-100 <= value <= 100,
+                       f"logit_bias of token {token} must be in [-100, 100], got {value}")
+                bias[token] = value
+            self.logit_bias = bias
+        self.min_tokens = _integer("min_tokens", self.min_tokens)
+        _check(0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+               f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+               f"{self.min_tokens}")
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, "
+                                 f"got {self.allowed_token_ids!r}")
+            self.allowed_token_ids = [_integer("allowed_token_ids", t)
+                                      for t in self.allowed_token_ids]
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(
+                    isinstance(w, str) and w for w in self.bad_words):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got "
+                                 f"{self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+
+    def _check_guided(self) -> None:
+        """One constraint at most; ``structured_outputs`` (vLLM's newer spelling) is
+        copied into the ``guided_*`` fields. The grammar engine checks the schema, regex
+        or grammar itself when the request is added."""
+        if self.structured_outputs is not None:
+            outputs = self.structured_outputs
+            if isinstance(outputs, dict):
+                outputs = StructuredOutputsParams(**outputs)
+            if not isinstance(outputs, StructuredOutputsParams):
+                raise ValueError(f"structured_outputs must be a StructuredOutputsParams or a "
+                                 f"dict, got {outputs!r}")
+            for name in ("json", "regex", "choice", "grammar"):
+                value = getattr(outputs, name)
+                if value is not None:
+                    _check(getattr(self, "guided_" + name) is None,
+                           f"guided_{name} and structured_outputs.{name} are both set")
+                    setattr(self, "guided_" + name, value)
+            self.guided_json_object = self.guided_json_object or bool(outputs.json_object)
+            self.structured_outputs = None
+        self.guided_json_object = _flag("guided_json_object", self.guided_json_object)
+        if self.guided_json is not None and not isinstance(self.guided_json, (dict, str)):
+            raise ValueError(f"guided_json must be a JSON schema (a dict or its JSON text), "
+                             f"got {self.guided_json!r}")
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        if self.guided_choice is not None and (
+                not isinstance(self.guided_choice, (list, tuple)) or not self.guided_choice
+                or not all(isinstance(c, str) and c for c in self.guided_choice)):
+            raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, "
+                             f"got {self.guided_choice!r}")
+        kinds = [name for name in ("guided_json", "guided_regex", "guided_choice",
+                                   "guided_grammar") if getattr(self, name) is not None]
+        kinds += ["guided_json_object"] if self.guided_json_object else []
+        _check(len(kinds) <= 1, f"at most one structured output constraint, got {kinds}")
+        if kinds:
+            _check(not self.ignore_eos, f"{kinds[0]} needs EOS to end the output: "
+                                        f"ignore_eos must be False")
+
+    @property
+    def guided(self) -> tuple[str, object] | None:
+        """``(kind, value)`` of the structured output constraint (kind "json", "regex",
+        "choice", "grammar" or "json_object"), or None."""
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, "guided_" + kind)
+            if value is not None:
+                return kind, value
+        return ("json_object", True) if self.guided_json_object else None
+
+    @property
+    def uses_token_rules(self) -> bool:
+        """Whether the logits need this request's bias or token mask before sampling."""
+        return bool(self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
+                    or self.bad_words or self.guided is not None)
 
     @staticmethod
     def _stop_strings(stop) -> list[str]:
@@ -163,6 +273,8 @@ class SamplingParams:
             _check(value == neutral,
                    f"{name} must be {neutral} with use_beam_search, got {value}")
         _check(self.top_k in (-1, 0), f"top_k must be off with use_beam_search, got {self.top_k}")
+        _check(not self.uses_token_rules, "logit_bias, min_tokens, allowed_token_ids, "
+               "bad_words and structured outputs are not supported with use_beam_search")
 
     @property
     def num_sequences(self) -> int:
@@ -203,6 +315,18 @@ def _refuse_unknown_options(init):
 
 
 SamplingParams.__init__ = _refuse_unknown_options(SamplingParams.__init__)
+
+
+@dataclasses.dataclass
+class StructuredOutputsParams:
+    """vLLM's ``structured_outputs=``: one of json (a schema), regex, choice, grammar
+    (EBNF) or json_object (any JSON object)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 def derive_seed(seed: int, index: int) -> int:

@@ -8,6 +8,7 @@ in ``jpaged.host.chat``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -15,12 +16,20 @@ import re
 import time
 
 from jpaged.host import chat
-from jpaged.host.sampling_params import SamplingParams
+from jpaged.host.sampling_params import MAX_PROMPT_LOGPROBS, SamplingParams
 
 # Sampling fields both endpoints take, under the same names in OpenAI / vLLM and jpaged.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                    "frequency_penalty", "repetition_penalty", "stop_token_ids", "ignore_eos",
-                   "use_beam_search", "length_penalty")
+                   "use_beam_search", "length_penalty", "min_tokens", "logit_bias",
+                   "allowed_token_ids", "bad_words", "guided_json", "guided_regex",
+                   "guided_choice", "guided_grammar", "structured_outputs")
+# Fields of OpenAI's or vLLM's requests that jpaged does not implement: refused by name
+# (a 400), never silently ignored. Other unknown fields are ignored, as vLLM does.
+UNSUPPORTED_FIELDS = ("tools", "tool_choice", "functions", "function_call",
+                      "parallel_tool_calls", "suffix", "prompt_embeds", "audio", "modalities",
+                      "prediction", "web_search_options", "guided_decoding_backend",
+                      "guided_whitespace_pattern", "structural_tag", "lora_request")
 
 
 class RequestError(Exception):
@@ -70,18 +79,74 @@ def flag(body: dict, name: str, default: bool = False) -> bool:
     return value
 
 
-def _param_of(message: str, body: dict) -> str | None:
-    """The first field of ``body`` that a ``SamplingParams`` ValueError names."""
+def check_supported(body: dict) -> None:
+    """A 400 naming the first field jpaged does not implement (``tool_choice: "none"``
+    asks for nothing and passes)."""
+    for name in UNSUPPORTED_FIELDS:
+        value = body.get(name)
+        if value is None or value == [] or (name == "tool_choice" and value == "none"):
+            continue
+        raise RequestError(f"{name} is not supported by this server", param=name)
+
+
+def check_context(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """A prompt plus ``max_tokens`` beyond the context is a 400 (as vLLM), not a silently
+    shortened completion."""
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise RequestError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+            f"{num_prompt_tokens} and max_tokens={max_tokens} asks for "
+            f"{num_prompt_tokens + max_tokens}", param="max_tokens",
+            code="context_length_exceeded")
+
+
+def _response_format(body: dict) -> dict:
+    """``response_format`` as guided fields: json_object, json_schema (its ``schema``) or
+    text (no constraint)."""
+    value = body.get("response_format")
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"guided_json_object": True}
+    if kind == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema") if isinstance(
+            value.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise RequestError(f"response_format json_schema needs json_schema.schema, an "
+                               f"object; got {value!r}"[:300], param="response_format")
+        return {"guided_json": schema}
+    raise RequestError(f"response_format type {kind!r} is not supported (text, json_object, "
+                       f"json_schema)", param="response_format")
+
+
+def _param_of(message: str, body) -> str | None:
+    """The first field of ``body`` (a dict or names) that a ValueError's message names."""
     named = [(match.start(), name) for name in body
              if (match := re.search(rf"\b{re.escape(name)}\b", message))]
     return min(named)[1] if named else None
+
+
+def add_error(error: ValueError) -> RequestError:
+    """The 400 for a request the engine refused when adding it: the field its message
+    names (a token id outside the vocabulary, a rejected schema), else the prompt."""
+    return RequestError(str(error), param=_param_of(str(error), SAMPLING_FIELDS) or "prompt")
 
 
 def sampling_params(body: dict, *, max_tokens: int | None, logprobs: int | None
                     ) -> SamplingParams:
     """The body's sampling fields as ``SamplingParams``; ``max_tokens`` and ``logprobs``
     come from the endpoint, which names them differently."""
+    check_supported(body)
     fields = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    constraint = _response_format(body)
+    guided = [name for name in fields if name.startswith("guided_") or name == "structured_outputs"]
+    if constraint and guided:
+        raise RequestError(f"response_format and {guided[0]} are both set",
+                           param="response_format")
+    fields.update(constraint)
     if body.get("stop") is not None:
         fields["stop"] = body["stop"]
     n = 1 if body.get("n") is None else body["n"]
@@ -108,10 +173,10 @@ def _count(body: dict, name: str, default=None, maximum: int | None = None):
 
 
 def completion_request(body: dict) -> tuple[list, SamplingParams]:
-    """``/v1/completions``: (prompts, each text or token ids; params)."""
-    for unsupported in ("echo", "suffix"):
-        if body.get(unsupported):
-            raise RequestError(f"{unsupported} is not supported", param=unsupported)
+    """``/v1/completions``: (prompts, each text or token ids; params). ``echo`` with
+    ``logprobs`` asks for prompt logprobs; ``max_tokens: 0`` (with ``echo`` only) scores the
+    prompt: one token is generated and dropped (``Renderer(echo=...)``)."""
+    check_supported(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str) or (isinstance(prompt, list) and prompt
                                    and all(isinstance(t, int) for t in prompt)):
@@ -125,8 +190,22 @@ def completion_request(body: dict) -> tuple[list, SamplingParams]:
                            f"of either; got {prompt!r}"[:300], param="prompt")
     if any(isinstance(t, bool) for p in prompts if isinstance(p, list) for t in p):
         raise RequestError("prompt token ids must be integers, not booleans", param="prompt")
-    params = sampling_params(body, max_tokens=_count(body, "max_tokens", 16),
-                             logprobs=_count(body, "logprobs", None))
+    echo = flag(body, "echo")
+    max_tokens = _count(body, "max_tokens", 16)
+    logprobs = _count(body, "logprobs", None)
+    if max_tokens == 0 and not echo:
+        raise RequestError("max_tokens=0 needs echo: true (scoring the prompt)",
+                           param="max_tokens")
+    if echo and flag(body, "stream"):
+        raise RequestError("echo is not supported with stream", param="echo")
+    if echo and flag(body, "use_beam_search"):
+        raise RequestError("echo is not supported with use_beam_search", param="echo")
+    if echo and logprobs is not None and logprobs > MAX_PROMPT_LOGPROBS:
+        raise RequestError(f"logprobs={logprobs} with echo asks for prompt logprobs, at most "
+                           f"{MAX_PROMPT_LOGPROBS}", param="logprobs")
+    params = sampling_params(body, max_tokens=max(max_tokens, 1), logprobs=logprobs)
+    if echo and logprobs is not None:
+        params.prompt_logprobs = logprobs
     return prompts, params
 
 
@@ -152,6 +231,16 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 # -- responses ---------------------------------------------------------------------------
+
+
+def _prompt_only(output):
+    """``output`` with its generated token dropped (``max_tokens: 0``: the engine generated
+    one token to score the prompt)."""
+    completions = [dataclasses.replace(c, token_ids=[], text="", cumulative_logprob=0.0,
+                                       logprobs=None if c.logprobs is None else [],
+                                       finish_reason="length") for c in output.outputs]
+    return dataclasses.replace(output, outputs=completions)
+
 
 FINISH_REASONS = {"stop": "stop", "length": "length"}
 
@@ -189,7 +278,7 @@ class Renderer:
     """Builds OpenAI's response objects for one request (one ``id``, one ``created``)."""
 
     def __init__(self, kind: str, model: str, tokenizer, n: int, logprobs: int | None,
-                 return_token_ids: bool):
+                 return_token_ids: bool, echo: bool = False, drop_output: bool = False):
         self.kind = kind   # "text_completion" or "chat.completion"
         self.id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{os.urandom(12).hex()}"
         self.created = int(time.time())
@@ -198,25 +287,32 @@ class Renderer:
         self.n = n
         self.logprobs = logprobs
         self.return_token_ids = return_token_ids or tokenizer is None
+        # Completions' echo: each choice starts with its prompt (and the prompt's logprobs);
+        # drop_output (max_tokens 0) keeps only the prompt.
+        self.echo = echo
+        self.drop_output = drop_output
 
     def _token(self, token_id: int) -> str:
         if self.tokenizer is None:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _logprobs(self, completion, first: int, offset: int = 0):
+    def _logprobs(self, completion, first: int, offset: int = 0, prompt=None):
         """The logprobs of tokens ``first:`` of ``completion`` in the endpoint's format;
         ``offset``: the characters of text before them (``text_offset`` counts on from
-        there by each token's text, as vLLM's)."""
+        there by each token's text, as vLLM's); ``prompt``: the ``RequestOutput`` whose
+        prompt tokens and logprobs come first (echo; the first prompt token's are null)."""
         if self.logprobs is None or completion.logprobs is None:
             return None
         ids = completion.token_ids[first:]
         entries = completion.logprobs[first:len(completion.token_ids)]
         if self.kind == "text_completion":
+            if prompt is not None:
+                ids, entries = prompt.prompt_token_ids + ids, prompt.prompt_logprobs + entries
             tokens = [self._token(t) for t in ids]
             return {"tokens": tokens,
-                    "token_logprobs": [e[t].logprob for t, e in zip(ids, entries)],
-                    "top_logprobs": [{self._token(k): v for k, v in self._top(e)}
+                    "token_logprobs": [e and e[t].logprob for t, e in zip(ids, entries)],
+                    "top_logprobs": [e and {self._token(k): v for k, v in self._top(e)}
                                      for e in entries],
                     "text_offset": list(itertools.accumulate(
                         [len(t) for t in tokens[:-1]], initial=offset))[:len(tokens)]}
@@ -245,14 +341,17 @@ class Renderer:
     def response(self, outputs) -> dict:
         """The whole answer: ``outputs`` are the finished ``RequestOutput`` of each prompt."""
         choices = []
+        if self.drop_output:
+            outputs = [_prompt_only(o) for o in outputs]
         for p, output in enumerate(outputs):
             for completion in output.outputs:
                 choice = {"index": self._index(p, completion),
-                          "logprobs": self._logprobs(completion, 0),
+                          "logprobs": self._logprobs(completion, 0,
+                                                     prompt=output if self.echo else None),
                           "finish_reason": FINISH_REASONS.get(completion.finish_reason, "stop")}
                 text = completion.text or ""
                 if self.kind == "text_completion":
-                    choice["text"] = text
+                    choice["text"] = (self._prompt_text(output) + text) if self.echo else text
                 else:
                     choice["message"] = {"role": "assistant", "content": text}
                 if self.return_token_ids:
@@ -260,6 +359,11 @@ class Renderer:
                 choices.append(choice)
         return {"id": self.id, "object": self.kind, "created": self.created,
                 "model": self.model, "choices": choices, "usage": self.usage(outputs)}
+
+    def _prompt_text(self, output) -> str:
+        if output.prompt is not None:
+            return output.prompt
+        return "" if self.tokenizer is None else self.tokenizer.decode(output.prompt_token_ids)
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         kind = "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"

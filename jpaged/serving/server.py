@@ -231,7 +231,7 @@ class EngineThread:
             for request_id in added:
                 self.engine.abort(request_id)
             if isinstance(error, ValueError):
-                submission.put(RequestError(str(error), param="prompt"))
+                submission.put(openai_api.add_error(error))
             else:
                 log.exception("adding a request failed")
                 submission.put(RequestError(f"adding the request failed: {error}", status=500,
@@ -509,6 +509,7 @@ class Server:
             self.limits.check_params(params)
             # Text is tokenized off the event loop and off the engine thread.
             prompts = await asyncio.to_thread(self._token_ids, prompts)
+            self._fit_context(body, prompts, params)
             return await self._generate(request, body, prompts, params, "text_completion")
         except RequestError as error:
             return self._error(error)
@@ -530,9 +531,24 @@ class Server:
             room = max(self.max_model_len - len(token_ids), 1)
             params = openai_api.chat_params(body, room)
             self.limits.check_params(params)
+            if params.max_tokens != room:   # set by the body
+                openai_api.check_context(len(token_ids), params.max_tokens, self.max_model_len)
             return await self._generate(request, body, [token_ids], params, "chat.completion")
         except RequestError as error:
             return self._error(error)
+
+    def _fit_context(self, body: dict, prompts: list, params) -> None:
+        """A completion's prompt plus ``max_tokens`` must fit the context: a 400 when the
+        body set ``max_tokens``; the default (16) shrinks to the room left. A prompt alone
+        too long is the engine's 400."""
+        lengths = [len(p) for p in prompts]   # token ids by now
+        if body.get("max_tokens") is None:
+            params.max_tokens = max(1, min(params.max_tokens,
+                                           self.max_model_len - max(lengths)))
+            params.min_tokens = min(params.min_tokens, params.max_tokens)
+        elif body["max_tokens"] > 0:   # 0: scoring, one token generated and dropped
+            for length in lengths:
+                openai_api.check_context(length, params.max_tokens, self.max_model_len)
 
     async def _body(self, request) -> dict:
         """The request's JSON object, within the body and depth limits; a large one is
@@ -621,8 +637,10 @@ class Server:
         if not isinstance(options, dict):
             raise RequestError(f"stream_options must be an object, got {options!r}",
                                param="stream_options")
+        echo = kind == "text_completion" and openai_api.flag(body, "echo")
         renderer = openai_api.Renderer(kind, self.name, self.tokenizer, params.n, params.logprobs,
-                                     openai_api.flag(body, "return_token_ids"))
+                                     openai_api.flag(body, "return_token_ids"), echo=echo,
+                                     drop_output=echo and body.get("max_tokens") == 0)
         submission = self.engine_thread.submit(prompts, params, asyncio.get_running_loop(),
                                                self.limits.send_timeout)
         if self.log_requests:

@@ -60,8 +60,8 @@ class FaultInjector:
         engine.runner.execute = self._failing_execute
         engine.stop = _FailingStop(engine.stop, self)
 
-    def arm(self, kind: str) -> None:
-        if kind not in FAULT_KINDS:
+    def arm(self, kind: str | None) -> None:
+        if kind is not None and kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}: expected one of {FAULT_KINDS}")
         self.armed = kind
 
@@ -114,6 +114,41 @@ class _FailingStop:
 FAULTS = (KeyboardInterrupt, InjectedDeviceError, InjectedFault)
 
 
+class Injectors:
+    """One ``FaultInjector`` per data-parallel replica, armed together (a fault in every
+    replica that reaches the armed point)."""
+
+    def __init__(self, injectors: list[FaultInjector]):
+        self.injectors = injectors
+
+    def arm(self, kind: str | None) -> None:
+        for injector in self.injectors:
+            injector.arm(kind)
+
+    @property
+    def armed(self):
+        return self.injectors[0].armed
+
+    @armed.setter
+    def armed(self, kind) -> None:
+        for injector in self.injectors:
+            injector.armed = kind
+
+    @property
+    def failed(self) -> int:
+        return sum(i.failed for i in self.injectors)
+
+    @property
+    def moves(self) -> int:
+        return sum(i.moves for i in self.injectors)
+
+    @moves.setter
+    def moves(self, value: int) -> None:   # carried over a snapshot restore
+        self.injectors[0].moves = value
+        for injector in self.injectors[1:]:
+            injector.moves = 0
+
+
 @dataclasses.dataclass
 class SoakConfig:
     """Sizes of a soak. A small pool with swap preemption and prefix caching, so
@@ -141,6 +176,7 @@ class SoakConfig:
     logprobs: bool = True
     one_bucket: bool = True           # one token / page bucket: a handful of programs
     host_faults: bool = True          # also kind "host" (traces every step: slower)
+    data_parallel: int = 1            # replicas (each on its own device)
     snapshot_every: int = 300         # steps; 0: never
     stuck_steps: int = 400
     time_limit_s: float | None = None
@@ -182,9 +218,12 @@ class Soak:
                             max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=config.max_model_len,
                             preemption_mode=config.preemption_mode, seed=config.seed)
+        reference = dict(self.options)
+        if config.data_parallel > 1:
+            self.options["data_parallel"] = config.data_parallel
         self.llm = LLM(model, **self.options)
         self._instrument()
-        self.reference = LLM(model, **{**self.options, "num_pages": 256})
+        self.reference = LLM(model, **{**reference, "num_pages": 256})
         self._one_bucket(self.reference.engine)
         self.prompts = self._prompts()
         self.greedy: dict[str, int] = {}          # request id -> prompt index
@@ -207,11 +246,12 @@ class Soak:
     def _instrument(self) -> None:
         """Faults into the engine's steps; with ``one_bucket``, batches padded to the
         scheduler's limits, so the soak compiles a handful of programs, not dozens."""
-        self.injector = FaultInjector(self.llm.engine)
-        self.tracer = HostTracer([self.llm.engine]) if self.config.host_faults else None
+        self.injector = Injectors([FaultInjector(e) for e in self.replicas])
+        self.tracer = HostTracer(self.replicas) if self.config.host_faults else None
         if self.tracer and getattr(self, "_counts", None):
             self.tracer.counts = self._counts   # the profile so far carries on
-        self._one_bucket(self.llm.engine)
+        for engine in self.replicas:
+            self._one_bucket(engine)
 
     def _one_bucket(self, engine) -> None:
         if self.config.one_bucket:
@@ -224,6 +264,18 @@ class Soak:
     def engine(self):
         return self.llm.engine
 
+    @property
+    def replicas(self) -> list:
+        """The ``LLMEngine``\ s: one, or each data-parallel replica."""
+        return list(getattr(self.engine, "engines", [self.engine]))
+
+    def _requests(self) -> dict:
+        return {rid: r for e in self.replicas for rid, r in e.requests.items()}
+
+    def _check(self) -> None:
+        for engine in self.replicas:
+            engine.scheduler.check()   # raises on the first broken rule
+
     def run(self) -> SoakResult:
         c, r, start = self.config, self.result, time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
@@ -231,7 +283,7 @@ class Soak:
                 if c.time_limit_s and time.perf_counter() - start > c.time_limit_s:
                     break
                 u = self.rng.random()
-                live = len(self.engine.requests)
+                live = len(self._requests())
                 if u < c.add_rate and live < c.max_live_requests:
                     self._add()
                 elif u < c.add_rate + c.abort_rate and live:
@@ -242,7 +294,7 @@ class Soak:
                         self._snapshot_and_restore(Path(scratch) / "snapshot")
             while self.engine.has_unfinished_requests():   # drain: every request ends
                 self._step(False)
-        r.preemptions = self.engine.scheduler.num_preemptions
+        r.preemptions = sum(e.scheduler.num_preemptions for e in self.replicas)
         pool = self.engine.metrics()
         r.pages_leaked = pool["used_pages"] + pool["host_used_pages"]
         r.faults_by_kind = dict(r.faults_by_kind)
@@ -280,7 +332,7 @@ class Soak:
         self.result.adds += 1
 
     def _abort(self) -> None:
-        request_id = self.rng.choice(sorted(self.engine.requests))
+        request_id = self.rng.choice(sorted(self._requests()))
         self.engine.abort(request_id)
         self.greedy.pop(request_id, None)
         self.last_progress.pop(request_id, None)
@@ -306,16 +358,15 @@ class Soak:
             if self.tracer.fired:
                 self.host_points.add(self.tracer.fired)
             self.tracer.arm(None)
-        if self.injector.failed + (self.tracer.num_fired if self.tracer else 0) > failed:
-            # raised, or isolated and retried by the engine
-            r.faults_injected += 1
-            r.faults_by_kind[kind] += 1
-            self.engine.scheduler.check()   # raises on the first broken rule
-            r.faults_survived += 1
-        else:
-            self.injector.armed = None   # no row reached the armed point this step
+        self.injector.armed = None   # a replica whose row never reached the armed point
+        fired = self.injector.failed + (self.tracer.num_fired if self.tracer else 0) - failed
+        if fired:   # raised, or isolated and retried by the engine; one per replica
+            r.faults_injected += fired
+            r.faults_by_kind[kind] += fired
+            self._check()
+            r.faults_survived += fired
         r.steps += 1
-        self.engine.scheduler.check()
+        self._check()
         for output in outputs:
             if output.finished:
                 self._finished(output)
@@ -347,7 +398,7 @@ class Soak:
     def _check_progress(self) -> None:
         """A request whose sequences have not changed for ``stuck_steps`` steps is stuck."""
         r, step = self.result, self.result.steps
-        for request_id, request in self.engine.requests.items():
+        for request_id, request in self._requests().items():
             signature = tuple((s.num_tokens, s.num_computed_tokens, s.status)
                               for s in request.seqs.values())
             last = self.last_progress.get(request_id)
@@ -368,5 +419,5 @@ class Soak:
         self._counts = self.tracer.counts if self.tracer else None
         self._instrument()
         self.injector.moves = moves
-        self.engine.scheduler.check()
+        self._check()
         self.result.snapshots += 1
