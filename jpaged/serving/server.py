@@ -559,8 +559,8 @@ class Server:
         return await asyncio.to_thread(self.limits.parse_body, raw)
 
     def _token_ids(self, prompts: list) -> list[list[int]]:
-        """Each prompt as token ids (``jpaged.host.request.prompt_token_ids``'s rule), at
-        most ``max_model_len`` of them: a longer one never reaches the engine thread."""
+        """The prompts, each checked to be at most ``max_model_len`` tokens (``jpaged.host.
+        request.prompt_token_ids``'s rule): a longer one never reaches the engine thread."""
         result = []
         for prompt in prompts:
             try:
@@ -571,7 +571,9 @@ class Server:
             if len(tokens) > self.max_model_len:
                 raise RequestError(f"a prompt of {len(tokens)} tokens is longer than "
                                    f"max_model_len={self.max_model_len}", param="prompt")
-            result.append(tokens)
+            # Text stays text (echo returns it as sent); the engine's encode of a prompt
+            # within max_model_len is short.
+            result.append(prompt if isinstance(prompt, str) else tokens)
         return result
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
