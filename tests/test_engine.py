@@ -332,7 +332,7 @@ def test_text_prompts_and_stop_strings(model, word_tokenizer):
 
 @pytest.mark.parametrize("prompt, message", [
     ("hello", "a text prompt needs a tokenizer"),
-    ({"ids": [1]}, "prompt must be a string or a list of token ids, got dict"),
+    ({"ids": [1]}, "a prompt dict holds prompt and/or prompt_token_ids; ids is not supported"),
     ([1, 2.5], "prompt must be a string or a list of token ids, got list"),
 ])
 def test_replicas_refuse_prompts_by_the_engines_rule(prompt, message):

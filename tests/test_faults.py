@@ -128,14 +128,14 @@ def test_a_failing_request_fails_alone(model):
     work = workload("swap")
     clean = generate(LLM(model, page_size=4, max_model_len=128, **SETUPS["swap"]), work)
     llm = LLM(model, page_size=4, max_model_len=128, **SETUPS["swap"])
-    check = llm.engine.stop.check
+    check_all = llm.engine.stop.check_all   # the engine's one call into the stop rules
 
-    def poisoned(params, seq, stream):
-        if seq.request_id == "3" and seq.num_output_tokens >= 2:
+    def poisoned(rows):
+        if any(seq.request_id == "3" and seq.num_output_tokens >= 2 for _, seq, _ in rows):
             raise ValueError("a bug that only request 3 meets")
-        return check(params, seq, stream)
+        return check_all(rows)
 
-    llm.engine.stop.check = poisoned
+    llm.engine.stop.check_all = poisoned
     got = generate(llm, work)
     assert got[:3] + got[4:] == clean[:3] + clean[4:]
     assert [reason for _, _, reason in got[3]] == ["error"]
