@@ -63,6 +63,7 @@ class HostTracer:
             raise ValueError(f"mode={mode!r}: expected 'call' or 'line'")
         self.mode, self.error = mode, error
         self.counts: dict[str, int] = {}
+        self.step_counts: dict[str, int] = {}   # since the caller last emptied it
         self.armed: Point | None = None
         self.seen = 0
         self.fired: Point | None = None
@@ -114,6 +115,7 @@ class HostTracer:
     def _event(self, name: str, frame) -> None:
         with self._lock:
             self.counts[name] = self.counts.get(name, 0) + 1
+            self.step_counts[name] = self.step_counts.get(name, 0) + 1
             armed = self.armed
             if armed is None or armed.where != name:
                 return
@@ -311,8 +313,9 @@ def _diff(done: dict, clean: dict) -> str:
 
 def random_point(counts: dict, rng: np.random.Generator) -> Point:
     """A point drawn from a profile, weighted by how often it runs, and an occurrence
-    within the next few (the soak's random host faults)."""
+    it reached there, at most the 3rd (the soak's random host faults: given the last
+    step's profile, a point the next step is likely to reach)."""
     names = sorted(counts)
     weights = np.sqrt(np.array([counts[n] for n in names], float))
     name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-    return Point(name, int(rng.integers(1, 4)))
+    return Point(name, int(rng.integers(1, min(3, counts[name]) + 1)))

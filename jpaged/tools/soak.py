@@ -266,7 +266,7 @@ class Soak:
 
     @property
     def replicas(self) -> list:
-        """The ``LLMEngine``\ s: one, or each data-parallel replica."""
+        """The ``LLMEngine``\\ s: one, or each data-parallel replica."""
         return list(getattr(self.engine, "engines", [self.engine]))
 
     def _requests(self) -> dict:
@@ -340,10 +340,15 @@ class Soak:
 
     def _step(self, fault: bool) -> None:
         r = self.result
-        kinds = SOAK_FAULTS if self.tracer and self.tracer.counts else FAULT_KINDS
+        # Host faults aim at what the last step ran: a point from the whole run's profile
+        # that this step never reaches would arm nothing.
+        recent = self.tracer.step_counts if self.tracer else {}
+        if self.tracer:
+            self.tracer.step_counts = {}
+        kinds = SOAK_FAULTS if recent else FAULT_KINDS
         kind = str(self.rng.choice(kinds)) if fault else None
         if kind == "host":
-            point = random_point(self.tracer.counts, self.rng)
+            point = random_point(recent, self.rng)
             self.tracer.arm(point, KeyboardInterrupt if self.rng.random() < 0.5 else None)
         elif kind:
             self.injector.arm(kind)
