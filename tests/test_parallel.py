@@ -453,7 +453,7 @@ class FakeEngine:
         self.scheduler = type("S", (), {"block_manager": type("B", (), dict(
             page_size=4, num_usable_pages=10))()})()
 
-    def add_request(self, prompt, params, request_id, priority):
+    def add_request(self, prompt, params, request_id, priority, stream=True):
         self.requests[request_id] = prompt
 
     def abort(self, request_id):
