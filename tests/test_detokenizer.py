@@ -212,3 +212,17 @@ def test_a_tokenizer_that_raises_gives_a_clear_error(tokenizer):
 def test_empty_stop_string_is_refused():
     with pytest.raises(ValueError, match="non-empty"):
         SamplingParams(stop=["ok", ""])
+
+
+def test_no_token_decodes_to_more_characters_than_the_servers_bound(tokenizer):
+    """`jpaged serve` refuses a text prompt longer than max_model_len x this bound
+    characters without tokenizing it: the bound must hold for every token, alone and
+    after another (a leading-space rule adds no character beyond the written one)."""
+    from jpaged.serving.server import longest_token_chars
+
+    bound = longest_token_chars(tokenizer)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for token in range(size):
+        assert len(tokenizer.decode([token], skip_special_tokens=False)) <= bound, token
+        pair = tokenizer.decode([0, token], skip_special_tokens=False)
+        assert len(pair) - len(tokenizer.decode([0], skip_special_tokens=False)) <= bound, token

@@ -21,6 +21,7 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/mo
 from __future__ import annotations
 
 import asyncio
+import functools
 import contextlib
 import hmac
 import itertools
@@ -563,6 +564,15 @@ class Server:
         request.prompt_token_ids``'s rule): a longer one never reaches the engine thread."""
         result = []
         for prompt in prompts:
+            if isinstance(prompt, str) and self.tokenizer:
+                # No token spells more than `longest` characters, so a text this long is
+                # too long whatever it says: refused before tokenizing (a 10 MB prompt's
+                # encoding alone holds hundreds of MB the allocator never gives back).
+                least = len(prompt) // self._longest_token
+                if least > self.max_model_len:
+                    raise RequestError(f"a prompt of {len(prompt)} characters is at least "
+                                       f"{least} tokens, longer than max_model_len="
+                                       f"{self.max_model_len}", param="prompt")
             try:
                 tokens = (self._encode(prompt) if isinstance(prompt, str) and self.tokenizer
                           else prompt_token_ids(prompt, self.tokenizer)[1])
@@ -575,6 +585,10 @@ class Server:
             # within max_model_len is short.
             result.append(prompt if isinstance(prompt, str) else tokens)
         return result
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        return longest_token_chars(self.tokenizer)
 
     def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """``text``'s token ids. Hugging Face's ``encode_batch`` lets go of the GIL while it
@@ -730,6 +744,13 @@ class Server:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return self._error(RequestError(f"{request.method} {request.url.path}: {exc.detail}",
                                         status=exc.status_code, kind=kind))
+
+
+def longest_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` decodes to: its longest
+    token as the vocabulary writes it (byte-level and Metaspace vocabularies write a
+    character per byte or space, byte fallback writes ``<0x41>`` for one character)."""
+    return max(len(token) for token in tokenizer.get_vocab(with_added_tokens=True))
 
 
 def _event(payload: dict) -> str:
