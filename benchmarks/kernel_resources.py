@@ -95,13 +95,18 @@ def programs_per_sm(registers: int, num_warps: int, smem_bytes: int) -> int:
     return min(by_registers, by_smem, MAX_WARPS_PER_SM // num_warps, MAX_BLOCKS_PER_SM)
 
 
+def ptxas_figure(report: str, pattern: str) -> int:
+    """The number ``pattern`` captures in the last report of ``ptxas -v`` output."""
+    found = re.findall(pattern, report)
+    if not found:
+        raise ValueError(f"no {pattern!r} in ptxas output:\n{report[-3000:]}")
+    return int(found[-1])
+
+
 def parse_ptxas(report: str) -> dict:
     """Registers, spills and stack from ``ptxas -v`` output (the kernel's last report)."""
     def last(pattern):
-        found = re.findall(pattern, report)
-        if not found:
-            raise ValueError(f"no {pattern!r} in ptxas output:\n{report}")
-        return int(found[-1])
+        return ptxas_figure(report, pattern)
     return dict(registers=last(r"Used (\d+) registers"),
                 stack_bytes=last(r"(\d+) bytes stack frame"),
                 spill_store_bytes=last(r"(\d+) bytes spill stores"),

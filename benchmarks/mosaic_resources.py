@@ -33,7 +33,6 @@ import ctypes
 import dataclasses
 import json
 import os
-import re
 import shutil
 import struct
 import subprocess
@@ -267,16 +266,11 @@ def smem_estimate(config) -> int:
 
 
 def parse_ptxas(report: str) -> dict:
-    def last(pattern):
-        found = re.findall(pattern, report)
-        if not found:
-            raise ValueError(f"no {pattern!r} in the compile's output:\n{report[-3000:]}")
-        return int(found[-1])
-    return dict(registers=last(r"Used (\d+) registers"),
-                barriers=last(r"used (\d+) barriers"),
-                stack_bytes=last(r"(\d+) bytes stack frame"),
-                spill_store_bytes=last(r"(\d+) bytes spill stores"),
-                spill_load_bytes=last(r"(\d+) bytes spill loads"))
+    """The Triton table's figures (``kernel_resources.parse_ptxas``) and the barriers."""
+    import kernel_resources   # beside this file; imported late: it loads jax and the kernels
+
+    return dict(kernel_resources.parse_ptxas(report),
+                barriers=kernel_resources.ptxas_figure(report, r"used (\d+) barriers"))
 
 
 def compile_config(config, pieces, workdir: Path) -> Row:
