@@ -148,7 +148,20 @@ def _code_digest(module) -> str:
             node.body = [n for n in body if not isinstance(n, (ast.Import, ast.ImportFrom))
                          and not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
                                   and isinstance(n.value.value, str))] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    return hashlib.sha256(_dump(tree).encode()).hexdigest()
+
+
+def _dump(node) -> str:
+    """The tree as text, the same on every Python: ``ast.dump`` is not (3.12 added empty
+    ``type_params`` fields, 3.13 stopped printing empty ones), so fields that are None or
+    empty are left out and only the node types, fields and constants remain."""
+    if isinstance(node, ast.AST):
+        fields = [f"{name}={_dump(value)}" for name, value in ast.iter_fields(node)
+                  if value is not None and value != []]
+        return f"{type(node).__name__}({', '.join(fields)})"
+    if isinstance(node, list):
+        return f"[{', '.join(_dump(item) for item in node)}]"
+    return repr(node)
 
 
 def bound_warnings() -> list[str]:
