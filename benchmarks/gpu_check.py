@@ -39,9 +39,12 @@ loop reading about 20 GB of K/V (5 ms at an H200's rate: the budget goes to comp
 not loops); the median of 3 such loops after a warm-up. Every row's
 bandwidth is its K/V bytes per second over the measured read bandwidth. Kernel-only time:
 for one row per kernel the loop runs once more under jax's profiler and the kernel's own
-device time is summed (none where the profiler sees no device events, as on a CPU). Peers
-on the same inputs: jpaged's XLA path, JAX's ``pallas.ops.gpu.paged_attention`` and cuDNN
-dense attention over contiguous K/V (decode); the XLA path (prefill).
+device time is summed (none where the profiler sees no device events, as on a CPU). Rows:
+``ours`` (the Triton kernel), ``mosaic`` (what ``impl="mosaic"`` runs: the Mosaic decode
+tile for decode, the ragged Mosaic kernel for prefill chunks), ``mosaic-ragged`` (the
+ragged kernel on decode rows); peers on the same inputs: jpaged's XLA path, JAX's
+``pallas.ops.gpu.paged_attention`` and cuDNN dense attention over contiguous K/V
+(decode); the XLA path (prefill).
 
 CPU dry run of the same code (kernels in interpret mode, tiny shapes, seconds):
 ``python benchmarks/gpu_check.py --interpret --tiny``. Writes ``$OUT/gpu_check.{json,md}``
@@ -137,7 +140,8 @@ H200 = Rates()
 # Fraction of the read rate each implementation's loop is assumed to reach (estimates
 # only: low, so the budget errs toward not starting what would not finish). The XLA path
 # gathers pages into a copy first; prefill is assumed at 30% of the matmul rate.
-EFFICIENCY = {"ours": 0.5, "mosaic_decode": 0.5, "mosaic": 0.5, "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
+EFFICIENCY = {"ours": 0.5, "mosaic": 0.5, "mosaic-ragged": 0.5, "jax_pallas": 0.4, "xla": 0.25,
+              "cudnn": 0.5}
 PREFILL_MATMUL_FRACTION = 0.3
 
 
@@ -266,11 +270,13 @@ class Shape:
         return 4 * keys * model.num_q_heads * model.head_dim
 
 
-# Decode kernels and their peers; 8-bit pages: the kernels that read them.
-# "mosaic_decode": the decode tile impl="mosaic" runs; "mosaic": the ragged kernel on
-# decode rows.
-DECODE_IMPLS = ("ours", "mosaic_decode", "mosaic", "xla", "jax_pallas", "cudnn")
-DECODE_IMPLS_8BIT = ("ours", "mosaic_decode", "mosaic", "xla")
+# Timed implementations. "mosaic" is what impl="mosaic" runs: the decode tile
+# (mosaic_decode.paged_decode) for decode, the ragged kernel
+# (ragged_attention.paged_attention_tokens) for prefill chunks; "mosaic-ragged" is the
+# ragged kernel on decode rows, its own row. Decode peers: Triton ("ours"), the XLA
+# path, jax's paged_attention, cuDNN dense; 8-bit pages: the kernels that read them.
+DECODE_IMPLS = ("ours", "mosaic", "mosaic-ragged", "xla", "jax_pallas", "cudnn")
+DECODE_IMPLS_8BIT = ("ours", "mosaic", "mosaic-ragged", "xla")
 PREFILL_IMPLS = ("mosaic", "xla")
 # The short sweep, timed right after the checks, kernel-only time on its first row of
 # each kernel; the long sweep after it.
@@ -326,8 +332,14 @@ class Settings:
         if self.tiny and stage == "long":  # the short stage already ran Mosaic's path
             impls = tuple(i for i in impls if not i.startswith("mosaic"))
         if self.tiny and shape.dtype in FORMATS:  # the dry run's 8-bit Mosaic: the tile's
-            impls = tuple(i for i in impls if i != "mosaic")
+            impls = tuple(i for i in impls if i != "mosaic-ragged")
         return impls
+
+    @property
+    def repeats(self) -> int:
+        """Timed loops per item: one on the tiny dry run (its times mean nothing; it runs
+        the code), REPEATS on a device."""
+        return 1 if self.tiny else REPEATS
 
     def time_left(self) -> float:
         return self.deadline - time.monotonic()
@@ -413,16 +425,8 @@ def make_paged(model: Model, batch: int, context: int, dtype, *, sets=1, q_scale
     lead = 1 if num_layers is None else 2
     shape = (model.num_kv_heads, num_pages, page_size, model.head_dim)
     shape = shape if num_layers is None else (num_layers, *shape)
-
-    @functools.partial(jax.jit, static_argnums=(1,))
-    def pool(key, dtype):
-        x = jax.random.normal(key, shape, jnp.float32)
-        if fmt is None:
-            return (poison(x.astype(dtype), 0, lead=lead),)
-        codes, scales = quantize(x, fmt)
-        return poison(codes, 0, lead=lead), poison(scales, 0, lead=lead)
-
-    (k, *k_scale), (v, *v_scale) = pool(kk, dtype), pool(kv, dtype)
+    pool = functools.partial(_random_pool, shape=shape, dtype=dtype, fmt=fmt, lead=lead)
+    (k, *k_scale), (v, *v_scale) = pool(kk), pool(kv)
     arrays = [k, v, *k_scale, *v_scale]
     if lengths is None:
         lengths = np.full((batch,), context, np.int32)
@@ -434,6 +438,20 @@ def make_paged(model: Model, batch: int, context: int, dtype, *, sets=1, q_scale
     q = q_scale * jax.random.normal(kq, q_shape, jnp.float32)
     return Paged(q.astype(dtype), *arrays[:2], jnp.asarray(tables), jnp.asarray(lengths),
                  *arrays[2:])
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "fmt", "lead"))
+def _random_pool(key, *, shape, dtype, fmt, lead):
+    """A normal pool ``shape`` in ``dtype`` (or quantized to 8-bit ``fmt``: codes and
+    scales), page 0 poisoned. Module-level, so a shape seen before is not compiled again."""
+    x = jax.random.normal(key, shape, jnp.float32)
+    if fmt is None:
+        return (poison(x.astype(dtype), 0, lead=lead),)
+    codes, scales = quantize(x, fmt)
+    return poison(codes, 0, lead=lead), poison(scales, 0, lead=lead)
+
+
+_poisoned = jax.jit(poison, static_argnames=("lead",), donate_argnums=0)
 
 
 def _poison_tails(arrays, tables, lengths, page_size, lead):
@@ -449,8 +467,8 @@ def _poison_tails(arrays, tables, lengths, page_size, lead):
     tables = tables.copy()
     tables[:, np.arange(width)[None, :] >= used[:, None]] = 0
     if len(pages):
-        poisoned = jax.jit(functools.partial(poison, lead=lead), donate_argnums=0)
-        arrays = [poisoned(a, jnp.asarray(pages), jnp.asarray(offsets)) for a in arrays]
+        arrays = [_poisoned(a, jnp.asarray(pages), jnp.asarray(offsets), lead=lead)
+                  for a in arrays]
     return arrays, tables
 
 
@@ -671,11 +689,10 @@ def rotation(step_bytes: int, settings: Settings) -> tuple[int, int]:
 def measure_ceilings(settings: Settings) -> dict:
     """Read bandwidth (a jitted bf16 sum over 1 GiB, read once per step; 1 MiB on the
     dry run) and the bf16 matmul rate, both timed like the kernels."""
-    repeats = 1 if settings.tiny else REPEATS
-
     def seconds(step, x, iters):
         loop = switched_loop(step, (), [(x,)], iters)  # one set: no slicing in the loop
-        return seconds_per_step(step, (), [(x,)], iters=iters, repeats=repeats, loop=loop)
+        return seconds_per_step(step, (), [(x,)], iters=iters, repeats=settings.repeats,
+                                loop=loop)
 
     size = (2**20 if settings.tiny else GiB) // 2
     x = jax.random.normal(jax.random.key(0), (size,), jnp.bfloat16)
@@ -695,10 +712,10 @@ def decode_step(impl: str, interpret: bool):
     if impl == "xla":
         return lambda k, v, lengths, scales, q, tables: xla_attention.paged_decode(
             q, k, v, tables, lengths, **scales)
-    if impl == "mosaic_decode":
+    if impl == "mosaic":
         return lambda k, v, lengths, scales, q, tables: md.paged_decode(
             q, k, v, tables, lengths, interpret=interpret, **scales)
-    if impl == "mosaic":
+    if impl == "mosaic-ragged":
         return lambda k, v, lengths, scales, q, tables: ra.paged_attention_tokens(
             q, k, v, tables, lengths, jnp.arange(q.shape[0], dtype=jnp.int32), lengths - 1,
             interpret=interpret, **scales)
@@ -725,9 +742,11 @@ def prefill_step(impl: str, interpret: bool, chunk: int, context: int):
     raise ValueError(f"prefill impl={impl!r} is not one of {PREFILL_IMPLS}")
 
 
-# Device event names of each kernel, for its kernel-only time.
-KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode", "mosaic_decode": r"decode_kernel|mosaic",
-                   "mosaic": r"attention_kernel|mosaic",
+# Device event names of each kernel, for its kernel-only time ("mosaic": the decode
+# tile's _decode_kernel or, for prefill, the ragged kernel's _attention_kernel).
+KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode",
+                   "mosaic": r"decode_kernel|attention_kernel|mosaic",
+                   "mosaic-ragged": r"attention_kernel|mosaic",
                    "jax_pallas": r"paged_attention", "cudnn": r"cudnn|fmha|flash"}
 
 
@@ -795,7 +814,8 @@ def time_item(shape: Shape, impl: str, settings: Settings, cache: ShapeInputs,
     shared = (inputs.k, inputs.v, inputs.lengths, inputs.scales)
     sets = [inputs.q, inputs.tables]
     loop = timed_loop(step, shared, sets, iters)
-    attempt(row, "seconds", seconds_per_step, step, shared, sets, iters=iters, loop=loop)
+    attempt(row, "seconds", seconds_per_step, step, shared, sets, iters=iters,
+            repeats=settings.repeats, loop=loop)
     if profile and impl in KERNEL_PATTERNS and row["seconds"]:
         try:
             row.update(kernel_seconds(loop, shared, sets, iters=iters,
@@ -828,7 +848,7 @@ def time_estimate(shape: Shape, impl: str, settings: Settings, first: bool,
                                                * PREFILL_MATMUL_FRACTION))
     if impl == "cudnn":  # its own contiguous copies, every time
         first = True
-    seconds = rates.compile_s + (1 + REPEATS) * loop_s
+    seconds = rates.compile_s + (1 + settings.repeats) * loop_s
     if first:
         seconds += shape.kv_elements(model) * count / rates.random_per_s
     if profile:  # the compiled loop once more, under the profiler

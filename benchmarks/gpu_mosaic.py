@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 
 from jpaged.pallas_kernels import mosaic_decode as md
+from jpaged.pallas_kernels import online_softmax
 from jpaged.pallas_kernels import ragged_attention as ra
 
 VARIANT_GROUPS = (1, 4, 8)
@@ -134,10 +135,11 @@ def large_cases() -> list[dict]:
 
 
 def kernel_digest() -> str:
-    """sha256 of the Mosaic kernels' code (both modules): their syntax trees without
-    imports and docstrings, so a moved import or an edited comment keeps the bounds
-    valid."""
-    return hashlib.sha256("".join(_code_digest(m) for m in (ra, md)).encode()).hexdigest()
+    """sha256 of the Mosaic kernels' code (both kernels and the online softmax they
+    share): their syntax trees without imports and docstrings, so a moved import or an
+    edited comment keeps the bounds valid."""
+    modules = (ra, md, online_softmax)
+    return hashlib.sha256("".join(_code_digest(m) for m in modules).encode()).hexdigest()
 
 
 def _code_digest(module) -> str:
@@ -173,8 +175,9 @@ def bound_warnings() -> list[str]:
     warnings = []
     if committed.get("kernel_sha256") != kernel_digest():
         warnings.append(f"the Mosaic bounds in {BOUNDS_FILE.name} were computed for another "
-                        f"version of ragged_attention.py / mosaic_decode.py; recompute them "
-                        f"with python benchmarks/gpu_mosaic.py --bounds")
+                        f"version of ragged_attention.py / mosaic_decode.py / "
+                        f"online_softmax.py; recompute them with python "
+                        f"benchmarks/gpu_mosaic.py --bounds")
     missing = [c["name"] for c in variant_cases() if not c["bound"]]
     if missing:
         warnings.append(f"no committed bound for {', '.join(missing)} (bound 0: they fail)")

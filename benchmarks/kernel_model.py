@@ -77,9 +77,11 @@ def compiled_mosaic() -> dict:
     path = RESULTS / "mosaic_resources.json"
     if not path.exists():
         return {}
+    group = NUM_Q_HEADS // NUM_KV_HEADS
     return {(r["kernel"], r["num_splits"] > 1): r["ctas_per_sm"]
             for r in json.loads(path.read_text())
-            if (r["head_dim"], r["page_size"], r["pages"]) == (HEAD_DIM, PAGE_SIZE, "bfloat16")}
+            if (r["head_dim"], r["page_size"], r["pages"], r["group"])
+            == (HEAD_DIM, PAGE_SIZE, "bfloat16", group)}
 
 
 def ragged_row(batch, context, mosaic) -> Row:
@@ -140,6 +142,15 @@ def table(rows) -> str:
     return "\n".join([head, *lines])
 
 
+def padding_table(groups=(1, 4, 8)) -> str:
+    """Padded share of a decode token's MMA work per GQA group: the ragged kernel's 64
+    query rows, the decode tile's ``num_cols`` columns (8 at least: wgmma's smallest N)."""
+    lines = ["| GQA group | ragged kernel (64 rows) | decode tile (columns) |", "|---|---|---|"]
+    lines += [f"| {g} | {1 - g / ra.BLOCK_ROWS:.1%} | {md.padded_fraction(g):.1%} "
+              f"({md.num_cols(g)}) |" for g in groups]
+    return "\n".join(lines)
+
+
 def main():
     compiled, mosaic = compiled_triton(), compiled_mosaic()
     rows = [make(b, c) for b in BATCHES for c in CONTEXTS
@@ -147,7 +158,8 @@ def main():
                          lambda b, c: ragged_row(b, c, mosaic),
                          lambda b, c: decode_tile_row(b, c, mosaic))]
     text = table(rows)
-    print(text)
+    padding = padding_table()
+    print(text + "\n\n" + padding)
     RESULTS.mkdir(exist_ok=True)
     intro = ("# Decode launch-plan model (Llama-3-8B heads, page 16, bf16, 132 SMs)\n\n"
              "From the kernels' own split planners and resources; no GPU, no timing "
@@ -155,7 +167,9 @@ def main():
              "KiB/SM = K/V copies in flight per SM (resident CTAs used x stages x step "
              "bytes); pad = share of MMA work on padding; res/SM from the sm_90a compiles "
              "(results/kernel_resources.json, results/mosaic_resources.json).\n\n")
-    (RESULTS / "kernel_model.md").write_text(intro + text + "\n")
+    (RESULTS / "kernel_model.md").write_text(
+        intro + text + "\n\nPadded MMA share of a decode token by GQA group (Llama-3-8B "
+        "is group 4):\n\n" + padding + "\n")
     (RESULTS / "kernel_model.json").write_text(
         json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
 

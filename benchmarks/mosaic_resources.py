@@ -99,10 +99,20 @@ class Row:
     smem_bytes: int
     ctas_per_sm: int
     refused: bool      # check_config refuses it on a GPU (ragged_attention.spills)
+    padded_mma: float  # share of a decode token's MMA work on padding (padded_mma())
 
     @property
     def spills(self) -> bool:
         return bool(self.spill_store_bytes or self.spill_load_bytes)
+
+
+def padded_mma(kernel: str, group: int) -> float:
+    """Share of one decode token's MMA work spent on padding: the ragged kernel fills
+    ``group`` of its 64 query rows, the decode tile ``group`` of its ``num_cols`` columns."""
+    from jpaged.pallas_kernels import mosaic_decode, ragged_attention as ra
+    if kernel == "decode":
+        return mosaic_decode.padded_fraction(group)
+    return 1.0 - group / ra.BLOCK_ROWS
 
 
 def ctas_per_sm(registers: int, smem: int) -> int:
@@ -201,7 +211,8 @@ def mosaic_modules(exported) -> list[bytes]:
 
 def configurations():
     """Every default shape the engine would launch for head_dim 64/128/256 at pages 8,
-    16, 64 (16-bit), plus split-K and 8-bit pages at head_dim 128, page 16."""
+    16, 64 (16-bit), plus split-K, 8-bit pages and GQA groups 1 and 8 at head_dim 128,
+    page 16 (group 4 elsewhere)."""
     configs = []
     for head_dim in (64, 128, 256):
         for page in (8, 16, 64):
@@ -215,6 +226,9 @@ def configurations():
         for pages in ("int8", "float8_e4m3fn"):
             configs.append(dict(kernel=kernel, head_dim=128, page_size=16, group=4,
                                 dtype="bfloat16", pages=pages, num_splits=1))
+        for group in (1, 8):
+            configs.append(dict(kernel=kernel, head_dim=128, page_size=16, group=group,
+                                dtype="bfloat16", pages="bfloat16", num_splits=1))
     return configs
 
 
@@ -293,17 +307,18 @@ def compile_config(config, pieces, workdir: Path) -> Row:
     refused = config["kernel"] == "ragged" and ra.spills(
         config["head_dim"], ra.default_pages_per_block(config["page_size"]))
     return Row(**config, **figures, smem_bytes=smem,
-               ctas_per_sm=ctas_per_sm(figures["registers"], smem), refused=refused)
+               ctas_per_sm=ctas_per_sm(figures["registers"], smem), refused=refused,
+               padded_mma=padded_mma(config["kernel"], config["group"]))
 
 
 def table(rows) -> str:
     head = ("| kernel | head_dim | page | group | q | pages | splits | regs | spill st/ld B | "
-            "stack B | barriers | smem KiB (est.) | CTAs/SM | ok |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "stack B | barriers | smem KiB (est.) | CTAs/SM | padded MMA | ok |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r.kernel} | {r.head_dim} | {r.page_size} | {r.group} | {r.dtype} | "
              f"{r.pages} | {r.num_splits} | {r.registers} | {r.spill_store_bytes}/"
              f"{r.spill_load_bytes} | {r.stack_bytes} | {r.barriers} | "
-             f"{r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} | "
+             f"{r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} | {r.padded_mma:.0%} | "
              f"{('refused: spills' if r.refused else 'SPILLS') if r.spills else 'ok'} |"
              for r in rows]
     return "\n".join([head, *lines])
@@ -337,7 +352,9 @@ def main():
              "Compiled from the CPU through the CUDA plugin's MosaicGpuCompile and ptxas with "
              "a stub driver (`benchmarks/mosaic_resources.py`; jax 0.10.2). 128 threads per "
              "CTA. smem: the kernels' own estimate (ptxas reports static shared memory "
-             "only). CTAs/SM from registers and that estimate.\n\n")
+             "only). CTAs/SM from registers and that estimate. padded MMA: the share of "
+             "a decode token's wgmma work on padding (ragged: group of 64 query rows; "
+             "decode tile: group of max(8, group) columns).\n\n")
     (RESULTS / "mosaic_resources.md").write_text(intro + text + "\n")
     (RESULTS / "mosaic_resources.json").write_text(
         json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")

@@ -8,19 +8,26 @@ kernel.
 Why another tile. wgmma's M side is 64 rows. The ragged kernel puts the query heads of a
 GQA group there (``S = Q K^T``), so a decode token of group 4 fills 4 rows of 64: 94% of
 its MMA and softmax work is padding. Here the keys are the M side and the group is N:
-``S^T = K Q^T`` (M = ``block_kv`` keys, N = ``cols`` = the group rounded up to 16, K =
-head_dim) and ``O^T = V^T P^T`` (M = head_dim, N = ``cols``, K = ``block_kv``), the
-softmax statistics running down the columns. P^T is the B operand of the second product,
-so it goes through a ``[block_kv, cols]`` shared-memory tile each step (2 KiB at 64 keys,
-16 columns). Why 16 and not the group: wgmma's B from shared memory needs a swizzle of 32+
-bytes on its minor dimension, and both operands of one wgmma the same swizzle, so every
-16-bit tile here uses ``swizzle = min(swizzle of head_dim, swizzle of cols)`` (32 bytes at
-16 columns). Padded MMA work: ``1 - group / cols``: 75% at group 4, 50% at 8, none from 16
-(the ragged kernel: 94%, 88%, 75%). head_dim must be 64, 128 or 256 (M of ``O^T``).
+``S^T = K Q^T`` (M = ``block_kv`` keys, N = ``cols`` = the group rounded up to a power of
+two >= 8, wgmma's smallest N; K = head_dim) and ``O^T = V^T P^T`` (M = head_dim, N =
+``cols``, K = ``block_kv``), the softmax statistics running down the columns. P^T is the
+B operand of the second product, so it goes through shared memory each step, stored
+transposed: a ``[cols, block_kv]`` tile (1 KiB at 64 keys, 8 columns) whose minor
+dimension is the keys, written from the WGMMA_TRANSPOSED register layout and read as a
+transposed B. Why transposed: wgmma's B from shared memory needs a swizzle of 32+ bytes
+on its minor dimension, and both operands of one wgmma the same swizzle; 8 columns of
+bf16 are 16 bytes, ``block_kv`` keys are 128+. So every 16-bit tile here has its own
+128-byte swizzle (head_dim or ``block_kv`` minor, both 64+ elements). Padded MMA work:
+``1 - group / cols``: 88% at group 1, 50% at group 4, none from group 8 (the ragged
+kernel: 98%, 94%, 88%). Under 50% at group 4 would take more than one query token per kv
+head in the tile: every wgmma output column belongs to one B row, and a column holding
+another kv head's (or another row's) query meets keys it does not attend to, so packing
+heads or rows adds padding, it does not remove it; ``cols`` >= 8 is the hardware's.
+head_dim must be 64, 128 or 256 (M of ``O^T``).
 
 Memory path: q is read by one TMA copy of its ``[cols, D]`` group tile, q laid out
-``[B, Hkv, cols, D]`` (a reshape from group 16 on; below, ``cols - group`` zero rows per
-kv head: 16 rows at group 4, not the ragged kernel's 64, and a decode token's q is
+``[B, Hkv, cols, D]`` (a reshape from group 8 on; below, ``cols - group`` zero rows per
+kv head: 4 rows at group 4, not the ragged kernel's 60, and a decode token's q is
 ``1 / (2 n)`` of the K/V bytes it reads at n context tokens); the output is float32 ``O^T [D, cols]`` and its
 log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
 is a division). K/V pages come through the same TMA ring as in the ragged kernel.
@@ -39,35 +46,26 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jpaged.pallas_kernels import online_softmax
 from jpaged.pallas_kernels import ragged_attention as ra
 from jpaged.pallas_kernels.quantization import is_quantized
 from jpaged.pallas_kernels.splits import merge_splits
 
 pl, plgpu = ra.pl, ra.plgpu
 
-MIN_COLS = 16          # wgmma B tile: 16 bf16 columns = the smallest swizzle (32 bytes)
+MIN_COLS = 8           # wgmma's smallest N
 HEAD_DIMS = (64, 128, 256)
 LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
 
 
 def num_cols(group: int) -> int:
-    """N of the decode tile: the GQA group rounded up to a power of two >= 16."""
+    """N of the decode tile: the GQA group rounded up to a power of two >= 8."""
     return max(MIN_COLS, int(pl.next_power_of_2(group)))
 
 
 def padded_fraction(group: int) -> float:
     """Share of the tile's MMA columns that hold no query head."""
     return 1.0 - group / num_cols(group)
-
-
-def _swizzle(head_dim: int, cols: int, dtype) -> int:
-    e = jnp.dtype(dtype).itemsize
-    return min(plgpu.find_swizzle(head_dim * e * 8), plgpu.find_swizzle(cols * e * 8))
-
-
-def _transforms(swizzle: int, dtype):
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-            plgpu.SwizzleTransform(swizzle))
 
 
 def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group,
@@ -139,6 +137,16 @@ def _matmul(a_ref, b_ref, *, transpose_a=False, transpose_b=False, interpret):
     return pl.run_scoped(scope, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
 
 
+def _store_transposed(ref, x, *, interpret):
+    """``ref[...] = x.T`` for ``x`` ``[M, N]`` in the WGMMA register layout and ``ref`` a
+    tiled ``[N, M]`` shared-memory tile: compiled, x moves to the WGMMA_TRANSPOSED layout
+    (a shuffle within lane pairs) and is stored through a transposed view of ref."""
+    if interpret:
+        ref[...] = x.T
+    else:
+        ref.transpose((1, 0))[...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
+
+
 def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs,
                    num_kv_heads, group, page_size, pages_per_block, num_stages, num_splits,
                    quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
@@ -150,6 +158,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
     scale_refs, (o_ref, lse_ref) = (refs[:2], refs[2:]) if quantized else ((), refs)
     cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
     matmul = functools.partial(_matmul, interpret=interpret)
+    store_transposed = functools.partial(_store_transposed, interpret=interpret)
     head_dim, cols = q_ref.shape[-1], num_cols(group)
     width = tables_ref.shape[1]
     block_kv = pages_per_block * page_size
@@ -226,20 +235,13 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
             s = matmul(k_tile, q_smem, transpose_b=True)             # S^T [block_kv, cols]
             if quantized:
                 s = s * keyed(ks_smem.at[slot])
-            s = s * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
             key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
             visible = key < kv_len
             if sliding_window is not None:
                 visible &= key > pos - sliding_window
-            s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=0))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp(m_i - m_safe)
-            probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [1]))
-            l_i = l_i * alpha + probs.sum(axis=0)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [1])
+            probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
+                                                         key_axis=0)
             wait(v_barriers, slot)
             v_tile = v_smem.at[slot]
             if quantized:
@@ -255,17 +257,15 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
                 plgpu.commit_smem()
 
-            p_smem[...] = probs.astype(dtype)
+            store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
             plgpu.commit_smem()
-            acc = acc + matmul(v_tile, p_smem, transpose_a=True)     # O^T [D, cols]
+            acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T
             pl.when(step + num_stages < num_steps)(
                 functools.partial(issue, step + num_stages))
             return acc, m_new, l_i
 
         acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
-        denom = lax.broadcast_in_dim(l_i, acc.shape, [1])
-        o_smem[...] = jnp.where(denom > 0, acc / jnp.maximum(denom, 1e-30), 0.0)
-        lse = jnp.where(l_i > 0, m_i + jnp.log(jnp.maximum(l_i, 1e-30)), -jnp.inf)
+        o_smem[...], lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)
         lse_smem[...] = lax.broadcast_in_dim(lse, (LSE_ROWS, cols), [1])
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, split, row])
@@ -274,16 +274,15 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
     num_barriers = num_stages * pages_per_block
     page_dtype = k_ref.dtype
-    swizzle = _swizzle(head_dim, cols, dtype)
-    tile = _transforms(swizzle, dtype)
+    # Every 16-bit tile a wgmma reads: 128-byte swizzle on its 64+ element minor axis.
+    tile = ra._smem_transforms(head_dim, dtype)
     ring = (num_stages, block_kv, head_dim)
-    # A 16-bit ring feeds wgmma (the decode swizzle); an 8-bit one is only loaded.
-    ring_tf = tile if not quantized else ra._smem_transforms(head_dim, page_dtype)
+    ring_tf = ra._smem_transforms(head_dim, page_dtype)
     scratch = [
         plgpu.SMEM((cols, head_dim), dtype, transforms=tile),
         plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
         plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
-        plgpu.SMEM((block_kv, cols), dtype, transforms=tile),
+        plgpu.SMEM((cols, block_kv), dtype, transforms=ra._smem_transforms(block_kv, dtype)),
         plgpu.SMEM((head_dim, cols), jnp.float32),
         plgpu.SMEM((LSE_ROWS, cols), jnp.float32),
         plgpu.Barrier(num_barriers=1),
@@ -353,7 +352,7 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     cols = num_cols(group)
-    # [B, Hkv, cols, D]: a free reshape from group 16 on; below, cols - group zero rows
+    # [B, Hkv, cols, D]: a free reshape from group 8 on; below, cols - group zero rows
     # per kv head (a TMA box at a head offset that is not a multiple of 8 does not lower
     # on jax 0.12).
     q_boxed = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),

@@ -70,7 +70,7 @@ and the buffers within 227 KiB of shared memory (one ring slot instead of two wh
 do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
 head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
-(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 167-248
+(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 162-186
 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
@@ -104,6 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jpaged.pallas_kernels import online_softmax
 from jpaged.pallas_kernels.lowering import TARGET_NUM_SMS
 from jpaged.pallas_kernels.quantization import FORMATS, is_quantized
 from jpaged.pallas_kernels.splits import merge_splits
@@ -426,22 +427,14 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             s = matmul(q_smem, k_tile, transpose_b=True)
             if quantized:   # S = Q (codes * scale)^T: each key's scale scales its column
                 s = s * columns(ks_smem.at[slot])
-            s = s * sm_scale
-            if soft_cap is not None:
-                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
             key = key0 + cast(lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, block_kv), 1),
                               layout)
             visible = (key < kv_len) & (key <= row_pos)
             if sliding_window is not None:
                 visible &= key > row_pos - sliding_window
-            s = jnp.where(visible, s, -jnp.inf)
-            m_new = jnp.maximum(m_i, s.max(axis=1))
-            # A row that has seen no key keeps m = -inf: subtract 0 so exp gives 0, not NaN.
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp(m_i - m_safe)
-            probs = jnp.exp(s - lax.broadcast_in_dim(m_safe, s.shape, [0]))
-            l_i = l_i * alpha + probs.sum(axis=1)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
+                                                         key_axis=1)
             wait(v_barriers, slot)
             v_tile = v_smem.at[slot]
             if quantized:
@@ -464,8 +457,7 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             return acc, m_new, l_i
 
         acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
-        denom = lax.broadcast_in_dim(l_i, acc.shape, [0])
-        out = jnp.where(denom > 0, acc / jnp.maximum(denom, 1e-30), 0.0)
+        out, lse = online_softmax.finish(acc, m_i, l_i, query_axis=0)
         if num_splits == 1:
             (o_ref,) = out_refs
             q_smem[...] = out.astype(dtype)
@@ -475,8 +467,7 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             o_ref, lse_ref = out_refs
             o_smem, lse_smem = partial_smem
             o_smem[...] = out
-            lse_smem[...] = jnp.where(l_i > 0, m_i + jnp.log(jnp.maximum(l_i, 1e-30)),
-                                      -jnp.inf)
+            lse_smem[...] = lse
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, b, split])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, b, split])

@@ -3,9 +3,15 @@ broken on purpose, so its verdict cannot rot into a check that passes anything; 
 fits the device time; its verdict survives the budget and a SIGTERM.
 
 The breakages are injected into ``jpaged.pallas_kernels.paged_decode`` (the Triton kernel, its
-8-bit read included) and ``jpaged.pallas_kernels.ragged_attention`` (the Mosaic kernel) with
+8-bit read included), ``jpaged.pallas_kernels.ragged_attention`` (the ragged Mosaic kernel) and
+``jpaged.pallas_kernels.online_softmax`` (the decode tile's softmax, shared) with
 monkeypatch (the kernels look their helpers up at trace time); jax's caches are cleared around each so no
 trace of the healthy kernel is reused.
+
+Cost (CI runs ``-m "not slow"`` on 2 cores): the not-slow tests share one small dry run
+(one check, one decode shape timed through the decode tile and the XLA path, jax's caches
+kept between the healthy tests) and break the Mosaic kernel once; the whole tiny dry run
+and the other breakages are ``slow``.
 """
 
 import json
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
 
+from jpaged.pallas_kernels import online_softmax
 from jpaged.pallas_kernels import paged_decode as pd
 from jpaged.pallas_kernels import ragged_attention as ra
 
@@ -50,6 +57,44 @@ def dry_run(out_dir, monkeypatch, *extra):
 
 
 @pytest.fixture(scope="module")
+def small_dry_run(tmp_path_factory):
+    """The tiny run cut to one check and one decode shape timed through the decode tile
+    ("mosaic") and the XLA path. The ceilings and the profiler (3 s to start, n/a on a
+    CPU) are the full dry run's to try (slow): here their CPU answers."""
+    jax.clear_caches()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        small_plan(monkeypatch)
+        monkeypatch.setattr(gpu_check, "kernel_seconds", lambda *args, **kwargs: dict(
+            kernel_s=None, kernel_note="the profiler wrote no trace"))
+        monkeypatch.setattr(gpu_check, "DECODE_IMPLS", SMALL_IMPLS)
+        out_dir = tmp_path_factory.mktemp("small_dry_run")
+        result = dry_run(out_dir, monkeypatch)
+    yield result  # jax's caches stay: the healthy tests below reuse the compiled check
+
+
+SMALL_CHECK = gpu_check.TINY_CHECKS[0]   # the Triton kernel: the cheapest to interpret
+SMALL_IMPLS = ("mosaic", "xla")          # the full dry run (slow) times every kernel
+
+
+def test_small_dry_run_checks_and_times(small_dry_run):
+    """A PASS from a real check; the short sweep's decode shape timed through the decode
+    tile ("mosaic", profiled: n/a on a CPU, with why) and the XLA path."""
+    status, report = small_dry_run
+    assert status == 0 and report["ok"] and report["verdict"] == "PASS"
+    assert report["verdict_checks"] == [SMALL_CHECK.name]
+    [check] = report["checks"]
+    assert check["rel_errors"] and not check["nan"]
+    timed = [(r["impl"], r["phase"]) for r in report["timings"]]
+    assert timed == [(impl, "decode") for impl in SMALL_IMPLS]
+    assert all(r["seconds"] > 0 and "errors" not in r for r in report["timings"])
+    profiled = [r["impl"] for r in report["timings"] if "kernel_s" in r]
+    assert profiled == ["mosaic"]
+    assert all(r["kernel_s"] is None and r["kernel_note"] for r in report["timings"]
+               if "kernel_s" in r)
+    assert not report["skipped"] and not report["item_errors"]
+
+
+@pytest.fixture(scope="module")
 def full_dry_run(tmp_path_factory):
     """One whole tiny dry run, shared by the tests that read its report."""
     jax.clear_caches()
@@ -59,6 +104,7 @@ def full_dry_run(tmp_path_factory):
     jax.clear_caches()
 
 
+@pytest.mark.slow
 def test_dry_run_passes(full_dry_run):
     status, report = full_dry_run
     assert status == 0 and report["ok"] and report["verdict"] == "PASS"
@@ -73,6 +119,7 @@ def test_dry_run_passes(full_dry_run):
     assert not report["skipped"] and not report.get("stopped")
 
 
+@pytest.mark.slow
 def test_dry_run_times_every_kernel_early(full_dry_run):
     """Mosaic decode and prefill and 8-bit pages are timed in the short sweep, before the
     long one; one row per kernel tries a kernel-only time (n/a on a CPU, with why)."""
@@ -83,7 +130,7 @@ def test_dry_run_times_every_kernel_early(full_dry_run):
         report["timings"], [i for i in report["items"] if i["label"].startswith("time")])
         if item["stage"] == "short"}
     assert {("decode", "ours", "bfloat16"), ("decode", "mosaic", "bfloat16"),
-            ("decode", "mosaic_decode", "bfloat16"), ("decode", "mosaic_decode", "int8"),
+            ("decode", "mosaic-ragged", "bfloat16"), ("decode", "mosaic", "int8"),
             ("decode", "xla", "bfloat16"), ("prefill", "mosaic", "bfloat16"),
             ("prefill", "xla", "bfloat16")} <= short
     assert ("decode", "ours", "int8") in short
@@ -91,8 +138,8 @@ def test_dry_run_times_every_kernel_early(full_dry_run):
     profiled = [(r["impl"], r["phase"], r["dtype"]) for r in report["timings"]
                 if "kernel_s" in r]
     assert {("ours", "decode", "bfloat16"), ("ours", "decode", "int8"),
-            ("mosaic", "decode", "bfloat16"), ("mosaic_decode", "decode", "bfloat16"),
-            ("mosaic_decode", "decode", "int8"),
+            ("mosaic", "decode", "bfloat16"), ("mosaic-ragged", "decode", "bfloat16"),
+            ("mosaic", "decode", "int8"),
             ("mosaic", "prefill", "bfloat16")} <= set(profiled)
     assert len(profiled) == len(set(profiled))
     assert all(r["kernel_s"] is None and r["kernel_note"] for r in report["timings"]
@@ -130,15 +177,15 @@ def test_plan_prints_without_a_device(capsys):
 
 
 def small_plan(monkeypatch):
-    """The tiny run cut to one check and one timed shape."""
-    monkeypatch.setattr(gpu_check, "TINY_CHECKS", gpu_check.TINY_CHECKS[:1])
+    """The tiny run cut to the small dry run's check and one timed shape."""
+    monkeypatch.setattr(gpu_check, "TINY_CHECKS", [SMALL_CHECK])
     monkeypatch.setattr(gpu_check, "TINY_SHORT", gpu_check.TINY_SHORT[:1])
     monkeypatch.setattr(gpu_check, "TINY_LONG", [])
     monkeypatch.setattr(gpu_check, "measure_ceilings",
                         lambda settings: dict(read_bytes_per_s=1e9, matmul_flop_per_s=1e9))
 
 
-def test_sigterm_keeps_the_verdict(tmp_path, monkeypatch, fresh_jax):
+def test_sigterm_keeps_the_verdict(tmp_path, monkeypatch):
     """A SIGTERM during timing ends the run: the checks' verdict stands, the rest is listed
     as stopped, both files are written."""
     small_plan(monkeypatch)
@@ -157,7 +204,7 @@ def test_sigterm_keeps_the_verdict(tmp_path, monkeypatch, fresh_jax):
     assert signal.getsignal(signal.SIGTERM) is not gpu_check._stop
 
 
-def test_an_item_that_raises_does_not_end_the_run(tmp_path, monkeypatch, fresh_jax):
+def test_an_item_that_raises_does_not_end_the_run(tmp_path, monkeypatch):
     small_plan(monkeypatch)
 
     def broken(*args):
@@ -171,14 +218,14 @@ def test_an_item_that_raises_does_not_end_the_run(tmp_path, monkeypatch, fresh_j
     assert "out of memory, say" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_budget_is_checked_before_every_item(tmp_path, monkeypatch, fresh_jax):
+def test_budget_is_checked_before_every_item(tmp_path, monkeypatch):
     """With no budget nothing starts and the verdict says INCOMPLETE, not PASS; with a
     budget for the checks only, they run and the timing items are skipped one by one."""
     small_plan(monkeypatch)
     status, report = dry_run(tmp_path, monkeypatch, "--budget-s", "0")
     assert status == 1 and report["verdict"] == "INCOMPLETE" and not report["checks"]
     assert all(s["reason"].startswith("budget") for s in report["skipped"])
-    check_s = gpu_check.TINY_CHECKS[0].estimate(gpu_check.TINY, gpu_check.H200)
+    check_s = SMALL_CHECK.estimate(gpu_check.TINY, gpu_check.H200)
     monkeypatch.setattr(gpu_check, "time_estimate", lambda *args: 1e6)
     status, report = dry_run(tmp_path, monkeypatch, "--budget-s", str(check_s + 60))
     assert status == 0 and report["verdict"] == "PASS"
@@ -249,8 +296,15 @@ def window_ignored(split, length, *, split_tokens, sliding_window):
     return ORIGINAL_RANGE(split, length, split_tokens=split_tokens, sliding_window=None)
 
 
+def unrescaled_step(s, visible, m_i, l_i, acc, *, key_axis):
+    """The shared online softmax with the accumulator left at its old maximum."""
+    probs, m_new, l_new, _ = ORIGINAL_STEP(s, visible, m_i, l_i, acc, key_axis=key_axis)
+    return probs, m_new, l_new, acc
+
+
 ORIGINAL_RANGE = pd._visible_range
 ORIGINAL_MATMUL = ra._interpreted_matmul
+ORIGINAL_STEP = online_softmax.step
 # name: (module, attribute, replacement, the check case it must fail)
 BREAKAGES = {
     "dropped-split": (pd, "_visible_range", dropped_last_split, "odd-splits"),
@@ -260,10 +314,18 @@ BREAKAGES = {
                        "int8"),
     "window-ignored": (pd, "_visible_range", window_ignored, "window-softcap-stacked"),
     "mosaic-halved-values": (ra, "_interpreted_matmul", halved_values, "mosaic-prefill"),
+    "tile-unrescaled": (online_softmax, "step", unrescaled_step, "mosaic-decode-tile"),
 }
 
 
-@pytest.mark.parametrize("breakage", BREAKAGES)
+# Not slow: one breakage (each costs a fresh interpret-mode compile, 4-7 s of CPU); the
+# rest are slow.
+NOT_SLOW_BREAKAGES = ("mosaic-halved-values",)
+
+
+@pytest.mark.parametrize("breakage", [
+    pytest.param(name, marks=() if name in NOT_SLOW_BREAKAGES else pytest.mark.slow)
+    for name in BREAKAGES])
 def test_dry_run_fails_for_broken_kernel(breakage, tmp_path, monkeypatch, fresh_jax):
     module, name, broken, case = BREAKAGES[breakage]
     monkeypatch.setattr(module, name, broken)

@@ -61,5 +61,6 @@ def test_committed_figures_match_the_kernels_assumptions():
     for row in rows:
         assert row["refused"] == (row["spill_store_bytes"] > 0 and row["kernel"] == "ragged"), row
     default = [r for r in rows if (r["kernel"], r["head_dim"], r["page_size"], r["pages"],
-                                   r["num_splits"]) == ("ragged", 128, 16, "bfloat16", 1)]
+                                   r["num_splits"], r["group"])
+               == ("ragged", 128, 16, "bfloat16", 1, 4)]
     assert [r["ctas_per_sm"] for r in default] == [ra.PROGRAMS_PER_SM]
