@@ -168,6 +168,9 @@ def test_abort_of_a_request_whose_step_is_in_flight(model):
     assert ids[1] not in engine.scheduler.requests
     outputs = run_out(engine)
     assert ids[1] not in {o.request_id for o in outputs}
+    # A streamed output names a finish reason only once its request is done (a server
+    # ends the stream there), also while the length limit's last token is on the device.
+    assert all(o.finished == (o.outputs[0].finish_reason is not None) for o in outputs)
     done = {o.request_id: o.outputs[0].token_ids for o in outputs if o.finished}
     assert done == {ids[0]: expected[0], ids[2]: expected[2]}
     faults.assert_empty(engine)

@@ -129,3 +129,43 @@ def test_check_positive_names_the_value(value):
     with pytest.raises(ValueError, match=f"size must be a positive integer, got {value!r}"):
         check_positive(size=value)
     check_positive(size=np.int64(3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_persistent_sampling_columns_equal_a_rebuild_on_random_joins_and_leaves(seed):
+    """Requests join, run, finish, are aborted and preempted at random (a small pool, swap
+    and recompute); every step's sampling tensors from the persistent columns equal the
+    ones rebuilt from the params, row for row, padding included. Token rules (bias
+    entries) ride along; penalties take the rebuild path."""
+    rng = np.random.default_rng(seed)
+    sched = make(num_pages=24, num_host_pages=8, max_num_seqs=6,
+                 preemption_mode=["recompute", "swap"][seed % 2])
+    fast, slow = builder(sched), builder(sched)
+    slow.persistent = False
+    params, seeds, next_id, persistent_steps = {}, {}, 0, 0
+    for step in range(60):
+        for _ in range(rng.integers(0, 3)):
+            rid = f"r{next_id}"
+            next_id += 1
+            params[rid] = SamplingParams(
+                temperature=float(rng.choice([0.0, 0.7, 1.3])), top_k=int(rng.choice([-1, 5])),
+                top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.0, 0.1])),
+                repetition_penalty=float(rng.choice([1.0] * 5 + [1.2])),
+                max_tokens=int(rng.integers(1, 12)))
+            seeds[rid] = int(rng.integers(0, 2**40))
+            sched.add_request(rid, rng.integers(1, 90, rng.integers(1, 14)).tolist(),
+                              params[rid].max_tokens)
+        out = sched.schedule()
+        rows = [SamplingRow(i, params[s.request_id], seeds[s.request_id] + len(s.seq_id), s,
+                            [(int(rng.integers(0, 90)), 1.5)] if rng.random() < 0.2 else None)
+                for i, s in enumerate(out.seqs)]
+        got, want = fast.build(out, rows).sampling, slow.build(out, rows).sampling
+        for name, value in dataclasses.asdict(want).items():
+            np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
+        persistent_steps += fast.columns is not None and not any(
+            r.params.uses_penalties for r in rows)
+        sched.update(out, rng.integers(1, 90, len(out.seqs)))
+        live = list(sched.requests)
+        if live and rng.random() < 0.2:
+            sched.abort(live[rng.integers(len(live))])
+    assert persistent_steps > 20 and next_id > 30

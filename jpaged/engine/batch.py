@@ -19,7 +19,8 @@ import numpy as np
 
 from jpaged.core.attention import AttentionMetadata
 from jpaged.core.cache import PageTable
-from jpaged.engine.sampler import SamplingTensors
+from jpaged.engine.sampler import SamplingTensors, _token_rule_arrays
+from jpaged.engine.sampling_rows import SamplingColumns
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.scheduler import Scheduler, StepPlan
 from jpaged.host.sequence import Sequence
@@ -103,6 +104,10 @@ class BatchBuilder:
         self.min_token_bucket = min_token_bucket
         self.min_seq_bucket = min_seq_bucket
         self.min_page_bucket = min_page_bucket
+        # Sampling parameters by block-table mirror row (see ``jpaged.engine.sampling_rows``);
+        # ``persistent=False`` rebuilds them every step (the reference path).
+        self.columns: SamplingColumns | None = None
+        self.persistent = True
 
     @classmethod
     def for_scheduler(cls, scheduler: Scheduler, **buckets) -> "BatchBuilder":
@@ -143,15 +148,36 @@ class BatchBuilder:
         logits_indices[:num_rows] = last
         logits_indices[rows:rows + len(extra)] = last[[r.row for r in extra]]
         prompt_indices, prompt_targets = self._scored(plan, scored, last - counts + 1)
+        tensors = self._persistent(plan, sampling, rows, size)
+        if tensors is None:
+            tensors = _sampling_tensors(sampling[:num_rows] + [None] * (rows - num_rows)
+                                        + extra, size)
         return StepBatch(
             token_ids=token_ids, positions=_padded(pos, tokens),
             slot_mapping=_padded(slots, tokens), q_seq=_padded(row, tokens),
             block_tables=block_tables, context_lens=context_lens,
             logits_indices=logits_indices,
-            sampling=_sampling_tensors(sampling[:num_rows] + [None] * (rows - num_rows)
-                                       + extra, size),
+            sampling=tensors,
             prompt_indices=prompt_indices, prompt_targets=prompt_targets,
             is_decode=is_decode, num_top=num_top, num_prompt_top=num_prompt_top)
+
+    def _persistent(self, plan: StepPlan, sampling: list[SamplingRow], rows: int,
+                    size: int) -> SamplingTensors | None:
+        """The sampling tensors from the persistent columns; None where the rebuild path
+        serves (extra rows of parallel samples, penalties' histories, or a plan whose
+        mirror is not the scheduler's)."""
+        num_rows = plan.num_seqs
+        if (not self.persistent or len(sampling) != num_rows or size != rows
+                or any(r.params.uses_penalties for r in sampling)):
+            return None
+        if self.columns is None or len(self.columns.owner) != len(plan.tables):
+            self.columns = SamplingColumns(len(plan.tables) - 1)
+        padded = sampling + [None] * (rows - num_rows)
+        extra = _token_rule_arrays([r and r.bias for r in padded],
+                                   [r and r.mask for r in padded], num_rows, rows)
+        return self.columns.tensors(plan.table_rows, sampling, len(plan.tables) - 1, rows,
+                                    prompt_tokens=np.zeros((rows, 0), np.int32),
+                                    output_tokens=np.zeros((rows, 0), np.int32), **extra)
 
     def _scored(self, plan: StepPlan, scored, first: np.ndarray):
         """``prompt_indices`` and ``prompt_targets`` of the ``scored`` rows; ``first``:

@@ -202,10 +202,11 @@ class LLMEngine:
                           self.tokenizer, self._grammars)
 
     def _rules(self, request: Request) -> TokenRules | None:
-        """The request's token rules, rebuilt when missing (after a snapshot restore)."""
+        """The request's token rules, rebuilt when missing (after a snapshot restore);
+        a request without any keeps False, so its steps never ask its params again."""
         if request.rules is None:
-            request.rules = self._make_rules(request.params)
-        return request.rules
+            request.rules = self._make_rules(request.params) or False
+        return request.rules or None
 
     def _rule_row(self, row: int, request: Request, seq: Sequence, seed: int) -> SamplingRow:
         """A sampling row with the token rules of ``seq``'s next token, if any."""

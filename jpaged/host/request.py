@@ -153,8 +153,9 @@ class Request:
         self.streams: dict[str, Stream] = {}       # live and finished sequences by seq_id
         self.seqs: dict[str, Sequence] = {}
         self.hypotheses: list[tuple[float, Sequence]] = []   # finished beams, raw score
-        # Token rules (``jpaged.host.token_rules.TokenRules``, set by the engine) and each
-        # sequence's grammar position, by seq_id (rebuilt from its tokens when missing).
+        # Token rules (``jpaged.host.token_rules.TokenRules``, set by the engine; False:
+        # none) and each sequence's grammar position, by seq_id (rebuilt from its tokens
+        # when missing).
         self.rules = None
         self.grammar_states: dict = {}
         # Filled position by position by the prefill steps (entry 0 stays None).
@@ -253,13 +254,14 @@ class Request:
         outputs = []
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
-            tokens = seq.output_token_ids
-            if tokens and tokens[-1] == PLACEHOLDER:   # still on the device
+            tokens, reason = seq.output_token_ids, seq.finish_reason
+            if tokens and tokens[-1] == PLACEHOLDER:   # still on the device: not done yet
                 tokens.pop()
+                reason = None
             outputs.append(CompletionOutput(
                 stream.index, tokens, stream.current_text(), stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
-                seq.finish_reason, stream.stop_reason))
+                reason, stream.stop_reason))
         return outputs
 
 
