@@ -149,14 +149,14 @@ def test_a_failure_of_every_request_is_raised_and_reported(model):
     work = workload("swap")
     for i, (prompt, params) in enumerate(work):
         llm.engine.add_request(prompt, params, request_id=str(i))
-    execute = llm.engine.runner.execute
-    llm.engine.runner.execute = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
+    dispatch = llm.engine.runner.dispatch   # every step's (execute dispatches too)
+    llm.engine.runner.dispatch = lambda *a: (_ for _ in ()).throw(RuntimeError("device lost"))
     with pytest.raises(RuntimeError, match="device lost"):
         llm.engine.step()
     assert not llm.engine.can_step
     llm.engine.scheduler.check()
     assert len(llm.engine.requests) == len(work)   # nobody was failed for it
-    llm.engine.runner.execute = execute
+    llm.engine.runner.dispatch = dispatch
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
         assert llm.engine.can_step
@@ -175,14 +175,14 @@ def test_a_replica_failure_keeps_the_other_replicas_outputs(model):
     routed = dict(engine.owner)
     engine.step()
     failing = engine.engines[0]
-    failing._pending_forks = lambda plan: (_ for _ in ()).throw(KeyboardInterrupt)
+    failing._build = lambda *args: (_ for _ in ()).throw(KeyboardInterrupt)
     before = faults.fingerprint(failing)
     with pytest.raises(KeyboardInterrupt):
         engine.step()
     assert faults.fingerprint(failing) == before
     kept = {o.request_id for o in engine.outbox}
     assert kept and all(routed[r] == 1 for r in kept)
-    del failing._pending_forks
+    del failing._build
     done = {}
     outputs = engine.step()
     assert kept <= {o.request_id for o in outputs}

@@ -380,8 +380,10 @@ class LLMEngine:
                 step = overlap.InFlight(plan, batch, result, placeholders,
                                         self._scored(plan)[0])
                 # Placeholders now, so the next plan continues these rows; the length limit
-                # is known without the token. Pages are cached once computed.
-                scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs, cache_pages=False)
+                # is known without the token. The prefix cache takes the pages this step
+                # computes now too (a step reading them runs after it on the device; a
+                # device error forgets the whole cache), except one holding a placeholder.
+                scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs)
             outputs = []
             if prev is not None:
                 lost = True
@@ -409,10 +411,10 @@ class LLMEngine:
             self.host_time -= time.perf_counter() - wait   # _count_step adds it back
 
     def _apply_inflight(self, step: overlap.InFlight) -> list[RequestOutput]:
-        """Apply a dispatched step's fetched ids: fill its placeholders, cache the pages it
-        computed, record logprobs, apply the stop rules. Rows whose request was aborted or
+        """Apply a dispatched step's fetched ids: fill its placeholders, record logprobs,
+        apply the stop rules. Rows whose request was aborted or
         whose placeholder a stop already dropped are skipped."""
-        plan, sampled, bm = step.plan, step.sampled, self.scheduler.block_manager
+        plan, sampled = step.plan, step.sampled
         journal = self.scheduler.journal
         live = []
         for row, seq in enumerate(plan.seqs):
@@ -429,8 +431,6 @@ class LLMEngine:
             metrics = request.metrics
             if not metrics.scheduled:
                 metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
-            if seq.status is RUNNING:
-                bm.cache_full_pages(seq, plan.start_positions[row] + plan.num_new_tokens[row])
             held = step.placeholders.get(seq.seq_id)
             if held is None:
                 continue

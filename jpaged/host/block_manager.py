@@ -7,7 +7,7 @@ plans this module returns.
 from collections import OrderedDict
 
 from jpaged.host.journal import Journal
-from jpaged.host.sequence import Sequence
+from jpaged.host.sequence import PLACEHOLDER, Sequence
 from jpaged.core.shapes import cdiv
 
 
@@ -236,10 +236,11 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------------------
 
-    def cache_full_pages(self, seq: Sequence, upto: int | None = None) -> None:
-        """Register the pages of ``seq`` that are full and computed (call after a step);
-        ``upto``: only within its first ``upto`` tokens (those a finished step computed,
-        while a later one is still running: async scheduling).
+    def cache_full_pages(self, seq: Sequence) -> None:
+        """Register the pages of ``seq`` that are full and computed (call after a step, or
+        after dispatching it: a later step reading a page runs after it on the device).
+        Registration stops at a page holding a ``PLACEHOLDER`` (async scheduling: a token
+        still on the device); it is registered once the token is known.
 
         If an equal page is already cached (another sequence computed the same prefix
         at the same time), that entry is adopted as the parent of the next page and this
@@ -249,13 +250,13 @@ class BlockManager:
             return
         ps, keys, journal = self.page_size, seq.cache_keys, self.journal
         parent = keys[-1] if keys else 0
-        computed = seq.num_computed_tokens if upto is None else min(upto,
-                                                                    seq.num_computed_tokens)
-        start, end = len(keys), computed // ps
+        start, end = len(keys), seq.num_computed_tokens // ps
         if start < end:
             journal.length(keys)
         for i in range(start, end):
             key = (parent, tuple(seq.token_ids[i * ps:(i + 1) * ps]), seq.extra_keys)
+            if PLACEHOLDER in key[1]:
+                break
             entry = self.cache.get(key)
             if entry is None:
                 page = seq.block_table[i]

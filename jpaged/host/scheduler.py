@@ -496,13 +496,11 @@ class Scheduler:
                 budget -= self._admit(out, seq, budget)
         out.table_rows = [self._tables.row(seq) for seq in out.seqs]
 
-    def update(self, out: StepPlan, sampled_token_ids, cache_pages: bool = True
-               ) -> list[Sequence]:
-        """After the device step: cache the newly computed full pages (unless not
-        ``cache_pages``: async scheduling appends placeholders before the step has run,
-        and caches its pages once it has) and append one sampled token to each sampling
-        row (``sampled_token_ids[i]`` for row i; padded entries and non-sampling rows are
-        ignored). Returns the sequences that stopped on length."""
+    def update(self, out: StepPlan, sampled_token_ids) -> list[Sequence]:
+        """After the device step (or after dispatching it: async scheduling appends
+        ``PLACEHOLDER``\ s), cache the newly computed full pages and append one sampled
+        token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
+        non-sampling rows are ignored). Returns the sequences that stopped on length."""
         stopped, bm, journal = [], self.block_manager, self.journal
         log = journal.log if journal.active else None
         sampled = np.asarray(sampled_token_ids).ravel()
@@ -512,7 +510,7 @@ class Scheduler:
         for seq, sample, token in zip(out.seqs, out.sample, sampled):
             if seq.status is FINISHED:   # finished or aborted since `schedule`
                 continue
-            if seq.status is RUNNING and cache_pages:
+            if seq.status is RUNNING:
                 bm.cache_full_pages(seq)
             if sample:
                 if log is not None:   # Journal.length, inlined: once per row and step
