@@ -1,12 +1,15 @@
 """examples/custom_model.py runs, and its loop's tokens agree with a recompute."""
 
+import contextlib
 import importlib.util
+import io
 import os
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jpaged.decode_loop import prepare
 
@@ -21,9 +24,18 @@ def load_example():
     return module
 
 
-def test_custom_model_example(capsys):
-    result = load_example().main(["--steps", "6", "--batch", "3"])
-    assert "paged and dense tokens equal: True" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def example_run():
+    """The example's ``main`` in this process: its result and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = load_example().main(["--steps", "6", "--batch", "3"])
+    return result, out.getvalue()
+
+
+def test_custom_model_example(example_run):
+    result, printed = example_run
+    assert "paged and dense tokens equal: True" in printed
     np.testing.assert_array_equal(result["paged"], result["dense"])
     np.testing.assert_array_equal(result["engine"], result["paged"][:, :-1])
     # Greedy: prefilling each prompt with all its generated tokens but the last predicts it.
@@ -44,9 +56,10 @@ def engine_lines(*flags) -> list[str]:
     return [line for line in proc.stdout.splitlines() if line.startswith("engine tokens")]
 
 
-def test_custom_model_tensor_parallel():
+def test_custom_model_tensor_parallel(example_run):
     """The user's model, built from jpaged.parallel.layers, runs tensor-parallel unchanged: the
-    engine over 2 devices prints the single-device tokens."""
-    single = engine_lines()
+    engine over 2 devices (a subprocess: JAX needs its host devices before it starts) prints
+    the tokens the single-device run printed."""
+    single = [line for line in example_run[1].splitlines() if line.startswith("engine tokens")]
     assert len(single) == 3, single
     assert engine_lines("--tensor-parallel", "2") == single

@@ -27,6 +27,7 @@ from jpaged.engine.stats import StatsLogger
 from jpaged.host.chat import ChatTemplate, chat_messages
 from jpaged.parallel import mesh as parallel
 from jpaged.engine import snapshot
+from jpaged.engine import overlap
 from jpaged.engine.batch import BatchBuilder, SamplingRow, StepBatch
 from jpaged.engine.host_state import check_state, make_scheduler
 from jpaged.host import beam_search
@@ -40,7 +41,7 @@ from jpaged.host.request import (CompletionOutput, Logprob, Request, RequestOutp
 from jpaged.engine.runner import ModelRunner
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
-from jpaged.host.sequence import Sequence, SequenceStatus
+from jpaged.host.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from jpaged.core.shapes import bucket
 from jpaged.host.stop import StopRules
 from jpaged.host.grammar import GrammarCompiler
@@ -58,7 +59,8 @@ class LLMEngine:
     """
 
     def __init__(self, model: Model, cache: KVCache, scheduler: Scheduler, *, seed: int = 0,
-                 num_host_pages: int = 0, attention_impl: str = "auto"):
+                 num_host_pages: int = 0, attention_impl: str = "auto",
+                 async_scheduling: bool = False):
         self.model = model
         self.scheduler = scheduler
         self.batcher = BatchBuilder.for_scheduler(scheduler)
@@ -77,21 +79,32 @@ class LLMEngine:
         self.can_step = True
         self._suspects = None   # the request ids of the step being run, for `_isolate`
         self._final_only: set[str] = set()      # live requests added with stream=False
+        # Async scheduling (see `_step_async`): the step on the device, outputs resolved
+        # outside `step` not yet returned, live requests that `needs_each_token`.
+        self.async_scheduling = async_scheduling
+        self._inflight: overlap.InFlight | None = None
+        self._ready: list[RequestOutput] = []
+        self._sync_ids: set[str] = set()
 
     # -- state -----------------------------------------------------------------------
 
     # Attributes ``state_dict`` leaves out: the model and what is built from it, and the
     # ``runner``, whose pool a snapshot saves as arrays (``jpaged.engine.snapshot``).
     # ``_final_only``: requests added with ``stream=False`` (a restored one reports every
-    # step).
+    # step). Async scheduling: the option; the step in flight and the outputs not yet
+    # returned (``state_dict`` synchronizes first: neither is left); the requests that
+    # ``needs_each_token``, rebuilt from the requests.
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
-               "_suspects", "_final_only", "_grammars")
+               "_suspects", "_final_only", "_grammars", "async_scheduling", "_inflight",
+               "_ready", "_sync_ids")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
         every request (``Request.state_dict``, times as ages) and the scheduler's state.
         Sequences appear as the objects themselves, shared between the requests and the
-        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once)."""
+        scheduler (a writer such as ``jpaged.engine.snapshot`` writes each once). A step
+        in flight is applied first (``synchronize``)."""
+        self.synchronize()
         clock = time.perf_counter()
         return {"next_id": self.next_id, "rng": self.rng.bit_generator.state,
                 "num_steps": self.num_steps, "host_time": self.host_time,
@@ -105,7 +118,9 @@ class LLMEngine:
         The pool is not part of it."""
         requests, rng = check_state(state, self.scheduler, self.model.config.vocab_size)
         self.requests, self.rng = requests, rng
-        self._final_only = set()
+        self._final_only, self._inflight, self._ready = set(), None, []
+        self._sync_ids = {rid for rid, r in requests.items()
+                          if overlap.needs_each_token(r.params)}
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -150,6 +165,8 @@ class LLMEngine:
             self.requests[request_id] = request
         if not stream:   # once the add has succeeded
             self._final_only.add(request_id)
+        if overlap.needs_each_token(params):
+            self._sync_ids.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -202,7 +219,11 @@ class LLMEngine:
                            rules.mask(request.grammar_states[seq.seq_id], outputs))
 
     def abort(self, request_id: str) -> None:
+        """Stop a request and free its pages. With a step in flight, the token it computes
+        for the request is dropped when it comes back; an output resolved but not yet
+        returned is dropped too."""
         request_id = str(request_id)
+        self._ready = [o for o in self._ready if o.request_id != request_id]
         if request_id not in self.requests:
             raise ValueError(f"unknown request id {request_id!r}")
         with self.scheduler.transaction():
@@ -211,9 +232,13 @@ class LLMEngine:
             if request_id in self.scheduler.requests:
                 self.scheduler.abort(request_id)
         self._final_only.discard(request_id)
+        self._sync_ids.discard(request_id)
+        if not self.requests:   # the step in flight, if any, holds only dropped rows
+            self._inflight = None
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        """Requests not finished, a step in flight, or outputs not yet returned."""
+        return bool(self.requests or self._inflight or self._ready)
 
     def metrics(self) -> dict:
         """Queue lengths, pool use, prefix-cache and preemption counters (see
@@ -229,6 +254,7 @@ class LLMEngine:
         many. What requests add later compiles at first use: top logprobs, the extra
         sampling rows of parallel samples' first tokens, penalties' token histories."""
         none = np.zeros((0, 2), np.int32)
+        self.synchronize()   # the pool is threaded through every call: nothing in flight
         shapes = self.batcher.step_shapes()
         for shape in shapes:
             self.runner.execute(PageMoves(none, none, none), self.batcher.warmup_batch(*shape))
@@ -256,18 +282,24 @@ class LLMEngine:
         requests that make it fail are searched for (``_isolate``) and finished with
         reason "error"; the others go on as if nothing had happened. A failure that is
         no request's (every one fails, even alone) is re-raised and ``can_step`` is False
-        until a step succeeds. A ``KeyboardInterrupt`` is re-raised at once."""
+        until a step succeeds. A ``KeyboardInterrupt`` is re-raised at once.
+
+        With ``async_scheduling`` the outputs are those of the step before, which the
+        device ran while this one was planned (see ``_step_async``)."""
         try:
-            outputs = self._step()
+            outputs = self._step_async() if self.async_scheduling else self._step()
         except Exception as error:
             if not self.isolate_faults:
                 self.can_step = False
                 raise
             outputs = self._isolate(error)
         self.can_step = True
-        return outputs
+        ready, self._ready = self._ready, []
+        return ready + outputs
 
     def _step(self) -> list[RequestOutput]:
+        """One synchronous step: plan, build, run, apply (the step after which nothing is
+        in flight)."""
         start = time.perf_counter()
         scheduler = self.scheduler
         scheduler.begin()
@@ -300,6 +332,186 @@ class LLMEngine:
             if self.runner.replace_lost_cache():
                 self.scheduler.drop_device_pages()
 
+    # -- async scheduling --------------------------------------------------------------
+
+    def _step_async(self) -> list[RequestOutput]:
+        """Plan, build and dispatch this step (N+1), then wait for the step before it (N)
+        and apply its tokens while N+1 runs on the device: one transaction.
+
+        Rows continuing from N hold a ``PLACEHOLDER`` on the host; their token reaches
+        N+1 on the device (``overlap.feed``). A stop found in N's tokens takes effect
+        now: the token N+1 computes for that row is dropped, its placeholder removed and
+        its pages freed (as for a request aborted while its step is in flight). While a
+        request ``needs_each_token`` the engine steps synchronously.
+
+        Failures: anything raised rolls the transaction back through the journal (N+1's
+        plan, its device writes repaired as in a synchronous step, and N's host update):
+        the state before this call, N still in flight. A device error of N itself, seen
+        only when its ids are fetched, also fails N+1 (which read N's tokens and pool):
+        the pool is replaced and N is cancelled (``_lose``)."""
+        if self._sync_ids:
+            self._sync_ids = {r for r in self._sync_ids if r in self.requests}
+        if self._sync_ids:
+            self._settle()
+            return self._step()
+        start = time.perf_counter()
+        scheduler, prev = self.scheduler, self._inflight
+        lost = False
+        scheduler.begin()
+        self._suspects = None
+        try:
+            plan = scheduler.schedule()
+            self._suspects = list(dict.fromkeys(
+                [seq.request_id for seq in plan.seqs]
+                + ([seq.request_id for seq in prev.plan.seqs] if prev else [])))
+            step = None
+            if not plan.seqs:
+                scheduler.roll_back()   # its preemptions' swap-outs will not run
+                if prev is None:
+                    return self._idle()
+                scheduler.begin()
+            else:
+                batch = self._build(plan, [])
+                fed = overlap.feed(plan, batch, prev)
+                placeholders = overlap.placeholders_of(plan)
+                scheduler.device_may_write()
+                result = self.runner.dispatch(plan.moves, batch, fed)
+                step = overlap.InFlight(plan, batch, result, placeholders,
+                                        self._scored(plan)[0])
+                # Placeholders now, so the next plan continues these rows; the length limit
+                # is known without the token. Pages are cached once computed.
+                scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs, cache_pages=False)
+            outputs = []
+            if prev is not None:
+                lost = True
+                self._fetch(prev)
+                lost = False
+                outputs = self._apply_inflight(prev)
+            self._inflight = step
+            scheduler.commit()   # in here: a fault up to its last instruction undoes
+        except BaseException:
+            self._inflight = prev
+            self._roll_back()
+            if lost:
+                self._lose()
+            raise
+        if not self.requests:   # what is in flight belongs to finished requests only
+            self._inflight = None
+        self._count_step(start)
+        return outputs
+
+    def _fetch(self, step: overlap.InFlight) -> None:
+        """Wait for ``step``'s sampled ids (kept on it: fetched once)."""
+        if step.sampled is None:
+            wait = time.perf_counter()
+            step.sampled = self.runner.fetch(step.result)
+            self.host_time -= time.perf_counter() - wait   # _count_step adds it back
+
+    def _apply_inflight(self, step: overlap.InFlight) -> list[RequestOutput]:
+        """Apply a dispatched step's fetched ids: fill its placeholders, cache the pages it
+        computed, record logprobs, apply the stop rules. Rows whose request was aborted or
+        whose placeholder a stop already dropped are skipped."""
+        plan, sampled, bm = step.plan, step.sampled, self.scheduler.block_manager
+        journal = self.scheduler.journal
+        live = []
+        for row, seq in enumerate(plan.seqs):
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.seqs.get(seq.seq_id) is seq:
+                live.append((row, seq, request))
+        for request in {id(r): r for _, _, r in live}.values():
+            journal.call(request.restore, request.state())
+        self._record_prompt(plan, step.batch, sampled, step.scored)
+        tokens = np.asarray(sampled.tokens).tolist()
+        now = time.perf_counter()
+        checks, ends, touched = [], [], {}
+        for row, seq, request in live:
+            metrics = request.metrics
+            if not metrics.scheduled:
+                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+            if seq.status is RUNNING:
+                bm.cache_full_pages(seq, plan.start_positions[row] + plan.num_new_tokens[row])
+            held = step.placeholders.get(seq.seq_id)
+            if held is None:
+                continue
+            index = held[1]
+            if index >= len(seq.token_ids) or seq.token_ids[index] != PLACEHOLDER:
+                continue   # a stop in an earlier step dropped it
+            journal.item(seq.token_ids, index)
+            seq.token_ids[index] = tokens[row]
+            self._record(seq, tokens[row], sampled, row)
+            checks.append(seq)
+            ends.append(index + 1)
+            touched[id(request)] = request
+        self._check_stops(checks, ends)
+        for request in touched.values():
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            self._maybe_finish(request, now)
+        return self._outputs(touched.values())
+
+    def synchronize(self) -> None:
+        """Wait for the step in flight, if any, and apply it in a transaction of its own;
+        ``step`` returns its outputs next (snapshots, warm-up and synchronous steps need
+        the host state of a finished step). A failure rolls the update back (the step
+        stays in flight) and is re-raised; a device error cancels the step (``_lose``)."""
+        step = self._inflight
+        if step is None:
+            return
+        scheduler, lost = self.scheduler, True
+        scheduler.begin()
+        try:
+            self._fetch(step)
+            lost = False
+            outputs = self._apply_inflight(step)
+            self._inflight = None
+            scheduler.commit()
+        except BaseException:
+            self._inflight = step
+            self._roll_back()
+            if lost:
+                self._lose()
+            raise
+        self._ready += outputs
+
+    def _settle(self) -> None:
+        """Nothing in flight after this: ``synchronize``, or if applying the step fails
+        with an ``Exception`` (a request's fault: ``_isolate`` finds it in synchronous
+        steps), cancel it: its rows recompute."""
+        try:
+            self.synchronize()
+        except Exception:   # noqa: BLE001 - the synchronous steps meet it again
+            if self._inflight is not None:
+                with deferred_interrupts():
+                    self._cancel(self._inflight)
+
+    def _lose(self) -> None:
+        """The step in flight failed on the device (its ids never came back): the pool it
+        and any later step produced carries the error, so a zeroed one replaces it and
+        every running sequence recomputes (``Scheduler.drop_device_pages``); the step is
+        cancelled (``_cancel``)."""
+        with deferred_interrupts():
+            step = self._inflight
+            self.runner.replace_lost_cache(force=True)
+            self.scheduler.drop_device_pages()
+            if step is not None:
+                self._cancel(step)
+
+    def _cancel(self, step: overlap.InFlight) -> None:
+        """Forget a dispatched step whose ids will never be applied: each of its sampling
+        rows drops its placeholder and recomputes from its tokens (``Scheduler.restart``;
+        a sequence the placeholder finished on length comes back). Outside a
+        transaction, like an undo's repairs."""
+        self._inflight = None
+        for row, seq in enumerate(step.plan.seqs):
+            request = self.requests.get(seq.request_id)
+            held = step.placeholders.get(seq.seq_id)
+            if request is None or request.seqs.get(seq.seq_id) is not seq or held is None:
+                continue
+            index = held[1]
+            if index < len(seq.token_ids) and seq.token_ids[index] == PLACEHOLDER:
+                del seq.token_ids[index:]
+                self.scheduler.restart(seq)
+
     def _isolate(self, error: Exception) -> list[RequestOutput]:
         """The step failed with ``error`` and was rolled back: bisect its requests (those
         of its plan, or every request if planning failed). A group that fails is split
@@ -307,6 +519,7 @@ class LLMEngine:
         succeeds has made its step. A request failing alone is a culprit, finished with
         reason "error". If every request fails, nobody is to blame: ``error`` is
         re-raised and ``can_step`` is False."""
+        self._settle()   # the bisection steps synchronously
         suspects = self._suspects or list(self.requests)
         outputs, culprits = [], []
 
@@ -488,13 +701,18 @@ class LLMEngine:
         return None if self.tokenizer is None else self.tokenizer.decode(
             [token], skip_special_tokens=False)
 
-    def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled) -> None:
-        """Store the step's prompt logprobs by position. Not journaled: if the step is
+    def _record_prompt(self, plan: StepPlan, batch: StepBatch, sampled,
+                       scored: list[tuple[int, int]] | None = None) -> None:
+        """Store the step's prompt logprobs by position (``scored``: the batch's, see
+        ``_scored``; a request aborted since is skipped). Not journaled: if the step is
         rolled back, its chunks run again and write the same scores."""
         at = 0
-        for row, k in self._scored(plan)[0]:
+        for row, k in self._scored(plan)[0] if scored is None else scored:
             seq, start = plan.seqs[row], plan.start_positions[row]
-            request = self.requests[seq.request_id]
+            request = self.requests.get(seq.request_id)
+            if request is None or request.seqs.get(seq.seq_id) is not seq:
+                at += k
+                continue
             top = request.params.prompt_logprobs
             text = self._token_text if request.params.detokenize else lambda t: None
             for i in range(at, at + k):
@@ -521,21 +739,30 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stops(self, seqs: list[Sequence]) -> None:
+    def _check_stops(self, seqs: list[Sequence], ends: list[int] | None = None) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
         limit stopped it in the same step. All are detokenized in one batch; beams stop
-        through their candidates and are detokenized when they finish."""
-        rows = []
-        for seq in seqs:
+        through their candidates and are detokenized when they finish. ``ends``: each
+        sequence's tokens to look at (async scheduling: a placeholder may follow, which a
+        stop drops)."""
+        rows, kept = [], []
+        for i, seq in enumerate(seqs):
             request = self.requests[seq.request_id]
             if not request.beam_width:
                 rows.append((request.params, seq, request.streams[seq.seq_id]))
+                kept.append(len(seq.token_ids) if ends is None else ends[i])
         if not rows:
             return
-        for (_, seq, _), stop in zip(rows, self.stop.check_all(rows)):
+        journal = self.scheduler.journal
+        stops = self.stop.check_all(rows) if ends is None else self.stop.check_all(rows, kept)
+        for (_, seq, _), end, stop in zip(rows, kept, stops):
             if not stop:
                 continue
+            if end < len(seq.token_ids):   # the placeholder of the step in flight
+                journal.call(_restore_tail, seq.token_ids, end, seq.token_ids[end:])
+                del seq.token_ids[end:]
             if seq.status is FINISHED:
+                journal.attr(seq, "finish_reason")
                 seq.finish_reason = "stop"
             else:
                 self.scheduler.finish(seq, "stop")
@@ -543,7 +770,9 @@ class LLMEngine:
     # -- outputs ---------------------------------------------------------------------
 
     def _maybe_finish(self, request: Request, now: float) -> None:
-        if any(s.status is not FINISHED for s in request.seqs.values()):
+        # A sequence finished on length while its last token is on the device is not done.
+        if any(s.status is not FINISHED or s.token_ids[-1] == PLACEHOLDER
+               for s in request.seqs.values()):
             return
         request.finished = True
         request.metrics.finished_time = now
@@ -565,6 +794,11 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, request.finished, request.metrics,
                              request.prompt_logprobs)
+
+
+def _restore_tail(values: list, end: int, tail: list) -> None:
+    """Undo record: ``values[end:]`` back to ``tail``."""
+    values[end:] = tail
 
 
 def _prompt_logprobs_key(params: SamplingParams):
@@ -670,7 +904,8 @@ class LLM:
             scheduler = make_scheduler(self.config)
             engines.append(LLMEngine(replica, cache, scheduler, seed=config.seed + len(engines),
                                      num_host_pages=num_host_pages,
-                                     attention_impl=config.attention_impl))
+                                     attention_impl=config.attention_impl,
+                                     async_scheduling=config.async_scheduling))
         self.engine: Engine = (engines[0] if layout is None
                                else layout.engine(engines, config.prefix_routing))
         # The chat template and the sampling defaults (generation_config.json's

@@ -7,6 +7,7 @@ the only values brought back to the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -45,6 +46,13 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
             ("prompt_logprobs", "prompt_top_ids", "prompt_top_logprobs", "prompt_ranks"),
             score_tokens(logits[rows:], batch.prompt_targets, batch.num_prompt_top))))
     return sampled, cache
+
+
+@jax.jit
+def _feed(token_ids, index, rows, tokens):
+    """``token_ids`` with ``token_ids[index[i]] = tokens[rows[i]]``; out-of-range indices
+    are padding and dropped."""
+    return jnp.asarray(token_ids).at[index].set(tokens[rows], mode="drop")
 
 
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,10 +97,12 @@ class ModelRunner:
         self.model = model
         self.attention_impl = attention_impl
         self.cache = cache
-        # Shapes, dtypes and shardings, to rebuild the pool if a failed step consumed it.
+        # Shapes, dtypes and shardings, to rebuild the pool if a failed step consumed it;
+        # an uncommitted pool is rebuilt uncommitted (a committed one is another jit key:
+        # every step program would compile again).
         self._layout = jax.tree.map(
-            lambda pool: jax.ShapeDtypeStruct(pool.shape, pool.dtype, sharding=pool.sharding),
-            cache)
+            lambda pool: (jax.ShapeDtypeStruct(pool.shape, pool.dtype, sharding=pool.sharding),
+                          pool.committed), cache)
         self.host = HostPool(cache, num_host_pages) if num_host_pages else None
         self._copy = jax.jit(copy_pages, donate_argnums=(0,))
         self._put = jax.jit(put_pages, donate_argnums=(0,))
@@ -106,9 +116,33 @@ class ModelRunner:
 
     def execute(self, moves: PageMoves, batch: StepBatch) -> SamplerOutput:
         """Move pages as planned, run the step, and bring back the sampled ids (numpy)."""
+        return self.fetch(self.dispatch(moves, batch))
+
+    def dispatch(self, moves: PageMoves, batch: StepBatch, feed=None) -> SamplerOutput:
+        """Move pages as planned and start the step without waiting for it (JAX dispatch
+        is asynchronous): its sampled ids stay on the device until ``fetch``.
+
+        feed: ``(index int32[N], rows int32[N], tokens)``: flat token ``index[i]`` of the
+        batch is ``tokens[rows[i]]``, an id an earlier step sampled that never came to
+        the host (async scheduling); ``tokens``: that step's ``SamplerOutput.tokens``."""
         self.move_pages(moves)
+        if feed is not None:
+            index, rows, tokens = feed
+            size = bucket(len(index), MIN_COPY_BUCKET)
+            padded = np.full(size, len(batch.token_ids), np.int32)   # out of range: dropped
+            padded[:len(index)] = index
+            padded_rows = np.zeros(size, np.int32)
+            padded_rows[:len(rows)] = rows
+            batch = dataclasses.replace(batch, token_ids=_feed(
+                batch.token_ids, padded, padded_rows, tokens))
         result, self.cache = _step(self.model.forward, self.model.config, self.attention_impl,
                                    self.model.params, self.cache, batch)
+        return result
+
+    @staticmethod
+    def fetch(result: SamplerOutput) -> SamplerOutput:
+        """Wait for a dispatched step and bring its sampled ids back (numpy). A device
+        error of the step (or of any step it depends on) surfaces here."""
         return jax.device_get(result)
 
     def move_pages(self, moves: PageMoves) -> None:
@@ -125,14 +159,17 @@ class ModelRunner:
         if len(moves.copies):
             self.cache = self._copy(self.cache, *_padded_pairs(moves.copies))
 
-    def replace_lost_cache(self) -> bool:
+    def replace_lost_cache(self, force: bool = False) -> bool:
         """After a failed step: if the pool was consumed (donated to a call that raised),
-        put a zeroed pool of the same layout in its place. Returns whether it did: then
-        every page's K/V is gone and the caller recomputes what they held."""
-        if not any(pool.is_deleted() for pool in jax.tree.leaves(self.cache)):
+        or ``force`` (a dispatched step failed on the device: the pool it produced, and
+        every later one, carries the error), put a zeroed pool of the same layout in its
+        place. Returns whether it did: then every page's K/V is gone and the caller
+        recomputes what they held."""
+        if not force and not any(pool.is_deleted() for pool in jax.tree.leaves(self.cache)):
             return False
-        self.cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding),
-                                  self._layout)
+        self.cache = jax.tree.map(
+            lambda s: jnp.zeros(s[0].shape, s[0].dtype, device=s[0].sharding if s[1] else None),
+            self._layout, is_leaf=lambda x: isinstance(x, tuple))
         return True
 
     def poison_free_pages(self, pages) -> None:

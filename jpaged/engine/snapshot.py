@@ -53,7 +53,8 @@ LEAVES = ("k", "v", "k_scale", "v_scale")
 # LLM options a restore may change: where and how the same state runs, not what it is.
 # ``dtype``: the params' (a snapshot of dtype=None taken on an accelerator holds bfloat16
 # pages; on a CPU pass dtype="bfloat16"); the pool geometry check still applies.
-OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype")
+OVERRIDABLE = ("model", "tensor_parallel", "mesh", "attention_impl", "dtype",
+               "async_scheduling")
 
 
 # -- JSON of the classes' states -------------------------------------------------------

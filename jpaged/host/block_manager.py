@@ -236,8 +236,10 @@ class BlockManager:
 
     # -- prefix cache ----------------------------------------------------------------
 
-    def cache_full_pages(self, seq: Sequence) -> None:
-        """Register the pages of ``seq`` that are full and computed (call after a step).
+    def cache_full_pages(self, seq: Sequence, upto: int | None = None) -> None:
+        """Register the pages of ``seq`` that are full and computed (call after a step);
+        ``upto``: only within its first ``upto`` tokens (those a finished step computed,
+        while a later one is still running: async scheduling).
 
         If an equal page is already cached (another sequence computed the same prefix
         at the same time), that entry is adopted as the parent of the next page and this
@@ -247,7 +249,9 @@ class BlockManager:
             return
         ps, keys, journal = self.page_size, seq.cache_keys, self.journal
         parent = keys[-1] if keys else 0
-        start, end = len(keys), seq.num_computed_tokens // ps
+        computed = seq.num_computed_tokens if upto is None else min(upto,
+                                                                    seq.num_computed_tokens)
+        start, end = len(keys), computed // ps
         if start < end:
             journal.length(keys)
         for i in range(start, end):

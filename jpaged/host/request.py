@@ -9,7 +9,7 @@ import numpy as np
 
 from jpaged.host.detokenizer import DecodeState
 from jpaged.host.sampling_params import SamplingParams
-from jpaged.host.sequence import Sequence, SequenceStatus
+from jpaged.host.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 @dataclasses.dataclass
@@ -253,8 +253,11 @@ class Request:
         outputs = []
         for seq_id, stream in sorted(self.streams.items(), key=lambda kv: kv[1].index):
             seq = self.seqs[seq_id]
+            tokens = seq.output_token_ids
+            if tokens and tokens[-1] == PLACEHOLDER:   # still on the device
+                tokens.pop()
             outputs.append(CompletionOutput(
-                stream.index, seq.output_token_ids, stream.current_text(), stream.cumulative_logprob,
+                stream.index, tokens, stream.current_text(), stream.cumulative_logprob,
                 stream.logprobs if self.params.logprobs is not None else None,
                 seq.finish_reason, stream.stop_reason))
         return outputs

@@ -418,6 +418,21 @@ class Scheduler:
         heapq.heapify(self.waiting)
         self._tables.reset()
 
+    def restart(self, seq: Sequence) -> None:
+        """Recompute ``seq`` from its tokens (its step was cancelled after its plan was
+        committed: async scheduling): running or swapped, it goes back to waiting; a
+        finished one (on length, by the token the cancelled step was to sample) comes back
+        to waiting. Not journaled: for recovery, outside a transaction."""
+        if seq.status is WAITING:
+            return
+        if seq.status is FINISHED:
+            seq.status, seq.finish_reason, seq.num_computed_tokens = WAITING, None, 0
+            self.seqs[seq.seq_id] = seq
+            self.requests[seq.request_id] = self.requests.get(seq.request_id, []) + [seq]
+            heapq.heappush(self.waiting, seq)
+            return
+        self._recompute(seq)
+
     def drop_device_pages(self) -> None:
         """The device pool was lost (a failed step consumed the donated cache and a zeroed
         one replaced it): every running sequence recomputes, and the prefix cache, whose
@@ -481,10 +496,13 @@ class Scheduler:
                 budget -= self._admit(out, seq, budget)
         out.table_rows = [self._tables.row(seq) for seq in out.seqs]
 
-    def update(self, out: StepPlan, sampled_token_ids) -> list[Sequence]:
-        """After the device step: cache the newly computed full pages and append one sampled
-        token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
-        non-sampling rows are ignored). Returns the sequences that stopped on length."""
+    def update(self, out: StepPlan, sampled_token_ids, cache_pages: bool = True
+               ) -> list[Sequence]:
+        """After the device step: cache the newly computed full pages (unless not
+        ``cache_pages``: async scheduling appends placeholders before the step has run,
+        and caches its pages once it has) and append one sampled token to each sampling
+        row (``sampled_token_ids[i]`` for row i; padded entries and non-sampling rows are
+        ignored). Returns the sequences that stopped on length."""
         stopped, bm, journal = [], self.block_manager, self.journal
         log = journal.log if journal.active else None
         sampled = np.asarray(sampled_token_ids).ravel()
@@ -494,7 +512,7 @@ class Scheduler:
         for seq, sample, token in zip(out.seqs, out.sample, sampled):
             if seq.status is FINISHED:   # finished or aborted since `schedule`
                 continue
-            if seq.status is RUNNING:
+            if seq.status is RUNNING and cache_pages:
                 bm.cache_full_pages(seq)
             if sample:
                 if log is not None:   # Journal.length, inlined: once per row and step

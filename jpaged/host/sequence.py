@@ -4,6 +4,11 @@ import enum
 from collections.abc import Hashable
 
 
+# A token sampled by a step still running on the device (async scheduling): it holds the
+# token's place until the step's ids come back; never a real token id.
+PLACEHOLDER = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

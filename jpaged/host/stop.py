@@ -44,15 +44,20 @@ class StopRules:
         """``check_all`` for one sequence."""
         return self.check_all([(params, seq, stream)])[0]
 
-    def check_all(self, rows: list[tuple[SamplingParams, Sequence, Stream]]) -> list[bool]:
+    def check_all(self, rows: list[tuple[SamplingParams, Sequence, Stream]],
+                  ends: list[int] | None = None) -> list[bool]:
         """Detokenize each sequence's new tokens into its ``stream`` (the text cut before
         a stop string, or after it with ``include_stop_str_in_output``) and say whether
         its last token or its text stops it; ``stream.stop_reason`` names the stop token
-        id or string. A sequence that stops here or is finished gets its held-back text
-        too."""
+        id or string. ``ends``: how many of each sequence's tokens to look at (async
+        scheduling: a placeholder may follow); default all. A sequence whose end is
+        final (it stops here, or it is finished and nothing follows) gets its held-back
+        text too."""
+        if ends is None:
+            ends = [len(seq.token_ids) for _, seq, _ in rows]
         stops = []
-        for params, seq, stream in rows:
-            token = seq.token_ids[-1]
+        for (params, seq, stream), end in zip(rows, ends):
+            token = seq.token_ids[end - 1]
             stops.append(self.is_stop_token(params, token))
             if stops[-1] and token in params.stop_token_ids:
                 stream.stop_reason = token
@@ -68,11 +73,11 @@ class StopRules:
             return stops
         states = [rows[i][2].decoding(rows[i][0].skip_special_tokens) for i in decoding]
         news = self.detokenizer.step(states, [
-            rows[i][1].token_ids[rows[i][1].num_prompt_tokens + state.fed:]
+            rows[i][1].token_ids[rows[i][1].num_prompt_tokens + state.fed:ends[i]]
             for i, state in zip(decoding, states)])
         for i, state, new in zip(decoding, states, news):
             params, seq, stream = rows[i]
-            if stops[i] or seq.status is FINISHED:
+            if stops[i] or (seq.status is FINISHED and ends[i] == len(seq.token_ids)):
                 new += self.detokenizer.flush(state)
             found = _find_stop(params, state, new)
             if found is not None:

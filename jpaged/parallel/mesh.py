@@ -289,4 +289,6 @@ class Layout:
             return Replicas(engines, prefix_routing)
         if jax.process_count() > 1 and jax.process_index() == 0:
             engines[0].runner = distributed.Leader(engines[0].runner)
+            # The other processes replay whole steps (`execute`): no step stays in flight.
+            engines[0].async_scheduling = False
         return engines[0]

@@ -38,8 +38,8 @@ class InjectedDeviceError(RuntimeError):
 
 class FaultInjector:
     """Makes an engine's steps fail on demand: ``arm(kind)`` makes the next step fail,
-    ``calls`` fails the given calls (counted from 1) of the device step, or of the
-    stop-rule check for "apply".
+    ``calls`` fails the given calls (counted from 1) of the device step (its dispatch:
+    ``ModelRunner.execute`` dispatches too), or of the stop-rule check for "apply".
 
     kinds: "interrupt": KeyboardInterrupt as the device step starts (nothing ran);
     "after": the device step ran (pages moved, K/V written), then KeyboardInterrupt;
@@ -56,8 +56,8 @@ class FaultInjector:
         self.engine, self.kind, self.calls = engine, kind, set(calls)
         self.armed = None
         self.count = self.failed = self.moves = 0
-        self._execute = engine.runner.execute
-        engine.runner.execute = self._failing_execute
+        self._dispatch = engine.runner.dispatch
+        engine.runner.dispatch = self._failing_dispatch
         engine.stop = _FailingStop(engine.stop, self)
 
     def arm(self, kind: str | None) -> None:
@@ -76,17 +76,17 @@ class FaultInjector:
         self.count += 1
         return self.kind if self.count in self.calls else None
 
-    def _failing_execute(self, moves, batch):
+    def _failing_dispatch(self, moves, batch, *args, **kwargs):
         kind = self.due(apply=False)
         if kind is None:
-            return self._execute(moves, batch)
+            return self._dispatch(moves, batch, *args, **kwargs)
         self.failed += 1
         self.moves += sum(map(len, moves))
         runner = self.engine.runner
         if kind == "interrupt":
             raise KeyboardInterrupt
         if kind == "after":
-            self._execute(moves, batch)
+            jax.block_until_ready(self._dispatch(moves, batch, *args, **kwargs))
             raise KeyboardInterrupt
         runner.move_pages(moves)
         for pool in jax.tree.leaves(runner.cache):
@@ -104,11 +104,11 @@ class _FailingStop:
     def __getattr__(self, name):
         return getattr(self._rules, name)
 
-    def check_all(self, rows) -> list[bool]:
+    def check_all(self, rows, *args) -> list[bool]:
         if self._injector.due(apply=True):
             self._injector.failed += 1
             raise InjectedFault("fault injected in the host update")
-        return self._rules.check_all(rows)
+        return self._rules.check_all(rows, *args)
 
 
 FAULTS = (KeyboardInterrupt, InjectedDeviceError, InjectedFault)
