@@ -140,8 +140,8 @@ H200 = Rates()
 # Fraction of the read rate each implementation's loop is assumed to reach (estimates
 # only: low, so the budget errs toward not starting what would not finish). The XLA path
 # gathers pages into a copy first; prefill is assumed at 30% of the matmul rate.
-EFFICIENCY = {"ours": 0.5, "mosaic": 0.5, "mosaic-ragged": 0.5, "jax_pallas": 0.4, "xla": 0.25,
-              "cudnn": 0.5}
+EFFICIENCY = {"ours": 0.5, "mosaic": 0.5, "mosaic-ws": 0.5, "mosaic-ragged": 0.5,
+              "jax_pallas": 0.4, "xla": 0.25, "cudnn": 0.5}
 PREFILL_MATMUL_FRACTION = 0.3
 
 
@@ -172,6 +172,7 @@ class Case:
     soft_cap: float | None = None
     num_layers: int | None = None
     bound: float | None = None
+    warp_specialized: bool = False   # the decode tile's producer/consumer pipeline
 
     def model(self, base: Model) -> Model:
         group = self.group or base.num_q_heads // base.num_kv_heads
@@ -273,9 +274,11 @@ class Shape:
 # Timed implementations. "mosaic" is what impl="mosaic" runs: the decode tile
 # (mosaic_decode.paged_decode) for decode, the ragged kernel
 # (ragged_attention.paged_attention_tokens) for prefill chunks; "mosaic-ragged" is the
-# ragged kernel on decode rows, its own row. Decode peers: Triton ("ours"), the XLA
-# path, jax's paged_attention, cuDNN dense; 8-bit pages: the kernels that read them.
-DECODE_IMPLS = ("ours", "mosaic", "mosaic-ragged", "xla", "jax_pallas", "cudnn")
+# ragged kernel on decode rows, its own row; "mosaic-ws" the decode tile's
+# warp-specialized pipeline (GPU only: two simulated warpgroups are too slow
+# interpreted). Decode peers: Triton ("ours"), the XLA path, jax's paged_attention,
+# cuDNN dense; 8-bit pages: the kernels that read them.
+DECODE_IMPLS = ("ours", "mosaic", "mosaic-ws", "mosaic-ragged", "xla", "jax_pallas", "cudnn")
 DECODE_IMPLS_8BIT = ("ours", "mosaic", "mosaic-ragged", "xla")
 PREFILL_IMPLS = ("mosaic", "xla")
 # The short sweep, timed right after the checks, kernel-only time on its first row of
@@ -328,7 +331,7 @@ class Settings:
             return PREFILL_IMPLS
         impls = DECODE_IMPLS_8BIT if shape.dtype in FORMATS else DECODE_IMPLS
         if self.interpret:  # far too slow interpreted, or GPU-only; the GPU run times them
-            impls = tuple(i for i in impls if i not in ("jax_pallas", "cudnn"))
+            impls = tuple(i for i in impls if i not in ("jax_pallas", "cudnn", "mosaic-ws"))
         if self.tiny and stage == "long":  # the short stage already ran Mosaic's path
             impls = tuple(i for i in impls if not i.startswith("mosaic"))
         if self.tiny and shape.dtype in FORMATS:  # the dry run's 8-bit Mosaic: the tile's
@@ -552,7 +555,11 @@ def run_check(case: Case, settings: Settings, seed: int) -> dict:
         groups = [[(r * case.chunk + i, r, int(q_pos[r * case.chunk + i])) for i in ends]
                   for r in rows]
     else:
-        decode = md.paged_decode if case.kernel == "mosaic_decode" else pd.paged_decode
+        if case.kernel == "mosaic_decode":
+            decode = functools.partial(md.paged_decode,
+                                       warp_specialized=case.warp_specialized)
+        else:
+            decode = pd.paged_decode
         out = decode(inputs.q[0], inputs.k, inputs.v, inputs.tables[0], inputs.lengths,
                      **options)
         groups = [[(r, r, int(lengths[r]) - 1)] for r in rows]
@@ -584,6 +591,8 @@ def case_config(case: Case, model: Model) -> str:
         words.append(f"cap {case.soft_cap:g}")
     if case.num_layers:
         words.append(f"layer {case.num_layers - 1} of {case.num_layers}")
+    if case.warp_specialized:
+        words.append("warp-specialized")
     return " ".join(words)
 
 
@@ -715,6 +724,9 @@ def decode_step(impl: str, interpret: bool):
     if impl == "mosaic":
         return lambda k, v, lengths, scales, q, tables: md.paged_decode(
             q, k, v, tables, lengths, interpret=interpret, **scales)
+    if impl == "mosaic-ws":
+        return lambda k, v, lengths, scales, q, tables: md.paged_decode(
+            q, k, v, tables, lengths, interpret=interpret, warp_specialized=True, **scales)
     if impl == "mosaic-ragged":
         return lambda k, v, lengths, scales, q, tables: ra.paged_attention_tokens(
             q, k, v, tables, lengths, jnp.arange(q.shape[0], dtype=jnp.int32), lengths - 1,
@@ -746,6 +758,7 @@ def prefill_step(impl: str, interpret: bool, chunk: int, context: int):
 # tile's _decode_kernel or, for prefill, the ragged kernel's _attention_kernel).
 KERNEL_PATTERNS = {"ours": r"jpaged_paged_decode",
                    "mosaic": r"decode_kernel|attention_kernel|mosaic",
+                   "mosaic-ws": r"decode_kernel|mosaic",
                    "mosaic-ragged": r"attention_kernel|mosaic",
                    "jax_pallas": r"paged_attention", "cudnn": r"cudnn|fmha|flash"}
 

@@ -7,7 +7,7 @@ meets both, plus a sliding window, a soft cap, a stacked pool, all three at once
 split-K decode and 8-bit pages (int8 decode, fp8 prefill with bfloat16 queries); the
 decode tile (``jpaged.pallas_kernels.mosaic_decode``, what ``impl="mosaic"`` runs for
 decode) over the same grid, decode only, plus window with soft cap, a stacked pool with
-split-K, int8 and fp8. Then the Llama-3-8B cases of ``large_cases()``. Each variant's
+split-K, int8, fp8 and the warp-specialized pipeline. Then the Llama-3-8B cases of ``large_cases()``. Each variant's
 bound is ``BOUND_FACTOR`` times the error the *same inputs* (same shapes and seed) give in
 Mosaic GPU's interpret mode, where the kernels' products run as float32 dots of the same
 16-bit tiles: computed on the CPU by ``python benchmarks/gpu_mosaic.py --bounds`` and
@@ -80,6 +80,8 @@ def variants() -> list[dict]:
                  dtype="int8"),
         _variant("mosaic-decode-tile-fp8", 1, 64, 128, 1, kernel="mosaic_decode",
                  dtype="fp8"),
+        _variant("mosaic-decode-tile-warp-specialized", 4, 16, 128, 1,
+                 kernel="mosaic_decode", warp_specialized=True),
     ]
     return cases
 

@@ -81,7 +81,7 @@ def compiled_mosaic() -> dict:
     return {(r["kernel"], r["num_splits"] > 1): r["ctas_per_sm"]
             for r in json.loads(path.read_text())
             if (r["head_dim"], r["page_size"], r["pages"], r["group"])
-            == (HEAD_DIM, PAGE_SIZE, "bfloat16", group)}
+            == (HEAD_DIM, PAGE_SIZE, "bfloat16", group) and not r.get("warp_specialized")}
 
 
 def ragged_row(batch, context, mosaic) -> Row:

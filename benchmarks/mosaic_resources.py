@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 REGISTERS_PER_SM = 65536
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_BLOCK = 1024
-THREADS = 128        # one warpgroup: both kernels launch 128 threads per CTA
+THREADS = 128        # one warpgroup: both kernels launch 128 threads per CTA (256 when
+                     # the decode tile is warp-specialized: a copy and a compute warpgroup)
 MAX_BLOCKS_PER_SM = 32
 NUM_KV_HEADS = 2
 
@@ -91,6 +92,7 @@ class Row:
     dtype: str
     pages: str
     num_splits: int
+    warp_specialized: bool
     registers: int
     spill_store_bytes: int
     spill_load_bytes: int
@@ -115,9 +117,9 @@ def padded_mma(kernel: str, group: int) -> float:
     return 1.0 - group / ra.BLOCK_ROWS
 
 
-def ctas_per_sm(registers: int, smem: int) -> int:
+def ctas_per_sm(registers: int, smem: int, threads: int = THREADS) -> int:
     per_warp = -(-registers * 32 // 256) * 256
-    by_registers = (REGISTERS_PER_SM // per_warp) // (THREADS // 32)
+    by_registers = (REGISTERS_PER_SM // per_warp) // (threads // 32)
     by_smem = SMEM_PER_SM // (smem + SMEM_RESERVED_PER_BLOCK)
     return min(by_registers, by_smem, MAX_BLOCKS_PER_SM)
 
@@ -212,7 +214,8 @@ def mosaic_modules(exported) -> list[bytes]:
 def configurations():
     """Every default shape the engine would launch for head_dim 64/128/256 at pages 8,
     16, 64 (16-bit), plus split-K, 8-bit pages and GQA groups 1 and 8 at head_dim 128,
-    page 16 (group 4 elsewhere)."""
+    page 16 (group 4 elsewhere), and the decode tile's warp-specialized pipeline at head_dim
+    64/128/256 and over int8 pages."""
     configs = []
     for head_dim in (64, 128, 256):
         for page in (8, 16, 64):
@@ -229,7 +232,12 @@ def configurations():
         for group in (1, 8):
             configs.append(dict(kernel=kernel, head_dim=128, page_size=16, group=group,
                                 dtype="bfloat16", pages="bfloat16", num_splits=1))
-    return configs
+    for head_dim, pages in ((64, "bfloat16"), (128, "bfloat16"), (256, "bfloat16"),
+                            (128, "int8")):
+        configs.append(dict(kernel="decode", head_dim=head_dim, page_size=16, group=4,
+                            dtype="bfloat16", pages=pages, num_splits=1,
+                            warp_specialized=True))
+    return [dict(c, warp_specialized=c.get("warp_specialized", False)) for c in configs]
 
 
 def export(config):
@@ -252,7 +260,8 @@ def export(config):
     if config["kernel"] == "decode":
         def fn(q, k, v, tables, lengths, ks, vs):
             return mosaic_decode.paged_decode(q, k, v, tables, lengths, k_scale=ks, v_scale=vs,
-                                              num_splits=splits)
+                                              num_splits=splits,
+                                              warp_specialized=config["warp_specialized"])
         args = [q, *common, scale, scale]
     else:
         def fn(q, k, v, tables, lengths, seq, pos, ks, vs):
@@ -307,16 +316,20 @@ def compile_config(config, pieces, workdir: Path) -> Row:
     refused = config["kernel"] == "ragged" and ra.spills(
         config["head_dim"], ra.default_pages_per_block(config["page_size"]))
     return Row(**config, **figures, smem_bytes=smem,
-               ctas_per_sm=ctas_per_sm(figures["registers"], smem), refused=refused,
+               ctas_per_sm=ctas_per_sm(figures["registers"], smem,
+                                       2 * THREADS if config["warp_specialized"] else THREADS),
+               refused=refused,
                padded_mma=padded_mma(config["kernel"], config["group"]))
 
 
 def table(rows) -> str:
-    head = ("| kernel | head_dim | page | group | q | pages | splits | regs | spill st/ld B | "
+    head = ("| kernel | head_dim | page | group | q | pages | splits | threads | regs | "
+            "spill st/ld B | "
             "stack B | barriers | smem KiB (est.) | CTAs/SM | padded MMA | ok |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r.kernel} | {r.head_dim} | {r.page_size} | {r.group} | {r.dtype} | "
-             f"{r.pages} | {r.num_splits} | {r.registers} | {r.spill_store_bytes}/"
+             f"{r.pages} | {r.num_splits} | {2 * THREADS if r.warp_specialized else THREADS} "
+             f"| {r.registers} | {r.spill_store_bytes}/"
              f"{r.spill_load_bytes} | {r.stack_bytes} | {r.barriers} | "
              f"{r.smem_bytes / 1024:.0f} | {r.ctas_per_sm} | {r.padded_mma:.0%} | "
              f"{('refused: spills' if r.refused else 'SPILLS') if r.spills else 'ok'} |"
@@ -352,7 +365,10 @@ def main():
              "Compiled from the CPU through the CUDA plugin's MosaicGpuCompile and ptxas with "
              "a stub driver (`benchmarks/mosaic_resources.py`; jax 0.10.2). 128 threads per "
              "CTA. smem: the kernels' own estimate (ptxas reports static shared memory "
-             "only). CTAs/SM from registers and that estimate. padded MMA: the share of "
+             "only). CTAs/SM from registers and that estimate; for the warp-specialized "
+             "tile (256 threads: a copy and a compute warpgroup, setmaxnreg 40 / 232) "
+             "ptxas reports 232 registers and CTAs/SM counts them for all 256 threads. "
+             "padded MMA: the share of "
              "a decode token's wgmma work on padding (ragged: group of 64 query rows; "
              "decode tile: group of max(8, group) columns).\n\n")
     (RESULTS / "mosaic_resources.md").write_text(intro + text + "\n")

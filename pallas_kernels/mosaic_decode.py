@@ -32,6 +32,19 @@ kv head: 4 rows at group 4, not the ragged kernel's 60, and a decode token's q i
 log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
 is a division). K/V pages come through the same TMA ring as in the ragged kernel.
 
+Warp specialization (``warp_specialized=True``, off by default until a GPU has timed it):
+two warpgroups per program. Warpgroup 1 (``PRODUCER_REGISTERS`` after setmaxnreg) reads
+the block table and issues every page copy, waiting only for a slot's "consumed" barrier
+before refilling it; warpgroup 0 (``CONSUMER_REGISTERS``) does the products and the
+softmax and arrives on that barrier once a step's slot is read. So the table reads and
+copy issues leave the compute path, which then waits on data only. Compiled (jax 0.10.2,
+``benchmarks/mosaic_resources.py``) it holds 232 registers x 256 threads, no spills: one
+program per SM, where the single-warpgroup tile holds 5 / 3 / 1 at head_dim 64 / 128 /
+256, so it needs the GPU suite's timing (``gpu_check`` row ``mosaic-ws``) before it can
+be the default. The
+interpreter runs both warpgroups and fails on a barrier phase one of them never waits
+for, so the consumer signals only the releases the producer waits on.
+
 Shapes: q ``[B, Hq, D]``; pages ``[Hkv, P, S, D]`` or ``[L, Hkv, P, S, D]`` with
 ``layer``; block_tables ``int32[B, W]``; lengths ``int32[B]``. Output ``[B, Hq, D]`` in
 q's dtype, zeros for length 0. Matches ``reference.paged_decode_reference``.
@@ -56,6 +69,10 @@ pl, plgpu = ra.pl, ra.plgpu
 MIN_COLS = 8           # wgmma's smallest N
 HEAD_DIMS = (64, 128, 256)
 LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
+# warp_specialized: registers per thread after setmaxnreg for the copy-issuing warpgroup
+# and the computing one (jax's attention_mgpu and tokamax use 40 and 232).
+PRODUCER_REGISTERS = 40
+CONSUMER_REGISTERS = 232
 
 
 def num_cols(group: int) -> int:
@@ -149,7 +166,8 @@ def _store_transposed(ref, x, *, interpret):
 
 def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *refs,
                    num_kv_heads, group, page_size, pages_per_block, num_stages, num_splits,
-                   quantized, sm_scale, soft_cap, sliding_window, dtype, interpret):
+                   quantized, sm_scale, soft_cap, sliding_window, dtype, warp_specialized,
+                   interpret):
     # layer_ref int32[1]; tables_ref int32[B, W]; kv_lens_ref int32[B];
     # q_ref [B, Hkv, cols, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
     # quantized: then the rows' scales [Hkv, B, W' * S] (ragged_attention.row_scales);
@@ -182,6 +200,8 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
     def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,
                v_barriers, *quant):
+        if warp_specialized:   # the ring slots' "consumed" barriers come last
+            *quant, consumed = quant
         if quantized:
             ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = quant
 
@@ -215,62 +235,89 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
             plgpu.commit_smem()
             return tile_smem
 
-        for step in range(num_stages):
-            pl.when(step < num_steps)(functools.partial(issue, step))
-        plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
-        plgpu.barrier_wait(q_barrier.at[0])
-        m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
-        l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
-        acc = cast(jnp.zeros((head_dim, cols), jnp.float32), layout)
+        def compute(release):
+            """The consumer: q, every step's two products and softmax, the output;
+            ``release(step, slot)`` once step's slot is read (refill or signal it)."""
+            plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
+            plgpu.barrier_wait(q_barrier.at[0])
+            m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
+            l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
+            acc = cast(jnp.zeros((head_dim, cols), jnp.float32), layout)
 
-        def body(step, carry):
-            acc, m_i, l_i = carry
-            slot = step % num_stages
-            key0 = (first + step) * block_kv
-            wait(k_barriers, slot)
-            k_tile = k_smem.at[slot]
-            if quantized:
-                plgpu.barrier_wait(ks_barriers.at[slot])
-                k_tile = widened(k_tile, k16_smem)
-            s = matmul(k_tile, q_smem, transpose_b=True)             # S^T [block_kv, cols]
-            if quantized:
-                s = s * keyed(ks_smem.at[slot])
-            s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
-            key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
-            visible = key < kv_len
-            if sliding_window is not None:
-                visible &= key > pos - sliding_window
-            probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
-                                                         key_axis=0)
-            wait(v_barriers, slot)
-            v_tile = v_smem.at[slot]
-            if quantized:
-                plgpu.barrier_wait(vs_barriers.at[slot])
-                v_tile = widened(v_tile, v16_smem)
-                probs = probs * jnp.where(key < kv_len, keyed(vs_smem.at[slot]), 0.0)
+            def body(step, carry):
+                acc, m_i, l_i = carry
+                slot = step % num_stages
+                key0 = (first + step) * block_kv
+                wait(k_barriers, slot)
+                k_tile = k_smem.at[slot]
+                if quantized:
+                    plgpu.barrier_wait(ks_barriers.at[slot])
+                    k_tile = widened(k_tile, k16_smem)
+                s = matmul(k_tile, q_smem, transpose_b=True)             # S^T [block_kv, cols]
+                if quantized:
+                    s = s * keyed(ks_smem.at[slot])
+                s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
+                key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
+                visible = key < kv_len
+                if sliding_window is not None:
+                    visible &= key > pos - sliding_window
+                probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
+                                                             key_axis=0)
+                wait(v_barriers, slot)
+                v_tile = v_smem.at[slot]
+                if quantized:
+                    plgpu.barrier_wait(vs_barriers.at[slot])
+                    v_tile = widened(v_tile, v16_smem)
+                    probs = probs * jnp.where(key < kv_len, keyed(vs_smem.at[slot]), 0.0)
 
-            @pl.when(key0 + block_kv > kv_len)
-            def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
-                v_old = v_tile[...]
-                v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
-                                    layout)
-                v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
+                @pl.when(key0 + block_kv > kv_len)
+                def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
+                    v_old = v_tile[...]
+                    v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
+                                        layout)
+                    v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
+                    plgpu.commit_smem()
+
+                store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
                 plgpu.commit_smem()
+                acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T
+                release(step, slot)
+                return acc, m_new, l_i
 
-            store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
+            acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
+            o_smem[...], lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)
+            lse_smem[...] = lax.broadcast_in_dim(lse, (LSE_ROWS, cols), [1])
             plgpu.commit_smem()
-            acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T
-            pl.when(step + num_stages < num_steps)(
-                functools.partial(issue, step + num_stages))
-            return acc, m_new, l_i
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, split, row])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, split, row])
+            plgpu.wait_smem_to_gmem(0)
 
-        acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
-        o_smem[...], lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)
-        lse_smem[...] = lax.broadcast_in_dim(lse, (LSE_ROWS, cols), [1])
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, split, row])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, split, row])
-        plgpu.wait_smem_to_gmem(0)
+        if not warp_specialized:   # one warpgroup refills the ring behind its own math
+            for step in range(num_stages):
+                pl.when(step < num_steps)(functools.partial(issue, step))
+            compute(lambda step, slot: pl.when(step + num_stages < num_steps)(
+                functools.partial(issue, step + num_stages)))
+        else:   # warpgroup 1 issues every copy, warpgroup 0 computes
+            wg = lax.axis_index("wg")
+
+            @pl.when(wg == 1)
+            def _producer():
+                plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+
+                @pl.loop(0, num_steps)
+                def _(step):
+                    slot = step % num_stages
+                    # The slot's previous step must be consumed before its refill.
+                    pl.when(step >= num_stages)(
+                        lambda: plgpu.barrier_wait(consumed.at[slot]))
+                    issue(step)
+
+            @pl.when(wg == 0)
+            def _consumer():
+                plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+                # Only the releases the producer waits for (each phase must be observed).
+                compute(lambda step, slot: pl.when(step + num_stages < num_steps)(
+                    lambda: plgpu.barrier_arrive(consumed.at[slot])))
 
     num_barriers = num_stages * pages_per_block
     page_dtype = k_ref.dtype
@@ -297,16 +344,24 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                     plgpu.Barrier(num_barriers=num_stages),
                     plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile),
                     plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile)]
-    pl.run_scoped(scoped, *scratch)
+    if not warp_specialized:
+        pl.run_scoped(scoped, *scratch)
+    else:   # one arrival per step: the computing warpgroup's
+        pl.run_scoped(scoped, *scratch, plgpu.Barrier(num_arrivals=1, num_barriers=num_stages),
+                      collective_axes="wg")
 
 
 def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_scale=None,
                  v_scale=None, sm_scale=None, soft_cap=None, sliding_window=None,
-                 pages_per_block=None, num_stages=None, num_splits=None, interpret=False):
+                 pages_per_block=None, num_stages=None, num_splits=None,
+                 warp_specialized=False, interpret=False):
     """Decode attention with the decode-shaped Mosaic tile (shapes in the module doc).
 
     ``num_splits`` (default: ``ragged_attention.plan_num_splits`` over one block per
-    row) cuts each row's keys into runs merged afterwards.
+    row) cuts each row's keys into runs merged afterwards. ``warp_specialized``: two
+    warpgroups per program, one issuing every page copy (``PRODUCER_REGISTERS``) as soon
+    as the computing one (``CONSUMER_REGISTERS``) has released the slot, instead of one
+    warpgroup refilling the ring behind its own math (not yet timed on a GPU).
     """
     num_kv_heads, _, page_size, head_dim = k_pages.shape[-4:]
     batch = q.shape[0]
@@ -326,15 +381,15 @@ def paged_decode(q, k_pages, v_pages, block_tables, lengths, *, layer=None, k_sc
                          layer=layer, sm_scale=sm_scale, soft_cap=soft_cap,
                          sliding_window=sliding_window, pages_per_block=pages_per_block,
                          num_stages=num_stages, num_splits=int(num_splits),
-                         interpret=interpret)
+                         warp_specialized=bool(warp_specialized), interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=(
     "sm_scale", "soft_cap", "sliding_window", "pages_per_block", "num_stages", "num_splits",
-    "interpret"))
+    "warp_specialized", "interpret"))
 def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, *, layer,
                   sm_scale, soft_cap, sliding_window, pages_per_block, num_stages,
-                  num_splits, interpret):
+                  num_splits, warp_specialized, interpret):
     batch, num_q_heads, head_dim = q.shape
     quantized = k_scale is not None
     if k_pages.ndim == 4:
@@ -367,12 +422,14 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         pages_per_block=pages_per_block, num_stages=num_stages, num_splits=num_splits,
         quantized=quantized, sm_scale=head_dim ** -0.5 if sm_scale is None else float(sm_scale),
         soft_cap=None if soft_cap is None else float(soft_cap),
-        sliding_window=sliding_window, dtype=q.dtype, interpret=interpret)
+        sliding_window=sliding_window, dtype=q.dtype, warp_specialized=warp_specialized,
+        interpret=interpret)
     parts = (num_kv_heads, num_splits, batch)
     call = plgpu.kernel(
         kernel, out_type=(jax.ShapeDtypeStruct((*parts, head_dim, cols), jnp.float32),
                           jax.ShapeDtypeStruct((*parts, LSE_ROWS, cols), jnp.float32)),
         grid=(num_kv_heads, batch, num_splits), grid_names=("kv_head", "row", "split"),
+        **({"num_threads": 2, "thread_name": "wg"} if warp_specialized else {}),
         **({"interpret": ra._interpret_params(interpret)} if interpret else {}))
     o_t, lse = call(layer, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_boxed,
                     k_pages.reshape(flat), v_pages.reshape(flat), *scales)

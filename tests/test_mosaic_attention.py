@@ -332,6 +332,42 @@ def test_decode_tile_matches_float64(case):
     assert not np.asarray(out)[np.asarray(lengths) == 0].any()
 
 
+WS_CASES = [
+    dict(lengths=[150], num_splits=1, dtype=jnp.float32),    # 3 steps: every slot refilled
+    pytest.param(dict(lengths=[0, 1, 15, 16, 17, 200], num_splits=3, dtype=jnp.bfloat16),
+                 marks=SLOW),
+    pytest.param(dict(lengths=[1, 17, 150], num_splits=2, dtype=jnp.float32, fmt="int8"),
+                 marks=SLOW),
+]
+
+
+@pytest.mark.parametrize("case", WS_CASES, ids=lambda c: "-".join(
+    f"{k}={getattr(v, '__name__', v)}" for k, v in c.items()) if isinstance(c, dict) else None)
+def test_warp_specialized_decode_tile_matches_float64(case):
+    """The decode tile with a copy warpgroup and a compute warpgroup (the interpreter runs
+    both, and fails on a barrier phase one of them never observes) on a NaN-poisoned pool:
+    a row longer than the ring (each slot released and refilled), lengths 0 / 1 / page - 1
+    / page / page + 1 with split-K, int8 pages."""
+    case = dict(case)
+    fmt, lengths = case.pop("fmt", None), case.pop("lengths")
+    rng = np.random.default_rng(len(lengths))
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16, width=13,
+        head_dim=64, group=4, dtype=jnp.float32 if fmt else case["dtype"])
+    k_ref, v_ref, scales = k[0], v[0], {}
+    if fmt:
+        (k, ks), (v, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
+        k_ref, v_ref = dequantized64(k[0], ks[0]), dequantized64(v[0], vs[0])
+        scales = dict(k_scale=ks[0], v_scale=vs[0])
+        q = q.astype(case["dtype"])
+    out = mosaic_decode.paged_decode(q, k[0], v[0], tables, jnp.asarray(lengths),
+                                     num_splits=case["num_splits"], warp_specialized=True,
+                                     interpret=True, **scales)
+    expected = float64_attention(q, k_ref, v_ref, tables, lengths, q_seq, q_pos)
+    assert relative_error(out, expected) < TOLERANCE[jnp.dtype(case["dtype"])]
+    assert not np.asarray(out)[np.asarray(lengths) == 0].any()
+
+
 def test_decode_tile_pads_less_than_the_ragged_tile():
     for group, padded in ((1, 7 / 8), (2, 0.75), (4, 0.5), (8, 0.0), (16, 0.0), (64, 0.0)):
         assert mosaic_decode.padded_fraction(group) == padded

@@ -144,6 +144,10 @@ DECODE_CONFIGS = [
     dict(head_dim=64, page_size=64, group=8, dtype=jnp.bfloat16,
          pages_dtype=jnp.float8_e4m3fn, sliding_window=40, soft_cap=3.0),
     dict(head_dim=256, page_size=8, group=4, dtype=jnp.float16, pages_dtype=jnp.float8_e4m3fn),
+    # The warp-specialized pipeline: two warpgroups, setmaxnreg, a consumed barrier ring.
+    dict(head_dim=128, page_size=16, group=4, dtype=jnp.bfloat16, warp_specialized=True),
+    dict(head_dim=64, page_size=64, group=1, dtype=jnp.float16, pages_dtype=jnp.int8,
+         num_splits=3, warp_specialized=True),
 ]
 
 
