@@ -498,7 +498,7 @@ class Scheduler:
 
     def update(self, out: StepPlan, sampled_token_ids) -> list[Sequence]:
         """After the device step (or after dispatching it: async scheduling appends
-        ``PLACEHOLDER``\ s), cache the newly computed full pages and append one sampled
+        placeholders), cache the newly computed full pages and append one sampled
         token to each sampling row (``sampled_token_ids[i]`` for row i; padded entries and
         non-sampling rows are ignored). Returns the sequences that stopped on length."""
         stopped, bm, journal = [], self.block_manager, self.journal
