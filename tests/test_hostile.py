@@ -26,7 +26,7 @@ from test_serve import start_server, stop_server  # noqa: E402
 
 MAX_MODEL_LEN = 256
 TIMEOUT_S = 2.0   # the server's header, body, keep-alive and send timeouts
-SERVER_ARGS = ["--max-num-seqs", "32", "--max-model-len", str(MAX_MODEL_LEN),
+SERVER_ARGS = ["--no-warmup", "--max-num-seqs", "32", "--max-model-len", str(MAX_MODEL_LEN),
                "--max-body-bytes", str(12 * 10**6), "--max-stop", "8",
                "--header-timeout", str(TIMEOUT_S), "--body-timeout", str(TIMEOUT_S),
                "--keep-alive-timeout", str(TIMEOUT_S), "--send-timeout", str(TIMEOUT_S),

@@ -89,8 +89,15 @@ def _work(setup):
     return workload() if setup == "roomy" else workload()[:5]
 
 
-@pytest.mark.parametrize("kind", ["interrupt", "after", "consumed", "apply"])
-@pytest.mark.parametrize("setup", list(SETUPS))
+KINDS = ["interrupt", "after", "consumed", "apply"]
+# Every fault kind and every setup in CI (a diagonal); the rest of the product under -m slow.
+IN_CI = {("roomy", "interrupt"), ("swap", "after"), ("recompute", "consumed"),
+         ("swap", "apply")}
+
+
+@pytest.mark.parametrize("setup,kind", [
+    pytest.param(setup, kind, marks=() if (setup, kind) in IN_CI else pytest.mark.slow)
+    for setup in SETUPS for kind in KINDS])
 def test_faults_leave_the_tokens_of_a_clean_run(model, clean, setup, kind):
     llm = LLM(model, page_size=4, max_model_len=128, **SETUPS[setup])
     llm.engine.isolate_faults = False   # each fault reaches the caller (tests/test_faults.py)

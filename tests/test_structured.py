@@ -79,7 +79,7 @@ def run_all_kinds(llm, count):
 
 
 def test_every_constrained_sample_matches(llm):
-    run_all_kinds(llm, 16)
+    run_all_kinds(llm, 8)
 
 
 @pytest.mark.slow
