@@ -105,7 +105,7 @@ FLAG_VALUES = dict(page_size=("8", 8), num_pages=("40", 40), kv_cache_bytes=None
                    data_parallel=("1", 1), prefix_routing=(None, True),
                    attention_impl=("xla", "xla"), tokenizer=("/tok", "/tok"),
                    generation_config=("vllm", "vllm"), log_stats=(None, True),
-                   warmup=(None, True), async_scheduling=(None, True))
+                   warmup=(None, True), async_scheduling=(None, False))
 
 
 def test_every_option_is_a_flag_with_its_default_in_help():

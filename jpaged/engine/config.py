@@ -173,7 +173,7 @@ class EngineConfig:
                               "jpaged serve turns it on)")
     warmup: bool = _option(False, "compile every step shape before the first request, "
                            "printing the time it took (jpaged serve turns it on)")
-    async_scheduling: bool = _option(False, "plan and dispatch the next step while the "
+    async_scheduling: bool = _option(True, "plan and dispatch the next step while the "
                                      "device runs this one (stops take effect a step late)")
 
     def __post_init__(self):
