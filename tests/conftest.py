@@ -1,4 +1,19 @@
 import os
+from pathlib import Path
+
+# XLA's compilation is most of this suite's time on a CPU (with a warm compilation cache
+# tests/test_engine.py runs in a tenth of the time): the tiny models run for milliseconds.
+# So XLA skips most optimisation passes (the tests check values, not speed), and one
+# persistent compilation cache in the checkout, shared by pytest-xdist's workers and the
+# subprocesses tests start, turns each engine's repeat of a step program into a load. Both are
+# set in the environment before jax is imported, so subprocesses inherit them. The cache is
+# keyed by the program, the compile options and jax's version: it never serves a stale
+# executable, and an unreadable entry is compiled again (jax warns).
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parent.parent / ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from hypothesis import HealthCheck, Phase, settings
 
