@@ -26,3 +26,19 @@ settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """With JPAGED_TESTS_ONE_CASE=1 (CI's newest-jax leg), each parametrized test function
+    keeps only its first case: every test still runs on that jax, while the full product of
+    shapes and dtypes runs once, on the default leg."""
+    if os.environ.get("JPAGED_TESTS_ONE_CASE") != "1":
+        return
+    seen, kept, dropped = set(), [], []
+    for item in items:
+        function = (item.nodeid.split("[", 1)[0])
+        (dropped if function in seen else kept).append(item)
+        seen.add(function)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
