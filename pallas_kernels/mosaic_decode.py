@@ -46,7 +46,9 @@ two warpgroups per program. Warpgroup 1 (``PRODUCER_REGISTERS`` after setmaxnreg
 the block table and issues every page copy, waiting only for a slot's "consumed" barrier
 before refilling it; warpgroup 0 (``CONSUMER_REGISTERS``) does the products and the
 softmax and arrives on that barrier once a step's slot is read. So the table reads and
-copy issues leave the compute path, which then waits on data only. Compiled (jax 0.10.2,
+copy issues leave the compute path, which then waits on data only. Its ring has
+``WS_MAX_STAGES`` = 4 slots where they fit (3 at head_dim 256), so the copies run up to 4
+steps ahead; one program per SM leaves it the shared memory. Compiled (jax 0.10.2,
 ``benchmarks/mosaic_resources.py``) it holds 232 registers x 256 threads, no spills: one
 program per SM, where the single-warpgroup tile holds 4 / 3 / 1 at head_dim 64 / 128 /
 256, so it needs the GPU suite's timing (``gpu_check`` row ``mosaic-ws``) before it can
@@ -81,6 +83,7 @@ HEAD_DIMS = (64, 128, 256)
 # and the computing one (jax's attention_mgpu and tokamax use 40 and 232).
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
+WS_MAX_STAGES = 4      # warp_specialized: ring slots by default (the issue's 3-4 ahead)
 
 
 def num_cols(group: int) -> int:
@@ -109,8 +112,17 @@ def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group,
 
 
 def default_num_stages(head_dim, page_size, dtype, pages_per_block, group,
-                       q_dtype=None) -> int:
-    """Two ring slots where they fit shared memory (always, at 227 KiB), else one."""
+                       q_dtype=None, warp_specialized=False) -> int:
+    """Two ring slots where they fit shared memory (always, at 227 KiB), else one.
+    Warp-specialized: the most up to ``WS_MAX_STAGES`` that fit shared memory and the
+    32 barriers (the copy warpgroup runs that many steps ahead; one program per SM there,
+    so the shared memory is its to take)."""
+    if warp_specialized:
+        for stages in range(WS_MAX_STAGES, 1, -1):
+            if (stages * pages_per_block <= ra.MAX_BARRIERS
+                    and smem_bytes(head_dim, page_size, dtype, pages_per_block, stages,
+                                   group, q_dtype) <= ra.SMEM_BUDGET):
+                return stages
     fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, ra.DEFAULT_NUM_STAGES,
                       group, q_dtype) <= ra.SMEM_BUDGET
     return ra.DEFAULT_NUM_STAGES if fits else 1
@@ -377,7 +389,7 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
     group = num_q_heads // num_kv_heads
     if num_stages is None:
         num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block,
-                                        group, q.dtype)
+                                        group, q.dtype, warp_specialized)
     if not quantized and q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")

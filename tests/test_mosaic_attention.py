@@ -333,7 +333,7 @@ def test_decode_tile_matches_float64(case):
 
 
 WS_CASES = [
-    dict(lengths=[150], num_splits=1, dtype=jnp.float32),    # 3 steps: every slot refilled
+    dict(lengths=[330], num_splits=1, dtype=jnp.float32),    # 6 steps, 4 slots: refilled
     pytest.param(dict(lengths=[0, 1, 15, 16, 17, 200], num_splits=3, dtype=jnp.bfloat16),
                  marks=SLOW),
     pytest.param(dict(lengths=[1, 17, 150], num_splits=2, dtype=jnp.float32, fmt="int8"),
@@ -352,8 +352,9 @@ def test_warp_specialized_decode_tile_matches_float64(case):
     fmt, lengths = case.pop("fmt", None), case.pop("lengths")
     rng = np.random.default_rng(len(lengths))
     q, k, v, tables, lengths, q_seq, q_pos = make_batch(
-        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16, width=13,
-        head_dim=64, group=4, dtype=jnp.float32 if fmt else case["dtype"])
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16,
+        width=max(13, -(-max(lengths) // 16) + 1), head_dim=64, group=4,
+        dtype=jnp.float32 if fmt else case["dtype"])
     k_ref, v_ref, scales = k[0], v[0], {}
     if fmt:
         (k, ks), (v, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
@@ -399,6 +400,22 @@ def test_decode_tile_moves_only_the_groups_rows_through_hbm(group):
         (NUM_KV_HEADS, splits, batch, group, head_dim),
         (NUM_KV_HEADS, splits, batch, mosaic_decode.num_cols(group))]
     assert not {"pad", "concatenate"} & {eqn.primitive.name for eqn in eqns}
+
+
+def test_warp_specialized_ring_runs_further_ahead():
+    """The copy warpgroup's ring: 4 slots where they fit (head_dim 64, 128), 3 at head_dim
+    256 (4 are over 227 KiB), within the 32 barriers at page 8; 2 without it."""
+    for head_dim, page_size, stages in ((64, 16, 4), (128, 16, 4), (256, 16, 3),
+                                        (128, 8, 4)):
+        ppb = ra.default_pages_per_block(page_size)
+        got = mosaic_decode.default_num_stages(head_dim, page_size, jnp.bfloat16, ppb, 4,
+                                               warp_specialized=True)
+        assert got == stages, (head_dim, page_size)
+        mosaic_decode.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb, stages)
+        assert mosaic_decode.default_num_stages(head_dim, page_size, jnp.bfloat16, ppb,
+                                                4) == 2
+    with pytest.raises(ValueError, match="shared memory"):
+        mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16, 4, 4)
 
 
 def test_decode_tile_pads_less_than_the_ragged_tile():
