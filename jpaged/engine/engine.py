@@ -85,6 +85,10 @@ class LLMEngine:
         self._inflight: overlap.InFlight | None = None
         self._ready: list[RequestOutput] = []
         self._sync_ids: set[str] = set()
+        # Live requests that ask for logprobs or prompt logprobs: while there are none
+        # and none ``needs_each_token``, a step builds its batch without a per-row record
+        # (``_build``).
+        self._logprob_ids: set[str] = set()
 
     # -- state -----------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class LLMEngine:
     # ``needs_each_token``, rebuilt from the requests.
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
                "_suspects", "_final_only", "_grammars", "async_scheduling", "_inflight",
-               "_ready", "_sync_ids")
+               "_ready", "_sync_ids", "_logprob_ids")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -121,6 +125,7 @@ class LLMEngine:
         self._final_only, self._inflight, self._ready = set(), None, []
         self._sync_ids = {rid for rid, r in requests.items()
                           if overlap.needs_each_token(r.params)}
+        self._logprob_ids = {rid for rid, r in requests.items() if _asks_logprobs(r.params)}
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -167,6 +172,8 @@ class LLMEngine:
             self._final_only.add(request_id)
         if overlap.needs_each_token(params):
             self._sync_ids.add(request_id)
+        if _asks_logprobs(params):
+            self._logprob_ids.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -234,6 +241,7 @@ class LLMEngine:
                 self.scheduler.abort(request_id)
         self._final_only.discard(request_id)
         self._sync_ids.discard(request_id)
+        self._logprob_ids.discard(request_id)
         if not self.requests:   # the step in flight, if any, holds only dropped rows
             self._inflight = None
 
@@ -386,6 +394,7 @@ class LLMEngine:
                 scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs)
             outputs = []
             if prev is not None:
+                scheduler.device_may_write()   # as in ``synchronize``: even with no plan
                 lost = True
                 self._fetch(prev)
                 lost = False
@@ -462,9 +471,13 @@ class LLMEngine:
         step = self._inflight
         if step is None:
             return
-        scheduler, lost = self.scheduler, True
+        scheduler, lost = self.scheduler, False
         scheduler.begin()
         try:
+            # The step ran on the device: a failure to fetch it is a device error
+            # (``_lose``), which changes the pool, not an undo of host state alone.
+            scheduler.device_may_write()
+            lost = True
             self._fetch(step)
             lost = False
             outputs = self._apply_inflight(step)
@@ -575,9 +588,26 @@ class LLMEngine:
                                "small for the waiting requests")
         return []
 
+    def _plain(self) -> bool:
+        """Whether every live request's rows are plain: no token rules, penalties, forks,
+        beams, logprobs or prompt logprobs (then a step needs no per-row record)."""
+        for ids in (self._sync_ids, self._logprob_ids):
+            if ids and not ids.isdisjoint(self.requests):
+                return False
+            ids.clear()   # only finished requests: forget them
+        return True
+
+    def _row_params(self, seq: Sequence) -> tuple[SamplingParams, int]:
+        """``(params, seed)`` of ``seq``'s samples (``BatchBuilder.build``'s lookup)."""
+        request = self.requests[seq.request_id]
+        return request.params, request.streams[seq.seq_id].seed
+
     def _build(self, plan: StepPlan, forks: list[tuple[int, int]]) -> StepBatch:
         """The step's batch: the plan's rows, each sampling with its sequence's params and
-        seed, then one extra row per pending fork (see ``_pending_forks``)."""
+        seed, then one extra row per pending fork (see ``_pending_forks``). When every row
+        is plain (``_plain``) the persistent sampling columns are read directly."""
+        if not forks and self._plain():
+            return self.batcher.build(plan, lookup=self._row_params)
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
@@ -602,6 +632,8 @@ class LLMEngine:
         """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
         them (its first k tokens predict prompt tokens), and the most top ids asked."""
         scored, top = [], 0
+        if not self._logprob_ids:   # nobody asks (``_plain`` forgets finished askers)
+            return scored, top
         for row, seq in enumerate(plan.seqs):
             params = self.requests[seq.request_id].params
             if params.prompt_logprobs is None:
@@ -790,7 +822,7 @@ class LLMEngine:
         if not rows:
             return
         journal = self.scheduler.journal
-        stops = self.stop.check_all(rows, ends)
+        stops = self.stop.check_all(rows) if ends is None else self.stop.check_all(rows, ends)
         for i, stop in enumerate(stops):
             if not stop:
                 continue
@@ -835,6 +867,10 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, request.finished, request.metrics,
                              request.prompt_logprobs)
+
+
+def _asks_logprobs(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
 
 
 def _put_placeholders(filled: list[tuple[list, int]]) -> None:
