@@ -27,6 +27,7 @@ held-back incomplete end, and equal to it once ``flush`` has run at the end.
 
 from __future__ import annotations
 
+import os
 import re
 
 # Window length that makes a stream try to move its window's start forward.
@@ -97,6 +98,12 @@ class Detokenizer:
     that class works)."""
 
     def __init__(self, tokenizer, max_window: int = MAX_WINDOW):
+        # The windows are a few tokens each: splitting a batch of them over the
+        # tokenizers library's thread pool gains nothing, and where the cores are busy
+        # (the JAX runtime's threads, a shared machine) its threads waiting for a core made
+        # a batch of 256 windows 4-7x slower (benchmarks/host_overhead.py). The library
+        # reads this variable at each call; one the user set is kept.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = tokenizer
         self.max_window = max_window
         added = tokenizer.get_added_tokens_decoder()
