@@ -368,6 +368,39 @@ def test_warp_specialized_decode_tile_matches_float64(case):
     assert not np.asarray(out)[np.asarray(lengths) == 0].any()
 
 
+def equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (jit, kernels) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from equations(inner)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_decode_tile_moves_only_the_groups_rows_through_hbm(group):
+    """No padded q or o in HBM: the kernel reads q as ``[B, Hkv, group, D]`` (a reshape,
+    no pad) and writes float32 ``[Hkv, splits, B, group, D]`` and the ``[Hkv, splits, B,
+    cols]`` log-sum-exp, for groups under and at the tile's 8 columns."""
+    batch, head_dim, splits = 3, 64, 2
+    q = jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, 16, 16, head_dim), jnp.bfloat16)
+    tables, lengths = (jax.ShapeDtypeStruct((batch, 4), jnp.int32),
+                       jax.ShapeDtypeStruct((batch,), jnp.int32))
+    jaxpr = jax.make_jaxpr(functools.partial(mosaic_decode.paged_decode, num_splits=splits))(
+        q, pool, pool, tables, lengths).jaxpr
+    eqns = list(equations(jaxpr))
+    (call,) = [e for e in eqns if e.primitive.name in ("mpmd_map", "pallas_call")]
+    q_boxes = [v.aval.shape for v in call.invars if v.aval.dtype == jnp.bfloat16
+               and len(v.aval.shape) == 4 and v.aval.shape[0] == batch]
+    assert q_boxes == [(batch, NUM_KV_HEADS, group, head_dim)]
+    assert [v.aval.shape for v in call.outvars] == [
+        (NUM_KV_HEADS, splits, batch, group, head_dim),
+        (NUM_KV_HEADS, splits, batch, mosaic_decode.num_cols(group))]
+    assert not {"pad", "concatenate"} & {eqn.primitive.name for eqn in eqns}
+
+
 def test_decode_tile_pads_less_than_the_ragged_tile():
     for group, padded in ((1, 7 / 8), (2, 0.75), (4, 0.5), (8, 0.0), (16, 0.0), (64, 0.0)):
         assert mosaic_decode.padded_fraction(group) == padded
