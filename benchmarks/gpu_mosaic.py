@@ -35,7 +35,7 @@ from pathlib import Path
 import jax
 
 from jpaged.pallas_kernels import mosaic_decode as md
-from jpaged.pallas_kernels import online_softmax
+from jpaged.pallas_kernels import online_softmax, page_ring
 from jpaged.pallas_kernels import ragged_attention as ra
 
 VARIANT_GROUPS = (1, 4, 8)
@@ -137,10 +137,10 @@ def large_cases() -> list[dict]:
 
 
 def kernel_digest() -> str:
-    """sha256 of the Mosaic kernels' code (both kernels and the online softmax they
-    share): their syntax trees without imports and docstrings, so a moved import or an
+    """sha256 of the Mosaic kernels' code (both kernels, and the online softmax and page
+    ring they share): their syntax trees without imports and docstrings, so a moved import or an
     edited comment keeps the bounds valid."""
-    modules = (ra, md, online_softmax)
+    modules = (ra, md, online_softmax, page_ring)
     return hashlib.sha256("".join(_code_digest(m) for m in modules).encode()).hexdigest()
 
 
@@ -178,7 +178,7 @@ def bound_warnings() -> list[str]:
     if committed.get("kernel_sha256") != kernel_digest():
         warnings.append(f"the Mosaic bounds in {BOUNDS_FILE.name} were computed for another "
                         f"version of ragged_attention.py / mosaic_decode.py / "
-                        f"online_softmax.py; recompute them with python "
+                        f"online_softmax.py / page_ring.py; recompute them with python "
                         f"benchmarks/gpu_mosaic.py --bounds")
     missing = [c["name"] for c in variant_cases() if not c["bound"]]
     if missing:

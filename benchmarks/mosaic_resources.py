@@ -283,7 +283,7 @@ def smem_estimate(config) -> int:
     ppb = ra.default_pages_per_block(page)
     if config["kernel"] == "decode":
         stages = mosaic_decode.default_num_stages(head_dim, page, pages, ppb, config["group"],
-                                                  dtype)
+                                                  dtype, config["warp_specialized"])
         return mosaic_decode.smem_bytes(head_dim, page, pages, ppb, stages, config["group"],
                                         dtype)
     stages = ra.default_num_stages(head_dim, page, pages, ppb, splits, dtype)

@@ -25,21 +25,32 @@ another kv head's (or another row's) query meets keys it does not attend to, so 
 heads or rows adds padding, it does not remove it; ``cols`` >= 8 is the hardware's.
 head_dim must be 64, 128 or 256 (M of ``O^T``).
 
-Memory path: q is read by one TMA copy of its ``[cols, D]`` group tile, q laid out
-``[B, Hkv, cols, D]`` (a reshape from group 8 on; below, ``cols - group`` zero rows per
-kv head: 4 rows at group 4, not the ragged kernel's 60, and a decode token's q is
-``1 / (2 n)`` of the K/V bytes it reads at n context tokens); the output is float32 ``O^T [D, cols]`` and its
-log-sum-exp per program (merged and transposed in the wrapper; with one split the merge
-is a division). K/V pages come through the same TMA ring as in the ragged kernel.
+Memory path: nothing is padded in HBM. q is read as ``[B, Hkv, group, D]`` (a free
+reshape) and the output written as float32 ``[group, D]`` per program with the log-sum-exp
+of its ``cols`` columns (merged over the splits in the wrapper; with one split the merge
+is a division). From group 8 on, q arrives by one TMA copy of its ``[cols, D]`` tile and O
+leaves by one. Below group 8 a TMA box of ``group`` rows does not fit the 128-byte
+swizzle's 8-row tiles the wgmma operand needs, and copied into an unswizzled staging
+tile (or out of one for O) it lowers on jax 0.10 but not on 0.12 ("Layout inference
+failed to find a solution": its inference tiles such a buffer itself), so the group's
+rows come from HBM by plain loads into
+``Q^T [D, cols]`` in registers (zeros past the group) and are stored like P^T; O's
+``group`` rows are taken out of ``O^T`` column by column into a ``[group, D]`` tile and
+leave by one TMA copy. Compiled for sm_90a this costs registers at group 4 (head_dim 64 /
+128 / 256, page 16: 109 / 145 / 224, were 96 / 117 / 168 with q padded to 8 rows in
+HBM; no spills; ``benchmarks/results/mosaic_resources.md``). K/V pages come through the
+page ring both Mosaic kernels share (``page_ring``).
 
 Warp specialization (``warp_specialized=True``, off by default until a GPU has timed it):
 two warpgroups per program. Warpgroup 1 (``PRODUCER_REGISTERS`` after setmaxnreg) reads
 the block table and issues every page copy, waiting only for a slot's "consumed" barrier
 before refilling it; warpgroup 0 (``CONSUMER_REGISTERS``) does the products and the
 softmax and arrives on that barrier once a step's slot is read. So the table reads and
-copy issues leave the compute path, which then waits on data only. Compiled (jax 0.10.2,
+copy issues leave the compute path, which then waits on data only. Its ring has
+``WS_MAX_STAGES`` = 4 slots where they fit (3 at head_dim 256), so the copies run up to 4
+steps ahead; one program per SM leaves it the shared memory. Compiled (jax 0.10.2,
 ``benchmarks/mosaic_resources.py``) it holds 232 registers x 256 threads, no spills: one
-program per SM, where the single-warpgroup tile holds 5 / 3 / 1 at head_dim 64 / 128 /
+program per SM, where the single-warpgroup tile holds 4 / 3 / 1 at head_dim 64 / 128 /
 256, so it needs the GPU suite's timing (``gpu_check`` row ``mosaic-ws``) before it can
 be the default. The
 interpreter runs both warpgroups and fails on a barrier phase one of them never waits
@@ -59,7 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jpaged.pallas_kernels import online_softmax
+from jpaged.pallas_kernels import online_softmax, page_ring
 from jpaged.pallas_kernels import ragged_attention as ra
 from jpaged.pallas_kernels.quantization import is_quantized
 from jpaged.pallas_kernels.splits import merge_splits
@@ -68,11 +79,11 @@ pl, plgpu = ra.pl, ra.plgpu
 
 MIN_COLS = 8           # wgmma's smallest N
 HEAD_DIMS = (64, 128, 256)
-LSE_ROWS = 64          # the log-sum-exp leaves as a [64, cols] tile (TMA: 128-byte copies)
 # warp_specialized: registers per thread after setmaxnreg for the copy-issuing warpgroup
 # and the computing one (jax's attention_mgpu and tokamax use 40 and 232).
 PRODUCER_REGISTERS = 40
 CONSUMER_REGISTERS = 232
+WS_MAX_STAGES = 4      # warp_specialized: ring slots by default (the issue's 3-4 ahead)
 
 
 def num_cols(group: int) -> int:
@@ -94,15 +105,24 @@ def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group,
     cols, block_kv = num_cols(group), pages_per_block * page_size
     ring = num_stages * block_kv * head_dim * e
     buffers = [cols * head_dim * e_q, ring, ring, block_kv * cols * e_q,
-               head_dim * cols * 4, LSE_ROWS * cols * 4]
+               group * head_dim * 4, cols * 4]
     if is_quantized(dtype):
         buffers += [num_stages * block_kv * 4] * 2 + [block_kv * head_dim * e_q] * 2
     return sum(-(-size // ra.SMEM_ALIGN) * ra.SMEM_ALIGN for size in buffers)
 
 
 def default_num_stages(head_dim, page_size, dtype, pages_per_block, group,
-                       q_dtype=None) -> int:
-    """Two ring slots where they fit shared memory (always, at 227 KiB), else one."""
+                       q_dtype=None, warp_specialized=False) -> int:
+    """Two ring slots where they fit shared memory (always, at 227 KiB), else one.
+    Warp-specialized: the most up to ``WS_MAX_STAGES`` that fit shared memory and the
+    32 barriers (the copy warpgroup runs that many steps ahead; one program per SM there,
+    so the shared memory is its to take)."""
+    if warp_specialized:
+        for stages in range(WS_MAX_STAGES, 1, -1):
+            if (stages * pages_per_block <= ra.MAX_BARRIERS
+                    and smem_bytes(head_dim, page_size, dtype, pages_per_block, stages,
+                                   group, q_dtype) <= ra.SMEM_BUDGET):
+                return stages
     fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, ra.DEFAULT_NUM_STAGES,
                       group, q_dtype) <= ra.SMEM_BUDGET
     return ra.DEFAULT_NUM_STAGES if fits else 1
@@ -169,16 +189,15 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                    quantized, sm_scale, soft_cap, sliding_window, dtype, warp_specialized,
                    interpret):
     # layer_ref int32[1]; tables_ref int32[B, W]; kv_lens_ref int32[B];
-    # q_ref [B, Hkv, cols, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
+    # q_ref [B, Hkv, group, D] in dtype; k_ref, v_ref [L * Hkv, P, S, D];
     # quantized: then the rows' scales [Hkv, B, W' * S] (ragged_attention.row_scales);
-    # outputs: o_ref float32 [Hkv, splits, B, D, cols], lse_ref float32
-    # [Hkv, splits, B, 64, cols] (each row the same).
+    # outputs: o_ref float32 [Hkv, splits, B, group, D], lse_ref float32
+    # [Hkv, splits, B, cols] (the first group columns used).
     scale_refs, (o_ref, lse_ref) = (refs[:2], refs[2:]) if quantized else ((), refs)
-    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    cast = functools.partial(page_ring.layout_cast, interpret=interpret)
     matmul = functools.partial(_matmul, interpret=interpret)
     store_transposed = functools.partial(_store_transposed, interpret=interpret)
     head_dim, cols = q_ref.shape[-1], num_cols(group)
-    width = tables_ref.shape[1]
     block_kv = pages_per_block * page_size
     h, row, split = (lax.axis_index(name) for name in ("kv_head", "row", "split"))
     pool_head = layer_ref[0] * num_kv_heads + h
@@ -188,58 +207,57 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 else jnp.maximum(pos - (sliding_window - 1), 0))
     row_first = kv_start // block_kv
     row_steps = jnp.maximum((kv_len + block_kv - 1) // block_kv - row_first, 0)
-    per_split = (row_steps + num_splits - 1) // num_splits
-    first = row_first + split * per_split
-    num_steps = jnp.clip(row_steps - split * per_split, 0, per_split)
+    first, num_steps = page_ring.split_run(row_first, row_steps, split, num_splits)
     layout = plgpu.Layout.WGMMA
 
-    def keyed(ref):
-        """A ``[block_kv]`` per-key vector -> float32 ``[block_kv, cols]`` (down rows)."""
-        x = ref[...] if interpret else ra.load(ref, layout.reduce(1))
-        return lax.broadcast_in_dim(x.astype(jnp.float32), (block_kv, cols), [0])
+    def col_of(rows):
+        """Each element's column: int32 ``[rows, cols]``."""
+        return cast(lax.broadcasted_iota(jnp.int32, (rows, cols), 1), layout)
 
-    def scoped(q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem, q_barrier, k_barriers,
-               v_barriers, *quant):
+    def scoped(q_smem, p_smem, o_smem, lse_smem, q_barrier, *rest):
+        ring = page_ring.PageRing(
+            rest[:page_ring.num_scratch(quantized)], k_ref=k_ref, v_ref=v_ref,
+            scale_refs=scale_refs, tables_ref=tables_ref, table_row=row, kv_head=h,
+            pool_head=pool_head, first_step=first, page_size=page_size,
+            pages_per_block=pages_per_block, num_stages=num_stages, dtype=dtype,
+            interpret=interpret)
         if warp_specialized:   # the ring slots' "consumed" barriers come last
-            *quant, consumed = quant
-        if quantized:
-            ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = quant
+            consumed = rest[-1]
 
-        def issue(step):
-            slot = step % num_stages
-            for p in range(pages_per_block):
-                index = jnp.minimum((first + step) * pages_per_block + p, width - 1)
-                page = tables_ref[row, index]
-                rows = pl.ds(p * page_size, page_size)
-                barrier = slot * pages_per_block + p
-                plgpu.copy_gmem_to_smem(k_ref.at[pool_head, page], k_smem.at[slot, rows],
-                                        k_barriers.at[barrier])
-                plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
-                                        v_barriers.at[barrier])
-            if quantized:
-                keys = pl.ds((first + step) * block_kv, block_kv)
-                for ref, smem, barriers in zip(scale_refs, (ks_smem, vs_smem),
-                                               (ks_barriers, vs_barriers)):
-                    plgpu.copy_gmem_to_smem(ref.at[h, row, keys], smem.at[slot],
-                                            barriers.at[slot])
-
-        def wait(barriers, slot):
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(barriers.at[slot * pages_per_block + p])
-
-        def widened(codes_smem, tile_smem):
-            codes = codes_smem[...]
-            if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float16:
-                codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
-            tile_smem[...] = codes.astype(dtype)
+        def load_q():
+            """q's ``[group, D]`` rows -> the swizzled ``[cols, D]`` tile wgmma reads: one
+            TMA copy from group 8 on; below, row by row from HBM through registers into
+            ``Q^T [D, cols]`` (zero columns past the group), stored like P^T. Why not a
+            TMA copy of the group's rows: a box of fewer than 8 rows does not fit the
+            128-byte swizzle's 8-row tiles, and staged in an unswizzled tile, Mosaic GPU's
+            layout inference on jax 0.12 swizzles that tile too."""
+            if group == cols:
+                plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
+                plgpu.barrier_wait(q_barrier.at[0])
+                return
+            q_t = cast(jnp.zeros((head_dim, cols), dtype), layout)
+            for g in range(group):
+                q_row = q_ref[row, h, g] if interpret else page_ring.load(
+                    q_ref.at[row, h, g], layout.reduce(1), optimized=False)
+                q_t = jnp.where(col_of(head_dim) == g,
+                                lax.broadcast_in_dim(q_row, (head_dim, cols), [0]), q_t)
+            store_transposed(q_smem, q_t)
             plgpu.commit_smem()
-            return tile_smem
+
+        def store_out(out):
+            """O^T ``[D, cols]`` -> o_smem ``[group, D]``: transposed as a whole from group
+            8 on; below, the group's columns one by one (a sum across the lanes holding
+            the column), so only the group's rows leave for HBM."""
+            if group == cols:
+                store_transposed(o_smem, out)
+                return
+            for g in range(group):
+                o_smem[g] = jnp.sum(jnp.where(col_of(head_dim) == g, out, 0.0), axis=1)
 
         def compute(release):
             """The consumer: q, every step's two products and softmax, the output;
             ``release(step, slot)`` once step's slot is read (refill or signal it)."""
-            plgpu.copy_gmem_to_smem(q_ref.at[row, h], q_smem, q_barrier.at[0])
-            plgpu.barrier_wait(q_barrier.at[0])
+            load_q()
             m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
             l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
             acc = cast(jnp.zeros((head_dim, cols), jnp.float32), layout)
@@ -248,14 +266,9 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 acc, m_i, l_i = carry
                 slot = step % num_stages
                 key0 = (first + step) * block_kv
-                wait(k_barriers, slot)
-                k_tile = k_smem.at[slot]
+                s = matmul(ring.k_tile(slot), q_smem, transpose_b=True)  # S^T [block_kv, cols]
                 if quantized:
-                    plgpu.barrier_wait(ks_barriers.at[slot])
-                    k_tile = widened(k_tile, k16_smem)
-                s = matmul(k_tile, q_smem, transpose_b=True)             # S^T [block_kv, cols]
-                if quantized:
-                    s = s * keyed(ks_smem.at[slot])
+                    s = ring.scale_k(s, slot, key_axis=0)
                 s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
                 key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
                 visible = key < kv_len
@@ -263,21 +276,9 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                     visible &= key > pos - sliding_window
                 probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
                                                              key_axis=0)
-                wait(v_barriers, slot)
-                v_tile = v_smem.at[slot]
+                v_tile = ring.v_tile(slot, key0, kv_len)
                 if quantized:
-                    plgpu.barrier_wait(vs_barriers.at[slot])
-                    v_tile = widened(v_tile, v16_smem)
-                    probs = probs * jnp.where(key < kv_len, keyed(vs_smem.at[slot]), 0.0)
-
-                @pl.when(key0 + block_kv > kv_len)
-                def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
-                    v_old = v_tile[...]
-                    v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
-                                        layout)
-                    v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
-                    plgpu.commit_smem()
-
+                    probs = ring.scale_v(probs, key, kv_len, slot, key_axis=0)
                 store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
                 plgpu.commit_smem()
                 acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T
@@ -285,18 +286,17 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 return acc, m_new, l_i
 
             acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
-            o_smem[...], lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)
-            lse_smem[...] = lax.broadcast_in_dim(lse, (LSE_ROWS, cols), [1])
+            out, lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)   # O^T [D, cols]
+            store_out(out)
+            lse_smem[...] = lse
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[h, split, row])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, split, row])
             plgpu.wait_smem_to_gmem(0)
 
         if not warp_specialized:   # one warpgroup refills the ring behind its own math
-            for step in range(num_stages):
-                pl.when(step < num_steps)(functools.partial(issue, step))
-            compute(lambda step, slot: pl.when(step + num_stages < num_steps)(
-                functools.partial(issue, step + num_stages)))
+            ring.prime(num_steps)
+            compute(lambda step, slot: ring.refill(step, num_steps))
         else:   # warpgroup 1 issues every copy, warpgroup 0 computes
             wg = lax.axis_index("wg")
 
@@ -310,7 +310,7 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                     # The slot's previous step must be consumed before its refill.
                     pl.when(step >= num_stages)(
                         lambda: plgpu.barrier_wait(consumed.at[slot]))
-                    issue(step)
+                    ring.issue(step)
 
             @pl.when(wg == 0)
             def _consumer():
@@ -319,31 +319,18 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 compute(lambda step, slot: pl.when(step + num_stages < num_steps)(
                     lambda: plgpu.barrier_arrive(consumed.at[slot])))
 
-    num_barriers = num_stages * pages_per_block
-    page_dtype = k_ref.dtype
     # Every 16-bit tile a wgmma reads: 128-byte swizzle on its 64+ element minor axis.
-    tile = ra._smem_transforms(head_dim, dtype)
-    ring = (num_stages, block_kv, head_dim)
-    ring_tf = ra._smem_transforms(head_dim, page_dtype)
     scratch = [
-        plgpu.SMEM((cols, head_dim), dtype, transforms=tile),
-        plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
-        plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
-        plgpu.SMEM((cols, block_kv), dtype, transforms=ra._smem_transforms(block_kv, dtype)),
-        plgpu.SMEM((head_dim, cols), jnp.float32),
-        plgpu.SMEM((LSE_ROWS, cols), jnp.float32),
+        plgpu.SMEM((cols, head_dim), dtype, transforms=page_ring.smem_transforms(head_dim, dtype)),
+        plgpu.SMEM((cols, block_kv), dtype,
+                   transforms=page_ring.smem_transforms(block_kv, dtype)),
+        plgpu.SMEM((group, head_dim), jnp.float32),
+        plgpu.SMEM((cols,), jnp.float32),
         plgpu.Barrier(num_barriers=1),
-        plgpu.Barrier(num_barriers=num_barriers),
-        plgpu.Barrier(num_barriers=num_barriers),
+        *page_ring.scratch(num_stages=num_stages, pages_per_block=pages_per_block,
+                           page_size=page_size, head_dim=head_dim, page_dtype=k_ref.dtype,
+                           dtype=dtype, scale_dtype=scale_refs[0].dtype if quantized else None),
     ]
-    if quantized:
-        scale_dtype = scale_refs[0].dtype
-        scratch += [plgpu.SMEM((num_stages, block_kv), scale_dtype),
-                    plgpu.SMEM((num_stages, block_kv), scale_dtype),
-                    plgpu.Barrier(num_barriers=num_stages),
-                    plgpu.Barrier(num_barriers=num_stages),
-                    plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile),
-                    plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile)]
     if not warp_specialized:
         pl.run_scoped(scoped, *scratch)
     else:   # one arrival per step: the computing warpgroup's
@@ -402,16 +389,11 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
     group = num_q_heads // num_kv_heads
     if num_stages is None:
         num_stages = default_num_stages(head_dim, page_size, k_pages.dtype, pages_per_block,
-                                        group, q.dtype)
+                                        group, q.dtype, warp_specialized)
     if not quantized and q.dtype != k_pages.dtype:
         raise ValueError(f"q dtype {q.dtype} must match the pages' dtype {k_pages.dtype} "
                          f"(wgmma takes one operand type)")
     cols = num_cols(group)
-    # [B, Hkv, cols, D]: a free reshape from group 8 on; below, cols - group zero rows
-    # per kv head (a TMA box at a head offset that is not a multiple of 8 does not lower
-    # on jax 0.12).
-    q_boxed = jnp.pad(q.reshape(batch, num_kv_heads, group, head_dim),
-                      ((0, 0), (0, 0), (0, cols - group), (0, 0)))
     layer = jnp.zeros((1,), jnp.int32) if layer is None else jnp.reshape(layer, (1,)).astype(
         jnp.int32)
     flat = (num_layers * num_kv_heads, num_pages, page_size, head_dim)
@@ -426,16 +408,17 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
         interpret=interpret)
     parts = (num_kv_heads, num_splits, batch)
     call = plgpu.kernel(
-        kernel, out_type=(jax.ShapeDtypeStruct((*parts, head_dim, cols), jnp.float32),
-                          jax.ShapeDtypeStruct((*parts, LSE_ROWS, cols), jnp.float32)),
+        kernel, out_type=(jax.ShapeDtypeStruct((*parts, group, head_dim), jnp.float32),
+                          jax.ShapeDtypeStruct((*parts, cols), jnp.float32)),
         grid=(num_kv_heads, batch, num_splits), grid_names=("kv_head", "row", "split"),
         **({"num_threads": 2, "thread_name": "wg"} if warp_specialized else {}),
         **({"interpret": ra._interpret_params(interpret)} if interpret else {}))
-    o_t, lse = call(layer, block_tables.astype(jnp.int32), lengths.astype(jnp.int32), q_boxed,
-                    k_pages.reshape(flat), v_pages.reshape(flat), *scales)
-    # [Hkv, splits, B, D, cols] -> [B, Hkv, splits, group, D], merged over the splits.
-    o = o_t[..., :group].transpose(2, 0, 1, 4, 3)
-    lse = lse[:, :, :, 0, :group].transpose(2, 0, 1, 3)
+    o, lse = call(layer, block_tables.astype(jnp.int32), lengths.astype(jnp.int32),
+                  q.reshape(batch, num_kv_heads, group, head_dim), k_pages.reshape(flat),
+                  v_pages.reshape(flat), *scales)
+    # [Hkv, splits, B, group, D] -> [B, Hkv, splits, group, D], merged over the splits.
+    o = o.transpose(2, 0, 1, 3, 4)
+    lse = lse[..., :group].transpose(2, 0, 1, 3)
     out = merge_splits(o, lse)                                       # [B, Hkv, group, D]
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 

@@ -70,7 +70,7 @@ and the buffers within 227 KiB of shared memory (one ring slot instead of two wh
 do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
 head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
-(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 162-186
+(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 218-245
 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
@@ -96,7 +96,6 @@ Output ``[T, Hq, D]`` in q's dtype, zeros for a token that sees no key. Matches
 from __future__ import annotations
 
 import functools
-import inspect
 import numbers
 
 import jax
@@ -104,7 +103,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jpaged.pallas_kernels import online_softmax
+from jpaged.pallas_kernels import online_softmax, page_ring
 from jpaged.pallas_kernels.lowering import TARGET_NUM_SMS
 from jpaged.pallas_kernels.quantization import FORMATS, is_quantized
 from jpaged.pallas_kernels.splits import merge_splits
@@ -283,21 +282,6 @@ def _interpret_params(interpret=True):
     return InterpretGPUParams()
 
 
-def load(ref, layout):
-    """``plgpu.load`` of a whole ref in ``layout``: jax 0.10 takes an index argument,
-    0.12 does not."""
-    if "idx" in inspect.signature(plgpu.load).parameters:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
-
-
-def _smem_transforms(minor: int, dtype):
-    """Tiling + swizzle for a ``[rows, minor]`` shared-memory tile read by wgmma."""
-    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
-            plgpu.SwizzleTransform(swizzle))
-
-
 def _wgmma_matmul(a, b_ref, transpose_b=False):
     """``a @ b`` (``a @ b.T`` with transpose_b) on the tensor cores, float32 result.
 
@@ -335,11 +319,9 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
     # (one split), or float32 partials [Hkv, NB, splits, 64, D] and their log-sum-exp
     # [Hkv, NB, splits, 64].
     scale_refs, out_refs = (refs[:2], refs[2:]) if quantized else ((), refs)
-    # Interpret mode has no layouts (layout_cast has no CPU rule): casts are identities there.
-    cast = (lambda x, layout: x) if interpret else plgpu.layout_cast
+    cast = functools.partial(page_ring.layout_cast, interpret=interpret)
     matmul = _interpreted_matmul if interpret else _wgmma_matmul
     head_dim = q_ref.shape[-1]
-    width = tables_ref.shape[1]
     block_kv = pages_per_block * page_size
     h = lax.axis_index("kv_head")
     b = lax.axis_index("block")
@@ -352,58 +334,17 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
                 else jnp.maximum(blk_lo_ref[b] - (sliding_window - 1), 0))
     block_first = kv_start // block_kv
     block_steps = jnp.maximum((kv_end + block_kv - 1) // block_kv - block_first, 0)
-    # Split-K: split s of the block's key steps takes the s-th run of ceil(steps / splits)
-    # consecutive steps (the last runs may be shorter or empty).
-    per_split = (block_steps + num_splits - 1) // num_splits
-    first = block_first + split * per_split
-    num_steps = jnp.clip(block_steps - split * per_split, 0, per_split)
+    first, num_steps = page_ring.split_run(block_first, block_steps, split, num_splits)
 
-    def columns(ref):
-        """A ``[block_kv]`` per-key vector in shared memory -> float32 ``[64, block_kv]``,
-        the same value down each column of the S tile."""
-        x = ref[...] if interpret else load(ref, plgpu.Layout.WGMMA.reduce(0))
-        return lax.broadcast_in_dim(x.astype(jnp.float32), (BLOCK_ROWS, block_kv), [1])
-
-    def scoped(q_smem, k_smem, v_smem, pos_smem, q_barrier, k_barriers, v_barriers, *extra):
-        if quantized:   # scale rings, their barriers, and the 16-bit tiles the codes become
-            ks_smem, vs_smem, ks_barriers, vs_barriers, k16_smem, v16_smem = extra[:6]
-            extra = extra[6:]
-        partial_smem = extra
-
-        def issue(step):
-            slot = step % num_stages
-            for p in range(pages_per_block):
-                index = jnp.minimum((first + step) * pages_per_block + p, width - 1)
-                page = tables_ref[seq, index]
-                rows = pl.ds(p * page_size, page_size)
-                barrier = slot * pages_per_block + p
-                plgpu.copy_gmem_to_smem(k_ref.at[pool_head, page], k_smem.at[slot, rows],
-                                        k_barriers.at[barrier])
-                plgpu.copy_gmem_to_smem(v_ref.at[pool_head, page], v_smem.at[slot, rows],
-                                        v_barriers.at[barrier])
-            if quantized:   # the step's scales: one [block_kv] box of the row's scales
-                keys = pl.ds((first + step) * block_kv, block_kv)
-                for ref, smem, barriers in zip(scale_refs, (ks_smem, vs_smem),
-                                               (ks_barriers, vs_barriers)):
-                    plgpu.copy_gmem_to_smem(ref.at[h, seq, keys], smem.at[slot],
-                                            barriers.at[slot])
-
-        def wait(barriers, slot):
-            for p in range(pages_per_block):
-                plgpu.barrier_wait(barriers.at[slot * pages_per_block + p])
-
-        def widened(codes_smem, tile_smem):
-            """8-bit codes -> the 16-bit tile wgmma reads (exact: every int8 and e4m3
-            value is a bf16/f16 value; the scales are applied to S and P instead)."""
-            codes = codes_smem[...]
-            if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(dtype) != jnp.float16:
-                codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
-            tile_smem[...] = codes.astype(dtype)
-            plgpu.commit_smem()
-            return tile_smem
-
-        for step in range(num_stages):
-            pl.when(step < num_steps)(functools.partial(issue, step))
+    def scoped(q_smem, pos_smem, q_barrier, *rest):
+        ring_refs, partial_smem = (rest[:page_ring.num_scratch(quantized)],
+                                   rest[page_ring.num_scratch(quantized):])
+        ring = page_ring.PageRing(
+            ring_refs, k_ref=k_ref, v_ref=v_ref, scale_refs=scale_refs, tables_ref=tables_ref,
+            table_row=seq, kv_head=h, pool_head=pool_head, first_step=first,
+            page_size=page_size, pages_per_block=pages_per_block, num_stages=num_stages,
+            dtype=dtype, interpret=interpret)
+        ring.prime(num_steps)
         plgpu.copy_gmem_to_smem(q_ref.at[h, b], q_smem, q_barrier.at[0])
         plgpu.copy_gmem_to_smem(row_pos_ref.at[b], pos_smem, q_barrier.at[1])
         plgpu.barrier_wait(q_barrier.at[0])
@@ -419,14 +360,9 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             acc, m_i, l_i = carry
             slot = step % num_stages
             key0 = (first + step) * block_kv
-            wait(k_barriers, slot)
-            k_tile = k_smem.at[slot]
+            s = matmul(q_smem, ring.k_tile(slot), transpose_b=True)
             if quantized:
-                plgpu.barrier_wait(ks_barriers.at[slot])
-                k_tile = widened(k_tile, k16_smem)
-            s = matmul(q_smem, k_tile, transpose_b=True)
-            if quantized:   # S = Q (codes * scale)^T: each key's scale scales its column
-                s = s * columns(ks_smem.at[slot])
+                s = ring.scale_k(s, slot, key_axis=1)
             s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
             key = key0 + cast(lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, block_kv), 1),
                               layout)
@@ -435,25 +371,11 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
                 visible &= key > row_pos - sliding_window
             probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
                                                          key_axis=1)
-            wait(v_barriers, slot)
-            v_tile = v_smem.at[slot]
+            v_tile = ring.v_tile(slot, key0, kv_len)
             if quantized:
-                plgpu.barrier_wait(vs_barriers.at[slot])
-                v_tile = widened(v_tile, v16_smem)
-                # P (codes * scale) = (P * scale) codes; a stale slot's scale may be NaN.
-                probs = probs * jnp.where(key < kv_len, columns(vs_smem.at[slot]), 0.0)
-
-            @pl.when(key0 + block_kv > kv_len)
-            def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
-                v_old = v_tile[...]
-                v_key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, head_dim), 0),
-                                    layout)
-                v_tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
-                plgpu.commit_smem()
-
+                probs = ring.scale_v(probs, key, kv_len, slot, key_axis=1)
             acc = acc + matmul(probs.astype(dtype), v_tile)
-            pl.when(step + num_stages < num_steps)(
-                functools.partial(issue, step + num_stages))
+            ring.refill(step, num_steps)
             return acc, m_new, l_i
 
         acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
@@ -473,31 +395,18 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[h, b, split])
         plgpu.wait_smem_to_gmem(0)
 
-    num_barriers = num_stages * pages_per_block
-    page_dtype = k_ref.dtype
-    ring = (num_stages, block_kv, head_dim)
     scratch = [
-        plgpu.SMEM((BLOCK_ROWS, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
-        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
-        plgpu.SMEM(ring, page_dtype, transforms=_smem_transforms(head_dim, page_dtype)),
+        plgpu.SMEM((BLOCK_ROWS, head_dim), dtype,
+                   transforms=page_ring.smem_transforms(head_dim, dtype)),
         plgpu.SMEM((BLOCK_ROWS,), jnp.int32),
         plgpu.Barrier(num_barriers=2),
-        plgpu.Barrier(num_barriers=num_barriers),
-        plgpu.Barrier(num_barriers=num_barriers),
+        *page_ring.scratch(num_stages=num_stages, pages_per_block=pages_per_block,
+                           page_size=page_size, head_dim=head_dim, page_dtype=k_ref.dtype,
+                           dtype=dtype, scale_dtype=scale_refs[0].dtype if quantized else None),
     ]
-    if quantized:
-        scale_dtype = scale_refs[0].dtype
-        scratch += [
-            plgpu.SMEM((num_stages, block_kv), scale_dtype),
-            plgpu.SMEM((num_stages, block_kv), scale_dtype),
-            plgpu.Barrier(num_barriers=num_stages),
-            plgpu.Barrier(num_barriers=num_stages),
-            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
-            plgpu.SMEM((block_kv, head_dim), dtype, transforms=_smem_transforms(head_dim, dtype)),
-        ]
     if num_splits > 1:
         scratch += [plgpu.SMEM((BLOCK_ROWS, head_dim), jnp.float32,
-                               transforms=_smem_transforms(head_dim, jnp.float32)),
+                               transforms=page_ring.smem_transforms(head_dim, jnp.float32)),
                     plgpu.SMEM((BLOCK_ROWS,), jnp.float32)]
     pl.run_scoped(scoped, *scratch)
 

@@ -242,3 +242,86 @@ def test_a_device_failure_seen_at_fetch_fails_both_steps_and_recomputes(model):
         engine.scheduler.check()
     assert failures == 2 and [done[i] for i in ids] == expected
     faults.assert_empty(engine)
+
+
+class RaisingTokenizer:
+    """``tokenizer`` whose batched decode raises on any window holding token ``poison``."""
+
+    def __init__(self, tokenizer, poison: int):
+        self.tokenizer, self.poison = tokenizer, poison
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def decode_batch(self, windows, **options):
+        if any(self.poison in window for window in windows):
+            raise RuntimeError(f"cannot decode token {self.poison}")
+        return self.tokenizer.decode_batch(windows, **options)
+
+
+def test_a_tokenizer_that_raises_on_decode_fails_its_request_alone(word_model):
+    """Under async scheduling, decoding one request's token raises: that request finishes
+    with reason "error" naming the tokenizer's failure, the others give a clean run's
+    outputs, nothing leaks, and the engine serves a new request after."""
+    reference = LLM(word_model, async_scheduling=False, **OPTIONS)
+    batch = prompts(7, [5, 9, 7, 11])
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    expected = reference.generate(batch, params, use_tqdm=False)
+    tokens = [o.outputs[0].token_ids for o in expected]
+    others = {t for i, ids in enumerate(tokens) if i != 1 for t in ids}
+    poison = next(t for t in tokens[1][2:] if t not in others)
+    model = Model(CONFIG, word_model.params,
+                  tokenizer=RaisingTokenizer(word_model.tokenizer, poison))
+    engine = LLM(model, async_scheduling=True, **OPTIONS).engine
+    ids = [engine.add_request(p, params) for p in batch]
+    culprit = engine.requests[ids[1]]
+    done = {o.request_id: o for o in run_out(engine) if o.finished}
+    failed = done.pop(ids[1])
+    assert failed.outputs[0].finish_reason == "error"
+    assert poison not in failed.outputs[0].token_ids   # never emitted past the failure
+    assert summary([done[ids[i]] for i in (0, 2, 3)]) == summary(
+        [expected[i] for i in (0, 2, 3)])
+    assert "the tokenizer failed to decode" in culprit.error, culprit.error
+    faults.assert_empty(engine)
+    clean = next(i for i, output in enumerate(tokens) if poison not in output)
+    again = engine.add_request(batch[clean], params)
+    assert summary([o for o in run_out(engine) if o.request_id == again][-1:]) == summary(
+        [expected[clean]])
+    faults.assert_empty(engine)
+
+
+def test_a_rolled_back_step_keeps_each_text_equal_to_its_tokens(word_model):
+    """A step that fails after its rows were detokenized (building the outputs raises) is
+    undone with each stream's decoder: straight after it, every text is the decode of the
+    tokens its stream keeps (not a stale text until its next step), and the run ends with
+    a clean run's outputs."""
+    tokenizer = word_model.tokenizer
+    batch = prompts(6, [5, 9, 7])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    expected = LLM(word_model, **OPTIONS).generate(batch, params, use_tqdm=False)
+    engine = LLM(word_model, async_scheduling=True, **OPTIONS).engine
+    ids = [engine.add_request(p, params, stream=False) for p in batch]
+    outputs, done, failed, checked = engine._outputs, {}, 0, 0
+
+    def failing(requests):
+        raise KeyboardInterrupt
+
+    for step in range(100):
+        if not engine.has_unfinished_requests():
+            break
+        engine._outputs = failing if step in (3, 6, 9) else outputs
+        try:
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+            continue
+        except KeyboardInterrupt:
+            failed += 1
+        engine.scheduler.check()
+        for request in engine.requests.values():
+            for seq_id, stream in request.streams.items():
+                kept = [t for t in request.seqs[seq_id].output_token_ids if t != PLACEHOLDER]
+                if kept:
+                    assert stream.current_text() == tokenizer.decode(kept)
+                    checked += 1
+    assert failed == 3 and checked >= 6
+    assert summary([done[i] for i in ids]) == summary(expected)
+    faults.assert_empty(engine)

@@ -108,7 +108,7 @@ def test_text_is_a_full_decode_at_every_step(tokenizer, max_window):
             chunks.append(streams[i][fed[i]:fed[i] + take])
             fed[i] += len(chunks[-1])
         for i, new in zip(live, detok.step([states[i] for i in live], chunks)):
-            states[i].emit(new, 0)
+            states[i].emit(new)
             full = tokenizer.decode(streams[i][:fed[i]])
             text = states[i].text
             assert full.startswith(text), (i, fed[i], text, full)
@@ -119,7 +119,7 @@ def test_text_is_a_full_decode_at_every_step(tokenizer, max_window):
             if i % 3 == 1:   # encoded text: a random stream may hold back long runs
                 longest_window = max(longest_window, len(states[i].window))
     for state, ids in zip(states, streams):
-        state.emit(detok.flush(state), 0)
+        state.emit(detok.flush(state))
         assert state.text == tokenizer.decode(ids)
     assert longest_window <= detok.max_window + 12   # not growing with the 60 tokens
 
@@ -162,8 +162,8 @@ def test_special_tokens_are_skipped_as_decode_does(tokenizer, skip):
     ids = ids[:2] + [eos] + ids[2:] + [eos]
     state = DecodeState(skip_special_tokens=skip)
     for t in ids:
-        state.emit(detok.step([state], [[t]])[0], 0)
-    state.emit(detok.flush(state), 0)
+        state.emit(detok.step([state], [[t]])[0])
+    state.emit(detok.flush(state))
     assert state.text == tokenizer.decode(ids, skip_special_tokens=skip)
     assert ("</s>" in state.text) == (not skip)
 

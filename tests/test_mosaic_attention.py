@@ -333,7 +333,7 @@ def test_decode_tile_matches_float64(case):
 
 
 WS_CASES = [
-    dict(lengths=[150], num_splits=1, dtype=jnp.float32),    # 3 steps: every slot refilled
+    dict(lengths=[330], num_splits=1, dtype=jnp.float32),    # 6 steps, 4 slots: refilled
     pytest.param(dict(lengths=[0, 1, 15, 16, 17, 200], num_splits=3, dtype=jnp.bfloat16),
                  marks=SLOW),
     pytest.param(dict(lengths=[1, 17, 150], num_splits=2, dtype=jnp.float32, fmt="int8"),
@@ -352,8 +352,9 @@ def test_warp_specialized_decode_tile_matches_float64(case):
     fmt, lengths = case.pop("fmt", None), case.pop("lengths")
     rng = np.random.default_rng(len(lengths))
     q, k, v, tables, lengths, q_seq, q_pos = make_batch(
-        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16, width=13,
-        head_dim=64, group=4, dtype=jnp.float32 if fmt else case["dtype"])
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=16,
+        width=max(13, -(-max(lengths) // 16) + 1), head_dim=64, group=4,
+        dtype=jnp.float32 if fmt else case["dtype"])
     k_ref, v_ref, scales = k[0], v[0], {}
     if fmt:
         (k, ks), (v, vs) = quantized_pages(k, fmt), quantized_pages(v, fmt)
@@ -366,6 +367,55 @@ def test_warp_specialized_decode_tile_matches_float64(case):
     expected = float64_attention(q, k_ref, v_ref, tables, lengths, q_seq, q_pos)
     assert relative_error(out, expected) < TOLERANCE[jnp.dtype(case["dtype"])]
     assert not np.asarray(out)[np.asarray(lengths) == 0].any()
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (jit, kernels) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from equations(inner)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_decode_tile_moves_only_the_groups_rows_through_hbm(group):
+    """No padded q or o in HBM: the kernel reads q as ``[B, Hkv, group, D]`` (a reshape,
+    no pad) and writes float32 ``[Hkv, splits, B, group, D]`` and the ``[Hkv, splits, B,
+    cols]`` log-sum-exp, for groups under and at the tile's 8 columns."""
+    batch, head_dim, splits = 3, 64, 2
+    q = jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * group, head_dim), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, 16, 16, head_dim), jnp.bfloat16)
+    tables, lengths = (jax.ShapeDtypeStruct((batch, 4), jnp.int32),
+                       jax.ShapeDtypeStruct((batch,), jnp.int32))
+    jaxpr = jax.make_jaxpr(functools.partial(mosaic_decode.paged_decode, num_splits=splits))(
+        q, pool, pool, tables, lengths).jaxpr
+    eqns = list(equations(jaxpr))
+    (call,) = [e for e in eqns if e.primitive.name in ("mpmd_map", "pallas_call")]
+    q_boxes = [v.aval.shape for v in call.invars if v.aval.dtype == jnp.bfloat16
+               and len(v.aval.shape) == 4 and v.aval.shape[0] == batch]
+    assert q_boxes == [(batch, NUM_KV_HEADS, group, head_dim)]
+    assert [v.aval.shape for v in call.outvars] == [
+        (NUM_KV_HEADS, splits, batch, group, head_dim),
+        (NUM_KV_HEADS, splits, batch, mosaic_decode.num_cols(group))]
+    assert not {"pad", "concatenate"} & {eqn.primitive.name for eqn in eqns}
+
+
+def test_warp_specialized_ring_runs_further_ahead():
+    """The copy warpgroup's ring: 4 slots where they fit (head_dim 64, 128), 3 at head_dim
+    256 (4 are over 227 KiB), within the 32 barriers at page 8; 2 without it."""
+    for head_dim, page_size, stages in ((64, 16, 4), (128, 16, 4), (256, 16, 3),
+                                        (128, 8, 4)):
+        ppb = ra.default_pages_per_block(page_size)
+        got = mosaic_decode.default_num_stages(head_dim, page_size, jnp.bfloat16, ppb, 4,
+                                               warp_specialized=True)
+        assert got == stages, (head_dim, page_size)
+        mosaic_decode.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb, stages)
+        assert mosaic_decode.default_num_stages(head_dim, page_size, jnp.bfloat16, ppb,
+                                                4) == 2
+    with pytest.raises(ValueError, match="shared memory"):
+        mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16, 4, 4)
 
 
 def test_decode_tile_pads_less_than_the_ragged_tile():

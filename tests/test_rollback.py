@@ -174,3 +174,33 @@ def test_check_names_a_leaked_page(model):
     seq.num_computed_tokens = seq.num_tokens   # nothing left to compute: stuck
     with pytest.raises(RuntimeError, match="nothing left to compute"):
         engine.scheduler.check()
+
+
+def test_a_stream_record_restores_every_field_a_step_may_change():
+    """``Stream.record`` names every field but the two a step never changes, and undoes
+    a step's changes to all of them, its decoder's window and text included."""
+    import dataclasses
+
+    from jpaged.host.detokenizer import DecodeState
+    from jpaged.host.request import Logprob, Stream, restore_streams
+
+    assert {f.name for f in dataclasses.fields(Stream)} == {
+        "index", "seed", "logprobs", *Stream.STEP_FIELDS}
+    stream = Stream(0, 5, 1.5, [{3: Logprob(-0.5)}], "ab", None)
+    state = stream.decoding(True, 2)
+    state.window += [7, 8]
+    state.emit("ab")
+    before = (dataclasses.astuple(stream), state.snapshot()[1:7], state.text, state.tail)
+    record = stream.record()
+    stream.cumulative_logprob, stream.text, stream.stop_reason = -3.0, "abcd", "cd"
+    stream.logprobs.append({4: Logprob(-1.0)})
+    state.window += [9]
+    state.fed, state.read = 3, 3
+    state.emit("cd")
+    state.window = state.window[1:]   # the window moved
+    state.cut("a")
+    restore_streams([record])
+    assert stream.decoder is state
+    assert (dataclasses.astuple(stream), state.snapshot()[1:7], state.text,
+            state.tail) == before
+    assert state.window == [7, 8]

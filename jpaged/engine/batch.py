@@ -116,10 +116,13 @@ class BatchBuilder:
 
     def build(self, plan: StepPlan, sampling: list[SamplingRow] | None = None,
               num_top: int = 0, scored: list[tuple[int, int]] = (),
-              num_prompt_top: int = 0) -> StepBatch:
+              num_prompt_top: int = 0, *, lookup=None) -> StepBatch:
         """The batch of ``plan``. sampling: one ``SamplingRow`` per plan row, in order, then
         any extra rows; default: every row greedy. scored: ``(plan row, k)``: score the
-        first k tokens of the row's chunk against the token after each (prompt logprobs)."""
+        first k tokens of the row's chunk against the token after each (prompt logprobs).
+        lookup: instead of ``sampling``, ``seq -> (params, seed)`` for plans whose rows
+        are all plain (no token rules, penalties or extra rows): the persistent columns
+        ask it only for a row whose owner changed (``SamplingColumns.tensors_of``)."""
         seqs, num_rows, num_tokens = plan.seqs, plan.num_seqs, plan.num_tokens
         counts = np.array(plan.num_new_tokens, np.int32)
         starts = np.array(plan.start_positions, np.int32)
@@ -140,7 +143,12 @@ class BatchBuilder:
                 seqs, plan.start_positions, plan.num_new_tokens))))
         context_lens = _padded(starts + counts, rows)
         last = np.cumsum(counts) - 1   # flat index of each row's last token
-        if sampling is None:
+        if lookup is not None and not self.persistent:   # the reference path
+            sampling = [SamplingRow(i, *lookup(s), s) for i, s in enumerate(seqs)]
+            lookup = None
+        elif lookup is not None:
+            sampling = []
+        elif sampling is None:
             sampling = [SamplingRow(i, GREEDY, 0, s) for i, s in enumerate(seqs)]
         extra = sampling[num_rows:]
         size = bucket(rows + len(extra), rows)
@@ -148,7 +156,11 @@ class BatchBuilder:
         logits_indices[:num_rows] = last
         logits_indices[rows:rows + len(extra)] = last[[r.row for r in extra]]
         prompt_indices, prompt_targets = self._scored(plan, scored, last - counts + 1)
-        tensors = self._persistent(plan, sampling, rows, size)
+        if lookup is not None:
+            tensors = self._columns(plan).tensors_of(plan.table_rows, seqs, lookup,
+                                                     len(plan.tables) - 1, rows)
+        else:
+            tensors = self._persistent(plan, sampling, rows, size)
         if tensors is None:
             tensors = _sampling_tensors(sampling[:num_rows] + [None] * (rows - num_rows)
                                         + extra, size)
@@ -170,14 +182,18 @@ class BatchBuilder:
         if (not self.persistent or len(sampling) != num_rows or size != rows
                 or any(r.params.uses_penalties for r in sampling)):
             return None
-        if self.columns is None or len(self.columns.owner) != len(plan.tables):
-            self.columns = SamplingColumns(len(plan.tables) - 1)
         padded = sampling + [None] * (rows - num_rows)
         extra = _token_rule_arrays([r and r.bias for r in padded],
                                    [r and r.mask for r in padded], num_rows, rows)
-        return self.columns.tensors(plan.table_rows, sampling, len(plan.tables) - 1, rows,
+        return self._columns(plan).tensors(plan.table_rows, sampling, len(plan.tables) - 1, rows,
                                     prompt_tokens=np.zeros((rows, 0), np.int32),
                                     output_tokens=np.zeros((rows, 0), np.int32), **extra)
+
+    def _columns(self, plan: StepPlan) -> SamplingColumns:
+        """The persistent columns, one row per row of the plan's table mirror."""
+        if self.columns is None or len(self.columns.owner) != len(plan.tables):
+            self.columns = SamplingColumns(len(plan.tables) - 1)
+        return self.columns
 
     def _scored(self, plan: StepPlan, scored, first: np.ndarray):
         """``prompt_indices`` and ``prompt_targets`` of the ``scored`` rows; ``first``:

@@ -37,7 +37,7 @@ from jpaged.core.interfaces import Engine, Model
 from jpaged.engine.config import (FALLBACK_KV_BYTES, EngineConfig,
                                  kv_bytes_from_utilization)
 from jpaged.host.request import (CompletionOutput, Logprob, Request, RequestOutput, Stream,
-                                 finished_copy, prompt_token_ids)
+                                 finished_copy, prompt_token_ids, restore_streams)
 from jpaged.engine.runner import ModelRunner
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.scheduler import PageMoves, Scheduler, StepPlan
@@ -85,6 +85,10 @@ class LLMEngine:
         self._inflight: overlap.InFlight | None = None
         self._ready: list[RequestOutput] = []
         self._sync_ids: set[str] = set()
+        # Live requests that ask for logprobs or prompt logprobs: while there are none
+        # and none ``needs_each_token``, a step builds its batch without a per-row record
+        # (``_build``).
+        self._logprob_ids: set[str] = set()
 
     # -- state -----------------------------------------------------------------------
 
@@ -96,7 +100,7 @@ class LLMEngine:
     # ``needs_each_token``, rebuilt from the requests.
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
                "_suspects", "_final_only", "_grammars", "async_scheduling", "_inflight",
-               "_ready", "_sync_ids")
+               "_ready", "_sync_ids", "_logprob_ids")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -121,6 +125,7 @@ class LLMEngine:
         self._final_only, self._inflight, self._ready = set(), None, []
         self._sync_ids = {rid for rid, r in requests.items()
                           if overlap.needs_each_token(r.params)}
+        self._logprob_ids = {rid for rid, r in requests.items() if _asks_logprobs(r.params)}
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -167,6 +172,8 @@ class LLMEngine:
             self._final_only.add(request_id)
         if overlap.needs_each_token(params):
             self._sync_ids.add(request_id)
+        if _asks_logprobs(params):
+            self._logprob_ids.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -234,6 +241,7 @@ class LLMEngine:
                 self.scheduler.abort(request_id)
         self._final_only.discard(request_id)
         self._sync_ids.discard(request_id)
+        self._logprob_ids.discard(request_id)
         if not self.requests:   # the step in flight, if any, holds only dropped rows
             self._inflight = None
 
@@ -386,6 +394,7 @@ class LLMEngine:
                 scheduler.update(plan, [PLACEHOLDER] * plan.num_seqs)
             outputs = []
             if prev is not None:
+                scheduler.device_may_write()   # as in ``synchronize``: even with no plan
                 lost = True
                 self._fetch(prev)
                 lost = False
@@ -412,43 +421,47 @@ class LLMEngine:
 
     def _apply_inflight(self, step: overlap.InFlight) -> list[RequestOutput]:
         """Apply a dispatched step's fetched ids: fill its placeholders, record logprobs,
-        apply the stop rules. Rows whose request was aborted or
-        whose placeholder a stop already dropped are skipped."""
+        apply the stop rules. Rows whose request was aborted or whose placeholder a stop
+        already dropped are skipped. Its rows never fork: each changes its stream only
+        (``Stream.record``) and, on its first and last token, its request's metrics."""
         plan, sampled = step.plan, step.sampled
-        journal = self.scheduler.journal
-        live = []
-        for row, seq in enumerate(plan.seqs):
-            request = self.requests.get(seq.request_id)
-            if request is not None and request.seqs.get(seq.seq_id) is seq:
-                live.append((row, seq, request))
-        for request in {id(r): r for _, _, r in live}.values():
-            journal.call(request.restore, request.state())
+        journal, requests = self.scheduler.journal, self.requests
         self._record_prompt(plan, step.batch, sampled, step.scored)
         tokens = np.asarray(sampled.tokens).tolist()
+        logprobs = np.asarray(sampled.logprobs).tolist()
         now = time.perf_counter()
-        checks, ends, touched = [], [], {}
-        for row, seq, request in live:
-            metrics = request.metrics
-            if not metrics.scheduled:
-                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
-            held = step.placeholders.get(seq.seq_id)
+        placeholders = step.placeholders
+        # Write-ahead: the undo records are in the journal before the loop fills them.
+        streams, filled = [], []
+        journal.call(restore_streams, streams)
+        journal.call(_put_placeholders, filled)
+        rows, ends, touched = [], [], []
+        for row, seq in enumerate(plan.seqs):
+            request = requests.get(seq.request_id)
+            if request is None or request.seqs.get(seq.seq_id) is not seq:
+                continue
+            if not request.metrics.scheduled:
+                self._scheduled(request, plan.start_positions[row])
+            held = placeholders.get(seq.seq_id)
             if held is None:
                 continue
-            index = held[1]
-            if index >= len(seq.token_ids) or seq.token_ids[index] != PLACEHOLDER:
+            index, token_ids = held[1], seq.token_ids
+            if index >= len(token_ids) or token_ids[index] != PLACEHOLDER:
                 continue   # a stop in an earlier step dropped it
-            journal.item(seq.token_ids, index)
-            seq.token_ids[index] = tokens[row]
-            self._record(seq, tokens[row], sampled, row)
-            checks.append(seq)
+            stream = request.streams[seq.seq_id]
+            streams.append(stream.record())
+            filled.append((token_ids, index))
+            token = token_ids[index] = tokens[row]
+            stream.cumulative_logprob += logprobs[row]
+            if request.params.logprobs is not None:
+                self._top_logprobs(stream, request.params, token, sampled, row)
+            rows.append((request.params, seq, stream))
             ends.append(index + 1)
-            touched[id(request)] = request
-        self._check_stops(checks, ends)
-        for request in touched.values():
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            self._maybe_finish(request, now)
-        return self._outputs(touched.values())
+            touched.append(request)
+        self._check_stops(rows, ends)
+        for request in touched:
+            self._progressed(request, now)
+        return self._outputs(touched)
 
     def synchronize(self) -> None:
         """Wait for the step in flight, if any, and apply it in a transaction of its own;
@@ -458,9 +471,13 @@ class LLMEngine:
         step = self._inflight
         if step is None:
             return
-        scheduler, lost = self.scheduler, True
+        scheduler, lost = self.scheduler, False
         scheduler.begin()
         try:
+            # The step ran on the device: a failure to fetch it is a device error
+            # (``_lose``), which changes the pool, not an undo of host state alone.
+            scheduler.device_may_write()
+            lost = True
             self._fetch(step)
             lost = False
             outputs = self._apply_inflight(step)
@@ -571,9 +588,26 @@ class LLMEngine:
                                "small for the waiting requests")
         return []
 
+    def _plain(self) -> bool:
+        """Whether every live request's rows are plain: no token rules, penalties, forks,
+        beams, logprobs or prompt logprobs (then a step needs no per-row record)."""
+        for ids in (self._sync_ids, self._logprob_ids):
+            if ids and not ids.isdisjoint(self.requests):
+                return False
+            ids.clear()   # only finished requests: forget them
+        return True
+
+    def _row_params(self, seq: Sequence) -> tuple[SamplingParams, int]:
+        """``(params, seed)`` of ``seq``'s samples (``BatchBuilder.build``'s lookup)."""
+        request = self.requests[seq.request_id]
+        return request.params, request.streams[seq.seq_id].seed
+
     def _build(self, plan: StepPlan, forks: list[tuple[int, int]]) -> StepBatch:
         """The step's batch: the plan's rows, each sampling with its sequence's params and
-        seed, then one extra row per pending fork (see ``_pending_forks``)."""
+        seed, then one extra row per pending fork (see ``_pending_forks``). When every row
+        is plain (``_plain``) the persistent sampling columns are read directly."""
+        if not forks and self._plain():
+            return self.batcher.build(plan, lookup=self._row_params)
         rows = []
         for row, seq in enumerate(plan.seqs):
             request = self.requests[seq.request_id]
@@ -598,6 +632,8 @@ class LLMEngine:
         """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
         them (its first k tokens predict prompt tokens), and the most top ids asked."""
         scored, top = [], 0
+        if not self._logprob_ids:   # nobody asks (``_plain`` forgets finished askers)
+            return scored, top
         for row, seq in enumerate(plan.seqs):
             params = self.requests[seq.request_id].params
             if params.prompt_logprobs is None:
@@ -635,43 +671,72 @@ class LLMEngine:
     def _apply(self, plan: StepPlan, batch: StepBatch, forks, sampled) -> list[RequestOutput]:
         """Append sampled tokens, fork samples and beams, stop sequences; host side."""
         self._journal_requests(plan)
+        requests = self.requests
         for row, seq in enumerate(plan.seqs):
-            metrics = self.requests[seq.request_id].metrics
-            if not metrics.scheduled:
+            request = requests[seq.request_id]
+            if not request.metrics.scheduled:
                 # A prefix-cache hit starts the first chunk past the cached pages.
-                metrics.scheduled, metrics.num_cached_tokens = True, plan.start_positions[row]
+                self._scheduled(request, plan.start_positions[row])
         self._record_prompt(plan, batch, sampled)
         rows = len(batch.context_lens)   # the forks' samples follow the padded rows
         tokens = np.array(sampled.tokens[:rows])
-        beams = beam_search.choose(plan, self.requests, sampled, tokens, self.stop)
+        beams = beam_search.choose(plan, requests, sampled, tokens, self.stop)
         now = time.perf_counter()
         appended = [(row, seq) for row, seq in enumerate(plan.seqs)
                     if plan.sample[row] and seq.status is RUNNING]
         for row, seq in appended:
             self._record(seq, int(tokens[row]), sampled, row)
         self.scheduler.update(plan, tokens)
-        touched = {id(self.requests[s.request_id]): self.requests[s.request_id]
-                   for _, s in appended}
+        touched = list({id(r): r for r in (requests[s.request_id] for _, s in appended)
+                        }.values())
         children = []
         for i, (row, index) in enumerate(forks, rows):
             children.append(self._fork(plan.seqs[row], index, int(sampled.tokens[i]), sampled,
                                        i))
         for step in beams:
             children += beam_search.advance(step, self.scheduler, self._new_seq_id(step))
-        self._check_stops([seq for _, seq in appended] + children)
-        for request in touched.values():
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            self._maybe_finish(request, now)
-        return self._outputs(touched.values())
+        stops = []
+        for seq in [seq for _, seq in appended] + children:
+            request = requests[seq.request_id]
+            if not request.beam_width:   # beams stop through their candidates
+                stops.append((request.params, seq, request.streams[seq.seq_id]))
+        self._check_stops(stops)
+        for request in touched:
+            self._progressed(request, now)
+        return self._outputs(touched)
 
     def _journal_requests(self, plan: StepPlan) -> None:
-        """Record the requests of the plan's rows, about to change (``Request.state``:
-        O(rows))."""
+        """Record the requests of the plan's rows, about to change: a request of one
+        sampled sequence by its stream (``Stream.record``: O(1); its own fields are
+        recorded as they change, see ``_scheduled`` and ``_progressed``), any other
+        whole (``Request.state``: O(its streams), forks and beams add sequences)."""
         journal = self.scheduler.journal
-        for request in {seq.request_id: self.requests[seq.request_id]
-                        for seq in plan.seqs}.values():
-            journal.call(request.restore, request.state())
+        if not journal.active:
+            return
+        streams, whole = [], {}
+        journal.call(restore_streams, streams)   # write-ahead: filled before any change
+        for seq in plan.seqs:
+            request = self.requests[seq.request_id]
+            params = request.params
+            if params.num_sequences == 1 and not params.use_beam_search:
+                streams.append(request.streams[seq.seq_id].record())
+            elif seq.request_id not in whole:
+                whole[seq.request_id] = request
+                journal.call(request.restore, request.state())
+
+    def _scheduled(self, request: Request, start: int) -> None:
+        """The request's first step: ``start`` of its tokens came from the prefix cache."""
+        metrics = request.metrics
+        self.scheduler.journal.vars(metrics)
+        metrics.scheduled, metrics.num_cached_tokens = True, start
+
+    def _progressed(self, request: Request, now: float) -> None:
+        """A step gave ``request`` tokens at ``now``: its first token's time, and whether
+        it is finished."""
+        if request.metrics.first_token_time is None:
+            self.scheduler.journal.vars(request.metrics)
+            request.metrics.first_token_time = now
+        self._maybe_finish(request, now)
 
     def _new_seq_id(self, step):
         request_id = step.request.request_id
@@ -690,13 +755,19 @@ class LLMEngine:
         stream = request.streams[seq.seq_id]
         stream.cumulative_logprob += float(sampled.logprobs[row])
         if request.params.logprobs is not None:
-            text = self._token_text if request.params.detokenize else lambda t: None
-            top = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
-                   enumerate(zip(sampled.top_ids[row, :request.params.logprobs],
-                                 sampled.top_logprobs[row, :request.params.logprobs]), 1)}
-            top[token] = Logprob(float(sampled.logprobs[row]), int(sampled.ranks[row]),
-                                 text(token))
-            stream.logprobs.append(top)
+            self._top_logprobs(stream, request.params, token, sampled, row)
+
+    def _top_logprobs(self, stream: Stream, params: SamplingParams, token: int, sampled,
+                      row: int) -> None:
+        """Append the sampled ``token``'s and the top ``params.logprobs`` entries of
+        ``row`` to ``stream.logprobs``."""
+        text = self._token_text if params.detokenize else lambda t: None
+        top = {int(t): Logprob(float(lp), rank, text(int(t))) for rank, (t, lp) in
+               enumerate(zip(sampled.top_ids[row, :params.logprobs],
+                             sampled.top_logprobs[row, :params.logprobs]), 1)}
+        top[token] = Logprob(float(sampled.logprobs[row]), int(sampled.ranks[row]),
+                             text(token))
+        stream.logprobs.append(top)
 
     def _token_text(self, token: int) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(
@@ -740,25 +811,23 @@ class LLMEngine:
         self._record(child, token, sampled, row)
         return child
 
-    def _check_stops(self, seqs: list[Sequence], ends: list[int] | None = None) -> None:
+    def _check_stops(self, rows: list[tuple[SamplingParams, Sequence, Stream]],
+                     ends: list[int] | None = None) -> None:
         """A sequence meeting a stop rule finishes with reason "stop", also when the length
-        limit stopped it in the same step. All are detokenized in one batch; beams stop
-        through their candidates and are detokenized when they finish. ``ends``: each
-        sequence's tokens to look at (async scheduling: a placeholder may follow, which a
-        stop drops)."""
-        rows, kept = [], []
-        for i, seq in enumerate(seqs):
-            request = self.requests[seq.request_id]
-            if not request.beam_width:
-                rows.append((request.params, seq, request.streams[seq.seq_id]))
-                kept.append(len(seq.token_ids) if ends is None else ends[i])
+        limit stopped it in the same step. ``rows``: ``(params, sequence, stream)`` of
+        each sequence that got a token (not beams: they stop through their candidates
+        and are detokenized when they finish), all detokenized in one batch. ``ends``:
+        each sequence's tokens to look at (async scheduling: a placeholder may follow,
+        which a stop drops)."""
         if not rows:
             return
         journal = self.scheduler.journal
-        stops = self.stop.check_all(rows) if ends is None else self.stop.check_all(rows, kept)
-        for (_, seq, _), end, stop in zip(rows, kept, stops):
+        stops = self.stop.check_all(rows) if ends is None else self.stop.check_all(rows, ends)
+        for i, stop in enumerate(stops):
             if not stop:
                 continue
+            seq = rows[i][1]
+            end = len(seq.token_ids) if ends is None else ends[i]
             if end < len(seq.token_ids):   # the placeholder of the step in flight
                 journal.call(_restore_tail, seq.token_ids, end, seq.token_ids[end:])
                 del seq.token_ids[end:]
@@ -772,14 +841,17 @@ class LLMEngine:
 
     def _maybe_finish(self, request: Request, now: float) -> None:
         # A sequence finished on length while its last token is on the device is not done.
-        if any(s.status is not FINISHED or s.token_ids[-1] == PLACEHOLDER
-               for s in request.seqs.values()):
-            return
+        for s in request.seqs.values():
+            if s.status is not FINISHED or s.token_ids[-1] == PLACEHOLDER:
+                return
+        journal = self.scheduler.journal
+        journal.attr(request, "finished")
+        journal.vars(request.metrics)
         request.finished = True
         request.metrics.finished_time = now
         request.metrics.num_output_tokens = max(
             (s.num_output_tokens for s in request.seqs.values()), default=0)
-        self.scheduler.journal.item(self.requests, request.request_id)
+        journal.item(self.requests, request.request_id)
         self.requests.pop(request.request_id, None)
         self._final_only.discard(request.request_id)
 
@@ -795,6 +867,16 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids,
                              outputs, request.finished, request.metrics,
                              request.prompt_logprobs)
+
+
+def _asks_logprobs(params: SamplingParams) -> bool:
+    return params.logprobs is not None or params.prompt_logprobs is not None
+
+
+def _put_placeholders(filled: list[tuple[list, int]]) -> None:
+    """Undo record: ``values[index]`` back to ``PLACEHOLDER`` for each ``(values, index)``."""
+    for values, index in filled:
+        values[index] = PLACEHOLDER
 
 
 def _restore_tail(values: list, end: int, tail: list) -> None:

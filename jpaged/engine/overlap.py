@@ -37,10 +37,11 @@ class InFlight:
 
 def needs_each_token(params: SamplingParams) -> bool:
     """Whether a request's next step needs its last token on the host before it is planned
-    (parallel samples and beams fork from it, penalties count it, token rules and
-    grammars constrain the next one): async scheduling steps synchronously while such a
-    request lives."""
-    return params.num_sequences > 1 or params.uses_penalties or params.uses_token_rules
+    (parallel samples and beams fork from it, even a beam search of width 1 chooses
+    through its candidates; penalties count it, token rules and grammars constrain the
+    next one): async scheduling steps synchronously while such a request lives."""
+    return (params.num_sequences > 1 or params.use_beam_search or params.uses_penalties
+            or params.uses_token_rules)
 
 
 def placeholders_of(plan: StepPlan) -> dict:

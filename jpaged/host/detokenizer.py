@@ -27,6 +27,7 @@ held-back incomplete end, and equal to it once ``flush`` has run at the end.
 
 from __future__ import annotations
 
+import os
 import re
 
 # Window length that makes a stream try to move its window's start forward.
@@ -46,10 +47,11 @@ class DecodeState:
     """
 
     __slots__ = ("window", "window_text", "read", "start", "start_chars", "fed", "_pieces",
-                 "tail", "skip_special_tokens")
+                 "tail", "skip_special_tokens", "keep")
 
-    def __init__(self, skip_special_tokens: bool = True):
+    def __init__(self, skip_special_tokens: bool = True, keep: int = 0):
         self.skip_special_tokens = skip_special_tokens
+        self.keep = keep   # characters of text kept in ``tail`` (stop strings' overlap)
         self.window: list[int] = []
         self.window_text = ""
         self.read = 0
@@ -66,15 +68,28 @@ class DecodeState:
             self._pieces = ["".join(self._pieces)]
         return self._pieces[0] if self._pieces else ""
 
-    def emit(self, new: str, keep: int) -> None:
+    def emit(self, new: str) -> None:
         """Append ``new`` to the text, keeping its last ``keep`` characters in ``tail``."""
         if new:
             self._pieces.append(new)
-            self.tail = (self.tail + new)[-keep:] if keep else ""
+            if self.keep:
+                self.tail = (self.tail + new)[-self.keep:]
 
     def cut(self, text: str) -> None:
         """Replace the text (a stop string cut it)."""
         self._pieces = [text]
+
+    def snapshot(self) -> tuple:
+        """Where this state stands, for ``restore`` (an undo record): O(1). Its lists
+        only grow in place or are replaced, so their objects and lengths suffice."""
+        return (self.window, len(self.window), self.window_text, self.read, self.start,
+                self.start_chars, self.fed, self._pieces, len(self._pieces), self.tail)
+
+    def restore(self, snapshot: tuple) -> None:
+        (self.window, window, self.window_text, self.read, self.start, self.start_chars,
+         self.fed, self._pieces, pieces, self.tail) = snapshot
+        del self.window[window:]
+        del self._pieces[pieces:]
 
 
 class Detokenizer:
@@ -83,6 +98,12 @@ class Detokenizer:
     that class works)."""
 
     def __init__(self, tokenizer, max_window: int = MAX_WINDOW):
+        # The windows are a few tokens each: splitting a batch of them over the
+        # tokenizers library's thread pool gains nothing, and where the cores are busy
+        # (the JAX runtime's threads, a shared machine) its threads waiting for a core made
+        # a batch of 256 windows 4-7x slower (benchmarks/host_overhead.py). The library
+        # reads this variable at each call; one the user set is kept.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.tokenizer = tokenizer
         self.max_window = max_window
         added = tokenizer.get_added_tokens_decoder()
@@ -101,18 +122,18 @@ class Detokenizer:
     def step(self, states: list[DecodeState], new_ids: list[list[int]]) -> list[str]:
         """Feed each stream its new token ids; returns each stream's new text ("" while
         held back)."""
-        special = self.special
+        special, byte_tokens = self.special, self.byte_tokens
         for state, ids in zip(states, new_ids):
             state.fed += len(ids)
-            state.window.extend([t for t in ids if t not in special]
-                                if special and state.skip_special_tokens else ids)
+            state.window += ([t for t in ids if t not in special]
+                             if special and state.skip_special_tokens else ids)
         texts = self._decode_batch([s.window for s in states])
         out, moving = [], []
         for state, text in zip(states, texts):
             window, done = state.window, state.window_text
             if (len(window) > state.read and len(text) > len(done)
-                    and not text.endswith(REPLACEMENT)
-                    and window[-1] not in self.byte_tokens and text.startswith(done)):
+                    and text[-1] != REPLACEMENT
+                    and window[-1] not in byte_tokens and text.startswith(done)):
                 out.append(text[len(done):])
                 # The old end of the emitted text is a safe next start for the window.
                 state.start, state.start_chars = state.read, len(done)

@@ -4,6 +4,7 @@ token ids. Host only: no JAX."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 
@@ -106,7 +107,8 @@ class Stream:
 
     ``text``: its text (None without a tokenizer) as of ``current_text``. The stop rules
     decode it incrementally (``jpaged.host.stop``) into ``decoder``, which is not state: a
-    stream rebuilt from its state decodes its tokens again on its next step.
+    stream rebuilt from its state decodes its tokens again on its next step (an undo
+    puts the decoder back where it was, see ``record``).
     """
 
     index: int
@@ -116,16 +118,21 @@ class Stream:
     text: str | None = None
     stop_reason: int | str | None = None
 
+    # The fields a step may reassign (``record``); ``index`` and ``seed`` never change and
+    # ``logprobs`` only grows (tests/test_rollback.py checks this covers every field).
+    STEP_FIELDS = ("cumulative_logprob", "text", "stop_reason")
+
     def __post_init__(self):
         # A stream rebuilt from its state (``Request.from_state``) has plain dicts.
         self.logprobs = [{token: lp if isinstance(lp, Logprob) else Logprob(**lp)
                           for token, lp in entry.items()} for entry in self.logprobs]
         self.decoder: DecodeState | None = None
 
-    def decoding(self, skip_special_tokens: bool = True) -> DecodeState:
-        """The decoder state, started (from the first output token) when missing."""
+    def decoding(self, skip_special_tokens: bool = True, keep: int = 0) -> DecodeState:
+        """The decoder state, started (from the first output token) when missing;
+        ``keep``: the characters of text a stop string may share with the next text."""
         if self.decoder is None:
-            self.decoder = DecodeState(skip_special_tokens)
+            self.decoder = DecodeState(skip_special_tokens, keep)
         return self.decoder
 
     def current_text(self) -> str | None:
@@ -133,6 +140,28 @@ class Stream:
         if self.decoder is not None:
             self.text = self.decoder.text
         return self.text
+
+    def record(self) -> tuple:
+        """What a step may change of this stream, for ``restore_streams`` if the step
+        fails (``jpaged.host.journal``): O(1), its decoder's position included, so a
+        rolled-back stream's text is exactly what it was (no decoding again)."""
+        decoder = self.decoder
+        return (self, _step_fields(self), len(self.logprobs), decoder,
+                None if decoder is None else decoder.snapshot())
+
+
+_step_fields = operator.attrgetter(*Stream.STEP_FIELDS)
+
+
+def restore_streams(records: list[tuple]) -> None:
+    """Undo record of a step's streams (``Stream.record`` each)."""
+    for stream, values, logprobs, decoder, position in records:
+        for name, value in zip(Stream.STEP_FIELDS, values):
+            setattr(stream, name, value)
+        del stream.logprobs[logprobs:]
+        stream.decoder = decoder
+        if decoder is not None:
+            decoder.restore(position)
 
 
 class Request:
@@ -168,10 +197,13 @@ class Request:
         """What a step may change of this request, for ``restore`` if the step fails
         (``jpaged.host.journal``): O(its streams). Lists only grow in a step, so their
         lengths are kept; every other field of the request's streams and metrics is kept
-        whatever it is, so a field added to them later is covered."""
+        whatever it is, so a field added to them later is covered. The engine records a
+        request of one sampled sequence more cheaply (``Stream.record``, and the request's
+        own fields as they change): see ``LLMEngine._journal_requests``."""
         return (self.finished, self.error, len(self.hypotheses), vars(self.metrics).copy(),
                 self.seqs.copy(), self.streams.copy(),
-                [(stream, vars(stream).copy(), len(stream.logprobs))
+                [(stream, vars(stream).copy(), len(stream.logprobs),
+                  stream.decoder and stream.decoder.snapshot())
                  for stream in self.streams.values()])
 
     def restore(self, state: tuple) -> None:
@@ -182,10 +214,11 @@ class Request:
         self.seqs.update(seqs)
         self.streams.clear()
         self.streams.update(streams)
-        for stream, fields, logprobs in stream_states:
+        for stream, fields, logprobs, position in stream_states:
             del stream.logprobs[logprobs:]
-            vars(stream).update(fields)
-            stream.decoder = None   # advanced in place: decodes its tokens again
+            vars(stream).update(fields)   # the decoder object too, back to its position
+            if position is not None:
+                stream.decoder.restore(position)
 
     def state_dict(self, clock: float) -> dict:
         """Every attribute as plain values; the sequences as the objects themselves (a

@@ -53,35 +53,41 @@ class StopRules:
         scheduling: a placeholder may follow); default all. A sequence whose end is
         final (it stops here, or it is finished and nothing follows) gets its held-back
         text too."""
-        if ends is None:
-            ends = [len(seq.token_ids) for _, seq, _ in rows]
-        stops = []
-        for (params, seq, stream), end in zip(rows, ends):
-            token = seq.token_ids[end - 1]
-            stops.append(self.is_stop_token(params, token))
-            if stops[-1] and token in params.stop_token_ids:
-                stream.stop_reason = token
-        if self.detokenizer is None:
-            return stops
-        decoding = []
+        eos, decode = self.eos_token_ids, self.detokenizer is not None
+        stops, decoding, states, new_ids = [], [], [], []
         for i, (params, seq, stream) in enumerate(rows):
-            if params.detokenize:
-                decoding.append(i)
+            token_ids = seq.token_ids
+            end = len(token_ids) if ends is None else ends[i]
+            token = token_ids[end - 1]
+            if token in params.stop_token_ids:
+                stops.append(True)
+                stream.stop_reason = token
             else:
+                stops.append(not params.ignore_eos and token in eos)
+            if not decode:
+                continue
+            if not params.detokenize:
                 stream.text = ""
+                continue
+            state = stream.decoder or stream.decoding(
+                params.skip_special_tokens, max(map(len, params.stop), default=1) - 1)
+            decoding.append(i)
+            states.append(state)
+            new_ids.append(token_ids[seq.num_prompt_tokens + state.fed:end])
         if not decoding:
             return stops
-        states = [rows[i][2].decoding(rows[i][0].skip_special_tokens) for i in decoding]
-        news = self.detokenizer.step(states, [
-            rows[i][1].token_ids[rows[i][1].num_prompt_tokens + state.fed:ends[i]]
-            for i, state in zip(decoding, states)])
-        for i, state, new in zip(decoding, states, news):
+        detokenizer = self.detokenizer
+        for i, state, new in zip(decoding, states, detokenizer.step(states, new_ids)):
             params, seq, stream = rows[i]
-            if stops[i] or (seq.status is FINISHED and ends[i] == len(seq.token_ids)):
-                new += self.detokenizer.flush(state)
-            found = _find_stop(params, state, new)
-            if found is not None:
-                stops[i], stream.stop_reason = True, found
+            if stops[i] or (seq.status is FINISHED
+                            and (ends is None or ends[i] == len(seq.token_ids))):
+                new += detokenizer.flush(state)
+            if not params.stop:
+                state.emit(new)
+            elif new:
+                found = _find_stop(params, state, new)
+                if found is not None:
+                    stops[i], stream.stop_reason = True, found
         return stops
 
 
@@ -89,18 +95,19 @@ def _find_stop(params: SamplingParams, state: DecodeState, new: str) -> str | No
     """Append ``new`` to ``state``'s text; if a stop string now appears, cut the text
     before its first occurrence (after it with ``include_stop_str_in_output``) and return
     it. Only ``new`` and the characters before it that a stop string could share with it
-    are searched."""
-    if not params.stop:
-        state.emit(new, 0)
-        return None
-    keep = max(map(len, params.stop)) - 1
+    (``state.tail``, ``len(longest stop) - 1`` of them) are searched."""
     region = state.tail + new
-    found = min(((at, s) for s in params.stop if (at := region.find(s)) >= 0), default=None)
-    before = len(state.text) - len(state.tail)   # where `region` starts in the text
-    state.emit(new, keep)
-    if found is None:
+    for s in params.stop:   # the common case: none appears
+        if s in region:
+            break
+    else:
+        state.emit(new)
         return None
-    at, stop = found
-    end = at + len(stop) if params.include_stop_str_in_output else at
-    state.cut(state.text[:before + end])
+    at, stop = min((at, s) for s in params.stop if (at := region.find(s)) >= 0)
+    state.emit(new)
+    # `region` ends where the text ends.
+    text = state.text
+    end = len(text) - len(region) + at + (len(stop) if params.include_stop_str_in_output
+                                          else 0)
+    state.cut(text[:end])
     return stop

@@ -1,0 +1,211 @@
+"""The K/V page ring both Mosaic GPU kernels read pages through (``ragged_attention``'s
+ragged kernel, ``mosaic_decode``'s decode tile), and what a key step does to its tiles
+before the two products.
+
+One program reads the pages of one table row for one pool head. Step i's
+``pages_per_block`` K and V pages (``block_kv`` keys) arrive by one TMA copy per page into
+slot ``i % num_stages`` of a shared-memory ring, each copy with its own mbarrier; 8-bit
+pages add one copy a step of the step's ``block_kv`` K and V scales (the row's scales in
+key order, ``ragged_attention.row_scales``), and their codes are widened in a 16-bit tile
+before wgmma reads them (exact: every int8 and e4m3 value is a bf16 and an f16 value; the
+scales multiply S and P instead, one multiply per logit instead of one per element).
+
+Kept in one place so that the two kernels cannot drift apart on what keeps a NaN-poisoned
+pool out of the output: slots past the row's length (the tail of its last page, table
+padding pointing at the null page) may hold NaN from a recycled page, so in the one step
+that crosses the length the V rows past it are zeroed in shared memory (0 * NaN = NaN in
+P @ V) and the V scales past it are taken as 0 (a stale scale may be NaN too); the logits
+past it are masked by the kernels' softmax (``online_softmax.step``).
+
+The kernels differ in which axis of their logit tile holds the keys: ``key_axis`` 1 for
+the ragged kernel's ``S [64, keys]``, 0 for the decode tile's ``S^T [keys, cols]``.
+Interpret mode has no register layouts: casts are identities there.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax.numpy as jnp
+from jax import lax
+
+try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover - depends on the installed jax
+    pl = plgpu = None
+
+
+def load(ref, layout, **options):
+    """``plgpu.load`` of a whole ref in ``layout``: jax 0.10 takes an index argument,
+    0.12 does not."""
+    if "idx" in inspect.signature(plgpu.load).parameters:
+        return plgpu.load(ref, (), layout=layout, **options)
+    return plgpu.load(ref, layout=layout, **options)
+
+
+def layout_cast(x, layout, *, interpret: bool):
+    """``plgpu.layout_cast``, or x itself in interpret mode (no layouts there)."""
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def smem_transforms(minor: int, dtype):
+    """Tiling + swizzle for a ``[rows, minor]`` shared-memory tile read by wgmma."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)),
+            plgpu.SwizzleTransform(swizzle))
+
+
+def split_run(first_step, steps, split, num_splits: int):
+    """Split-K: split ``split`` of a program's ``steps`` key steps from ``first_step``
+    takes the split-th run of ``ceil(steps / num_splits)`` consecutive steps (the last
+    runs may be shorter or empty). int32 scalars in, (its first step, its step count)."""
+    per_split = (steps + num_splits - 1) // num_splits
+    return first_step + split * per_split, jnp.clip(steps - split * per_split, 0, per_split)
+
+
+def scratch(*, num_stages: int, pages_per_block: int, page_size: int, head_dim: int,
+            page_dtype, dtype, scale_dtype=None) -> list:
+    """The ring's shared memory and barriers, in the order ``PageRing`` takes them: K and
+    V slots ``[num_stages, block_kv, head_dim]`` in the pages' dtype, a barrier per page
+    copy for each; with ``scale_dtype`` (8-bit pages) the K and V scale slots
+    ``[num_stages, block_kv]``, a barrier per step for each, and the two 16-bit tiles
+    ``[block_kv, head_dim]`` in ``dtype`` the codes are widened into."""
+    block_kv = pages_per_block * page_size
+    ring = (num_stages, block_kv, head_dim)
+    ring_tf = smem_transforms(head_dim, page_dtype)
+    copies = num_stages * pages_per_block
+    refs = [plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
+            plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
+            plgpu.Barrier(num_barriers=copies), plgpu.Barrier(num_barriers=copies)]
+    if scale_dtype is not None:
+        tile_tf = smem_transforms(head_dim, dtype)
+        refs += [plgpu.SMEM((num_stages, block_kv), scale_dtype),
+                 plgpu.SMEM((num_stages, block_kv), scale_dtype),
+                 plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages),
+                 plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile_tf),
+                 plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile_tf)]
+    return refs
+
+
+def num_scratch(quantized: bool) -> int:
+    """How many of the kernel's scoped refs ``scratch`` allocates."""
+    return 10 if quantized else 4
+
+
+class PageRing:
+    """One program's ring over the pages of table row ``table_row`` of ``pool_head``.
+
+    refs: what ``scratch`` allocated; k_ref, v_ref: the pools ``[L * Hkv, P, S, D]``;
+    scale_refs: () or the rows' K and V scales ``[Hkv, B, W' * S]``; tables_ref
+    ``int32[B, W]``; first_step: the program's first key step (int32 scalar); dtype: what
+    wgmma multiplies in (q's).
+    """
+
+    def __init__(self, refs, *, k_ref, v_ref, scale_refs, tables_ref, table_row, kv_head,
+                 pool_head, first_step, page_size: int, pages_per_block: int,
+                 num_stages: int, dtype, interpret: bool):
+        self.k_smem, self.v_smem, self.k_barriers, self.v_barriers, *quant = refs
+        self.quantized = bool(quant)
+        if self.quantized:
+            (self.ks_smem, self.vs_smem, self.ks_barriers, self.vs_barriers,
+             self.k16_smem, self.v16_smem) = quant
+        self.k_ref, self.v_ref, self.scale_refs = k_ref, v_ref, scale_refs
+        self.tables_ref, self.table_row = tables_ref, table_row
+        self.kv_head, self.pool_head, self.first_step = kv_head, pool_head, first_step
+        self.page_size, self.pages_per_block = page_size, pages_per_block
+        self.num_stages, self.dtype, self.interpret = num_stages, dtype, interpret
+        self.block_kv = pages_per_block * page_size
+
+    def issue(self, step) -> None:
+        """Start the copies of key step ``step`` (relative to first_step) into its slot."""
+        slot = step % self.num_stages
+        width = self.tables_ref.shape[1]
+        for p in range(self.pages_per_block):
+            index = jnp.minimum((self.first_step + step) * self.pages_per_block + p, width - 1)
+            page = self.tables_ref[self.table_row, index]
+            rows = pl.ds(p * self.page_size, self.page_size)
+            barrier = slot * self.pages_per_block + p
+            plgpu.copy_gmem_to_smem(self.k_ref.at[self.pool_head, page],
+                                    self.k_smem.at[slot, rows], self.k_barriers.at[barrier])
+            plgpu.copy_gmem_to_smem(self.v_ref.at[self.pool_head, page],
+                                    self.v_smem.at[slot, rows], self.v_barriers.at[barrier])
+        if self.quantized:   # the step's scales: one [block_kv] box of the row's scales
+            keys = pl.ds((self.first_step + step) * self.block_kv, self.block_kv)
+            for ref, smem, barriers in zip(self.scale_refs, (self.ks_smem, self.vs_smem),
+                                           (self.ks_barriers, self.vs_barriers)):
+                plgpu.copy_gmem_to_smem(ref.at[self.kv_head, self.table_row, keys],
+                                        smem.at[slot], barriers.at[slot])
+
+    def prime(self, num_steps) -> None:
+        """Issue the first ``num_stages`` steps (those below num_steps)."""
+        for step in range(self.num_stages):
+            pl.when(step < num_steps)(functools.partial(self.issue, step))
+
+    def refill(self, step, num_steps) -> None:
+        """Step ``step``'s slot has been read: issue step ``step + num_stages`` into it."""
+        pl.when(step + self.num_stages < num_steps)(
+            functools.partial(self.issue, step + self.num_stages))
+
+    def _wait(self, barriers, slot) -> None:
+        for p in range(self.pages_per_block):
+            plgpu.barrier_wait(barriers.at[slot * self.pages_per_block + p])
+
+    def _widened(self, codes_smem, tile_smem):
+        """8-bit codes -> the 16-bit tile wgmma reads."""
+        codes = codes_smem[...]
+        if jnp.issubdtype(codes.dtype, jnp.floating) and jnp.dtype(self.dtype) != jnp.float16:
+            codes = codes.astype(jnp.float32)   # sm_90 ptxas: no e4m3 -> bf16 cast
+        tile_smem[...] = codes.astype(self.dtype)
+        plgpu.commit_smem()
+        return tile_smem
+
+    def k_tile(self, slot):
+        """Wait for slot's K pages; the ``[block_kv, D]`` tile wgmma reads (widened from
+        8-bit codes: then scale the logits with ``scale_k``)."""
+        self._wait(self.k_barriers, slot)
+        if not self.quantized:
+            return self.k_smem.at[slot]
+        plgpu.barrier_wait(self.ks_barriers.at[slot])
+        return self._widened(self.k_smem.at[slot], self.k16_smem)
+
+    def v_tile(self, slot, key0, kv_len):
+        """Wait for slot's V pages; the ``[block_kv, D]`` tile wgmma reads (keys from
+        ``key0``), widened from 8-bit codes (then scale the probabilities with
+        ``scale_v``), its rows at ``kv_len`` and past zeroed when the step crosses it."""
+        self._wait(self.v_barriers, slot)
+        tile = self.v_smem.at[slot]
+        if self.quantized:
+            plgpu.barrier_wait(self.vs_barriers.at[slot])
+            tile = self._widened(tile, self.v16_smem)
+
+        @pl.when(key0 + self.block_kv > kv_len)
+        def _zero_tail():  # slots past the length may hold NaN: 0 * NaN = NaN in P @ V
+            v_old = tile[...]
+            v_key = key0 + layout_cast(
+                lax.broadcasted_iota(jnp.int32, v_old.shape, 0), plgpu.Layout.WGMMA,
+                interpret=self.interpret)
+            tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
+            plgpu.commit_smem()
+        return tile
+
+    def _per_key(self, ref, shape, key_axis: int):
+        """A ``[block_kv]`` vector in shared memory -> float32 ``shape``, along key_axis."""
+        x = ref[...] if self.interpret else load(
+            ref, plgpu.Layout.WGMMA.reduce(1 - key_axis))
+        return lax.broadcast_in_dim(x.astype(jnp.float32), shape, [key_axis])
+
+    def scale_k(self, s, slot, *, key_axis: int):
+        """``S = Q (codes * scale)^T``: each key's scale times its logits."""
+        return s * self._per_key(self.ks_smem.at[slot], s.shape, key_axis)
+
+    def scale_v(self, probs, key, kv_len, slot, *, key_axis: int):
+        """``P (codes * scale) = (P * scale) codes``: each key's V scale times its
+        probabilities, 0 at ``key >= kv_len`` (key: int32, probs' shape)."""
+        scales = self._per_key(self.vs_smem.at[slot], probs.shape, key_axis)
+        return probs * jnp.where(key < kv_len, scales, 0.0)
+
+
+__all__ = ["PageRing", "layout_cast", "load", "num_scratch", "scratch", "smem_transforms",
+           "split_run"]
