@@ -441,6 +441,23 @@ def markdown(rows, title) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` into ``path`` between ``<!-- name -->`` markers, keeping the other
+    sections: the Triton and the Mosaic scripts each own one section of
+    kernel_resources.md and run side by side in CI, so the file is replaced at once
+    (never seen half written) and a section from an older file is kept as it was."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    old = path.read_text() if path.exists() else ""
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end) + 1:]
+    else:
+        new = old + ("\n" if old else "") + block
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
@@ -461,7 +478,7 @@ def main(argv=None) -> int:
     rows = measure(compile_fn, ptxas)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(rows, args.title))
+    write_section(args.out.with_suffix(".md"), "triton", markdown(rows, args.title))
     addresses = args.out.with_name("kernel_addresses")
     addresses.with_suffix(".json").write_text(json.dumps(address_rows, indent=1))
     addresses.with_suffix(".md").write_text(address_markdown(address_rows))

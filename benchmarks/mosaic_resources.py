@@ -383,6 +383,11 @@ def main():
              "a decode token's wgmma work on padding (ragged: group of 64 query rows; "
              "decode tile: group of max(8, group) columns).\n\n")
     (RESULTS / "mosaic_resources.md").write_text(intro + text + "\n")
+    # The same table beside the Triton one, in kernel_resources.md's own section (imported
+    # here: each compile's child process imports this module and needs none of it).
+    import kernel_resources
+    kernel_resources.write_section(RESULTS / "kernel_resources.md", "mosaic",
+                                   intro.replace("# ", "## ", 1) + text)
     (RESULTS / "mosaic_resources.json").write_text(
         json.dumps([dataclasses.asdict(r) for r in rows], indent=1) + "\n")
     spilling = [r for r in rows if r.spills and not r.refused]

@@ -85,3 +85,17 @@ def test_address_errors():
     assert "no access found" in kr.address_errors(PTX, [small, small, big])[0]
     unsigned = PTX.replace("cvt.s64.s32", "cvt.u64.u32")
     assert kr.address_errors(unsigned, [small, big]) == []
+
+
+def test_each_script_rewrites_only_its_section(tmp_path):
+    """kernel_resources.md holds the Triton and the Mosaic tables, each script writing its own
+    section (they run side by side in CI): a rewrite replaces that section alone."""
+    path = tmp_path / "kernel_resources.md"
+    kr.write_section(path, "triton", "# Triton\n| a |\n")
+    kr.write_section(path, "mosaic", "## Mosaic\n| b |")
+    kr.write_section(path, "triton", "# Triton\n| c |\n| d |")
+    text = path.read_text()
+    assert "| a |" not in text and "| c |\n| d |" in text and "| b |" in text
+    assert text.index("| c |") < text.index("| b |")      # the Triton table stays first
+    assert text.count("<!-- triton -->") == 1 and text.count("<!-- mosaic -->") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["kernel_resources.md"]  # no temporaries
