@@ -21,7 +21,8 @@ it prints which and exits 0: nothing was checked, and it says so.
 
 writes ``benchmarks/results/mosaic_resources.{md,json}``; ``--check`` exits 1 when a
 configuration ``check_config`` accepts spills, or one it refuses as spilling
-(``ragged_attention.spills``, compiled here anyway) no longer does. Shared memory is the kernels' own estimate (``smem_bytes``: every
+(``ragged_attention.spills``, ``mosaic_decode.spills``, compiled here anyway) no longer
+does. Shared memory is the kernels' own estimate (``smem_bytes``: every
 buffer rounded up to 1 KiB, what Mosaic GPU checks against 227 KiB when lowering; ptxas
 reports only static shared memory).
 """
@@ -102,7 +103,8 @@ class Row:
     barriers: int
     smem_bytes: int
     ctas_per_sm: int
-    refused: bool      # check_config refuses it on a GPU (ragged_attention.spills)
+    refused: bool      # check_config refuses it on a GPU (ragged_attention.spills,
+                       # mosaic_decode.spills)
     padded_mma: float  # share of a decode token's MMA work on padding (padded_mma())
 
     @property
@@ -320,9 +322,10 @@ def compile_config(config, pieces, workdir: Path, index: int = 0) -> Row:
         env=env, capture_output=True, text=True, timeout=600)
     figures = parse_ptxas(done.stdout + done.stderr)
     smem = smem_estimate(config)
-    from jpaged.pallas_kernels import ragged_attention as ra
-    refused = config["kernel"] == "ragged" and ra.spills(
-        config["head_dim"], ra.default_pages_per_block(config["page_size"]))
+    from jpaged.pallas_kernels import mosaic_decode, ragged_attention as ra
+    block_kv = ra.default_pages_per_block(config["page_size"]) * config["page_size"]
+    refused = (ra.spills if config["kernel"] == "ragged" else mosaic_decode.spills)(
+        config["head_dim"], block_kv)
     return Row(**config, **figures, smem_bytes=smem,
                ctas_per_sm=ctas_per_sm(figures["registers"], smem,
                                        2 * THREADS if config["warp_specialized"] else THREADS),
@@ -397,7 +400,8 @@ def main():
     unflagged = [r for r in rows if r.refused and not r.spills]
     if unflagged:
         print(f"mosaic_resources: {len(unflagged)} configuration(s) refused as spilling "
-              f"no longer spill: update ragged_attention.spills", file=sys.stderr)
+              f"no longer spill: update ragged_attention.spills / mosaic_decode.spills",
+              file=sys.stderr)
     if args.check and (spilling or unflagged):
         return 1
     return 0

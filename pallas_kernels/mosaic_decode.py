@@ -37,7 +37,8 @@ rows come from HBM by plain loads into
 ``Q^T [D, cols]`` in registers (zeros past the group) and are stored like P^T; O's
 ``group`` rows are taken out of ``O^T`` column by column into a ``[group, D]`` tile and
 leave by one TMA copy. Compiled for sm_90a this costs registers at group 4 (head_dim 64 /
-128 / 256, page 16: 109 / 145 / 224, were 96 / 117 / 168 with q padded to 8 rows in
+128 / 256, page 16: 109 / 145 / 224 with a barrier per page copy, 96 / 137 / 209 with a
+barrier per ring slot; 96 / 117 / 168 with q padded to 8 rows in
 HBM; no spills; ``benchmarks/results/mosaic_resources.md``). K/V pages come through the
 page ring both Mosaic kernels share (``page_ring``).
 
@@ -50,7 +51,7 @@ copy issues leave the compute path, which then waits on data only. Its ring has
 ``WS_MAX_STAGES`` = 4 slots where they fit (3 at head_dim 256), so the copies run up to 4
 steps ahead; one program per SM leaves it the shared memory. Compiled (jax 0.10.2,
 ``benchmarks/mosaic_resources.py``) it holds 232 registers x 256 threads, no spills: one
-program per SM, where the single-warpgroup tile holds 4 / 3 / 1 at head_dim 64 / 128 /
+program per SM, where the single-warpgroup tile holds 5 / 3 / 1 at head_dim 64 / 128 /
 256, so it needs the GPU suite's timing (``gpu_check`` row ``mosaic-ws``) before it can
 be the default. The
 interpreter runs both warpgroups and fails on a barrier phase one of them never waits
@@ -86,6 +87,14 @@ CONSUMER_REGISTERS = 232
 WS_MAX_STAGES = 4      # warp_specialized: ring slots by default (the issue's 3-4 ahead)
 
 
+def spills(head_dim: int, block_kv: int) -> bool:
+    """Whether the decode tile spills registers, by its sm_90a compile (one warpgroup;
+    S^T ``[block_kv, cols]`` and O^T ``[head_dim, cols]`` in float32 registers, the
+    V^T tile's products growing with both): at head_dim x keys a step of 32 K (128 x 256:
+    532 bytes of spill stores, 256 x 128: 504-532); 16 K holds 200-218 registers."""
+    return head_dim * block_kv >= 32 * 1024
+
+
 def num_cols(group: int) -> int:
     """N of the decode tile: the GQA group rounded up to a power of two >= 8."""
     return max(MIN_COLS, int(pl.next_power_of_2(group)))
@@ -114,14 +123,13 @@ def smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group,
 def default_num_stages(head_dim, page_size, dtype, pages_per_block, group,
                        q_dtype=None, warp_specialized=False) -> int:
     """Two ring slots where they fit shared memory (always, at 227 KiB), else one.
-    Warp-specialized: the most up to ``WS_MAX_STAGES`` that fit shared memory and the
-    32 barriers (the copy warpgroup runs that many steps ahead; one program per SM there,
-    so the shared memory is its to take)."""
+    Warp-specialized: the most up to ``WS_MAX_STAGES`` that fit shared memory (the copy
+    warpgroup runs that many steps ahead; one program per SM there, so the shared memory
+    is its to take)."""
     if warp_specialized:
         for stages in range(WS_MAX_STAGES, 1, -1):
-            if (stages * pages_per_block <= ra.MAX_BARRIERS
-                    and smem_bytes(head_dim, page_size, dtype, pages_per_block, stages,
-                                   group, q_dtype) <= ra.SMEM_BUDGET):
+            if smem_bytes(head_dim, page_size, dtype, pages_per_block, stages, group,
+                          q_dtype) <= ra.SMEM_BUDGET:
                 return stages
     fits = smem_bytes(head_dim, page_size, dtype, pages_per_block, ra.DEFAULT_NUM_STAGES,
                       group, q_dtype) <= ra.SMEM_BUDGET
@@ -133,7 +141,7 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                  interpret=False) -> None:
     """Raise ValueError naming the constraint if this kernel cannot take the
     configuration: the ragged kernel's constraints, plus head_dim in (64, 128, 256)
-    (M of O^T = V^T P^T) and its own shared-memory budget."""
+    (M of O^T = V^T P^T), its own spills (on a GPU) and shared-memory budget."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim={head_dim} must be one of {HEAD_DIMS} for the Mosaic "
                          f"decode tile (head_dim is the 64-row M side of O^T = V^T P^T)")
@@ -148,10 +156,13 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                     1, q_dtype=q_dtype, interpret=interpret, refuse_spilling=False)
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
-    if num_stages * pages_per_block > ra.MAX_BARRIERS:
-        raise ValueError(f"num_stages={num_stages} x pages_per_block={pages_per_block} page "
-                         f"copies in flight: Mosaic GPU allows only up to {ra.MAX_BARRIERS} "
-                         f"barriers per group")
+    ra.check_barriers(num_stages)
+    block_kv = pages_per_block * page_size
+    if not interpret and ra.REFUSE_SPILLING and spills(head_dim, block_kv):
+        raise ValueError(f"head_dim={head_dim} with {block_kv} keys per step: the Mosaic "
+                         f"decode tile compiled for sm_90a spills registers (255 per "
+                         f"thread; benchmarks/results/mosaic_resources.md); take fewer "
+                         f"pages_per_block")
     need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, group, q_dtype)
     if need > ra.SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, num_stages={num_stages} need {need} bytes "
@@ -423,4 +434,5 @@ def _paged_decode(q, k_pages, v_pages, block_tables, lengths, k_scale, v_scale, 
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
-__all__ = ["check_config", "paged_decode", "num_cols", "padded_fraction", "smem_bytes"]
+__all__ = ["check_config", "paged_decode", "num_cols", "padded_fraction", "smem_bytes",
+           "spills"]

@@ -4,9 +4,13 @@ before the two products.
 
 One program reads the pages of one table row for one pool head. Step i's
 ``pages_per_block`` K and V pages (``block_kv`` keys) arrive by one TMA copy per page into
-slot ``i % num_stages`` of a shared-memory ring, each copy with its own mbarrier; 8-bit
-pages add one copy a step of the step's ``block_kv`` K and V scales (the row's scales in
-key order, ``ragged_attention.row_scales``), and their codes are widened in a 16-bit tile
+slot ``i % num_stages`` of a shared-memory ring. A slot has one K and one V mbarrier that
+all of the step's K (V) copies arrive on (``num_arrivals`` = the copies, each adding its
+bytes to the transaction count), so a step costs two waits whatever its page count, and a
+ring needs ``num_stages`` barriers per array, not one per page copy (Mosaic GPU's limit is
+32 per array). 8-bit pages add one copy a step of the step's ``block_kv`` K and V scales
+(the row's scales in key order, ``ragged_attention.row_scales``), arriving on the same
+K and V barriers, and their codes are widened in a 16-bit tile
 before wgmma reads them (exact: every int8 and e4m3 value is a bf16 and an f16 value; the
 scales multiply S and P instead, one multiply per logit instead of one per element).
 
@@ -68,30 +72,36 @@ def split_run(first_step, steps, split, num_splits: int):
 def scratch(*, num_stages: int, pages_per_block: int, page_size: int, head_dim: int,
             page_dtype, dtype, scale_dtype=None) -> list:
     """The ring's shared memory and barriers, in the order ``PageRing`` takes them: K and
-    V slots ``[num_stages, block_kv, head_dim]`` in the pages' dtype, a barrier per page
-    copy for each; with ``scale_dtype`` (8-bit pages) the K and V scale slots
-    ``[num_stages, block_kv]``, a barrier per step for each, and the two 16-bit tiles
+    V slots ``[num_stages, block_kv, head_dim]`` in the pages' dtype and a K and a V
+    barrier per slot (``copies_per_slot`` arrivals each); with ``scale_dtype`` (8-bit
+    pages) the K and V scale slots ``[num_stages, block_kv]`` and the two 16-bit tiles
     ``[block_kv, head_dim]`` in ``dtype`` the codes are widened into."""
     block_kv = pages_per_block * page_size
     ring = (num_stages, block_kv, head_dim)
     ring_tf = smem_transforms(head_dim, page_dtype)
-    copies = num_stages * pages_per_block
+    slot_barrier = plgpu.Barrier(
+        num_arrivals=copies_per_slot(pages_per_block, scale_dtype is not None),
+        num_barriers=num_stages)
     refs = [plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
-            plgpu.SMEM(ring, page_dtype, transforms=ring_tf),
-            plgpu.Barrier(num_barriers=copies), plgpu.Barrier(num_barriers=copies)]
+            plgpu.SMEM(ring, page_dtype, transforms=ring_tf), slot_barrier, slot_barrier]
     if scale_dtype is not None:
         tile_tf = smem_transforms(head_dim, dtype)
         refs += [plgpu.SMEM((num_stages, block_kv), scale_dtype),
                  plgpu.SMEM((num_stages, block_kv), scale_dtype),
-                 plgpu.Barrier(num_barriers=num_stages), plgpu.Barrier(num_barriers=num_stages),
                  plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile_tf),
                  plgpu.SMEM((block_kv, head_dim), dtype, transforms=tile_tf)]
     return refs
 
 
+def copies_per_slot(pages_per_block: int, quantized: bool) -> int:
+    """The TMA copies arriving on one slot's K (or V) barrier per step: one per page, and
+    the step's scales over 8-bit pages."""
+    return pages_per_block + int(quantized)
+
+
 def num_scratch(quantized: bool) -> int:
     """How many of the kernel's scoped refs ``scratch`` allocates."""
-    return 10 if quantized else 4
+    return 8 if quantized else 4
 
 
 class PageRing:
@@ -109,8 +119,7 @@ class PageRing:
         self.k_smem, self.v_smem, self.k_barriers, self.v_barriers, *quant = refs
         self.quantized = bool(quant)
         if self.quantized:
-            (self.ks_smem, self.vs_smem, self.ks_barriers, self.vs_barriers,
-             self.k16_smem, self.v16_smem) = quant
+            self.ks_smem, self.vs_smem, self.k16_smem, self.v16_smem = quant
         self.k_ref, self.v_ref, self.scale_refs = k_ref, v_ref, scale_refs
         self.tables_ref, self.table_row = tables_ref, table_row
         self.kv_head, self.pool_head, self.first_step = kv_head, pool_head, first_step
@@ -126,15 +135,14 @@ class PageRing:
             index = jnp.minimum((self.first_step + step) * self.pages_per_block + p, width - 1)
             page = self.tables_ref[self.table_row, index]
             rows = pl.ds(p * self.page_size, self.page_size)
-            barrier = slot * self.pages_per_block + p
             plgpu.copy_gmem_to_smem(self.k_ref.at[self.pool_head, page],
-                                    self.k_smem.at[slot, rows], self.k_barriers.at[barrier])
+                                    self.k_smem.at[slot, rows], self.k_barriers.at[slot])
             plgpu.copy_gmem_to_smem(self.v_ref.at[self.pool_head, page],
-                                    self.v_smem.at[slot, rows], self.v_barriers.at[barrier])
+                                    self.v_smem.at[slot, rows], self.v_barriers.at[slot])
         if self.quantized:   # the step's scales: one [block_kv] box of the row's scales
             keys = pl.ds((self.first_step + step) * self.block_kv, self.block_kv)
             for ref, smem, barriers in zip(self.scale_refs, (self.ks_smem, self.vs_smem),
-                                           (self.ks_barriers, self.vs_barriers)):
+                                           (self.k_barriers, self.v_barriers)):
                 plgpu.copy_gmem_to_smem(ref.at[self.kv_head, self.table_row, keys],
                                         smem.at[slot], barriers.at[slot])
 
@@ -148,10 +156,6 @@ class PageRing:
         pl.when(step + self.num_stages < num_steps)(
             functools.partial(self.issue, step + self.num_stages))
 
-    def _wait(self, barriers, slot) -> None:
-        for p in range(self.pages_per_block):
-            plgpu.barrier_wait(barriers.at[slot * self.pages_per_block + p])
-
     def _widened(self, codes_smem, tile_smem):
         """8-bit codes -> the 16-bit tile wgmma reads."""
         codes = codes_smem[...]
@@ -164,20 +168,18 @@ class PageRing:
     def k_tile(self, slot):
         """Wait for slot's K pages; the ``[block_kv, D]`` tile wgmma reads (widened from
         8-bit codes: then scale the logits with ``scale_k``)."""
-        self._wait(self.k_barriers, slot)
+        plgpu.barrier_wait(self.k_barriers.at[slot])
         if not self.quantized:
             return self.k_smem.at[slot]
-        plgpu.barrier_wait(self.ks_barriers.at[slot])
         return self._widened(self.k_smem.at[slot], self.k16_smem)
 
     def v_tile(self, slot, key0, kv_len):
         """Wait for slot's V pages; the ``[block_kv, D]`` tile wgmma reads (keys from
         ``key0``), widened from 8-bit codes (then scale the probabilities with
         ``scale_v``), its rows at ``kv_len`` and past zeroed when the step crosses it."""
-        self._wait(self.v_barriers, slot)
+        plgpu.barrier_wait(self.v_barriers.at[slot])
         tile = self.v_smem.at[slot]
         if self.quantized:
-            plgpu.barrier_wait(self.vs_barriers.at[slot])
             tile = self._widened(tile, self.v16_smem)
 
         @pl.when(key0 + self.block_kv > kv_len)
@@ -207,5 +209,5 @@ class PageRing:
         return probs * jnp.where(key < kv_len, scales, 0.0)
 
 
-__all__ = ["PageRing", "layout_cast", "load", "num_scratch", "scratch", "smem_transforms",
+__all__ = ["PageRing", "copies_per_slot", "layout_cast", "load", "num_scratch", "scratch", "smem_transforms",
            "split_run"]

@@ -32,7 +32,8 @@ one split the program writes the final output in q's dtype, as before.
 
 Memory path. The program's query tile arrives by TMA. Each K and V page arrives by its own
 TMA copy (a ``[page_size, head_dim]`` box at the page id read from the block table) into a
-ring of ``num_stages`` shared-memory slots, each copy with its own mbarrier; the ring is
+ring of ``num_stages`` shared-memory slots, a step's copies arriving on one K and one V
+mbarrier of their slot (``page_ring``); the ring is
 refilled with step ``i + num_stages`` as soon as step i's matmuls have finished reading
 slot ``i % num_stages``, so the copies of later pages overlap the math of earlier ones.
 Slots past a row's length (the tail of its last page, padded table entries pointing at the
@@ -65,13 +66,12 @@ are ``2 S`` bytes.
 What it takes on a GPU (``check_config``): bf16 or f16 queries over pages of the same
 dtype or 8-bit pages (float32 runs in interpret mode only), head_dim 32, 64, 128 or 256,
 pages of 8+ tokens (a power of two), a GQA group dividing 64, 64-256 keys per step, at
-most 32 page copies in flight (one barrier each; Mosaic GPU's limit per barrier array),
-and the buffers within 227 KiB of shared memory (one ring slot instead of two where two
-do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-255
+most 32 ring slots (a K and a V barrier each; Mosaic GPU's limit per barrier array), and
+the buffers within 227 KiB of shared memory (one ring slot instead of two where two
+do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-253
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
-head_dim 128 with 8+ page copies a step: ``check_config`` refuses those on a GPU
-(``spills``); decode at head_dim 256 runs the decode tile (``mosaic_decode``, 218-245
-registers, no spills).
+256 keys a step: ``check_config`` refuses those on a GPU (``spills``); decode at head_dim
+256 runs the decode tile (``mosaic_decode``, 206-218 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
 (one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
@@ -135,20 +135,25 @@ MAX_SPLITS = 64
 # configuration with 7 buffers; 3 KiB kept).
 SMEM_BUDGET = 227 * 1024 - 3 * 1024
 # Mosaic GPU's limit on one barrier array ("Only up to 32 barriers per group"): the ring
-# has one barrier per page copy.
+# has one K and one V barrier per slot (its page copies all arrive on them), so this
+# bounds num_stages, not the page copies in flight.
 MAX_BARRIERS = 32
 # Compiled for sm_90a from the CPU (benchmarks/mosaic_resources.py, jax 0.10.2), these
 # configurations spill registers (255 per thread and local memory): every head_dim 256
-# (436-884 bytes of spill stores) and head_dim 128 with 8+ page copies a step (page 8:
-# 44 bytes). check_config refuses them on a GPU; REFUSE_SPILLING = False lets the
-# resource report compile them anyway.
+# (560-568 bytes of spill stores at the default step) and 256 keys a step (head_dim 64:
+# 44-76 bytes, 128: 1272-1336). With a barrier per page copy, head_dim 128 at page 8
+# spilled too (44 bytes); one barrier per ring slot brought it to 251 registers.
+# check_config refuses them on a GPU; REFUSE_SPILLING = False lets the resource report
+# compile them anyway.
 REFUSE_SPILLING = True
 SMEM_ALIGN = 1024          # Mosaic GPU aligns each swizzled buffer to 1 KiB
 
 
-def spills(head_dim: int, pages_per_block: int) -> bool:
-    """Whether the ragged kernel spills registers here, by its sm_90a compile."""
-    return head_dim >= 256 or (head_dim >= 128 and pages_per_block >= 8)
+def spills(head_dim: int, block_kv: int) -> bool:
+    """Whether the ragged kernel spills registers at ``block_kv`` keys a step, by its
+    sm_90a compile (the S tile ``[64, block_kv]`` and O ``[64, head_dim]`` in float32
+    registers)."""
+    return head_dim >= 256 or block_kv >= 256
 
 
 def default_pages_per_block(page_size: int) -> int:
@@ -249,23 +254,27 @@ def check_config(num_q_heads, num_kv_heads, head_dim, page_size, dtype,
     if not (isinstance(num_stages, numbers.Integral) and num_stages >= 1):
         raise ValueError(f"num_stages={num_stages!r} must be a positive integer")
     if (not interpret and refuse_spilling and REFUSE_SPILLING
-            and spills(head_dim, pages_per_block)):
-        raise ValueError(f"head_dim={head_dim} with pages_per_block={pages_per_block}: the "
+            and spills(head_dim, block_kv)):
+        raise ValueError(f"head_dim={head_dim} with {block_kv} keys per step: the "
                          f"Mosaic ragged kernel compiled for sm_90a spills registers (255 "
-                         f"per thread; benchmarks/results/mosaic_resources.md); decode at "
-                         f"this head_dim runs the decode tile (mosaic_decode), prefill needs "
-                         f"impl='xla'")
-    if num_stages * pages_per_block > MAX_BARRIERS:
-        raise ValueError(f"num_stages={num_stages} x pages_per_block={pages_per_block} = "
-                         f"{num_stages * pages_per_block} page copies in flight, each with "
-                         f"its own barrier: Mosaic GPU allows only up to {MAX_BARRIERS} "
-                         f"barriers per group")
+                         f"per thread; benchmarks/results/mosaic_resources.md): take fewer "
+                         f"pages_per_block; at head_dim 256 decode runs the decode tile "
+                         f"(mosaic_decode), prefill needs impl='xla'")
+    check_barriers(num_stages)
     need = smem_bytes(head_dim, page_size, dtype, pages_per_block, num_stages, num_splits,
                       q_dtype)
     if need > SMEM_BUDGET:
         raise ValueError(f"head_dim={head_dim}, block_kv={block_kv}, num_stages={num_stages} "
                          f"in {jnp.dtype(dtype)} need {need} bytes of shared memory, over "
                          f"the {SMEM_BUDGET}-byte Hopper budget")
+
+
+def check_barriers(num_stages: int) -> None:
+    """Raise ValueError if the ring's barrier arrays (one barrier per slot) are over
+    Mosaic GPU's limit per array."""
+    if num_stages > MAX_BARRIERS:
+        raise ValueError(f"num_stages={num_stages} ring slots, one K and one V barrier each: "
+                         f"Mosaic GPU allows only up to {MAX_BARRIERS} barriers per group")
 
 
 def _interpret_params(interpret=True):

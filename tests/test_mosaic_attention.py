@@ -379,6 +379,62 @@ def equations(jaxpr):
                 yield from equations(inner)
 
 
+def kernel_equations(jaxpr):
+    """Every equation of a jaxpr and of every jaxpr nested in it, those in tuples too
+    (a Mosaic GPU kernel's body, cond branches)."""
+    def nested(param):
+        if isinstance(param, (tuple, list)):
+            for item in param:
+                yield from nested(item)
+        elif hasattr(getattr(param, "jaxpr", param), "eqns"):
+            yield getattr(param, "jaxpr", param)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for inner in nested(param):
+                yield from kernel_equations(inner)
+
+
+def traced_kernel(kernel, fmt, *, page_size=16, pages_per_block=4, num_stages=2):
+    """The jaxpr of one kernel (``"decode"`` or ``"ragged"``) over a 2-kv-head pool of
+    bf16 or ``fmt`` pages, traced for a GPU (not interpreted)."""
+    head_dim, batch = 64, 3
+    dtype = jnp.bfloat16 if fmt is None else FORMATS[fmt]
+    q = jax.ShapeDtypeStruct((batch, NUM_KV_HEADS * 4, head_dim), jnp.bfloat16)
+    pool = jax.ShapeDtypeStruct((NUM_KV_HEADS, 16, page_size, head_dim), dtype)
+    scale = None if fmt is None else jax.ShapeDtypeStruct(pool.shape[:-1], jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    tables = jax.ShapeDtypeStruct((batch, 8), jnp.int32)
+    options = dict(pages_per_block=pages_per_block, num_stages=num_stages, num_splits=2)
+    if kernel == "decode":
+        call = functools.partial(mosaic_decode.paged_decode, **options)
+        args = (q, pool, pool, tables, rows)
+    else:
+        call = functools.partial(ra.paged_attention_tokens, **options)
+        args = (q, pool, pool, tables, rows, rows, rows)
+    return jax.make_jaxpr(lambda *a: call(*a, k_scale=scale, v_scale=scale))(*args).jaxpr
+
+
+@pytest.mark.parametrize("kernel,fmt", [("decode", None), ("decode", "int8"),
+                                        ("ragged", None), ("ragged", "fp8")])
+def test_ring_has_one_barrier_per_slot(kernel, fmt):
+    """No barrier per page copy: the ring allocates one K and one V barrier per slot
+    (``num_stages`` each) that the step's 4 page copies (and its scale copy over 8-bit
+    pages) all arrive on, and a key step waits twice, not twice per page."""
+    eqns = list(kernel_equations(traced_kernel(kernel, fmt)))
+    barriers = [var.aval.inner_aval for eqn in eqns if eqn.primitive.name == "run_scoped"
+                for var in eqn.params["jaxpr"].invars
+                if hasattr(var.aval.inner_aval.dtype, "num_arrivals")]
+    copies = 4 + (fmt is not None)
+    ring = [b for b in barriers if b.dtype.num_arrivals == copies]
+    assert [b.shape for b in ring] == [(2,), (2,)], barriers
+    assert max(b.shape[0] for b in barriers) == 2, barriers      # the q barriers: 1 or 2
+    (loop,) = [e for e in eqns if e.primitive.name == "while"
+               and any(x.primitive.name == "barrier_wait" for x in e.params["body_jaxpr"].eqns)]
+    waits = [x for x in loop.params["body_jaxpr"].eqns if x.primitive.name == "barrier_wait"]
+    assert len(waits) == 2
+
+
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
 def test_decode_tile_moves_only_the_groups_rows_through_hbm(group):
     """No padded q or o in HBM: the kernel reads q as ``[B, Hkv, group, D]`` (a reshape,
@@ -404,7 +460,7 @@ def test_decode_tile_moves_only_the_groups_rows_through_hbm(group):
 
 def test_warp_specialized_ring_runs_further_ahead():
     """The copy warpgroup's ring: 4 slots where they fit (head_dim 64, 128), 3 at head_dim
-    256 (4 are over 227 KiB), within the 32 barriers at page 8; 2 without it."""
+    256 (4 are over 227 KiB), page 8 included; 2 without it."""
     for head_dim, page_size, stages in ((64, 16, 4), (128, 16, 4), (256, 16, 3),
                                         (128, 8, 4)):
         ppb = ra.default_pages_per_block(page_size)
@@ -424,8 +480,10 @@ def test_decode_tile_pads_less_than_the_ragged_tile():
         assert padded < 1 - group / ra.BLOCK_ROWS or group >= 16
     with pytest.raises(ValueError, match="head_dim=32"):
         mosaic_decode.check_config(8, 2, 32, 16, jnp.bfloat16)
-    with pytest.raises(ValueError, match="32 barriers"):
-        mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2, interpret=True)
+    # One barrier per ring slot: 32 pages a step take 2 barriers, 33 slots are refused.
+    mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
+    with pytest.raises(ValueError, match="num_stages=33 .*32 barriers per group"):
+        mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 8, 33, interpret=True)
 
 
 def test_interpreter_race_detector_finds_no_race():
@@ -553,10 +611,11 @@ def test_auto_never_picks_mosaic(monkeypatch):
     (dict(dtype=jnp.int32), "int32"),
     (dict(pages_per_block=3), "48 keys per step"),
     (dict(pages_per_block=2), "32 keys per step"),
-    (dict(head_dim=128, page_size=64, pages_per_block=4, num_stages=4), "shared memory"),
+    (dict(head_dim=128, page_size=64, pages_per_block=2, num_stages=8), "shared memory"),
+    (dict(head_dim=64, page_size=16, pages_per_block=16), "256 keys per step.*spills"),
     (dict(head_dim=256), "spills registers"),
     (dict(num_stages=0), "num_stages=0"),
-    (dict(page_size=8, pages_per_block=32), "32 barriers per group"),
+    (dict(num_stages=33), "num_stages=33 ring slots.*32 barriers per group"),
     (dict(num_splits=0), "num_splits=0"),
 ])
 def test_bad_configurations_name_the_constraint(config, message):

@@ -95,7 +95,7 @@ def representative_matrix():
 def compiles_without_spills(config):
     """Whether check_config takes it on a GPU (it refuses what spills, see below)."""
     ppb = config.get("pages_per_block") or ra.default_pages_per_block(config["page_size"])
-    return not ra.spills(config["head_dim"], ppb)
+    return not ra.spills(config["head_dim"], ppb * config["page_size"])
 
 
 def config_id(config):
@@ -157,15 +157,25 @@ def test_decode_tile_exports_for_cuda(config):
 
 
 def test_spilling_configurations_are_refused_but_lower(monkeypatch):
-    """check_config refuses what the sm_90a compile shows spilling (head_dim 256; head_dim
-    128 with 8 pages a step), naming it; the decode tile takes head_dim 256; forced, the
-    refused configurations still lower (they are slow, not wrong)."""
-    for head_dim, page_size in ((256, 16), (256, 64), (128, 8)):
+    """check_config refuses what the sm_90a compile shows spilling (ragged: head_dim 256,
+    256 keys a step; decode tile: head_dim x keys a step of 32 K), naming it; the decode
+    tile takes head_dim 256 at its default step, the ragged kernel head_dim 128 at page 8
+    (it spilled with a barrier per page copy); forced, the refused configurations still
+    lower (they are slow, not wrong)."""
+    for head_dim, page_size, ppb in ((256, 16, None), (256, 64, None), (128, 8, 32),
+                                     (64, 16, 16)):
         with pytest.raises(ValueError, match="spills registers"):
-            ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16)
-        ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16, interpret=True)
-    mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16, interpret=True)
+            ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb)
+        ra.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb, interpret=True)
+    for head_dim, page_size, ppb in ((128, 8, 32), (256, 64, 2)):
+        with pytest.raises(ValueError, match="decode tile .* spills registers"):
+            mosaic_decode.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb)
+        mosaic_decode.check_config(8, 2, head_dim, page_size, jnp.bfloat16, ppb,
+                                   interpret=True)
+    mosaic_decode.check_config(8, 2, 256, 16, jnp.bfloat16)
+    mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32)
     ra.check_config(8, 2, 128, 16, jnp.bfloat16)
+    ra.check_config(8, 2, 128, 8, jnp.bfloat16)
     monkeypatch.setattr(ra, "REFUSE_SPILLING", False)
     assert_lowers(export.__wrapped__(256, 16, 4, jnp.bfloat16))
 
@@ -182,12 +192,23 @@ def test_shared_memory_estimate_covers_mosaic_allocation(monkeypatch):
         ra.check_config(16, 2, 256, 64, jnp.float16, 1, 2, num_splits=2)
 
 
-def test_refused_barrier_count_really_does_not_lower(monkeypatch):
-    with pytest.raises(ValueError, match="32 barriers"):
-        ra.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
+def test_barrier_limit_counts_ring_slots_not_page_copies(monkeypatch):
+    """One K and one V barrier per ring slot: 32 pages a step (64 copies in flight, once
+    refused as 64 barriers) lower for both kernels (the decode tile takes them; the ragged
+    kernel refuses 256 keys a step as spilling); 33 slots (int8 pages at
+    head_dim 32 fit shared memory) are refused, naming the limit, and really do not lower."""
+    ra.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2, refuse_spilling=False)
+    mosaic_decode.check_config(8, 2, 64, 8, jnp.bfloat16, 32, 2)
+    assert_lowers(export_decode.__wrapped__(64, 8, 4, jnp.bfloat16, pages_per_block=32,
+                                            num_stages=2))
+    monkeypatch.setattr(ra, "REFUSE_SPILLING", False)   # 256 keys spill in the ragged kernel
+    assert_lowers(export.__wrapped__(64, 8, 4, jnp.bfloat16, pages_per_block=32, num_stages=2))
+    assert ra.smem_bytes(32, 16, jnp.int8, 4, 33, q_dtype=jnp.bfloat16) <= ra.SMEM_BUDGET
+    with pytest.raises(ValueError, match="num_stages=33 .*32 barriers per group"):
+        ra.check_config(4, 2, 32, 16, jnp.int8, 4, 33, q_dtype=jnp.bfloat16)
     monkeypatch.setattr(ra, "check_config", lambda *args, **kwargs: None)
     with pytest.raises(Exception, match="32 barriers"):
-        export.__wrapped__(64, 8, 4, jnp.bfloat16, pages_per_block=32, num_stages=2)
+        export.__wrapped__(32, 16, 2, jnp.bfloat16, pages_dtype=jnp.int8, num_stages=33)
 
 
 def test_refused_float32_really_does_not_lower(monkeypatch):
