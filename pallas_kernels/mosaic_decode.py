@@ -275,21 +275,13 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
 
             def body(step, carry):
                 acc, m_i, l_i = carry
-                slot = step % num_stages
-                key0 = (first + step) * block_kv
-                s = matmul(ring.k_tile(slot), q_smem, transpose_b=True)  # S^T [block_kv, cols]
-                if quantized:
-                    s = ring.scale_k(s, slot, key_axis=0)
-                s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
-                key = key0 + cast(lax.broadcasted_iota(jnp.int32, (block_kv, cols), 0), layout)
-                visible = key < kv_len
-                if sliding_window is not None:
-                    visible &= key > pos - sliding_window
-                probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
-                                                             key_axis=0)
-                v_tile = ring.v_tile(slot, key0, kv_len)
-                if quantized:
-                    probs = ring.scale_v(probs, key, kv_len, slot, key_axis=0)
+                # S^T = K Q^T [block_kv, cols]; the query sits at pos = kv_len - 1, so the
+                # length mask is its causal mask.
+                slot, probs, v_tile, m_new, l_i, acc = ring.attend(
+                    step, lambda k_tile: matmul(k_tile, q_smem, transpose_b=True), m_i, l_i,
+                    acc, kv_len=kv_len, query_pos=pos, causal=False,
+                    sliding_window=sliding_window, sm_scale=sm_scale, soft_cap=soft_cap,
+                    key_axis=0)
                 store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
                 plgpu.commit_smem()
                 acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T

@@ -34,6 +34,8 @@ import inspect
 import jax.numpy as jnp
 from jax import lax
 
+from jpaged.pallas_kernels import online_softmax
+
 try:  # Mosaic GPU is optional: jpaged must import on a jax without it.
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -191,6 +193,36 @@ class PageRing:
             tile[...] = jnp.where(v_key < kv_len, v_old, jnp.zeros_like(v_old))
             plgpu.commit_smem()
         return tile
+
+    def attend(self, step, qk, m_i, l_i, acc, *, kv_len, query_pos, causal: bool,
+               sliding_window, sm_scale: float, soft_cap, key_axis: int):
+        """Key step ``step`` up to P @ V, the part both kernels share: wait for its slot's
+        K tile, ``qk(k_tile)`` (the raw products, float32 ``S [Q, block_kv]`` with
+        key_axis 1 or ``S^T [block_kv, Q]`` with key_axis 0), K scales, logits, the mask
+        (keys below ``kv_len``; with ``causal`` at or before ``query_pos``; inside the
+        window before ``query_pos``), the online-softmax step, then V's tile (tail zeroed)
+        and V scales. query_pos: int32, a scalar or s's shape (each query's position).
+        Returns (slot, probabilities in s's layout, the V tile, new m, new l, acc
+        rescaled)."""
+        slot = step % self.num_stages
+        key0 = (self.first_step + step) * self.block_kv
+        s = qk(self.k_tile(slot))
+        if self.quantized:
+            s = self.scale_k(s, slot, key_axis=key_axis)
+        s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
+        key = key0 + layout_cast(lax.broadcasted_iota(jnp.int32, s.shape, key_axis),
+                                 plgpu.Layout.WGMMA, interpret=self.interpret)
+        visible = key < kv_len
+        if causal:
+            visible &= key <= query_pos
+        if sliding_window is not None:
+            visible &= key > query_pos - sliding_window
+        probs, m_new, l_new, acc = online_softmax.step(s, visible, m_i, l_i, acc,
+                                                       key_axis=key_axis)
+        v_tile = self.v_tile(slot, key0, kv_len)
+        if self.quantized:
+            probs = self.scale_v(probs, key, kv_len, slot, key_axis=key_axis)
+        return slot, probs, v_tile, m_new, l_new, acc
 
     def _per_key(self, ref, shape, key_axis: int):
         """A ``[block_kv]`` vector in shared memory -> float32 ``shape``, along key_axis."""

@@ -367,22 +367,10 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
 
         def body(step, carry):
             acc, m_i, l_i = carry
-            slot = step % num_stages
-            key0 = (first + step) * block_kv
-            s = matmul(q_smem, ring.k_tile(slot), transpose_b=True)
-            if quantized:
-                s = ring.scale_k(s, slot, key_axis=1)
-            s = online_softmax.logits(s, sm_scale=sm_scale, soft_cap=soft_cap)
-            key = key0 + cast(lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, block_kv), 1),
-                              layout)
-            visible = (key < kv_len) & (key <= row_pos)
-            if sliding_window is not None:
-                visible &= key > row_pos - sliding_window
-            probs, m_new, l_i, acc = online_softmax.step(s, visible, m_i, l_i, acc,
-                                                         key_axis=1)
-            v_tile = ring.v_tile(slot, key0, kv_len)
-            if quantized:
-                probs = ring.scale_v(probs, key, kv_len, slot, key_axis=1)
+            _, probs, v_tile, m_new, l_i, acc = ring.attend(   # S = Q K^T [64, block_kv]
+                step, lambda k_tile: matmul(q_smem, k_tile, transpose_b=True), m_i, l_i, acc,
+                kv_len=kv_len, query_pos=row_pos, causal=True, sliding_window=sliding_window,
+                sm_scale=sm_scale, soft_cap=soft_cap, key_axis=1)
             acc = acc + matmul(probs.astype(dtype), v_tile)
             ring.refill(step, num_steps)
             return acc, m_new, l_i
