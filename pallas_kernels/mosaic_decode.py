@@ -37,17 +37,19 @@ rows come from HBM by plain loads into
 ``Q^T [D, cols]`` in registers (zeros past the group) and are stored like P^T; O's
 ``group`` rows are taken out of ``O^T`` column by column into a ``[group, D]`` tile and
 leave by one TMA copy. Compiled for sm_90a this costs registers at group 4 (head_dim 64 /
-128 / 256, page 16: 109 / 145 / 224 with a barrier per page copy, 96 / 137 / 209 with a
-barrier per ring slot; 96 / 117 / 168 with q padded to 8 rows in
+128 / 256, page 16: 109 / 145 / 224 with a barrier per page copy, 96 / 137 / 219 with a
+barrier per ring slot and the table entries loaded a step ahead; 96 / 117 / 168 with q
+padded to 8 rows in
 HBM; no spills; ``benchmarks/results/mosaic_resources.md``). K/V pages come through the
 page ring both Mosaic kernels share (``page_ring``).
 
 Warp specialization (``warp_specialized=True``, off by default until a GPU has timed it):
 two warpgroups per program. Warpgroup 1 (``PRODUCER_REGISTERS`` after setmaxnreg) reads
-the block table and issues every page copy, waiting only for a slot's "consumed" barrier
-before refilling it; warpgroup 0 (``CONSUMER_REGISTERS``) does the products and the
-softmax and arrives on that barrier once a step's slot is read. So the table reads and
-copy issues leave the compute path, which then waits on data only. Its ring has
+the block table (each step's entries loaded while it waits for the step before) and
+issues every page copy, waiting only for a slot's "consumed" barrier before refilling
+it; warpgroup 0 (``CONSUMER_REGISTERS``) does the products and the softmax and arrives
+on that barrier once a step's slot is read. So the table reads and copy issues leave the
+compute path, which then waits on data only. Its ring has
 ``WS_MAX_STAGES`` = 4 slots where they fit (3 at head_dim 256), so the copies run up to 4
 steps ahead; one program per SM leaves it the shared memory. Compiled (jax 0.10.2,
 ``benchmarks/mosaic_resources.py``) it holds 232 registers x 256 threads, no spills: one
@@ -265,16 +267,17 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
             for g in range(group):
                 o_smem[g] = jnp.sum(jnp.where(col_of(head_dim) == g, out, 0.0), axis=1)
 
-        def compute(release):
+        def compute(release, ahead=()):
             """The consumer: q, every step's two products and softmax, the output;
-            ``release(step, slot)`` once step's slot is read (refill or signal it)."""
+            ``release(step, slot, ahead)`` once step's slot is read (refill or signal it),
+            threading ``ahead`` (the table entries a refill loads a step ahead)."""
             load_q()
             m_i = cast(jnp.full((cols,), -jnp.inf, jnp.float32), layout.reduce(0))
             l_i = cast(jnp.zeros((cols,), jnp.float32), layout.reduce(0))
             acc = cast(jnp.zeros((head_dim, cols), jnp.float32), layout)
 
             def body(step, carry):
-                acc, m_i, l_i = carry
+                acc, m_i, l_i, ahead = carry
                 # S^T = K Q^T [block_kv, cols]; the query sits at pos = kv_len - 1, so the
                 # length mask is its causal mask.
                 slot, probs, v_tile, m_new, l_i, acc = ring.attend(
@@ -285,10 +288,10 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
                 store_transposed(p_smem, probs.astype(dtype))            # P [cols, block_kv]
                 plgpu.commit_smem()
                 acc = acc + matmul(v_tile, p_smem, transpose_a=True, transpose_b=True)  # O^T
-                release(step, slot)
-                return acc, m_new, l_i
+                ahead = release(step, slot, ahead)
+                return acc, m_new, l_i, ahead
 
-            acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
+            acc, m_i, l_i, _ = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i, ahead))
             out, lse = online_softmax.finish(acc, m_i, l_i, query_axis=1)   # O^T [D, cols]
             store_out(out)
             lse_smem[...] = lse
@@ -298,8 +301,8 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
             plgpu.wait_smem_to_gmem(0)
 
         if not warp_specialized:   # one warpgroup refills the ring behind its own math
-            ring.prime(num_steps)
-            compute(lambda step, slot: ring.refill(step, num_steps))
+            compute(lambda step, slot, ahead: ring.refill(step, num_steps, ahead),
+                    ring.prime(num_steps))
         else:   # warpgroup 1 issues every copy, warpgroup 0 computes
             wg = lax.axis_index("wg")
 
@@ -307,20 +310,25 @@ def _decode_kernel(layer_ref, tables_ref, kv_lens_ref, q_ref, k_ref, v_ref, *ref
             def _producer():
                 plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
-                @pl.loop(0, num_steps)
-                def _(step):
+                def issue(step, pages):
                     slot = step % num_stages
                     # The slot's previous step must be consumed before its refill.
                     pl.when(step >= num_stages)(
                         lambda: plgpu.barrier_wait(consumed.at[slot]))
-                    ring.issue(step)
+                    ring.issue(step, pages)
+                    return ring.entries(step + 1)   # loaded while it waits for a slot
+
+                lax.fori_loop(0, num_steps, issue, ring.entries(0))
 
             @pl.when(wg == 0)
             def _consumer():
                 plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
                 # Only the releases the producer waits for (each phase must be observed).
-                compute(lambda step, slot: pl.when(step + num_stages < num_steps)(
-                    lambda: plgpu.barrier_arrive(consumed.at[slot])))
+                def release(step, slot, ahead):
+                    pl.when(step + num_stages < num_steps)(
+                        lambda: plgpu.barrier_arrive(consumed.at[slot]))
+                    return ahead
+                compute(release)
 
     # Every 16-bit tile a wgmma reads: 128-byte swizzle on its 64+ element minor axis.
     scratch = [

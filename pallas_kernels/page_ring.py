@@ -14,6 +14,17 @@ K and V barriers, and their codes are widened in a 16-bit tile
 before wgmma reads them (exact: every int8 and e4m3 value is a bf16 and an f16 value; the
 scales multiply S and P instead, one multiply per logit instead of one per element).
 
+Block-table entries are loaded a step ahead: a copy's page id is a dependent global load
+(``tables[row, index]``), so a refill that read its entries right before its copies would
+wait a memory latency first. ``prime`` and ``refill`` return the entries of the next
+refill, loaded then and carried in registers through the loop (``pages_per_block`` int32
+scalars), so a refill issues its copies at once. Why registers and not a TMA copy of the
+row's table into shared memory: a row's table is up to the table width (thousands of
+entries, more than one 256-element TMA box and a shared-memory buffer the size of the
+widest row), and a per-step box of ``pages_per_block`` entries is not the multiple of
+16 bytes a TMA box's inner dimension must be at 1-3 pages a step. Compiled, the carried
+entries cost 0-21 registers (``benchmarks/results/mosaic_resources.md``), no spills.
+
 Kept in one place so that the two kernels cannot drift apart on what keeps a NaN-poisoned
 pool out of the output: slots past the row's length (the tail of its last page, table
 padding pointing at the null page) may hold NaN from a recycled page, so in the one step
@@ -22,7 +33,8 @@ P @ V) and the V scales past it are taken as 0 (a stale scale may be NaN too); t
 past it are masked by the kernels' softmax (``online_softmax.step``).
 
 The kernels differ in which axis of their logit tile holds the keys: ``key_axis`` 1 for
-the ragged kernel's ``S [64, keys]``, 0 for the decode tile's ``S^T [keys, cols]``.
+the ragged kernel's ``S [64, keys]``, 0 for the decode tile's ``S^T [keys, cols]``; a key
+step up to P @ V is ``PageRing.attend`` for both.
 Interpret mode has no register layouts: casts are identities there.
 """
 
@@ -129,13 +141,22 @@ class PageRing:
         self.num_stages, self.dtype, self.interpret = num_stages, dtype, interpret
         self.block_kv = pages_per_block * page_size
 
-    def issue(self, step) -> None:
-        """Start the copies of key step ``step`` (relative to first_step) into its slot."""
-        slot = step % self.num_stages
+    def entries(self, step) -> tuple:
+        """Step ``step``'s block-table entries (relative to first_step): pages_per_block
+        int32 scalars loaded from HBM, their indices clamped to the table's width (a
+        step past the row's pages reads padding or its last entry; the kernels mask
+        what it brings)."""
         width = self.tables_ref.shape[1]
-        for p in range(self.pages_per_block):
-            index = jnp.minimum((self.first_step + step) * self.pages_per_block + p, width - 1)
-            page = self.tables_ref[self.table_row, index]
+        first = (self.first_step + step) * self.pages_per_block
+        return tuple(self.tables_ref[self.table_row, jnp.minimum(first + p, width - 1)]
+                     for p in range(self.pages_per_block))
+
+    def issue(self, step, pages=None) -> None:
+        """Start the copies of key step ``step`` (relative to first_step) into its slot:
+        its pages ``pages`` (``entries(step)``, loaded ahead), or loaded here."""
+        slot = step % self.num_stages
+        pages = self.entries(step) if pages is None else pages
+        for p, page in enumerate(pages):
             rows = pl.ds(p * self.page_size, self.page_size)
             plgpu.copy_gmem_to_smem(self.k_ref.at[self.pool_head, page],
                                     self.k_smem.at[slot, rows], self.k_barriers.at[slot])
@@ -148,15 +169,20 @@ class PageRing:
                 plgpu.copy_gmem_to_smem(ref.at[self.kv_head, self.table_row, keys],
                                         smem.at[slot], barriers.at[slot])
 
-    def prime(self, num_steps) -> None:
-        """Issue the first ``num_stages`` steps (those below num_steps)."""
+    def prime(self, num_steps) -> tuple:
+        """Issue the first ``num_stages`` steps (those below num_steps); returns the
+        first refill's table entries, loaded now so that it need not wait for them."""
         for step in range(self.num_stages):
             pl.when(step < num_steps)(functools.partial(self.issue, step))
+        return self.entries(self.num_stages)
 
-    def refill(self, step, num_steps) -> None:
-        """Step ``step``'s slot has been read: issue step ``step + num_stages`` into it."""
+    def refill(self, step, num_steps, pages) -> tuple:
+        """Step ``step``'s slot has been read: issue step ``step + num_stages`` into it
+        from its table entries ``pages`` (loaded a step ago: no table load in front of
+        the copies); returns the next refill's entries, loaded now, a step ahead."""
         pl.when(step + self.num_stages < num_steps)(
-            functools.partial(self.issue, step + self.num_stages))
+            functools.partial(self.issue, step + self.num_stages, pages))
+        return self.entries(step + self.num_stages + 1)
 
     def _widened(self, codes_smem, tile_smem):
         """8-bit codes -> the 16-bit tile wgmma reads."""

@@ -35,7 +35,8 @@ TMA copy (a ``[page_size, head_dim]`` box at the page id read from the block tab
 ring of ``num_stages`` shared-memory slots, a step's copies arriving on one K and one V
 mbarrier of their slot (``page_ring``); the ring is
 refilled with step ``i + num_stages`` as soon as step i's matmuls have finished reading
-slot ``i % num_stages``, so the copies of later pages overlap the math of earlier ones.
+slot ``i % num_stages``, so the copies of later pages overlap the math of earlier ones;
+a refill's table entries were loaded a step before it, so its copies start at once.
 Slots past a row's length (the tail of its last page, padded table entries pointing at the
 null page) may hold NaN from a recycled page: their logits are masked to -inf and, in the
 one step that crosses the length, their V rows are zeroed in shared memory before the
@@ -68,10 +69,10 @@ dtype or 8-bit pages (float32 runs in interpret mode only), head_dim 32, 64, 128
 pages of 8+ tokens (a power of two), a GQA group dividing 64, 64-256 keys per step, at
 most 32 ring slots (a K and a V barrier each; Mosaic GPU's limit per barrier array), and
 the buffers within 227 KiB of shared memory (one ring slot instead of two where two
-do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 249-253
+do not fit). Compiled for sm_90a (``benchmarks/mosaic_resources.py``) it holds 246-255
 registers per thread at head_dim 128 (2 CTAs per SM) and spills at head_dim 256 and at
 256 keys a step: ``check_config`` refuses those on a GPU (``spills``); decode at head_dim
-256 runs the decode tile (``mosaic_decode``, 206-218 registers, no spills).
+256 runs the decode tile (``mosaic_decode``, 211-224 registers, no spills).
 
 Cost, for n visible keys, head_dim d, element size e bytes and group g. A decode token
 (one block per kv head): K/V bytes ``2 n d e`` per kv head, useful FLOPs ``4 n d g``
@@ -140,7 +141,7 @@ SMEM_BUDGET = 227 * 1024 - 3 * 1024
 MAX_BARRIERS = 32
 # Compiled for sm_90a from the CPU (benchmarks/mosaic_resources.py, jax 0.10.2), these
 # configurations spill registers (255 per thread and local memory): every head_dim 256
-# (560-568 bytes of spill stores at the default step) and 256 keys a step (head_dim 64:
+# (572-624 bytes of spill stores at the default step) and 256 keys a step (head_dim 64:
 # 44-76 bytes, 128: 1272-1336). With a barrier per page copy, head_dim 128 at page 8
 # spilled too (44 bytes); one barrier per ring slot brought it to 251 registers.
 # check_config refuses them on a GPU; REFUSE_SPILLING = False lets the resource report
@@ -353,7 +354,7 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
             table_row=seq, kv_head=h, pool_head=pool_head, first_step=first,
             page_size=page_size, pages_per_block=pages_per_block, num_stages=num_stages,
             dtype=dtype, interpret=interpret)
-        ring.prime(num_steps)
+        ahead = ring.prime(num_steps)
         plgpu.copy_gmem_to_smem(q_ref.at[h, b], q_smem, q_barrier.at[0])
         plgpu.copy_gmem_to_smem(row_pos_ref.at[b], pos_smem, q_barrier.at[1])
         plgpu.barrier_wait(q_barrier.at[0])
@@ -366,16 +367,16 @@ def _attention_kernel(layer_ref, blk_seq_ref, blk_lo_ref, blk_hi_ref, row_pos_re
         acc = cast(jnp.zeros((BLOCK_ROWS, head_dim), jnp.float32), layout)
 
         def body(step, carry):
-            acc, m_i, l_i = carry
+            acc, m_i, l_i, ahead = carry
             _, probs, v_tile, m_new, l_i, acc = ring.attend(   # S = Q K^T [64, block_kv]
                 step, lambda k_tile: matmul(q_smem, k_tile, transpose_b=True), m_i, l_i, acc,
                 kv_len=kv_len, query_pos=row_pos, causal=True, sliding_window=sliding_window,
                 sm_scale=sm_scale, soft_cap=soft_cap, key_axis=1)
             acc = acc + matmul(probs.astype(dtype), v_tile)
-            ring.refill(step, num_steps)
-            return acc, m_new, l_i
+            ahead = ring.refill(step, num_steps, ahead)
+            return acc, m_new, l_i, ahead
 
-        acc, m_i, l_i = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i))
+        acc, m_i, l_i, _ = lax.fori_loop(0, num_steps, body, (acc, m_i, l_i, ahead))
         out, lse = online_softmax.finish(acc, m_i, l_i, query_axis=0)
         if num_splits == 1:
             (o_ref,) = out_refs

@@ -395,7 +395,8 @@ def kernel_equations(jaxpr):
                 yield from kernel_equations(inner)
 
 
-def traced_kernel(kernel, fmt, *, page_size=16, pages_per_block=4, num_stages=2):
+def traced_kernel(kernel, fmt, *, page_size=16, pages_per_block=4, num_stages=2,
+                  warp_specialized=False):
     """The jaxpr of one kernel (``"decode"`` or ``"ragged"``) over a 2-kv-head pool of
     bf16 or ``fmt`` pages, traced for a GPU (not interpreted)."""
     head_dim, batch = 64, 3
@@ -407,7 +408,8 @@ def traced_kernel(kernel, fmt, *, page_size=16, pages_per_block=4, num_stages=2)
     tables = jax.ShapeDtypeStruct((batch, 8), jnp.int32)
     options = dict(pages_per_block=pages_per_block, num_stages=num_stages, num_splits=2)
     if kernel == "decode":
-        call = functools.partial(mosaic_decode.paged_decode, **options)
+        call = functools.partial(mosaic_decode.paged_decode, **options,
+                                 warp_specialized=warp_specialized)
         args = (q, pool, pool, tables, rows)
     else:
         call = functools.partial(ra.paged_attention_tokens, **options)
@@ -433,6 +435,67 @@ def test_ring_has_one_barrier_per_slot(kernel, fmt):
                and any(x.primitive.name == "barrier_wait" for x in e.params["body_jaxpr"].eqns)]
     waits = [x for x in loop.params["body_jaxpr"].eqns if x.primitive.name == "barrier_wait"]
     assert len(waits) == 2
+
+
+def copies_before_their_table_loads(body):
+    """The jaxprs under a loop body (the body and its branches, nested) whose first page
+    copy comes after a scalar int32 read in the same jaxpr (a table entry loaded right
+    before the copy it feeds)."""
+    late = []
+    for jaxpr in [body] + [inner for eqn in kernel_equations(body) if eqn.primitive.name
+                           == "cond" for inner in (b.jaxpr for b in eqn.params["branches"])]:
+        names = [eqn.primitive.name for eqn in jaxpr.eqns]
+        if "copy_gmem_to_smem" in names:
+            loads = [eqn for eqn in jaxpr.eqns[:names.index("copy_gmem_to_smem")]
+                     if eqn.primitive.name == "get" and eqn.outvars[0].aval.shape == ()
+                     and eqn.outvars[0].aval.dtype == jnp.int32]
+            late += [jaxpr] if loads else []
+    return late
+
+
+@pytest.mark.parametrize("kernel,warp_specialized", [("decode", False), ("decode", True),
+                                                     ("ragged", False)])
+def test_refills_use_table_entries_loaded_a_step_ahead(kernel, warp_specialized):
+    """Block-table entries prefetched: every loop that issues page copies (the ring's
+    refills; the copy warpgroup's loop) issues them from entries it carries in, loaded
+    the step before, and reads no table entry ahead of its copies in the same step."""
+    jaxpr = traced_kernel(kernel, None, warp_specialized=warp_specialized)
+    loops = [eqn.params["body_jaxpr"].jaxpr for eqn in kernel_equations(jaxpr)
+             if eqn.primitive.name == "while"]
+    issuing = [body for body in loops if any(
+        eqn.primitive.name == "copy_gmem_to_smem" for eqn in kernel_equations(body))]
+    assert issuing
+    for body in issuing:
+        assert not copies_before_their_table_loads(body)
+        carried = [v for v in body.invars if v.aval.shape == () and v.aval.dtype == jnp.int32]
+        assert len(carried) >= 1 + 4      # the step and the 4 pages of the next issue
+
+
+@pytest.mark.parametrize("kernel,warp_specialized", [("decode", False), ("decode", True),
+                                                     ("ragged", False)])
+def test_prefetched_entries_on_null_padded_tables_match_float64(kernel, warp_specialized):
+    """The entries loaded a step ahead, at the table's edges: rows of lengths 0, 1,
+    page - 1, page, page + 1, 4 and 7 steps and the table's full capacity (the last
+    refill's look-ahead clamped at the width), their tables padded with the null page
+    (NaN, as every unwritten slot), two ring slots so most steps are refills."""
+    rng = np.random.default_rng(23)
+    page_size, width = 16, 28
+    lengths = special_lengths(page_size, width)[:-1] + [256, 448, width * page_size]
+    q, k, v, tables, lengths, q_seq, q_pos = make_batch(
+        rng, lengths=lengths, chunks=[1] * len(lengths), page_size=page_size, width=width,
+        head_dim=64, group=4, dtype=jnp.float32)
+    used = -(-lengths // page_size)
+    tables = jnp.where(np.arange(width)[None, :] < used[:, None], tables, 0)
+    options = dict(num_stages=2, num_splits=1, interpret=True)
+    if kernel == "decode":
+        out = mosaic_decode.paged_decode(q, k[0], v[0], tables, jnp.asarray(lengths),
+                                         warp_specialized=warp_specialized, **options)
+    else:
+        out = ra.paged_attention_tokens(q, k[0], v[0], tables, jnp.asarray(lengths), q_seq,
+                                        q_pos, **options)
+    expected = float64_attention(q, k[0], v[0], tables, lengths, q_seq, q_pos)
+    assert relative_error(out, expected) < TOLERANCE[jnp.dtype(jnp.float32)]
+    assert not np.asarray(out)[lengths == 0].any()
 
 
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
