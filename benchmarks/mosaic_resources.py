@@ -91,6 +91,7 @@ class Row:
     kernel: str
     head_dim: int
     page_size: int
+    pages_per_block: int
     group: int
     dtype: str
     pages: str
@@ -218,8 +219,10 @@ def mosaic_modules(exported) -> list[bytes]:
 def configurations():
     """Every default shape the engine would launch for head_dim 64/128/256 at pages 8,
     16, 64 (16-bit), plus split-K, 8-bit pages and GQA groups 1 and 8 at head_dim 128,
-    page 16 (group 4 elsewhere), and the decode tile's warp-specialized pipeline at head_dim
-    64/128/256 and over int8 pages."""
+    page 16 (group 4 elsewhere), the decode tile's warp-specialized pipeline at head_dim
+    64/128/256 and over int8 pages; then, at more pages a step than the default, the
+    edges of the spill rules (``ragged_attention.spills``, ``mosaic_decode.spills``) on
+    both sides, so that ``--check`` fails when a rule stops matching the compile."""
     configs = []
     for head_dim in (64, 128, 256):
         for page in (8, 16, 64):
@@ -241,7 +244,16 @@ def configurations():
         configs.append(dict(kernel="decode", head_dim=head_dim, page_size=16, group=4,
                             dtype="bfloat16", pages=pages, num_splits=1,
                             warp_specialized=True))
-    return [dict(c, warp_specialized=c.get("warp_specialized", False)) for c in configs]
+    edges = [("ragged", 128, 8, 16), ("ragged", 64, 16, 16), ("decode", 64, 8, 32),
+             ("decode", 128, 16, 8), ("decode", 128, 8, 32), ("decode", 256, 64, 2)]
+    for kernel, head_dim, page, pages_per_block in edges:
+        configs.append(dict(kernel=kernel, head_dim=head_dim, page_size=page, group=4,
+                            dtype="bfloat16", pages="bfloat16", num_splits=1,
+                            pages_per_block=pages_per_block))
+    from jpaged.pallas_kernels import ragged_attention as ra
+    return [dict(c, warp_specialized=c.get("warp_specialized", False),
+                 pages_per_block=c.get("pages_per_block")
+                 or ra.default_pages_per_block(c["page_size"])) for c in configs]
 
 
 def export(config):
@@ -252,6 +264,7 @@ def export(config):
     ragged_attention.REFUSE_SPILLING = False   # compile the refused ones too, to show why
     dtype, pages = jnp.dtype(config["dtype"]), jnp.dtype(config["pages"])
     head_dim, page, group = config["head_dim"], config["page_size"], config["group"]
+    ppb = config["pages_per_block"]
     pool, batch, width = (NUM_KV_HEADS, 64, page, head_dim), 4, 16
     quantized = pages != dtype
     scale = jax.ShapeDtypeStruct(pool[:-1], jnp.bfloat16) if quantized else None
@@ -264,13 +277,14 @@ def export(config):
     if config["kernel"] == "decode":
         def fn(q, k, v, tables, lengths, ks, vs):
             return mosaic_decode.paged_decode(q, k, v, tables, lengths, k_scale=ks, v_scale=vs,
-                                              num_splits=splits,
+                                              num_splits=splits, pages_per_block=ppb,
                                               warp_specialized=config["warp_specialized"])
         args = [q, *common, scale, scale]
     else:
         def fn(q, k, v, tables, lengths, seq, pos, ks, vs):
             return ragged_attention.paged_attention_tokens(
-                q, k, v, tables, lengths, seq, pos, k_scale=ks, v_scale=vs, num_splits=splits)
+                q, k, v, tables, lengths, seq, pos, k_scale=ks, v_scale=vs, num_splits=splits,
+                pages_per_block=ppb)
         index = jax.ShapeDtypeStruct((tokens,), jnp.int32)
         args = [q, *common, index, index, scale, scale]
     return jax.export.export(jax.jit(fn), platforms=["cuda"])(*args)
@@ -282,7 +296,7 @@ def smem_estimate(config) -> int:
     from jpaged.pallas_kernels import mosaic_decode, ragged_attention as ra
     dtype, pages = jnp.dtype(config["dtype"]), jnp.dtype(config["pages"])
     head_dim, page, splits = config["head_dim"], config["page_size"], config["num_splits"]
-    ppb = ra.default_pages_per_block(page)
+    ppb = config["pages_per_block"]
     if config["kernel"] == "decode":
         stages = mosaic_decode.default_num_stages(head_dim, page, pages, ppb, config["group"],
                                                   dtype, config["warp_specialized"])
@@ -323,7 +337,7 @@ def compile_config(config, pieces, workdir: Path, index: int = 0) -> Row:
     figures = parse_ptxas(done.stdout + done.stderr)
     smem = smem_estimate(config)
     from jpaged.pallas_kernels import mosaic_decode, ragged_attention as ra
-    block_kv = ra.default_pages_per_block(config["page_size"]) * config["page_size"]
+    block_kv = config["pages_per_block"] * config["page_size"]
     refused = (ra.spills if config["kernel"] == "ragged" else mosaic_decode.spills)(
         config["head_dim"], block_kv)
     return Row(**config, **figures, smem_bytes=smem,
@@ -334,11 +348,12 @@ def compile_config(config, pieces, workdir: Path, index: int = 0) -> Row:
 
 
 def table(rows) -> str:
-    head = ("| kernel | head_dim | page | group | q | pages | splits | threads | regs | "
-            "spill st/ld B | "
+    head = ("| kernel | head_dim | page | keys/step | group | q | pages | splits | threads | "
+            "regs | spill st/ld B | "
             "stack B | barriers | smem KiB (est.) | CTAs/SM | padded MMA | ok |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r.kernel} | {r.head_dim} | {r.page_size} | {r.group} | {r.dtype} | "
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r.kernel} | {r.head_dim} | {r.page_size} | "
+             f"{r.page_size * r.pages_per_block} | {r.group} | {r.dtype} | "
              f"{r.pages} | {r.num_splits} | {2 * THREADS if r.warp_specialized else THREADS} "
              f"| {r.registers} | {r.spill_store_bytes}/"
              f"{r.spill_load_bytes} | {r.stack_bytes} | {r.barriers} | "
@@ -368,7 +383,8 @@ def main():
             compiled = pool.map(lambda item: compile_config(item[1], pieces, workdir, item[0]),
                                 enumerate(configurations()))
             for row in compiled:   # in order, each as soon as it and those before are done
-                print(f"{row.kernel} d={row.head_dim} page={row.page_size} {row.pages} "
+                print(f"{row.kernel} d={row.head_dim} page={row.page_size} "
+                      f"keys={row.page_size * row.pages_per_block} {row.pages} "
                       f"splits={row.num_splits}: {row.registers} regs, spills "
                       f"{row.spill_store_bytes}/{row.spill_load_bytes} B", flush=True)
                 rows.append(row)

@@ -93,7 +93,8 @@ def spills(head_dim: int, block_kv: int) -> bool:
     """Whether the decode tile spills registers, by its sm_90a compile (one warpgroup;
     S^T ``[block_kv, cols]`` and O^T ``[head_dim, cols]`` in float32 registers, the
     V^T tile's products growing with both): at head_dim x keys a step of 32 K (128 x 256:
-    532 bytes of spill stores, 256 x 128: 504-532); 16 K holds 200-218 registers."""
+    528 bytes of spill stores, 256 x 128: 500); 16 K holds 200-224 registers
+    (``benchmarks/results/mosaic_resources.md`` compiles both sides of the edge)."""
     return head_dim * block_kv >= 32 * 1024
 
 

@@ -142,7 +142,8 @@ MAX_BARRIERS = 32
 # Compiled for sm_90a from the CPU (benchmarks/mosaic_resources.py, jax 0.10.2), these
 # configurations spill registers (255 per thread and local memory): every head_dim 256
 # (572-624 bytes of spill stores at the default step) and 256 keys a step (head_dim 64:
-# 44-76 bytes, 128: 1272-1336). With a barrier per page copy, head_dim 128 at page 8
+# 136 bytes; 128: 1272-1336, compiled before the table entries were prefetched); the
+# resource table compiles both sides of each edge. With a barrier per page copy, head_dim 128 at page 8
 # spilled too (44 bytes); one barrier per ring slot brought it to 251 registers.
 # check_config refuses them on a GPU; REFUSE_SPILLING = False lets the resource report
 # compile them anyway.
