@@ -36,12 +36,12 @@ failed to find a solution": its inference tiles such a buffer itself), so the gr
 rows come from HBM by plain loads into
 ``Q^T [D, cols]`` in registers (zeros past the group) and are stored like P^T; O's
 ``group`` rows are taken out of ``O^T`` column by column into a ``[group, D]`` tile and
-leave by one TMA copy. Compiled for sm_90a this costs registers at group 4 (head_dim 64 /
-128 / 256, page 16: 109 / 145 / 224 with a barrier per page copy, 96 / 137 / 219 with a
-barrier per ring slot and the table entries loaded a step ahead; 96 / 117 / 168 with q
-padded to 8 rows in
-HBM; no spills; ``benchmarks/results/mosaic_resources.md``). K/V pages come through the
-page ring both Mosaic kernels share (``page_ring``).
+leave by one TMA copy. Compiled for sm_90a at group 4 (head_dim 64 / 128 / 256, page 16)
+it holds 96 / 137 / 219 registers (one barrier per ring slot, table entries loaded a step
+ahead; 109 / 145 / 224 with a barrier per page copy; 96 / 117 / 168 with a barrier per
+page copy and q padded to 8 rows in HBM), no spills
+(``benchmarks/results/mosaic_resources.md``). K/V pages come through the page ring both
+Mosaic kernels share (``page_ring``).
 
 Warp specialization (``warp_specialized=True``, off by default until a GPU has timed it):
 two warpgroups per program. Warpgroup 1 (``PRODUCER_REGISTERS`` after setmaxnreg) reads
