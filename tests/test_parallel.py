@@ -212,9 +212,14 @@ def case_tp2() -> dict:
     batch = prompts(model.config.vocab_size)
     reference, llm = LLM(model, **ENGINE), LLM(model, tensor_parallel=2, **ENGINE)
     result = compare(reference, llm, batch)
+    again = LLM(model, tensor_parallel=2, **ENGINE)   # the same layout: the same programs
+    compiled = again.engine.num_compilations
+    generate(again, batch)
+    recompiled = again.engine.num_compilations - compiled
     start = time.perf_counter()
     hlo = decode_hlo(llm)
     return dict(result, pool=pool_report(llm.engine.runner, reference.engine.runner),
+                recompiled=recompiled,
                 q_proj_shards=param_shards(llm.engine.model.params,
                                            "layers/self_attn/q_proj/kernel"),
                 down_proj_shards=param_shards(llm.engine.model.params,
@@ -322,6 +327,14 @@ def assert_matches_single_device(result):
 
 def test_tp2_matches_single_device(tp2):
     assert_matches_single_device(tp2)
+
+
+def test_a_second_engine_on_the_same_layout_compiles_nothing(tp2):
+    """The sharded forward is a static argument of the jitted step: equal for the same
+    model, axes and mesh, so a second engine reuses the first one's programs (a closure
+    per engine compiled them all again and kept them: a process making engines, as the
+    fault sweeps do, ran out of memory maps)."""
+    assert tp2["recompiled"] == 0, tp2
 
 
 def test_tp2_refuses_a_model_without_param_axes(tp2):

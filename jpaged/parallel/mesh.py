@@ -30,6 +30,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -177,32 +178,44 @@ def cache_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, CACHE_SPEC)
 
 
-def shard_forward(forward, param_axes: Mapping[str, tuple], mesh: Mesh):
-    """Run a model's ``forward`` (``jpaged.core.interfaces.Forward``) per device of the 1-D
-    ``mesh`` under ``shard_map``.
+@dataclasses.dataclass(frozen=True)
+class ShardedForward:
+    """A model's ``forward`` (``jpaged.core.interfaces.Forward``) run per device of the
+    1-D ``mesh`` under ``shard_map``; build it with ``shard_forward``.
 
-    Params are split by their declared ``param_axes``, the cache by ``CACHE_SPEC``, the
-    batch and the returned logits are replicated. ``config`` is the global
-    (``sharded_config``) one; each device runs ``local_config`` of it. The model's
+    Params are split by their declared ``param_axes`` (``(name, axes)`` pairs), the cache
+    by ``CACHE_SPEC``, the batch and the returned logits are replicated. ``config`` is the
+    global (``sharded_config``) one; each device runs ``local_config`` of it. The model's
     row-parallel layers (``jpaged.parallel.layers.RowParallelDense``) do the all-reduces.
-    """
-    size = mesh.shape[MODEL]
 
-    def sharded(params, config, cache, token_ids, meta, logits_indices):
-        local = local_config(config, size)
+    A value, not a closure: it is a static argument of the engine's jitted step, so two
+    engines sharding the same model over the same devices share the compiled programs
+    (a closure per engine compiled every program again and kept each in the step's cache:
+    a process making engines ran out of memory maps).
+    """
+
+    forward: Any
+    param_axes: tuple
+    mesh: Mesh
+
+    def __call__(self, params, config, cache, token_ids, meta, logits_indices):
+        local, forward = local_config(config, self.mesh.shape[MODEL]), self.forward
 
         def per_device(params, cache, token_ids, meta, logits_indices):
             return forward(params, local, cache, token_ids, meta, logits_indices)
 
         # check_vma=False: a pallas_call's output declares no varying mesh axes, which
         # check_vma=True refuses. The row-parallel layers' psums make the logits replicated.
-        run = jax.shard_map(per_device, mesh=mesh,
-                            in_specs=(param_specs(params, param_axes), CACHE_SPEC, P(), P(),
-                                      P()),
+        run = jax.shard_map(per_device, mesh=self.mesh,
+                            in_specs=(param_specs(params, dict(self.param_axes)), CACHE_SPEC,
+                                      P(), P(), P()),
                             out_specs=(P(), CACHE_SPEC), check_vma=False)
         return run(params, cache, token_ids, meta, logits_indices)
 
-    return sharded
+
+def shard_forward(forward, param_axes: Mapping[str, tuple], mesh: Mesh) -> ShardedForward:
+    """``forward`` run per device of the 1-D ``mesh`` (see ``ShardedForward``)."""
+    return ShardedForward(forward, tuple(sorted(param_axes.items())), mesh)
 
 
 def shard_model(model: Model, config: ModelConfig, params, mesh: Mesh) -> Model:
