@@ -127,8 +127,9 @@ def test_outputs_equal_a_synchronous_run(word_model):
 @pytest.mark.slow
 def test_requests_that_need_each_token_step_synchronously(word_model):
     """Parallel samples, penalties and prompt logprobs beside overlapped requests: while
-    one needing each token on the host lives, the engine steps synchronously; outputs
-    equal a synchronous run's."""
+    one needing each token on the host lives (parallel samples), the engine steps
+    synchronously; penalties overlap (tests/test_engine.py checks them against a
+    recompute); outputs equal a synchronous run's."""
     reference = LLM(word_model, async_scheduling=False, **OPTIONS)
     batch, params = workload(reference)
     batch += prompts(5, [6, 8, 10])

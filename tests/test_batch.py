@@ -8,6 +8,8 @@ import numpy as np
 
 from jpaged.parallel import distributed
 from jpaged.engine.batch import SamplingRow, StepBatch
+from jpaged.engine.sampler import _pad_histories
+from jpaged.engine.sampling_rows import TokenHistories
 from jpaged.host.sampling_params import SamplingParams
 from jpaged.host.scheduler import PageMoves
 from jpaged.core.shapes import bucket, cdiv, check_positive, flat_layout
@@ -135,14 +137,15 @@ def test_check_positive_names_the_value(value):
 def test_persistent_sampling_columns_equal_a_rebuild_on_random_joins_and_leaves(seed):
     """Requests join, run, finish, are aborted and preempted at random (a small pool, swap
     and recompute); every step's sampling tensors from the persistent columns equal the
-    ones rebuilt from the params, row for row, padding included. Token rules (bias
-    entries) ride along; penalties take the rebuild path."""
+    ones rebuilt from the params, row for row, padding included, the penalties' token
+    histories too. Token rules (bias entries) ride along. Some steps fail after their
+    batch is built and are undone (the histories are not told)."""
     rng = np.random.default_rng(seed)
     sched = make(num_pages=24, num_host_pages=8, max_num_seqs=6,
                  preemption_mode=["recompute", "swap"][seed % 2])
     fast, slow = builder(sched), builder(sched)
     slow.persistent = False
-    params, seeds, next_id, persistent_steps = {}, {}, 0, 0
+    params, seeds, next_id, persistent_steps, penalty_steps = {}, {}, 0, 0, 0
     for step in range(60):
         for _ in range(rng.integers(0, 3)):
             rid = f"r{next_id}"
@@ -151,6 +154,8 @@ def test_persistent_sampling_columns_equal_a_rebuild_on_random_joins_and_leaves(
                 temperature=float(rng.choice([0.0, 0.7, 1.3])), top_k=int(rng.choice([-1, 5])),
                 top_p=float(rng.choice([1.0, 0.9])), min_p=float(rng.choice([0.0, 0.1])),
                 repetition_penalty=float(rng.choice([1.0] * 5 + [1.2])),
+                presence_penalty=float(rng.choice([0.0] * 5 + [0.5])),
+                frequency_penalty=float(rng.choice([0.0] * 5 + [-0.3])),
                 max_tokens=int(rng.integers(1, 12)))
             seeds[rid] = int(rng.integers(0, 2**40))
             sched.add_request(rid, rng.integers(1, 90, rng.integers(1, 14)).tolist(),
@@ -162,10 +167,58 @@ def test_persistent_sampling_columns_equal_a_rebuild_on_random_joins_and_leaves(
         got, want = fast.build(out, rows).sampling, slow.build(out, rows).sampling
         for name, value in dataclasses.asdict(want).items():
             np.testing.assert_array_equal(getattr(got, name), value, err_msg=name)
-        persistent_steps += fast.columns is not None and not any(
-            r.params.uses_penalties for r in rows)
+        persistent_steps += fast.columns is not None
+        penalty_steps += any(r.params.uses_penalties for r in rows)
+        if rng.random() < 0.15:   # the step fails after its tokens are appended
+            sched.begin()
+            sched.update(out, rng.integers(1, 90, len(out.seqs)))
+            sched.roll_back()
+            continue
         sched.update(out, rng.integers(1, 90, len(out.seqs)))
         live = list(sched.requests)
         if live and rng.random() < 0.2:
             sched.abort(live[rng.integers(len(live))])
-    assert persistent_steps > 20 and next_id > 30
+    assert persistent_steps > 20 and penalty_steps > 10 and next_id > 30
+
+
+class _Seq:
+    def __init__(self, tokens, num_prompt):
+        self.token_ids, self.num_prompt_tokens = tokens, num_prompt
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_token_histories_follow_owners_appends_and_undos(seed):
+    """Random owners, appended tokens (a few, or many at once: capacity grows) and undone
+    tokens on 5 mirror rows; each step's arrays equal the histories padded from scratch
+    (``SamplingTensors``' own padding), the padding row all -1. An undo takes back
+    tokens no batch has read (as in the engine), or any tokens followed by ``forget``
+    (the engine's undo)."""
+    rng = np.random.default_rng(seed)
+    histories, seqs, seen = TokenHistories(5), [None] * 5, [0] * 5
+    for _ in range(150):
+        slot = int(rng.integers(5))
+        seq, action = seqs[slot], rng.random()
+        if seq is None or action < 0.1:   # a new owner
+            prompt = rng.integers(0, 50, rng.integers(1, 40)).tolist()
+            seqs[slot], seen[slot] = _Seq(prompt, len(prompt)), len(prompt)
+        elif action < 0.25 and len(seq.token_ids) > seq.num_prompt_tokens:   # an undo
+            anything, length = rng.random() < 0.5, len(seq.token_ids)
+            lowest = seq.num_prompt_tokens if anything else seen[slot]
+            if lowest < length:
+                del seq.token_ids[int(rng.integers(lowest, length)):]
+            if anything:   # other tokens, past the old length: only `forget` can tell
+                histories.forget()
+                seq.token_ids += rng.integers(50, 90, length + 1 - len(seq.token_ids)).tolist()
+        else:
+            seq.token_ids += rng.integers(0, 50, 1 if action < 0.9 else 70).tolist()
+        rows = [i for i in range(5) if seqs[i] is not None and rng.random() < 0.8]
+        live = [seqs[i] for i in rows]
+        for i in rows:
+            seen[i] = len(seqs[i].token_ids)
+        prompt, output = histories.arrays(rows, live, 5, 8)
+        want_prompt = _pad_histories([s.token_ids[:s.num_prompt_tokens] for s in live]
+                                     + [[]] * (8 - len(rows)), 8, 8, None, "prompt_tokens")
+        want_output = _pad_histories([s.token_ids[s.num_prompt_tokens:] for s in live]
+                                     + [[]] * (8 - len(rows)), 8, 8, None, "output_tokens")
+        np.testing.assert_array_equal(prompt, want_prompt)
+        np.testing.assert_array_equal(output, want_output)

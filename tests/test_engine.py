@@ -42,6 +42,25 @@ def recompute_greedy(model, prompt, num_tokens):
     return tokens[len(prompt):]
 
 
+def recompute_penalized(model, prompt, num_tokens, params):
+    """``recompute_greedy`` with vLLM's penalties applied in float64 to each step's
+    logits: repetition over the prompt and the output, frequency and presence over the
+    output."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        padded = np.zeros((1, REF_LEN), np.int32)
+        padded[0, :len(tokens)] = tokens
+        logits = np.asarray(_last_logits(model.params, model.config, padded, len(tokens)),
+                            np.float64)
+        counts = np.bincount(tokens[len(prompt):], minlength=len(logits))
+        seen = (np.bincount(tokens, minlength=len(logits)) > 0)
+        r = params.repetition_penalty
+        logits = np.where(seen, np.where(logits > 0, logits / r, logits * r), logits)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+        tokens.append(int(np.argmax(logits)))
+    return tokens[len(prompt):]
+
+
 def prompts(seed, lengths):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in lengths]
@@ -57,6 +76,35 @@ def references(model):
 
 def engine_outputs(llm, batch, params=GREEDY):
     return [o.token_ids for o in llm.generate(batch, params)]
+
+
+def test_penalties_equal_a_recompute_through_preemption(model):
+    """Greedy with repetition, frequency and presence penalties (each row's token history
+    kept in persistent columns) equals a no-cache recompute that applies the penalties in
+    float64, on a pool small enough to preempt and recompute, rows changing places;
+    synchronous and with async scheduling (the token in flight fed into the history)."""
+    batch = prompts(4, [3, 9, 17, 30, 41, 6])
+    params = [SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, **p) for p in (
+        dict(repetition_penalty=1.8), dict(frequency_penalty=1.5),
+        dict(presence_penalty=2.0, repetition_penalty=0.7), dict(frequency_penalty=-0.8),
+        dict(), dict(repetition_penalty=1.3, presence_penalty=-1.0, frequency_penalty=0.9))]
+    expected = [recompute_penalized(model, p, 14, q) for p, q in zip(batch, params)]
+    for overlap in (False, True):
+        llm = LLM(model, page_size=4, max_num_seqs=4, max_model_len=128, num_pages=16,
+                  max_num_batched_tokens=32, async_scheduling=overlap)
+        fed, dispatch = [], llm.engine.runner.dispatch
+
+        def counted(moves, batch, feed=None):
+            fed.append(0 if feed is None else len(feed.history_rows))
+            return dispatch(moves, batch, feed)
+
+        llm.engine.runner.dispatch = counted
+        got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        assert llm.engine.scheduler.num_preemptions > 0
+        assert got == expected
+        # With overlap the histories take the token in flight on the device: the engine
+        # does not step synchronously for penalties.
+        assert (sum(fed) > 20) == overlap
 
 
 @pytest.mark.parametrize("setup", [

@@ -175,19 +175,28 @@ class BatchBuilder:
 
     def _persistent(self, plan: StepPlan, sampling: list[SamplingRow], rows: int,
                     size: int) -> SamplingTensors | None:
-        """The sampling tensors from the persistent columns; None where the rebuild path
-        serves (extra rows of parallel samples, penalties' histories, or a plan whose
-        mirror is not the scheduler's)."""
+        """The sampling tensors from the persistent columns, the penalties' histories
+        included; None where the rebuild path serves (extra rows of parallel samples)."""
         num_rows = plan.num_seqs
-        if (not self.persistent or len(sampling) != num_rows or size != rows
-                or any(r.params.uses_penalties for r in sampling)):
+        if not self.persistent or len(sampling) != num_rows or size != rows:
             return None
         padded = sampling + [None] * (rows - num_rows)
         extra = _token_rule_arrays([r and r.bias for r in padded],
                                    [r and r.mask for r in padded], num_rows, rows)
-        return self._columns(plan).tensors(plan.table_rows, sampling, len(plan.tables) - 1, rows,
-                                    prompt_tokens=np.zeros((rows, 0), np.int32),
-                                    output_tokens=np.zeros((rows, 0), np.int32), **extra)
+        columns, padding = self._columns(plan), len(plan.tables) - 1
+        if any(r.params.uses_penalties for r in sampling):
+            histories = columns.histories.arrays(plan.table_rows, [r.seq for r in sampling],
+                                                 padding, rows)
+        else:
+            histories = (np.zeros((rows, 0), np.int32),) * 2
+        return columns.tensors(plan.table_rows, sampling, padding, rows,
+                               prompt_tokens=histories[0], output_tokens=histories[1], **extra)
+
+    def forget(self) -> None:
+        """The host state was undone: the persistent columns rewrite each row from its
+        sequence when next used."""
+        if self.columns is not None:
+            self.columns.forget()
 
     def _columns(self, plan: StepPlan) -> SamplingColumns:
         """The persistent columns, one row per row of the plan's table mirror."""

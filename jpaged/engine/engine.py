@@ -85,10 +85,10 @@ class LLMEngine:
         self._inflight: overlap.InFlight | None = None
         self._ready: list[RequestOutput] = []
         self._sync_ids: set[str] = set()
-        # Live requests that ask for logprobs or prompt logprobs: while there are none
-        # and none ``needs_each_token``, a step builds its batch without a per-row record
-        # (``_build``).
-        self._logprob_ids: set[str] = set()
+        # Live requests that ask for logprobs or prompt logprobs or use penalties: while
+        # there are none and none ``needs_each_token``, a step builds its batch without a
+        # per-row record (``_build``).
+        self._record_ids: set[str] = set()
 
     # -- state -----------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ class LLMEngine:
     # ``needs_each_token``, rebuilt from the requests.
     DERIVED = ("model", "batcher", "runner", "tokenizer", "stop", "isolate_faults", "can_step",
                "_suspects", "_final_only", "_grammars", "async_scheduling", "_inflight",
-               "_ready", "_sync_ids", "_logprob_ids")
+               "_ready", "_sync_ids", "_record_ids")
 
     def state_dict(self) -> dict:
         """The host state between two steps: the id counter, the RNG, the step counters,
@@ -125,7 +125,7 @@ class LLMEngine:
         self._final_only, self._inflight, self._ready = set(), None, []
         self._sync_ids = {rid for rid, r in requests.items()
                           if overlap.needs_each_token(r.params)}
-        self._logprob_ids = {rid for rid, r in requests.items() if _asks_logprobs(r.params)}
+        self._record_ids = {rid for rid, r in requests.items() if _needs_row_record(r.params)}
         self.next_id = state["next_id"]
         self.num_steps = state["num_steps"]
         self.host_time, self.step_time = float(state["host_time"]), float(state["step_time"])
@@ -172,8 +172,8 @@ class LLMEngine:
             self._final_only.add(request_id)
         if overlap.needs_each_token(params):
             self._sync_ids.add(request_id)
-        if _asks_logprobs(params):
-            self._logprob_ids.add(request_id)
+        if _needs_row_record(params):
+            self._record_ids.add(request_id)
         return request_id
 
     def _check_bounds(self, params: SamplingParams) -> None:
@@ -241,7 +241,7 @@ class LLMEngine:
                 self.scheduler.abort(request_id)
         self._final_only.discard(request_id)
         self._sync_ids.discard(request_id)
-        self._logprob_ids.discard(request_id)
+        self._record_ids.discard(request_id)
         if not self.requests:   # the step in flight, if any, holds only dropped rows
             self._inflight = None
 
@@ -338,6 +338,7 @@ class LLMEngine:
         and every running sequence recomputes. A Ctrl-C waits until this is done."""
         with deferred_interrupts():
             self.scheduler.roll_back()
+            self.batcher.forget()
             if self.runner.replace_lost_cache():
                 self.scheduler.drop_device_pages()
 
@@ -591,7 +592,7 @@ class LLMEngine:
     def _plain(self) -> bool:
         """Whether every live request's rows are plain: no token rules, penalties, forks,
         beams, logprobs or prompt logprobs (then a step needs no per-row record)."""
-        for ids in (self._sync_ids, self._logprob_ids):
+        for ids in (self._sync_ids, self._record_ids):
             if ids and not ids.isdisjoint(self.requests):
                 return False
             ids.clear()   # only finished requests: forget them
@@ -632,7 +633,7 @@ class LLMEngine:
         """Prompt logprobs: ``(row, k)`` for each prefill chunk of a request that asks for
         them (its first k tokens predict prompt tokens), and the most top ids asked."""
         scored, top = [], 0
-        if not self._logprob_ids:   # nobody asks (``_plain`` forgets finished askers)
+        if not self._record_ids:   # nobody asks (``_plain`` forgets finished ones)
             return scored, top
         for row, seq in enumerate(plan.seqs):
             params = self.requests[seq.request_id].params
@@ -869,8 +870,11 @@ class LLMEngine:
                              request.prompt_logprobs)
 
 
-def _asks_logprobs(params: SamplingParams) -> bool:
-    return params.logprobs is not None or params.prompt_logprobs is not None
+def _needs_row_record(params: SamplingParams) -> bool:
+    """Whether a request's rows need more than the persistent sampling columns' plain
+    values: logprobs, prompt logprobs, or penalties' token histories."""
+    return (params.logprobs is not None or params.prompt_logprobs is not None
+            or params.uses_penalties)
 
 
 def _put_placeholders(filled: list[tuple[list, int]]) -> None:

@@ -50,9 +50,16 @@ def _step(forward, config, attention_impl, params, cache, batch: StepBatch):
 
 @jax.jit
 def _feed(token_ids, index, rows, tokens):
-    """``token_ids`` with ``token_ids[index[i]] = tokens[rows[i]]``; out-of-range indices
-    are padding and dropped."""
+    """``token_ids`` with ``token_ids[index[i]] = tokens[rows[i]]`` (index: an int32
+    array, or a tuple of one per axis); out-of-range indices are padding and dropped."""
     return jnp.asarray(token_ids).at[index].set(tokens[rows], mode="drop")
+
+
+def _padded_index(values: np.ndarray, fill: int) -> np.ndarray:
+    """``values`` padded with ``fill`` to a bucket, so the feeds compile rarely."""
+    padded = np.full(bucket(len(values), MIN_COPY_BUCKET), fill, np.int32)
+    padded[:len(values)] = values
+    return padded
 
 
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -122,19 +129,23 @@ class ModelRunner:
         """Move pages as planned and start the step without waiting for it (JAX dispatch
         is asynchronous): its sampled ids stay on the device until ``fetch``.
 
-        feed: ``(index int32[N], rows int32[N], tokens)``: flat token ``index[i]`` of the
-        batch is ``tokens[rows[i]]``, an id an earlier step sampled that never came to
-        the host (async scheduling); ``tokens``: that step's ``SamplerOutput.tokens``."""
+        feed: an ``overlap.Feed``: ids an earlier step sampled that never came to the
+        host (async scheduling), into the batch's tokens and penalty histories."""
         self.move_pages(moves)
         if feed is not None:
-            index, rows, tokens = feed
-            size = bucket(len(index), MIN_COPY_BUCKET)
-            padded = np.full(size, len(batch.token_ids), np.int32)   # out of range: dropped
-            padded[:len(index)] = index
-            padded_rows = np.zeros(size, np.int32)
-            padded_rows[:len(rows)] = rows
+            rows = _padded_index(feed.token_rows, 0)
             batch = dataclasses.replace(batch, token_ids=_feed(
-                batch.token_ids, padded, padded_rows, tokens))
+                batch.token_ids, _padded_index(feed.token_index, len(batch.token_ids)),
+                rows, feed.tokens))
+            if len(feed.history_rows):
+                sampling = batch.sampling
+                history = _feed(sampling.output_tokens,
+                                (_padded_index(feed.history_rows,
+                                               sampling.output_tokens.shape[0]),
+                                 _padded_index(feed.history_cols, 0)),
+                                _padded_index(feed.history_from, 0), feed.tokens)
+                batch = dataclasses.replace(batch, sampling=dataclasses.replace(
+                    sampling, output_tokens=history))
         result, self.cache = _step(self.model.forward, self.model.config, self.attention_impl,
                                    self.model.params, self.cache, batch)
         return result

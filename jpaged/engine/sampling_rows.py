@@ -13,13 +13,22 @@ A row's step index (its sequence's output count) is its length less the prompt l
 which the row keeps too. With a ``lookup`` (``tensors_of``), a step whose rows are all
 plain (no token rules, no extra rows) builds no per-row record at all: only a row whose
 owner changed asks the engine for its params and seed.
+
+The penalties' token histories are kept the same way (``TokenHistories``): a row's prompt
+is written when its owner changes and its output tokens are appended as they come, so a
+step with penalties copies its new tokens, not every row's whole history.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from jpaged.engine.sampler import SamplingTensors
+from jpaged.core.shapes import bucket
+from jpaged.engine.sampler import MIN_HISTORY_WIDTH, SamplingTensors
+from jpaged.host.sequence import PLACEHOLDER
+
+# A history entry whose token is on the device (not -1, the padding: the feed counts them).
+IN_FLIGHT = -2
 
 # The float columns in order, with the value a padded (greedy, unfiltered) row holds.
 FLOATS = (("temperature", 0.0), ("top_p", 1.0), ("min_p", 0.0), ("repetition_penalty", 1.0),
@@ -35,6 +44,7 @@ class SamplingColumns:
         self.seed = np.zeros(num_rows + 1, np.uint32)
         self.prompt_len = np.zeros(num_rows + 1, np.int32)
         self.owner: list = [None] * (num_rows + 1)   # (seq, params, seed) of each row
+        self.histories = TokenHistories(num_rows)
 
     def tensors(self, table_rows: list[int], sampling: list, padding: int,
                 size: int, **extra) -> SamplingTensors:
@@ -82,3 +92,76 @@ class SamplingColumns:
         self.seed[slot] = seed % 2**32
         self.prompt_len[slot] = seq.num_prompt_tokens
         self.owner[slot] = (seq, p, seed)
+
+    def forget(self) -> None:
+        """Rewrite every row from its owner when next used (``TokenHistories.forget``)."""
+        self.owner = [None] * len(self.owner)
+        self.histories.forget()
+
+
+class TokenHistories:
+    """The penalties' token histories by mirror row, plus the padding row (the last, never
+    written): ``prompt int32[num_rows + 1, Cp]`` and ``output int32[num_rows + 1, Co]``,
+    -1 padded, their capacities powers of two that double when a history outgrows them.
+
+    A row's prompt is written when its owner (a sequence) changes; its output tokens are
+    appended as they come, ``written[row]`` of them so far. A batch is built from tokens
+    already committed, so an undone step never takes back tokens written here; a
+    sequence found shorter than its row is rewritten all the same, and after an undo the
+    engine has every row rewritten (``forget``), as undone host state may be other
+    objects. A token the device has not returned yet (async scheduling's placeholder, a
+    sequence's last token) is not written: its entry reads ``IN_FLIGHT`` until the
+    device fills it from the step that samples it (``overlap.feed``), and the host
+    writes it once it knows it."""
+
+    def __init__(self, num_rows: int):
+        self.prompt = np.full((num_rows + 1, MIN_HISTORY_WIDTH), -1, np.int32)
+        self.output = np.full((num_rows + 1, MIN_HISTORY_WIDTH), -1, np.int32)
+        self.owner: list = [None] * (num_rows + 1)
+        self.written = [0] * (num_rows + 1)
+
+    def arrays(self, table_rows: list[int], seqs: list, padding: int, size: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """``(prompt_tokens, output_tokens)`` of a plan's rows (``seqs[i]`` in mirror row
+        ``table_rows[i]``), padded to ``size`` rows with the padding row, each as wide as
+        ``SamplingTensors.from_params`` makes it (the longest history's bucket)."""
+        longest_prompt = longest_output = 0
+        owner, written = self.owner, self.written
+        for slot, seq in zip(table_rows, seqs):
+            tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
+            num_output = len(tokens) - num_prompt
+            if owner[slot] is not seq or num_output < written[slot]:
+                self.prompt = _fitted(self.prompt, num_prompt)
+                self.prompt[slot] = -1
+                self.prompt[slot, :num_prompt] = tokens[:num_prompt]
+                self.output[slot] = -1
+                owner[slot], written[slot] = seq, 0
+            known = num_output - (num_output > 0 and tokens[-1] == PLACEHOLDER)
+            done = written[slot]
+            if num_output > done:   # the common step: one new token
+                self.output = _fitted(self.output, num_output)
+                self.output[slot, done:known] = tokens[num_prompt + done:num_prompt + known]
+                self.output[slot, known:num_output] = IN_FLIGHT
+                written[slot] = known
+            longest_prompt = max(longest_prompt, num_prompt)
+            longest_output = max(longest_output, num_output)
+        index = np.full(size, padding, np.intp)
+        index[:len(table_rows)] = table_rows
+        return (self.prompt[index, :bucket(longest_prompt, MIN_HISTORY_WIDTH)],
+                self.output[index, :bucket(longest_output, MIN_HISTORY_WIDTH)])
+
+    def forget(self) -> None:
+        """Rewrite every row from its sequence next time (after an undo of the host state,
+        whose sequences may be other objects)."""
+        self.owner = [None] * len(self.owner)
+
+
+def _fitted(history: np.ndarray, length: int) -> np.ndarray:
+    """``history``, or a copy with capacity for ``length`` tokens per row (a power of two,
+    at least double: a growing history is copied O(log length) times)."""
+    if length <= history.shape[1]:
+        return history
+    grown = np.full((len(history), max(bucket(length, MIN_HISTORY_WIDTH),
+                                       2 * history.shape[1])), -1, np.int32)
+    grown[:, :history.shape[1]] = history
+    return grown
