@@ -6,7 +6,8 @@ the critical path: one request per row, greedy, ``ignore_eos``, a byte-level BPE
 detokenizes and searches every row.
 
 1. Host time per sequence per step, batch 32 / 128 / 256, outputs of 128 / 1024 / 4096
-   tokens: the median step time over the last 64 decode steps, divided by the batch
+   tokens: the median step time over the last quarter of the decode steps (at least
+   64), divided by the batch
    (the mean too, in the JSON), after the same run once (it compiles every page-table
    width first: the timed run compiles nothing).
 2. A simulated device (``SimulatedDevice``): each step the runner dispatches occupies a
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import inspect
 import json
 import pathlib
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.core.interfaces import ModelBundle
+from jpaged.engine import engine as engine_module
 from jpaged.engine.config import EngineConfig
 from jpaged.engine.engine import LLM
 from jpaged.host.sampling_params import SamplingParams
@@ -138,17 +141,29 @@ def run(llm: LLM, batch: int, output_len: int, last: int = 64) -> dict:
     device = getattr(llm, "device", None)
     busy = device.busy if device else 0.0
     compiled = engine.num_compilations
-    times = []
+    times, pauses = [], []
+
+    def collected(phase, info, began=[0.0]):   # the garbage collector's pauses
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - began[0])
+
+    gc.callbacks.append(collected)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
     wall = time.perf_counter() - start
+    gc.callbacks.remove(collected)
     busy = device.busy - busy if device else 0.0
     steps = np.array(times)
-    # The last `last` full-batch decode steps (the final steps may only drain); the
-    # median, so a step that compiled a new page-table width does not count.
+    # The last quarter of the steps (at least `last`; the final two may only drain): the
+    # cost near the full output length, over a few seconds of a long run, so a burst of
+    # other work on the machine moves it less; the median, so the step where every
+    # request finishes (and the collection it may trigger) does not count.
+    last = max(last, len(steps) // 4)
     tail = steps[-last - 2:-2] if len(steps) > last + 4 else steps[1:]
     return dict(batch=batch, output_len=output_len, steps=len(steps), wall_s=wall,
                 device_busy_s=float(busy),
@@ -156,7 +171,27 @@ def run(llm: LLM, batch: int, output_len: int, last: int = 64) -> dict:
                 us_per_seq_step=float(np.median(tail) / batch * 1e6),
                 mean_us_per_seq_step=float(np.mean(tail) / batch * 1e6),
                 compilations=engine.num_compilations - compiled,
+                gc_pause_max_ms=max(pauses, default=0.0) * 1e3,
+                gc_pause_total_ms=sum(pauses) * 1e3,
                 tokens_per_s=batch * output_len / wall)
+
+
+def warmed(llm: LLM) -> None:
+    """What ``LLM.warm_up`` does after compiling (the run before compiled): freeze the
+    heap out of the garbage collector's scans, where the engine has it."""
+    freeze = getattr(engine_module, "freeze_heap", None)
+    if freeze is not None:
+        freeze()
+
+
+def gc_table(rows: list[dict]) -> str:
+    lines = ["| batch | overlap | output tokens | heap frozen | longest pause | all pauses |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['overlap']} | {r['output_len']} | "
+                     f"{'yes' if r['frozen'] else 'no'} | {r['gc_pause_max_ms']:.1f} ms | "
+                     f"{r['gc_pause_total_ms']:.1f} ms |")
+    return "\n".join(lines)
 
 
 def host_table(rows: list[dict]) -> str:
@@ -215,8 +250,18 @@ def main():
                 # The same run first: every page-table width it reaches compiles there,
                 # so the timed run compiles nothing (its `compilations` says so).
                 run(llm, batch, output_len)
-                host.append({**run(llm, batch, output_len), "overlap": _overlap(overlap)})
+                warmed(llm)
+                host.append({**run(llm, batch, output_len), "overlap": _overlap(overlap),
+                             "frozen": True})
+                gc.unfreeze()
                 print(host[-1], flush=True)
+    # The largest configuration once more without freezing: what the freeze saves.
+    batch, output_len, overlap = max(args.batches), max(args.output_lens), overlaps[-1]
+    llm = make_llm(tokenizer, batch, output_len,
+                   **({} if overlap is None else {"async_scheduling": overlap}))
+    run(llm, batch, output_len)
+    unfrozen = {**run(llm, batch, output_len), "overlap": _overlap(overlap), "frozen": False}
+    print(unfrozen, flush=True)
     device = []
     for device_ms in args.device_ms:
         for overlap in overlaps:
@@ -224,7 +269,9 @@ def main():
             llm = make_llm(tokenizer, args.device_batch, args.device_output_len, device_ms,
                            **options)
             run(llm, args.device_batch, args.device_output_len)   # compiles every width
+            warmed(llm)
             row = run(llm, args.device_batch, args.device_output_len)
+            gc.unfreeze()
             device.append({**row, "device_ms": device_ms, "overlap": _overlap(overlap)})
             print(device[-1], flush=True)
 
@@ -235,11 +282,16 @@ def main():
         f"byte-level BPE tokenizer of {tokenizer.get_vocab_size()} tokens, greedy, "
         f"`ignore_eos`, two stop strings that never match, prompts of {PROMPT_LEN} tokens.",
         "`python benchmarks/host_overhead.py" + (" --quick`" if args.quick else "`"), "",
-        "## Host time per sequence per step (median of the last 64 decode steps)", "",
+        "## Host time per sequence per step (median of the last quarter of the steps, at "
+        "least 64)", "",
         "Each configuration runs twice; the second is timed (no compilation in it).", "",
         "The stub's device step is nearly free, so a step's wall time is host time; with "
         "overlap the host still does all of it, in another order.", "",
         host_table(host), "",
+        "## Garbage collector pauses in the timed run", "",
+        "After the heap is frozen as `LLM.warm_up` does (`freeze_heap`); the longest "
+        "pause is usually the step where every request finishes.", "",
+        gc_table(host + [unfrozen]), "",
         f"## Simulated device (batch {args.device_batch}, outputs of "
         f"{args.device_output_len} tokens)", "",
         "Each dispatched step occupies a simulated device timeline for the given time "
@@ -249,7 +301,8 @@ def main():
         device_table(device), ""])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(env=env, host=host, device=device),
+    out.with_suffix(".json").write_text(json.dumps(dict(env=env, host=host, unfrozen=unfrozen,
+                                                        device=device),
                                                    indent=1))
     out.with_suffix(".md").write_text(md)
     print(md)

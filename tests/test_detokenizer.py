@@ -226,3 +226,24 @@ def test_no_token_decodes_to_more_characters_than_the_servers_bound(tokenizer):
         assert len(tokenizer.decode([token], skip_special_tokens=False)) <= bound, token
         pair = tokenizer.decode([0, token], skip_special_tokens=False)
         assert len(pair) - len(tokenizer.decode([0], skip_special_tokens=False)) <= bound, token
+
+
+def test_joined_pieces_restore_to_a_snapshot(monkeypatch):
+    """Text pieces are joined into one string every ``JOIN_PIECES`` (here 3): a snapshot
+    taken before a join still restores the text and its tail exactly (the join makes a
+    new list; the snapshot keeps the old one), over random emits and undos."""
+    from jpaged.host import detokenizer
+    monkeypatch.setattr(detokenizer, "JOIN_PIECES", 3)
+    rng = random.Random(0)
+    state, text = DecodeState(keep=4), ""
+    for _ in range(200):
+        snapshot, before = state.snapshot(), text
+        for _ in range(rng.randrange(1, 6)):
+            piece = "".join(rng.choice("abcé ") for _ in range(rng.randrange(1, 4)))
+            state.emit(piece)
+            text += piece
+        assert len(state._pieces) < 3 and state.text == text
+        if rng.random() < 0.4:   # the step is undone
+            state.restore(snapshot)
+            text = before
+        assert state.text == text and state.tail == text[-4:]

@@ -402,3 +402,22 @@ def test_replicas_refuse_prompts_by_the_engines_rule(prompt, message):
         replicas.add_request(prompt)
     assert replicas.owner == {}
     assert prompt_token_ids(np.array([3, 4]), None) == (None, [3, 4])
+
+
+def test_warm_up_freezes_the_heap_out_of_collections(model):
+    """After ``LLM.warm_up`` compiled the step programs, the objects alive then are frozen
+    (``gc.freeze``): a full collection no longer walks them; generation still works."""
+    import gc
+    gc.unfreeze()
+    llm = LLM(model, page_size=4, max_num_seqs=2, max_num_batched_tokens=16,
+              max_model_len=16, num_pages=16)
+    try:
+        assert gc.get_freeze_count() == 0
+        llm.warm_up()
+        assert gc.get_freeze_count() > 1000
+        batch = prompts(6, [3, 5])
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert engine_outputs(llm, batch, params) == [recompute_greedy(model, p, 4)
+                                                      for p in batch]
+    finally:
+        gc.unfreeze()

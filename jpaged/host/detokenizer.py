@@ -32,6 +32,10 @@ import re
 
 # Window length that makes a stream try to move its window's start forward.
 MAX_WINDOW = 8
+# A stream's text pieces are joined into one string every this many: a long output is
+# then a few objects, not one per token (what every object on the heap costs the steps
+# and the garbage collector), for one copy of its text per this many tokens.
+JOIN_PIECES = 64
 REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
@@ -72,6 +76,8 @@ class DecodeState:
         """Append ``new`` to the text, keeping its last ``keep`` characters in ``tail``."""
         if new:
             self._pieces.append(new)
+            if len(self._pieces) >= JOIN_PIECES:   # a new list: snapshots keep the old one
+                self._pieces = ["".join(self._pieces)]
             if self.keep:
                 self.tail = (self.tail + new)[-self.keep:]
 
