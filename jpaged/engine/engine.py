@@ -1021,9 +1021,9 @@ class LLM:
         request (``LLMEngine.warm_up``), printing the count and the time; returns the
         seconds it took. Then, as vLLM does after start-up, the objects alive now (the
         model's, JAX's, the compiled programs') are moved out of the garbage collector's
-        reach (``freeze_heap``): a full collection no longer walks them, which cut the
-        pause of one at batch 256 (``benchmarks/host_overhead.py``, the step where every
-        request finishes) from 74 to 29 ms here; a GPU idles through such a pause."""
+        reach (``freeze_heap``): a full collection no longer walks them. At batch 256 and
+        4096-token outputs the longest pause fell from 255 to 28 ms
+        (``benchmarks/host_overhead.py``); a GPU idles through such a pause."""
         start = time.perf_counter()
         count = self.engine.warm_up()
         freeze_heap()
