@@ -610,6 +610,8 @@ def test_api_key_flag_and_command_line_refusals(capsys):
     from jpaged.serving.server import Server
 
     llm = LLM("tiny", num_pages=16, max_num_seqs=4, max_num_batched_tokens=16)
+    # Before the server's engine thread starts: two threads must never step one engine.
+    want = greedy(llm, [[5, 6, 7]], 3)[0]
     # The checkpoint's generation_config.json defaults fill what a request leaves unset.
     server = Server(llm.engine, "tiny", api_key="k",
                     sampling_defaults={"temperature": 0.0, "max_tokens": 3})
@@ -621,7 +623,6 @@ def test_api_key_flag_and_command_line_refusals(capsys):
         assert http.get("/health").status_code == 200
         answer = http.post("/v1/completions", headers=key, json={
             "model": "tiny", "prompt": [5, 6, 7], "return_token_ids": True}).json()
-        want = greedy(llm, [[5, 6, 7]], 3)[0]
         assert answer["choices"][0]["token_ids"] == want.token_ids
         answer = http.post("/v1/completions", headers=key, json={
             "model": "tiny", "prompt": [5, 6, 7], "max_tokens": 5}).json()
