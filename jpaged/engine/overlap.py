@@ -40,9 +40,9 @@ class InFlight:
 def needs_each_token(params: SamplingParams) -> bool:
     """Whether a request's next step needs its last token on the host before it is planned
     (parallel samples and beams fork from it, even a beam search of width 1 chooses
-    through its candidates; token rules and grammars constrain the next one): async scheduling steps synchronously while such a request lives.
-    Penalties need no such thing: the token in flight reaches their history on the
-    device (``feed``)."""
+    through its candidates; token rules and grammars constrain the next one): async
+    scheduling steps synchronously while such a request lives. Penalties need no such
+    thing: the token in flight reaches their history on the device (``feed``)."""
     return params.num_sequences > 1 or params.use_beam_search or params.uses_token_rules
 
 

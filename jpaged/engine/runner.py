@@ -65,10 +65,7 @@ def _padded_index(values: np.ndarray, fill: int) -> np.ndarray:
 def _padded_pairs(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split (src, dst) pairs ``int32[N, 2]`` into two arrays padded to a bucket with
     page 0 -> 0."""
-    size = bucket(len(pairs), MIN_COPY_BUCKET)
-    src, dst = np.zeros(size, np.int32), np.zeros(size, np.int32)
-    src[:len(pairs)], dst[:len(pairs)] = pairs[:, 0], pairs[:, 1]
-    return src, dst
+    return _padded_index(pairs[:, 0], 0), _padded_index(pairs[:, 1], 0)
 
 
 class HostPool:
@@ -133,10 +130,9 @@ class ModelRunner:
         host (async scheduling), into the batch's tokens and penalty histories."""
         self.move_pages(moves)
         if feed is not None:
-            rows = _padded_index(feed.token_rows, 0)
             batch = dataclasses.replace(batch, token_ids=_feed(
                 batch.token_ids, _padded_index(feed.token_index, len(batch.token_ids)),
-                rows, feed.tokens))
+                _padded_index(feed.token_rows, 0), feed.tokens))
             if len(feed.history_rows):
                 sampling = batch.sampling
                 history = _feed(sampling.output_tokens,
